@@ -1,0 +1,133 @@
+"""`chrono-collector`: run | ingest | simulate | status. Exit codes: 0 clean stop, 2 bad usage or
+configuration (one line on stderr, no traceback), 1 anything else."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from collectors import __version__, exchanges
+from collectors.errors import ConfigError
+
+PROG = "chrono-collector"
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """argparse prints usage plus the error; we print one line and exit 2."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Chrono price-oracle collectors: exchange ticker "
+                     "feeds -> normalized records -> the Chrono ingest API.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    run = sub.add_parser("run", help="run one exchange's collector in the foreground",
+                         description="Run one exchange's collector in the foreground (what "
+                         "supervisord and systemd start). Configuration comes from environment "
+                         "variables: API_BASE_URL, API_KEY or API_KEY_FILE, WORKER_ID, SYMBOLS, "
+                         "BATCH_SIZE, BATCH_INTERVAL_MS, LOG_LEVEL, WS_URL, METRICS_HOST, "
+                         "METRICS_PORT, SPOOL_DIR, SPOOL_MAX_BYTES, SPOOL_FSYNC_INTERVAL_MS, "
+                         "HTTP_CONNECT_TIMEOUT_S, HTTP_READ_TIMEOUT_S (see README).")
+    run.add_argument("exchange", metavar="EXCHANGE",
+                     help="one of: " + ", ".join(exchanges.known()))
+
+    ingest = sub.add_parser("ingest", help="run the reference ingest API",
+                            description="Run the reference ingest API (POST /internal/ingest). "
+                            "Configuration: INGEST_HOST, INGEST_PORT, API_KEY / API_KEYS / "
+                            "API_KEY_FILE, DATABASE_URL (see README).")
+    _ingest_arguments(ingest)
+
+    sim = sub.add_parser("simulate", help="run the exchange simulator on loopback",
+                         description="Run an exchange simulator on 127.0.0.1 speaking each "
+                         "venue's real WebSocket protocol, for demos, tests and benchmarks.")
+    _simulate_arguments(sim)
+
+    status = sub.add_parser("status", help="one table of every collector's state",
+                            description="Show every collector: process state, connected, last "
+                            "message age, records/s, queue, spool, last flush. Exits 1 when "
+                            "anything is down or stale.")
+    _status_arguments(status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args.exchange)
+        if args.command == "ingest":
+            return _ingest(args)
+        if args.command == "simulate":
+            return _simulate(args)
+        if args.command == "status":
+            return _status(args)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    parser.error(f"unknown command {args.command!r}")
+    return EXIT_USAGE
+
+
+def _run(exchange: str) -> int:
+    if exchange not in exchanges.REGISTRY:
+        print(f"{PROG}: error: unknown exchange {exchange!r} (known: "
+              f"{', '.join(exchanges.known())})", file=sys.stderr)
+        return EXIT_USAGE
+    from collectors.config import CollectorConfig
+    from collectors.logsetup import setup_logging
+    from collectors.service import CollectorService
+
+    config = CollectorConfig.from_env(exchange)
+    setup_logging(config.log_level, static={"exchange": config.exchange,
+                                            "worker_id": config.worker_id},
+                  secrets=[config.api_key])
+    return CollectorService(config).run()
+
+
+def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
+    from collectors.ingest.server import add_arguments
+
+    add_arguments(parser)
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from collectors.ingest.server import main as ingest_main
+
+    return ingest_main(args)
+
+
+def _simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    from collectors.simulator.cli import add_arguments
+
+    add_arguments(parser)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from collectors.simulator.cli import main as simulate_main
+
+    return simulate_main(args)
+
+
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    from collectors.status import add_arguments
+
+    add_arguments(parser)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from collectors.status import main as status_main
+
+    return status_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Collector configuration: one frozen dataclass built from the environment, all validation here.
+
+Nothing happens at import time. `CollectorConfig.from_env(exchange, env)` raises ConfigError
+naming the variable, the problem and what is allowed; the CLI turns it into one line on stderr
+and exit code 2. The API key is held with `repr=False` and never appears in a message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from collectors import exchanges, paths
+from collectors.errors import ConfigError
+from collectors.logsetup import LEVELS
+from collectors.model import canonical_symbol_ok
+
+_WORKER_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MAX_SYMBOLS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorConfig:
+    """Everything one collector process needs, validated."""
+
+    exchange: str
+    api_base_url: str
+    api_key: str = field(repr=False)
+    worker_id: str
+    symbols: tuple[str, ...]
+    batch_size: int
+    batch_interval_s: float
+    log_level: str
+    ws_url: str
+    metrics_host: str
+    metrics_port: int
+    spool_dir: Path
+    spool_max_bytes: int
+    spool_fsync_interval_s: float
+    http_connect_timeout_s: float
+    http_read_timeout_s: float
+
+    @property
+    def ingest_url(self) -> str:
+        return self.api_base_url.rstrip("/") + "/internal/ingest"
+
+    @classmethod
+    def from_env(cls, exchange: str, env: Mapping[str, str] | None = None) -> CollectorConfig:
+        env = os.environ if env is None else env
+        if exchange not in exchanges.REGISTRY:
+            raise ConfigError("EXCHANGE", f"unknown exchange {exchange!r}",
+                              "known: " + ", ".join(exchanges.known()))
+        adapter = exchanges.create(exchange, "config-check")
+
+        symbols = _symbols(env.get("SYMBOLS"), adapter.default_symbols)
+        adapter.check_symbols(symbols)
+        metrics_port_default = exchanges.DEFAULT_METRICS_PORTS.get(exchange, 9100)
+        return cls(
+            exchange=exchange,
+            api_base_url=_http_url(env, "API_BASE_URL"),
+            api_key=_api_key(env),
+            worker_id=_worker_id(env, f"worker-{exchange}"),
+            symbols=symbols,
+            batch_size=_int(env, "BATCH_SIZE", 100, 1, 10_000),
+            batch_interval_s=_int(env, "BATCH_INTERVAL_MS", 5000, 10, 3_600_000) / 1000.0,
+            log_level=_log_level(env),
+            ws_url=_ws_url(env, adapter.default_ws_url),
+            metrics_host=_host(env, "METRICS_HOST", "127.0.0.1"),
+            metrics_port=_int(env, "METRICS_PORT", metrics_port_default, 0, 65535),
+            spool_dir=_path(env, "SPOOL_DIR", paths.state_dir(env) / "spool" / exchange),
+            spool_max_bytes=_int(env, "SPOOL_MAX_BYTES", 2 * 1024**3, 1024 * 1024, 1024**4),
+            spool_fsync_interval_s=_int(env, "SPOOL_FSYNC_INTERVAL_MS", 1000, 0, 60_000) / 1000.0,
+            http_connect_timeout_s=_float(env, "HTTP_CONNECT_TIMEOUT_S", 3.0, 0.1, 60.0),
+            http_read_timeout_s=_float(env, "HTTP_READ_TIMEOUT_S", 10.0, 0.1, 300.0),
+        )
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw, 10)
+    except ValueError:
+        raise ConfigError(name, f"{raw[:40]!r} is not a whole number",
+                          f"an integer from {lo} to {hi}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(name, f"{value} is out of range", f"an integer from {lo} to {hi}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"{raw[:40]!r} is not a number", f"a number from {lo} to {hi}") \
+            from None
+    if not lo <= value <= hi:  # also rejects NaN
+        raise ConfigError(name, f"{raw[:40]} is out of range", f"a number from {lo} to {hi}")
+    return value
+
+
+def _http_url(env: Mapping[str, str], name: str) -> str:
+    raw = _get(env, name)
+    if raw is None:
+        raise ConfigError(name, "is required", "e.g. http://127.0.0.1:3000")
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(name, f"{raw[:80]!r} is not an http(s) URL", "e.g. http://127.0.0.1:3000")
+    if parts.username or parts.password:
+        raise ConfigError(name, "must not contain credentials", "put the key in API_KEY_FILE")
+    if parts.query or parts.fragment:
+        raise ConfigError(name, "must not have a query or fragment", "a base URL like https://host")
+    try:
+        parts.port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError:
+        raise ConfigError(name, "has an invalid port", "1-65535") from None
+    return raw.rstrip("/")
+
+
+def _ws_url(env: Mapping[str, str], default: str) -> str:
+    raw = _get(env, "WS_URL")
+    if raw is None:
+        return default
+    parts = urlsplit(raw)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ConfigError("WS_URL", f"{raw[:80]!r} is not a ws:// or wss:// URL",
+                          f"e.g. {default}")
+    try:
+        parts.port  # noqa: B018
+    except ValueError:
+        raise ConfigError("WS_URL", "has an invalid port", "1-65535") from None
+    return raw
+
+
+def _api_key(env: Mapping[str, str]) -> str:
+    direct = env.get("API_KEY")
+    path = _get(env, "API_KEY_FILE")
+    if direct is not None and direct.strip() and path:
+        raise ConfigError("API_KEY", "both API_KEY and API_KEY_FILE are set", "set only one")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                key = fh.read(65537).strip()
+        except FileNotFoundError:
+            raise ConfigError("API_KEY_FILE", f"{path} does not exist",
+                              "a readable file holding the key") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("API_KEY_FILE", f"{path} cannot be read ({type(exc).__name__})",
+                              "a readable UTF-8 file holding the key") from None
+        source = "API_KEY_FILE"
+    else:
+        key = (direct or "").strip()
+        source = "API_KEY"
+    if not key:
+        raise ConfigError(source if path else "API_KEY", "is required (empty or unset)",
+                          "set API_KEY, or API_KEY_FILE to a file holding the key")
+    if len(key) > 4096 or any(ch.isspace() or not ch.isprintable() for ch in key):
+        # Said without echoing any part of the key.
+        raise ConfigError(source, "the key contains whitespace or control characters or is too "
+                          "long", "printable characters, at most 4096")
+    return key
+
+
+def _worker_id(env: Mapping[str, str], default: str) -> str:
+    raw = _get(env, "WORKER_ID")
+    if raw is None:
+        return default
+    if not _WORKER_ID_RE.match(raw):
+        raise ConfigError("WORKER_ID", f"{raw[:80]!r} is not allowed",
+                          "1-64 characters of A-Z a-z 0-9 . _ -")
+    return raw
+
+
+def _symbols(raw: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    if raw is None or not raw.strip():
+        return default
+    out: list[str] = []
+    for item in raw.split(","):
+        symbol = item.strip().upper()
+        if not symbol:
+            continue
+        if not canonical_symbol_ok(symbol):
+            raise ConfigError("SYMBOLS", f"{item.strip()[:40]!r} is not a BASE/QUOTE symbol",
+                              "comma-separated like BTC/USD,ETH/USD")
+        if symbol not in out:
+            out.append(symbol)
+    if not out:
+        raise ConfigError("SYMBOLS", "lists no symbol", "comma-separated like BTC/USD,ETH/USD")
+    if len(out) > MAX_SYMBOLS:
+        raise ConfigError("SYMBOLS", f"lists {len(out)} symbols", f"at most {MAX_SYMBOLS}")
+    return tuple(out)
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    raw = _get(env, "LOG_LEVEL")
+    if raw is None:
+        return "info"
+    if raw.lower() not in LEVELS:
+        raise ConfigError("LOG_LEVEL", f"{raw[:40]!r} is not a level",
+                          "debug, info, warning (or warn), error")
+    return raw.lower()
+
+
+def _host(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    if len(raw) > 253 or not re.match(r"^[A-Za-z0-9.:_-]+$", raw):
+        raise ConfigError(name, f"{raw[:80]!r} is not a host name or address",
+                          "e.g. 127.0.0.1, ::1 or 0.0.0.0")
+    return raw
+
+
+def _path(env: Mapping[str, str], name: str, default: Path) -> Path:
+    raw = _get(env, name)
+    path = Path(raw) if raw is not None else default
+    if path.exists() and not path.is_dir():
+        raise ConfigError(name, f"{path} exists and is not a directory", "a directory path")
+    return path

@@ -1,0 +1,323 @@
+"""The WebSocket loop for one venue, on websocket-client: connect, subscribe, receive, hand off.
+
+This thread does no parsing, no HTTP and no disk I/O (venues cut slow readers, e.g. Coinbase's
+`ErrSlowConsume`): it receives frames and hands them to the parser thread with their receive
+time. Liveness is its job: any frame (data, heartbeat, ping, pong) proves the connection alive;
+none for `adapter.liveness_timeout_s` replaces the connection. Reconnects use capped
+exponential backoff with full jitter, reset only after the first valid data message (the parser
+reports it through `data_seen`), and every connect re-sends every subscription.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import websocket
+from websocket import ABNF
+from websocket._abnf import continuous_frame, frame_buffer
+
+from collectors.backoff import Backoff
+from collectors.batching import Handoff
+from collectors.exchanges.base import Adapter
+from collectors.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Frame = tuple[bytes, int]  # (payload, received epoch ns)
+
+#: A ticker frame is well under 2 KiB; 4 MiB leaves room for venue snapshots while bounding
+#: memory (websocket-client itself has no maximum frame size).
+DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
+
+
+class FrameTooLarge(websocket.WebSocketException):
+    """A frame above the size limit; its payload was read and discarded, the stream is in sync."""
+
+
+class _BoundedFrameBuffer(frame_buffer):
+    """websocket-client's frame reader with a payload size limit.
+
+    An oversized payload is drained from the socket in small chunks and discarded, so memory
+    stays bounded and the connection stays usable. Draining is resumable across socket
+    timeouts, like the library's own reader.
+    """
+
+    def __init__(self, recv_fn: Callable[[int], bytes], max_bytes: int) -> None:
+        super().__init__(recv_fn, True)  # skip_utf8_validation: json.loads validates anyway
+        self.max_bytes = max_bytes
+        self._discard = 0
+        self._discarding_length = 0
+
+    def recv_frame(self) -> Any:
+        with self.lock:
+            if self._discard:
+                self._drain()
+            if self.needs_header():
+                self.recv_header()
+            if self.needs_length():
+                self.recv_length()
+            if self.length is not None and self.length > self.max_bytes:
+                if self.needs_mask():
+                    self.recv_mask()
+                self._discard = self._discarding_length = self.length
+                self.clear()
+                self._drain()
+        return super().recv_frame()
+
+    def _drain(self) -> None:
+        while self._discard > 0:
+            if self.recv_buffer:
+                buffered = b"".join(self.recv_buffer)
+                used = min(len(buffered), self._discard)
+                self.recv_buffer = [buffered[used:]] if used < len(buffered) else []
+                self._discard -= used
+                continue
+            chunk = self.recv(min(65536, self._discard))
+            if not chunk:
+                raise websocket.WebSocketConnectionClosedException("closed while discarding")
+            self._discard -= len(chunk)
+        size = self._discarding_length
+        self._discarding_length = 0
+        raise FrameTooLarge(f"frame of {size} bytes exceeds the {self.max_bytes}-byte limit")
+
+
+class _BoundedContinuation(continuous_frame):
+    """Caps a fragmented message's total size (it would otherwise grow without bound)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(False, True)
+        self.max_bytes = max_bytes
+
+    def add(self, frame: Any) -> None:
+        held = len(self.cont_data[1]) if self.cont_data else 0
+        if held + len(frame.data) > self.max_bytes:
+            self.cont_data = None
+            self.recving_frames = None
+            raise websocket.WebSocketPayloadException(
+                f"fragmented message exceeds the {self.max_bytes}-byte limit")
+        super().add(frame)
+
+
+class Connection:
+    """Runs the receive loop on its own thread (`ws-<exchange>`) until `stop` is set."""
+
+    def __init__(self, adapter: Adapter, base_url: str, symbols: Sequence[str],
+                 frames: Handoff[Frame], metrics: Metrics, stop: threading.Event, *,
+                 backoff: Backoff | None = None, recv_timeout_s: float = 0.5,
+                 connect_timeout_s: float = 10.0,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.adapter = adapter
+        self.base_url = base_url
+        self._symbols = list(symbols)
+        self._frames = frames
+        self._metrics = metrics
+        self._stop = stop
+        self._backoff = backoff or Backoff()
+        # A finite socket timeout lets the loop check liveness, pings and `stop` even on a quiet
+        # connection; a blocking recv() with none never returns on SIGTERM (PEP 475 retries it).
+        self._recv_timeout_s = recv_timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._max_frame_bytes = max_frame_bytes
+        self._lock = threading.Lock()  # guards the request fields below (set by other threads)
+        self._resubscribe: list[str] | None = None
+        self._reconnect_reason: str | None = None
+        self._ws: websocket.WebSocket | None = None
+        self._data_seen = False
+        self.last_frame_monotonic = 0.0
+        self.connected_since: float | None = None
+        self._frames_dropped_logged = 0.0
+
+    # ---- requests from other threads -------------------------------------------------------
+    def data_seen(self) -> None:
+        """The parser got a valid data message on the current connection: backoff may reset."""
+        self._data_seen = True
+
+    def request_resubscribe(self, symbols: Sequence[str]) -> None:
+        with self._lock:
+            self._resubscribe = list(symbols)
+
+    def replace_symbols(self, symbols: Sequence[str]) -> None:
+        """Subscribe to `symbols` from now on (after the venue rejected some)."""
+        with self._lock:
+            self._symbols = list(symbols)
+            self._resubscribe = list(symbols)
+
+    def request_reconnect(self, reason: str) -> None:
+        with self._lock:
+            self._reconnect_reason = reason
+
+    def abort(self) -> None:
+        """Wake a blocked recv at once (used by the stop path)."""
+        ws = self._ws
+        if ws is not None:
+            ws.abort()
+
+    @property
+    def symbols(self) -> list[str]:
+        with self._lock:
+            return list(self._symbols)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        lost_at: float | None = None
+        delay = 0.0
+        while not self._stop.is_set():
+            if delay > 0:
+                log.info("ws_reconnect_wait", extra={"delay_s": round(delay, 3),
+                                                     "attempt": self._backoff.attempt})
+                if self._stop.wait(delay):
+                    break
+            with self._lock:
+                symbols = list(self._symbols)
+                self._resubscribe = None
+                self._reconnect_reason = None
+            if not symbols:
+                log.error("no_symbols_left", extra={"hint": "every configured symbol was "
+                                                    "rejected by the venue; fix SYMBOLS"})
+                self._stop.wait(60)
+                continue
+            url = self.adapter.connect_url(self.base_url, symbols)
+            self._data_seen = False
+            reason = self._session(url, symbols, lost_at)
+            if self._stop.is_set():
+                break
+            lost_at = time.monotonic()
+            self._metrics.reconnect(reason)
+            if self._data_seen:
+                self._backoff.reset()
+            delay = self._backoff.next_delay()
+
+    def _open(self, url: str) -> websocket.WebSocket:
+        ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=True)
+        ws.frame_buffer = _BoundedFrameBuffer(ws._recv, self._max_frame_bytes)
+        ws.cont_frame = _BoundedContinuation(self._max_frame_bytes)
+        ws.connect(url, timeout=self._connect_timeout_s,
+                   header={"User-Agent": "chrono-collectors"})
+        ws.settimeout(self._recv_timeout_s)
+        return ws
+
+    def _session(self, url: str, symbols: list[str], lost_at: float | None) -> str:
+        """One connection's life; returns the reason it ended."""
+        self._metrics.connect_attempts.inc()
+        started = time.monotonic()
+        try:
+            ws = self._open(url)
+        except websocket.WebSocketBadStatusException as exc:
+            status = getattr(exc, "status_code", None)
+            hint = ""
+            if status == 451 and self.adapter.name == "binance":
+                hint = ("binance.com refuses this region (HTTP 451, e.g. US addresses); "
+                        "use the `binanceus` exchange instead")
+            log.error("ws_handshake_rejected", extra={"url": _safe_url(url), "status": status,
+                                                      "hint": hint or None})
+            return "handshake_rejected"
+        except (OSError, websocket.WebSocketException) as exc:
+            log.warning("ws_connect_failed", extra={"url": _safe_url(url),
+                                                    "error": _describe(exc)})
+            return "connect_failed"
+
+        self._ws = ws
+        now = time.monotonic()
+        self.last_frame_monotonic = now
+        self.connected_since = now
+        self._metrics.connected.set(1)
+        extra: dict[str, object] = {"url": _safe_url(url), "symbols": len(symbols),
+                                    "connect_s": round(now - started, 3)}
+        if lost_at is not None:
+            extra["reconnect_after_s"] = round(now - lost_at, 3)
+            self._metrics.last_reconnect_duration.set(now - lost_at)
+        log.info("ws_connected", extra=extra)
+        try:
+            for message in self.adapter.subscribe_messages(symbols):
+                ws.send(message)
+            return self._receive(ws)
+        except (OSError, websocket.WebSocketException) as exc:
+            if self._stop.is_set():
+                return "stopped"
+            log.warning("ws_disconnected", extra={"error": _describe(exc),
+                                                  "connected_s": round(time.monotonic() - now, 3)})
+            return "error"
+        finally:
+            self._metrics.connected.set(0)
+            self.connected_since = None
+            self._ws = None
+            _close_quietly(ws, graceful=self._stop.is_set())
+
+    def _receive(self, ws: websocket.WebSocket) -> str:
+        frames = self._frames
+        ping_every = self.adapter.app_ping_interval_s
+        liveness = self.adapter.liveness_timeout_s
+        last_ping_sent = time.monotonic()
+        while True:
+            if self._stop.is_set():
+                return "stopped"
+            now = time.monotonic()
+            if self._resubscribe is not None or self._reconnect_reason is not None:
+                with self._lock:
+                    resub, self._resubscribe = self._resubscribe, None
+                    reason, self._reconnect_reason = self._reconnect_reason, None
+                if reason is not None:
+                    log.info("ws_reconnect_requested", extra={"reason": reason})
+                    return reason
+                if resub is not None:
+                    for message in self.adapter.subscribe_messages(resub):
+                        ws.send(message)
+            silent_for = now - self.last_frame_monotonic
+            if silent_for > liveness:
+                log.warning("ws_liveness_timeout", extra={"silent_s": round(silent_for, 3),
+                                                          "limit_s": liveness})
+                return "liveness_timeout"
+            if ping_every is not None and now - max(last_ping_sent,
+                                                    self.last_frame_monotonic) >= ping_every:
+                ping = self.adapter.ping_message()
+                if ping is not None:
+                    ws.send(ping)
+                last_ping_sent = now
+            try:
+                opcode, frame = ws.recv_data_frame(True)
+            except websocket.WebSocketTimeoutException:
+                continue
+            except FrameTooLarge as exc:
+                self.last_frame_monotonic = time.monotonic()
+                self._metrics.oversized_frames.inc()
+                log.warning("frame_too_large", extra={"error": str(exc)})
+                continue
+            self.last_frame_monotonic = time.monotonic()
+            if opcode == ABNF.OPCODE_TEXT or opcode == ABNF.OPCODE_BINARY:
+                if not frames.put((frame.data, time.time_ns())):
+                    self._metrics.frames_dropped.inc()
+                    if self.last_frame_monotonic - self._frames_dropped_logged > 10:
+                        self._frames_dropped_logged = self.last_frame_monotonic
+                        log.error("frames_dropped", extra={"queue_max": frames.max_items})
+            elif opcode == ABNF.OPCODE_CLOSE:
+                code = int.from_bytes(frame.data[:2], "big") if len(frame.data) >= 2 else None
+                log.warning("ws_closed_by_server", extra={"code": code,
+                                                          "reason": frame.data[2:200].decode(
+                                                              "utf-8", "replace") or None})
+                return "closed_by_server"
+            else:  # ping (already answered by websocket-client) or pong
+                self._metrics.message("ping" if opcode == ABNF.OPCODE_PING else "pong")
+
+
+def _close_quietly(ws: websocket.WebSocket, graceful: bool) -> None:
+    try:
+        if graceful:
+            ws.close(timeout=0.5)
+        else:
+            ws.shutdown()
+    except (OSError, websocket.WebSocketException):
+        ws.shutdown()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def _safe_url(url: str) -> str:
+    """URLs carry no secrets here, but never log a query string longer than needed."""
+    return url if len(url) <= 200 else url[:200] + "..."

@@ -1,0 +1,283 @@
+"""Delivery: records -> spool (spool-writer thread) -> batches POSTed to the ingest API (delivery
+thread), with requests.
+
+Every batch carries an `Idempotency-Key` that the spool persisted with it, so a retry (also after
+a restart) sends the same key and the same body bytes and the API stores it once. 408/429/5xx and
+network errors are retried with capped, jittered backoff that honours `Retry-After`; 401/403 mean
+our key is wrong, so everything is held on disk and retried slowly while the log says so; any
+other 4xx moves the batch to the dead-letter file with the API's reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from collectors import __version__
+from collectors.backoff import Backoff, Outcome, classify_status, parse_retry_after
+from collectors.batching import Handoff
+from collectors.errors import SpoolError
+from collectors.metrics import Metrics
+from collectors.model import PriceFeed
+from collectors.spool import Batch, Spool
+
+log = logging.getLogger(__name__)
+
+AUTH_RETRY_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class PostResult:
+    outcome: Outcome
+    status: int | None
+    retry_after_s: float | None
+    detail: str
+
+
+class Poster:
+    """POSTs one batch. Holds one keep-alive session; never retries by itself."""
+
+    def __init__(self, url: str, api_key: str, *, connect_timeout_s: float,
+                 read_timeout_s: float) -> None:
+        self.url = url
+        self._timeout = (connect_timeout_s, read_timeout_s)
+        self._session = requests.Session()
+        # Retries are ours (with the idempotency key and backoff); urllib3 must not add its own.
+        self._session.mount("http://", HTTPAdapter(max_retries=0, pool_maxsize=1))
+        self._session.mount("https://", HTTPAdapter(max_retries=0, pool_maxsize=1))
+        self._session.headers.update({"Authorization": f"Bearer {api_key}",
+                                      "Content-Type": "application/json",
+                                      "User-Agent": f"chrono-collectors/{__version__}"})
+        self._session.trust_env = False  # no proxies/netrc from the environment
+
+    def post(self, batch: Batch) -> PostResult:
+        try:
+            resp = self._session.post(self.url, data=batch.body(), timeout=self._timeout,
+                                      headers={"Idempotency-Key": batch.key},
+                                      allow_redirects=False)
+        except requests.RequestException as exc:
+            return PostResult(Outcome.RETRY, None, None, _describe(exc))
+        try:
+            outcome = classify_status(resp.status_code)
+            detail = "" if outcome is Outcome.STORED else resp.text[:1000]
+            return PostResult(outcome, resp.status_code,
+                              parse_retry_after(resp.headers.get("Retry-After")), detail)
+        finally:
+            resp.close()
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class SpoolWriter:
+    """Moves parsed records from memory into the spool every few tens of milliseconds, so that
+    `kill -9` loses at most what arrived since the last commit."""
+
+    def __init__(self, records: Handoff[PriceFeed], spool: Spool, metrics: Metrics,
+                 done: threading.Event, wake: threading.Event, *,
+                 max_chunk: int = 5000) -> None:
+        self._records = records
+        self._spool = spool
+        self._metrics = metrics
+        self._done = done      # set by the service once the parser has stopped
+        self._wake = wake      # tells the delivery thread that something was spooled
+        self._max_chunk = max_chunk
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        pending: list[bytes] = []
+        last_error_log = 0.0
+        try:
+            while True:
+                parser_done = self._done.is_set()
+                chunk = self._records.get_all(timeout_s=0.05, max_items=self._max_chunk)
+                if chunk:
+                    pending.extend(encode(r) for r in chunk)
+                if pending:
+                    try:
+                        dropped = self._spool.append(pending)
+                    except SpoolError as exc:
+                        self._metrics.spool_errors.inc()
+                        now = time.monotonic()
+                        if now - last_error_log > 10:
+                            last_error_log = now
+                            log.error("spool_write_failed", extra={"error": str(exc),
+                                                                   "held": len(pending)})
+                        if parser_done and not chunk:
+                            log.error("spool_write_abandoned", extra={"records": len(pending)})
+                            return
+                        self._done.wait(0.5)
+                        continue
+                    if dropped:
+                        self._metrics.spool_dropped.inc(dropped)
+                        log.error("spool_full_dropped_oldest", extra={"dropped": dropped})
+                    pending = []
+                    self._wake.set()
+                self._metrics.queue_records.set(len(self._records))
+                if parser_done and not chunk and not pending and not len(self._records):
+                    return
+        finally:
+            self.finished.set()
+
+
+def encode(record: PriceFeed) -> bytes:
+    return json.dumps(record.to_json_dict(), separators=(",", ":"), allow_nan=False).encode()
+
+
+class Sender:
+    """The delivery thread: takes due batches from the spool, oldest first, and POSTs them."""
+
+    def __init__(self, spool: Spool, poster: Poster, metrics: Metrics, *, batch_size: int,
+                 batch_interval_s: float, stop: threading.Event, writer_finished: threading.Event,
+                 wake: threading.Event, drain_timeout_s: float = 5.0,
+                 backoff: Backoff | None = None) -> None:
+        self._spool = spool
+        self._poster = poster
+        self._metrics = metrics
+        self._batch_size = batch_size
+        self._interval_s = batch_interval_s
+        self._stop = stop
+        self._writer_finished = writer_finished
+        self._wake = wake
+        self._drain_timeout_s = drain_timeout_s
+        self._backoff = backoff or Backoff(base_s=0.5, cap_s=60.0)
+        self._tried: set[str] = set()
+        self._gauges_at = 0.0
+        self.last_success_unix: float | None = None
+
+    def run(self) -> None:
+        drain_deadline: float | None = None
+        while True:
+            stopping = self._stop.is_set()
+            if stopping and drain_deadline is None:
+                drain_deadline = time.monotonic() + self._drain_timeout_s
+            final = stopping and self._writer_finished.is_set()
+            if drain_deadline is not None and time.monotonic() > drain_deadline:
+                self._log_left_behind()
+                return
+            try:
+                batch = self._spool.due_batch(self._batch_size, self._interval_s, force=final)
+            except SpoolError as exc:
+                self._metrics.spool_errors.inc()
+                log.error("spool_read_failed", extra={"error": str(exc)})
+                if self._pause(1.0, drain_deadline):
+                    return
+                continue
+            self._update_spool_gauges()
+            if batch is None:
+                if final:
+                    log.info("delivery_drained")
+                    return
+                self._wake.wait(0.1 if not stopping else 0.02)
+                self._wake.clear()
+                continue
+            delay = self._deliver(batch)
+            if delay > 0 and self._pause(delay, drain_deadline):
+                self._log_left_behind()
+                return
+
+    def _pause(self, delay: float, drain_deadline: float | None) -> bool:
+        """Wait before a retry. True when the drain deadline ends delivery instead."""
+        if drain_deadline is not None:
+            remaining = drain_deadline - time.monotonic()
+            if delay >= remaining:
+                return True
+            time.sleep(delay)  # stopping already: nothing else to wait for
+            return False
+        self._stop.wait(delay)
+        return False
+
+    def _deliver(self, batch: Batch) -> float:
+        """POST one batch; return how long to wait before the next attempt (0: go on)."""
+        n = len(batch.records)
+        if batch.key not in self._tried:
+            self._tried.add(batch.key)
+            if batch.attempts > 0:
+                self._metrics.spool_replayed.inc(n)
+                log.info("batch_replayed", extra={"idempotency_key": batch.key, "records": n,
+                                                  "attempts": batch.attempts})
+        self._spool.record_attempt(batch.key)
+        self._metrics.flushes.inc()
+        started = time.monotonic()
+        result = self._poster.post(batch)
+        self._metrics.flush_duration.observe(time.monotonic() - started)
+        if result.outcome is Outcome.STORED:
+            self._spool.ack(batch.key)
+            self._tried.discard(batch.key)
+            self._metrics.records_delivered.inc(n)
+            self.last_success_unix = time.time()
+            self._metrics.last_flush_success_ts.set(self.last_success_unix)
+            if self._backoff.attempt:
+                log.info("delivery_recovered", extra={"after_attempts": self._backoff.attempt})
+            self._backoff.reset()
+            log.debug("batch_delivered", extra={"idempotency_key": batch.key, "records": n,
+                                                "status": result.status})
+            return 0.0
+        reason = _failure_reason(result)
+        self._metrics.flush_failure(reason)
+        if result.outcome is Outcome.REJECT:
+            self._spool.dead_letter(batch.key, result.status or 0, result.detail)
+            self._tried.discard(batch.key)
+            self._metrics.dead_letter_records.inc(n)
+            log.error("batch_rejected", extra={"idempotency_key": batch.key, "records": n,
+                                               "status": result.status,
+                                               "detail": result.detail[:500]})
+            return 0.0
+        delay = self._backoff.next_delay()
+        if result.retry_after_s is not None:
+            delay = max(delay, result.retry_after_s)
+        if result.outcome is Outcome.AUTH:
+            delay = max(delay, AUTH_RETRY_S)
+            log.error("ingest_auth_failed", extra={
+                "status": result.status, "retry_in_s": round(delay, 1),
+                "hint": "the ingest API refused the key; check API_KEY/API_KEY_FILE. Records "
+                        "stay in the spool until it is fixed."})
+        else:
+            log.warning("batch_retry", extra={"idempotency_key": batch.key, "records": n,
+                                              "status": result.status, "reason": reason,
+                                              "detail": result.detail[:200] or None,
+                                              "retry_in_s": round(delay, 3)})
+        return delay
+
+    def _update_spool_gauges(self) -> None:
+        now = time.monotonic()
+        if now - self._gauges_at < 1.0:  # stats() counts rows: once a second is plenty
+            return
+        self._gauges_at = now
+        stats = self._spool.stats()
+        self._metrics.spool_records.set(stats.records)
+        self._metrics.spool_bytes.set(stats.bytes)
+        self._metrics.spool_oldest_ts.set((stats.oldest_record_ns or 0) / 1e9)
+
+    def _log_left_behind(self) -> None:
+        stats = self._spool.stats()
+        if stats.records:
+            log.warning("delivery_stopped_with_backlog",
+                        extra={"spool_records": stats.records,
+                               "hint": "kept on disk; delivered after the next start"})
+
+
+def _failure_reason(result: PostResult) -> str:
+    if result.status is None:
+        return "network"
+    if result.status == 429:
+        return "throttled"
+    if result.status >= 500:
+        return "server_error"
+    if result.outcome is Outcome.AUTH:
+        return "auth"
+    if result.outcome is Outcome.REJECT:
+        return "rejected"
+    return "timeout" if result.status == 408 else "other"
+
+
+def _describe(exc: BaseException) -> str:
+    # requests' messages name the URL (no secrets in it) and the cause; keep them short.
+    return f"{type(exc).__name__}: {str(exc)[:300]}"

@@ -1,0 +1,166 @@
+"""The Adapter protocol: pure translation between one venue's frames and PriceFeed records.
+
+Adapters do no I/O, read no clock and start no thread: the connection loop hands them a frame and
+its receive time, and gets back a `Parsed` saying what the frame was. They may keep small state
+(last sequence per product) that lives as long as the collector process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from collectors.errors import ParseError
+from collectors.model import PriceFeed, iso_from_ns
+
+
+class Kind(StrEnum):
+    """What a frame was; also the `kind` label of the messages-received metric."""
+
+    TICKER = "ticker"
+    HEARTBEAT = "heartbeat"
+    SUBSCRIBED = "subscribed"
+    ERROR = "error"
+    STATUS = "status"
+    PONG = "pong"
+    SHUTDOWN = "shutdown"
+    OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """The meaning of one frame.
+
+    `records` holds the valid records it produced; `duplicates` counts ticker updates dropped
+    because their sequence was at or below the last seen; `rejected` names canonical symbols the
+    venue refused to subscribe to; `error` is the venue's error text; `reconnect` asks the
+    connection to be replaced (a scheduled server shutdown); `invalid` gives one reason per item
+    of a multi-item frame that was skipped as invalid (each is one parse error) while the frame's
+    valid items are still in `records`.
+    """
+
+    kind: Kind
+    records: tuple[PriceFeed, ...] = ()
+    duplicates: int = 0
+    rejected: tuple[str, ...] = ()
+    error: str | None = None
+    reconnect: bool = False
+    subscribed: tuple[str, ...] = ()
+    invalid: tuple[str, ...] = ()
+
+
+class Adapter(Protocol):
+    """One venue. Implementations live in `collectors/exchanges/<venue>.py`."""
+
+    name: str
+    #: The public endpoint (`WS_URL` replaces it).
+    default_ws_url: str
+    default_symbols: tuple[str, ...]
+    #: No frame of any kind for this long means the connection is dead.
+    liveness_timeout_s: float
+    #: Send `ping_message()` when nothing was received for this long (None: never).
+    app_ping_interval_s: float | None
+    #: A symbol with no data for this long is stale (reported, not reconnected).
+    symbol_stale_after_s: float
+
+    def check_symbols(self, symbols: Sequence[str]) -> None:
+        """Raise ConfigError for a symbol this venue is known not to list."""
+
+    def connect_url(self, base_url: str, symbols: Sequence[str]) -> str:
+        """The URL to open for these symbols (Binance puts its streams in the path)."""
+
+    def subscribe_messages(self, symbols: Sequence[str]) -> list[str]:
+        """Frames to send right after connecting (may be empty)."""
+
+    def ping_message(self) -> str | None:
+        """An application-level ping frame, if the venue has one."""
+
+    def parse(self, frame: str | bytes, received_ns: int) -> Parsed:
+        """Translate one frame. Raises ParseError, and only ParseError, for bad input."""
+
+
+# ---- helpers shared by adapters (pure) -------------------------------------------------------
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def load_json(frame: str | bytes) -> object:
+    """Decode a frame; NaN/Infinity literals and invalid UTF-8 are parse errors."""
+    try:
+        return json.loads(frame, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        raise ParseError(f"malformed JSON: {str(exc)[:120]}") from exc
+
+
+def load_object(frame: str | bytes) -> dict[str, object]:
+    data = load_json(frame)
+    if not isinstance(data, dict):
+        raise ParseError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def number(obj: dict[str, object], key: str, *, positive: bool = False,
+           required: bool = True, signed: bool = False) -> float | None:
+    """A numeric field sent as a JSON number or a decimal string; finite, >= 0 (> 0 if positive).
+
+    `signed` allows negative values (24 h changes). Raises ParseError, and only ParseError.
+    """
+    raw = obj.get(key)
+    if raw is None:
+        if required:
+            raise ParseError(f"missing field {key!r}")
+        return None
+    if isinstance(raw, bool):
+        raise ParseError(f"field {key!r} is a boolean, not a number")
+    if isinstance(raw, int | float):
+        try:
+            value = float(raw)
+        except OverflowError:  # a JSON integer beyond the float range
+            raise ParseError(f"field {key!r} is out of range") from None
+    elif isinstance(raw, str):
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ParseError(f"field {key!r} is not a number: {raw[:40]!r}") from None
+    else:
+        raise ParseError(f"field {key!r} has type {type(raw).__name__}, expected a number")
+    if not math.isfinite(value):
+        raise ParseError(f"field {key!r} is not finite: {raw!r}")
+    if not signed and (value < 0 or (positive and value == 0)):
+        raise ParseError(f"field {key!r} must be {'> 0' if positive else '>= 0'}: {raw!r}")
+    return value
+
+
+def optional_number(obj: dict[str, object], key: str, *, signed: bool = False) -> float | None:
+    """Like `number` for metadata: absent -> None; present but invalid -> None (not fatal)."""
+    try:
+        return number(obj, key, required=False, signed=signed)
+    except ParseError:
+        return None
+
+
+def string(obj: dict[str, object], key: str, *, max_len: int = 64) -> str:
+    raw = obj.get(key)
+    if not isinstance(raw, str) or not raw:
+        raise ParseError(f"field {key!r} must be a non-empty string")
+    if len(raw) > max_len:
+        raise ParseError(f"field {key!r} is longer than {max_len} characters")
+    return raw
+
+
+def integer(obj: dict[str, object], key: str) -> int | None:
+    raw = obj.get(key)
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise ParseError(f"field {key!r} must be an integer")
+    return raw
+
+
+def received_iso(received_ns: int) -> str:
+    return iso_from_ns(received_ns, digits=6)

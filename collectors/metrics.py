@@ -1,0 +1,221 @@
+"""Every Prometheus metric of a collector process, on an injected registry, plus the HTTP
+endpoint serving `/metrics` and `/healthz`.
+
+Naming follows Prometheus practice: prefix `chrono_collector_`, base units, counters end in
+`_total`, timestamps rather than ages (alert on `time() - x`), a total counter plus a failures
+counter rather than an outcome label, and no `symbol` label on histograms. Every metric carries
+the `exchange` label, so scrape configs must not add one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+log = logging.getLogger(__name__)
+PREFIX = "chrono_collector"
+
+FLUSH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LAG_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0)
+
+
+class Metrics:
+    """The metric families, bound to one exchange. Construct once per process (or per test)."""
+
+    def __init__(self, registry: CollectorRegistry, exchange: str, worker_id: str,
+                 version: str = "") -> None:
+        self.registry = registry
+        self.exchange = exchange
+        ex = ["exchange"]
+        r = registry
+
+        def counter(name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, [*ex, *labels], registry=r)
+
+        def gauge(name: str, doc: str, labels: Iterable[str] = ()) -> Gauge:
+            return Gauge(f"{PREFIX}_{name}", doc, [*ex, *labels], registry=r)
+
+        info = Gauge(f"{PREFIX}_build_info", "Constant 1, labelled with version and worker id.",
+                     ["exchange", "worker_id", "version"], registry=r)
+        info.labels(exchange, worker_id, version).set(1)
+
+        self.connected = gauge("connected", "1 while the exchange WebSocket is connected and "
+                               "subscribed, else 0.").labels(exchange)
+        self.connect_attempts = counter("connect_attempts_total",
+                                        "WebSocket connection attempts.").labels(exchange)
+        self._reconnects = counter("reconnects_total", "Connections replaced, by reason.",
+                                   ["reason"])
+        self.last_reconnect_duration = gauge(
+            "last_reconnect_duration_seconds",
+            "Time from losing the previous connection to the next subscribed one.",
+        ).labels(exchange)
+        self.last_message_ts = gauge("last_message_timestamp_seconds",
+                                     "Unix time of the last frame of any kind.").labels(exchange)
+        self._messages = counter("messages_received_total", "Frames received, by kind.",
+                                 ["kind"])
+        self.parse_errors = counter("parse_errors_total",
+                                    "Frames that could not be parsed (skipped).").labels(exchange)
+        self.duplicates = counter("duplicates_dropped_total", "Ticker updates dropped as "
+                                  "duplicate or late (sequence/event time).").labels(exchange)
+        self.frames_dropped = counter("frames_dropped_total", "Frames dropped because the "
+                                      "parse queue was full.").labels(exchange)
+        self.oversized_frames = counter("oversized_frames_total", "Frames larger than the "
+                                        "frame size limit, discarded unread.").labels(exchange)
+        self._records = counter("records_total", "Valid records produced, by symbol.",
+                                ["symbol"])
+        self._last_record_ts = gauge("last_record_timestamp_seconds",
+                                     "Unix receive time of the last record, by symbol.",
+                                     ["symbol"])
+        self._symbol_stale = gauge("symbol_stale", "1 while a subscribed symbol has had no "
+                                   "data for longer than its threshold.", ["symbol"])
+        self._stale_events = counter("symbol_stale_events_total",
+                                     "Times a symbol went stale.", ["symbol"])
+        self._subscription_errors = counter("subscription_errors_total",
+                                            "Symbols the venue refused or never sent.",
+                                            ["symbol"])
+        self.lag = Histogram(f"{PREFIX}_lag_seconds",
+                             "Exchange event time to local receive time.", ex,
+                             buckets=LAG_BUCKETS_S, registry=r).labels(exchange)
+        self.queue_records = gauge("queue_records",
+                                   "Records held in memory waiting for the spool.").labels(
+                                       exchange)
+        self.queue_dropped = counter("queue_dropped_records_total", "Records dropped because "
+                                     "the in-memory queue was full (spool unwritable)."
+                                     ).labels(exchange)
+        self.flushes = counter("flushes_total", "Batch POST attempts to the ingest API.").labels(
+            exchange)
+        self._flush_failures = counter("flush_failures_total",
+                                       "Batch POST attempts that failed, by reason.", ["reason"])
+        self.flush_duration = Histogram(f"{PREFIX}_flush_duration_seconds",
+                                        "Duration of one batch POST.", ex,
+                                        buckets=FLUSH_BUCKETS_S, registry=r).labels(exchange)
+        self.records_delivered = counter("records_delivered_total",
+                                         "Records the ingest API accepted.").labels(exchange)
+        self.last_flush_success_ts = gauge("last_flush_success_timestamp_seconds",
+                                           "Unix time of the last accepted batch.").labels(
+                                               exchange)
+        self.dead_letter_records = counter("dead_letter_records_total", "Records moved to the "
+                                           "dead-letter file (rejected by the API).").labels(
+                                               exchange)
+        self.spool_records = gauge("spool_records",
+                                   "Records on disk waiting for delivery.").labels(exchange)
+        self.spool_bytes = gauge("spool_bytes", "Payload bytes on disk waiting for delivery."
+                                 ).labels(exchange)
+        self.spool_oldest_ts = gauge("spool_oldest_record_timestamp_seconds",
+                                     "Unix time the oldest waiting record was spooled "
+                                     "(0 when empty).").labels(exchange)
+        self.spool_max_bytes = gauge("spool_max_bytes", "Spool size bound.").labels(exchange)
+        self.spool_dropped = counter("spool_dropped_records_total", "Records dropped because "
+                                     "the spool was full (oldest first).").labels(exchange)
+        self.spool_replayed = counter("spool_replayed_records_total", "Records re-sent from a "
+                                      "batch claimed before a restart.").labels(exchange)
+        self.spool_errors = counter("spool_errors_total", "Failed spool operations (e.g. "
+                                    "disk full); retried.").labels(exchange)
+        self.spool_corrupt_lost = counter("spool_corrupt_lost_records_total", "Records lost "
+                                          "to a corrupt spool file.").labels(exchange)
+        self.thread_errors = counter("thread_errors_total", "Unexpected exceptions caught at "
+                                     "a thread's top loop.", ["thread"])
+        self._per_symbol: dict[str, tuple[Counter, Gauge]] = {}
+
+    # Small helpers keep label handling out of the hot path's callers.
+    def message(self, kind: str) -> None:
+        self._messages.labels(self.exchange, kind).inc()
+
+    def messages_counter(self, kind: str) -> Counter:
+        return self._messages.labels(self.exchange, kind)
+
+    def reconnect(self, reason: str) -> None:
+        self._reconnects.labels(self.exchange, reason).inc()
+
+    def flush_failure(self, reason: str) -> None:
+        self._flush_failures.labels(self.exchange, reason).inc()
+
+    def symbol_children(self, symbol: str) -> tuple[Counter, Gauge]:
+        """(records counter, last-record gauge) for a symbol, cached for the hot path."""
+        pair = self._per_symbol.get(symbol)
+        if pair is None:
+            pair = (self._records.labels(self.exchange, symbol),
+                    self._last_record_ts.labels(self.exchange, symbol))
+            self._per_symbol[symbol] = pair
+        return pair
+
+    def set_stale(self, symbol: str, stale: bool) -> None:
+        self._symbol_stale.labels(self.exchange, symbol).set(1 if stale else 0)
+        if stale:
+            self._stale_events.labels(self.exchange, symbol).inc()
+
+    def subscription_error(self, symbol: str) -> None:
+        self._subscription_errors.labels(self.exchange, symbol).inc()
+
+    def thread_error(self, thread: str) -> None:
+        self.thread_errors.labels(self.exchange, thread).inc()
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    ok: bool
+    body: dict[str, object]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib name)
+        """Scrapes every few seconds would flood the log; errors surface as metrics."""
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a hung scraper must not keep the process alive at exit
+
+
+class MetricsServer:
+    """`/metrics` (Prometheus text format) and `/healthz` (JSON, 200 or 503) on one port."""
+
+    def __init__(self, registry: CollectorRegistry, health: Callable[[], Health],
+                 host: str, port: int) -> None:
+        self._metrics_app = make_wsgi_app(registry)
+        self._health = health
+        self._server = make_server(host, port, self._app, server_class=_ThreadingWSGIServer,
+                                   handler_class=_QuietHandler)
+        self.port = self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.25},
+                                        name="metrics-http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=2)
+
+    def _app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/healthz":
+            try:
+                health = self._health()
+            except Exception:  # a broken health callback must still answer
+                log.exception("healthz_failed")
+                health = Health(False, {"status": "error"})
+            body = json.dumps(health.body, separators=(",", ":")).encode()
+            status = "200 OK" if health.ok else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "application/json"),
+                                    ("Content-Length", str(len(body))),
+                                    ("Cache-Control", "no-store")])
+            return [body]
+        if path in ("/metrics", "/"):
+            return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        body = b"not found: try /metrics or /healthz\n"
+        start_response("404 Not Found", [("Content-Type", "text/plain"),
+                                         ("Content-Length", str(len(body)))])
+        return [body]

@@ -1,0 +1,222 @@
+"""The parser thread: frames -> adapter -> records, metrics, subscription control, freshness.
+
+It is the only caller of the adapter. Metric updates are aggregated per chunk of frames taken
+from the hand-off queue, so per-message cost stays low at high rates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter as TallyCounter
+from collections import deque
+from collections.abc import Sequence
+
+from collectors.batching import Handoff
+from collectors.connection import Connection, Frame
+from collectors.errors import ParseError
+from collectors.exchanges.base import Adapter, Kind
+from collectors.metrics import Metrics
+from collectors.model import PriceFeed
+
+log = logging.getLogger(__name__)
+
+#: A subscribed symbol that has never produced data after this long is reported by name (Binance
+#: silently sends nothing for an unknown stream).
+FIRST_DATA_TIMEOUT_S = 30.0
+PARSE_ERROR_LOG_INTERVAL_S = 10.0
+
+
+class Freshness:
+    """Per-symbol last-data times; reports symbols going stale and coming back (pure, no I/O)."""
+
+    def __init__(self, symbols: Sequence[str], stale_after_s: float, now: float) -> None:
+        self.stale_after_s = stale_after_s
+        self._since = now                     # when watching started (subscription time)
+        self.last: dict[str, float | None] = dict.fromkeys(symbols)
+        self.stale: set[str] = set()
+
+    def seen(self, symbol: str, now: float) -> bool:
+        """Record data for a symbol; True when it was stale until now."""
+        if symbol not in self.last:
+            return False
+        self.last[symbol] = now
+        if symbol in self.stale:
+            self.stale.discard(symbol)
+            return True
+        return False
+
+    def forget(self, symbol: str) -> None:
+        self.last.pop(symbol, None)
+        self.stale.discard(symbol)
+
+    def restart_clock(self, now: float) -> None:
+        """A new connection: symbols that never had data get a fresh first-data window."""
+        self._since = now
+
+    def check(self, now: float) -> tuple[list[str], list[str]]:
+        """(newly stale symbols that had data, newly stale symbols that never had any)."""
+        quiet: list[str] = []
+        never: list[str] = []
+        for symbol, last in self.last.items():
+            if symbol in self.stale:
+                continue
+            if last is None:
+                if now - self._since > min(FIRST_DATA_TIMEOUT_S, self.stale_after_s):
+                    never.append(symbol)
+            elif now - last > self.stale_after_s:
+                quiet.append(symbol)
+        self.stale.update(quiet)
+        self.stale.update(never)
+        return quiet, never
+
+
+class Parser:
+    """Runs on the `parse-<exchange>` thread until the connection thread has stopped and the
+    frame queue is empty."""
+
+    def __init__(self, adapter: Adapter, frames: Handoff[Frame], records: Handoff[PriceFeed],
+                 connection: Connection, metrics: Metrics, ws_finished: threading.Event) -> None:
+        self._adapter = adapter
+        self._frames = frames
+        self._records = records
+        self._conn = connection
+        self._metrics = metrics
+        self._ws_finished = ws_finished
+        now = time.monotonic()
+        self.freshness = Freshness(connection.symbols, adapter.symbol_stale_after_s, now)
+        self._kind_counters = {k: metrics.messages_counter(k.value) for k in Kind}
+        self._last_parse_log = 0.0
+        self._parse_errors_since_log = 0
+        self.records_dropped = 0
+        self._rate_window: deque[tuple[float, int]] = deque(maxlen=16)
+        self.records_total = 0
+        self.last_message_unix: float | None = None
+        self._connected_since: float | None = None
+
+    def records_per_s(self) -> float:
+        """Records/s over the last ~10 s (for /healthz and `status`)."""
+        window = list(self._rate_window)
+        if len(window) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = window[0], window[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def run(self) -> None:
+        last_check = 0.0
+        while True:
+            ws_done = self._ws_finished.is_set()
+            chunk = self._frames.get_all(timeout_s=0.25)
+            if chunk:
+                self._handle(chunk)
+            now = time.monotonic()
+            if now - last_check >= 1.0:
+                last_check = now
+                self._periodic(now)
+            if ws_done and not chunk and not len(self._frames):
+                return
+
+    def _handle(self, chunk: list[Frame]) -> None:
+        adapter, metrics = self._adapter, self._metrics
+        kinds: TallyCounter[Kind] = TallyCounter()
+        per_symbol: TallyCounter[str] = TallyCounter()
+        last_received: dict[str, int] = {}
+        out: list[PriceFeed] = []
+        duplicates = 0
+        parse_errors = 0
+        now = time.monotonic()
+        for payload, received_ns in chunk:
+            try:
+                parsed = adapter.parse(payload, received_ns)
+            except ParseError as exc:
+                parse_errors += 1
+                self._log_parse_error(exc, payload)
+                continue
+            kinds[parsed.kind] += 1
+            if parsed.records:
+                for rec in parsed.records:
+                    per_symbol[rec.symbol] += 1
+                    last_received[rec.symbol] = rec.received_ns
+                    if rec.exchange_ns:
+                        metrics.lag.observe(max(0.0, (rec.received_ns - rec.exchange_ns) / 1e9))
+                    if self.freshness.seen(rec.symbol, now):
+                        log.info("symbol_fresh", extra={"symbol": rec.symbol})
+                        metrics.set_stale(rec.symbol, False)
+                out.extend(parsed.records)
+            duplicates += parsed.duplicates
+            if parsed.kind is Kind.ERROR or parsed.rejected:
+                self._venue_error(parsed.error, parsed.rejected)
+            elif parsed.kind is Kind.STATUS and parsed.error:
+                log.warning("venue_status", extra={"status": parsed.error})
+            if parsed.reconnect:
+                self._conn.request_reconnect("server_shutdown")
+        if out:
+            self._conn.data_seen()
+            not_taken = self._records.put_many(out)
+            if not_taken:
+                # The spool writer is stuck (e.g. disk full) and memory is at its bound.
+                self.records_dropped += not_taken
+                metrics.queue_dropped.inc(not_taken)
+                log.error("records_dropped_memory_full", extra={"dropped": not_taken})
+        for kind, n in kinds.items():
+            self._kind_counters[kind].inc(n)
+        for symbol, n in per_symbol.items():
+            counter, gauge = metrics.symbol_children(symbol)
+            counter.inc(n)
+            gauge.set(last_received[symbol] / 1e9)
+        if duplicates:
+            metrics.duplicates.inc(duplicates)
+        if parse_errors:
+            metrics.parse_errors.inc(parse_errors)
+        self.records_total += len(out)
+        last_ns = chunk[-1][1]
+        self.last_message_unix = last_ns / 1e9
+        metrics.last_message_ts.set(self.last_message_unix)
+
+    def _venue_error(self, error: str | None, rejected: tuple[str, ...]) -> None:
+        active = self._conn.symbols
+        bad = [s for s in rejected if s in active]
+        if not bad:
+            log.error("venue_error", extra={"error": error})
+            return
+        for symbol in bad:
+            self._metrics.subscription_error(symbol)
+            self.freshness.forget(symbol)
+        remaining = [s for s in active if s not in bad]
+        log.error("symbol_rejected", extra={
+            "symbols": bad, "error": error, "remaining": remaining,
+            "hint": "the venue does not list these markets; fix SYMBOLS"})
+        self._conn.replace_symbols(remaining)
+
+    def _periodic(self, now: float) -> None:
+        self._rate_window.append((now, self.records_total))
+        since = self._conn.connected_since
+        if since is not None and since != self._connected_since:
+            self._connected_since = since
+            self.freshness.restart_clock(since)
+        if since is None:
+            return  # no connection: staleness is the connection's problem, not the symbols'
+        quiet, never = self.freshness.check(now)
+        for symbol in quiet:
+            self._metrics.set_stale(symbol, True)
+            log.warning("symbol_stale", extra={"symbol": symbol,
+                                               "threshold_s": self.freshness.stale_after_s})
+        for symbol in never:
+            self._metrics.set_stale(symbol, True)
+            self._metrics.subscription_error(symbol)
+            log.error("symbol_no_data", extra={
+                "symbol": symbol, "waited_s": FIRST_DATA_TIMEOUT_S,
+                "hint": "subscribed but the venue sent nothing for it: is the market listed?"})
+
+    def _log_parse_error(self, exc: ParseError, payload: bytes) -> None:
+        self._parse_errors_since_log += 1
+        now = time.monotonic()
+        if now - self._last_parse_log < PARSE_ERROR_LOG_INTERVAL_S:
+            return
+        log.warning("parse_failed", extra={"error": str(exc),
+                                           "sample": payload[:200].decode("utf-8", "replace"),
+                                           "frame_bytes": len(payload),
+                                           "since_last_log": self._parse_errors_since_log})
+        self._last_parse_log = now
+        self._parse_errors_since_log = 0

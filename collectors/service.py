@@ -1,0 +1,197 @@
+"""One exchange's collector: wires the threads together and runs them until SIGTERM/SIGINT.
+
+Threads (each named, each stopped through an Event, each with a top-level guard):
+
+    ws-<exchange>     Connection: socket -> frames            (no parsing, no disk, no HTTP)
+    parse-<exchange>  Parser: frames -> records, metrics      (the only adapter caller)
+    spool-writer      SpoolWriter: records -> spool on disk   (commits every few tens of ms)
+    delivery          Sender: spool -> POST batches -> ack / retry / dead letter
+
+Stop order: stop reading, parse what arrived, spool it, then try to deliver the spool within the
+drain timeout; whatever is left waits on disk for the next start. Exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from prometheus_client import CollectorRegistry
+
+from collectors import __version__, exchanges
+from collectors.batching import Handoff
+from collectors.config import CollectorConfig
+from collectors.connection import Connection, Frame
+from collectors.delivery import Poster, Sender, SpoolWriter
+from collectors.errors import ConfigError, SpoolError
+from collectors.metrics import Health, Metrics, MetricsServer
+from collectors.model import PriceFeed
+from collectors.pipeline import Parser
+from collectors.sdnotify import Notifier
+from collectors.spool import Spool
+
+log = logging.getLogger(__name__)
+
+FRAME_QUEUE_MAX = 200_000    # ~80 MB of 400-byte frames: minutes of burst at venue rates
+RECORD_QUEUE_MAX = 200_000
+DRAIN_TIMEOUT_S = 5.0        # supervisord's stopwaitsecs / systemd's TimeoutStopSec exceed this
+
+
+class CollectorService:
+    def __init__(self, config: CollectorConfig, *, registry: CollectorRegistry | None = None,
+                 notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry, config.exchange, config.worker_id, __version__)
+        self.adapter = exchanges.create(config.exchange, config.worker_id)
+        self.stop_event = threading.Event()
+        self._notifier = notifier or Notifier()
+        self._failed: list[str] = []
+        self.frames: Handoff[Frame] = Handoff(FRAME_QUEUE_MAX)
+        self.records: Handoff[PriceFeed] = Handoff(RECORD_QUEUE_MAX)
+        self.connection = Connection(self.adapter, config.ws_url, config.symbols, self.frames,
+                                     self.metrics, self.stop_event)
+        self._ws_finished = threading.Event()
+        self._parser_finished = threading.Event()
+        self.parser = Parser(self.adapter, self.frames, self.records, self.connection,
+                             self.metrics, self._ws_finished)
+        self.spool: Spool | None = None
+        self.sender: Sender | None = None
+        self.metrics_server: MetricsServer | None = None
+
+    # ---- health ------------------------------------------------------------------------------
+    def health(self) -> Health:
+        now_m = time.monotonic()
+        connected = self.connection.connected_since is not None
+        silent_s = now_m - self.connection.last_frame_monotonic if connected else None
+        fresh = silent_s is not None and silent_s < self.adapter.liveness_timeout_s
+        stale = sorted(self.parser.freshness.stale)
+        last_msg = self.parser.last_message_unix
+        last_flush = self.sender.last_success_unix if self.sender else None
+        now = time.time()
+        spool_stats = self.spool.stats() if self.spool else None
+        body: dict[str, object] = {
+            "status": "ok" if (connected and fresh and not stale) else
+                      ("degraded" if connected and fresh else "down"),
+            "exchange": self.config.exchange,
+            "worker_id": self.config.worker_id,
+            "connected": connected,
+            "last_message_age_s": round(now - last_msg, 3) if last_msg else None,
+            "records_per_s": round(self.parser.records_per_s(), 2),
+            "queue_records": len(self.records),
+            "spool_records": spool_stats.records if spool_stats else None,
+            "last_flush_age_s": round(now - last_flush, 3) if last_flush else None,
+            "symbols": self.connection.symbols,
+            "stale_symbols": stale,
+        }
+        return Health(connected and fresh, body)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        if not self.stop_event.is_set():
+            log.info("stop_requested", extra={"reason": reason})
+        self.stop_event.set()
+        self.connection.abort()
+
+    def run(self, install_signals: bool = True) -> int:
+        """Run until stopped. Returns the exit code. Raises ConfigError for start-up problems
+        the operator must fix (unusable spool directory, metrics port taken)."""
+        cfg = self.config
+        try:
+            self.spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes,
+                               fsync_interval_s=cfg.spool_fsync_interval_s)
+        except SpoolError as exc:
+            raise ConfigError("SPOOL_DIR", str(exc), "a writable directory") from None
+        self.metrics.spool_max_bytes.set(cfg.spool_max_bytes)
+        try:
+            if cfg.metrics_port:
+                self.metrics_server = MetricsServer(self.registry, self.health,
+                                                    cfg.metrics_host, cfg.metrics_port)
+        except OSError as exc:
+            self.spool.close()
+            raise ConfigError("METRICS_PORT", f"cannot listen on {cfg.metrics_host}:"
+                              f"{cfg.metrics_port} ({exc.strerror or exc})",
+                              "a free port, or 0 to turn metrics off") from None
+        if install_signals:
+            self._install_signals()
+
+        poster = Poster(cfg.ingest_url, cfg.api_key, connect_timeout_s=cfg.http_connect_timeout_s,
+                        read_timeout_s=cfg.http_read_timeout_s)
+        wake = threading.Event()
+        writer = SpoolWriter(self.records, self.spool, self.metrics, self._parser_finished, wake)
+        self.sender = Sender(self.spool, poster, self.metrics, batch_size=cfg.batch_size,
+                             batch_interval_s=cfg.batch_interval_s, stop=self.stop_event,
+                             writer_finished=writer.finished, wake=wake,
+                             drain_timeout_s=DRAIN_TIMEOUT_S)
+        threads = [
+            self._thread(f"ws-{cfg.exchange}", self.connection.run, self._ws_finished),
+            self._thread(f"parse-{cfg.exchange}", self.parser.run, self._parser_finished),
+            self._thread("spool-writer", writer.run, None),
+            self._thread("delivery", self.sender.run, None),
+        ]
+        if self.metrics_server:
+            self.metrics_server.start()
+        for t in threads:
+            t.start()
+        log.info("collector_started", extra={
+            "symbols": list(cfg.symbols), "ws_url": cfg.ws_url, "ingest_url": cfg.ingest_url,
+            "metrics": f"{cfg.metrics_host}:{self.metrics_server.port}"
+            if self.metrics_server else None, "spool_dir": str(cfg.spool_dir),
+            "batch_size": cfg.batch_size, "batch_interval_s": cfg.batch_interval_s})
+        self._notifier.notify("READY=1")
+        self._wait(threads)
+
+        # Ordered shutdown: each stage finishes once the one before it has.
+        self.stop_event.set()
+        self.connection.abort()
+        for t in threads:
+            t.join(timeout=DRAIN_TIMEOUT_S + cfg.http_read_timeout_s + 5)
+        alive = [t.name for t in threads if t.is_alive()]
+        if self.metrics_server:
+            self.metrics_server.stop()
+        poster.close()
+        if not alive:
+            self.spool.close()
+        stats_left = len(self.records)
+        log.info("collector_stopped", extra={"threads_still_running": alive or None,
+                                             "unspooled_records": stats_left or None})
+        return 1 if self._failed or alive else 0
+
+    def _wait(self, threads: list[threading.Thread]) -> None:
+        interval = self._notifier.watchdog_interval_s
+        last_ping = 0.0
+        while not self.stop_event.wait(0.25):
+            if self._failed:
+                return
+            if interval and time.monotonic() - last_ping >= interval and all(
+                    t.is_alive() for t in threads):
+                self._notifier.notify("WATCHDOG=1")
+                last_ping = time.monotonic()
+        self._notifier.notify("STOPPING=1")
+
+    def _thread(self, name: str, target: Callable[[], None],
+                finished: threading.Event | None) -> threading.Thread:
+        def guarded() -> None:
+            try:
+                target()
+            except Exception:  # the top of a thread: a bug must not pass silently
+                log.exception("thread_crashed", extra={"thread": name})
+                self.metrics.thread_error(name)
+                self._failed.append(name)
+                self.request_stop(f"thread {name} crashed")
+            finally:
+                if finished is not None:
+                    finished.set()
+
+        return threading.Thread(target=guarded, name=name, daemon=True)
+
+    def _install_signals(self) -> None:
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            self.request_stop(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)

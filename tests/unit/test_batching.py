@@ -1,0 +1,51 @@
+"""The bounded hand-off queue: order, bound, batch reads, across real threads."""
+
+from __future__ import annotations
+
+import threading
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from collectors.batching import Handoff
+
+
+def test_bound_refuses_and_counts() -> None:
+    q: Handoff[int] = Handoff(3)
+    assert [q.put(i) for i in range(5)] == [True, True, True, False, False]
+    assert q.put_many([7, 8]) == 2
+    assert q.get_all(0) == [0, 1, 2]
+    assert q.put_many([7, 8, 9, 10]) == 1
+    assert q.get_all(0, max_items=2) == [7, 8]
+    assert q.get_all(0) == [9]
+
+
+@given(st.lists(st.lists(st.integers(), max_size=20), max_size=30))
+def test_order_is_kept_across_threads(chunks: list[list[int]]) -> None:
+    q: Handoff[int] = Handoff(10_000)
+    flat = [x for c in chunks for x in c]
+    got: list[int] = []
+    done = threading.Event()
+
+    def consume() -> None:
+        while not (done.is_set() and not len(q)):
+            got.extend(q.get_all(0.01))
+
+    t = threading.Thread(target=consume)
+    t.start()
+    for c in chunks:
+        q.put_many(c)
+    done.set()
+    q.close()
+    t.join(5)
+    assert got == flat
+
+
+def test_close_wakes_a_waiting_consumer() -> None:
+    q: Handoff[int] = Handoff(1)
+    result: list[list[int]] = []
+    t = threading.Thread(target=lambda: result.append(q.get_all(30)))
+    t.start()
+    q.close()
+    t.join(5)
+    assert result == [[]]

@@ -1,0 +1,100 @@
+"""Configuration: every variable validated, one clear error each, the key never shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from collectors.config import CollectorConfig
+from collectors.errors import ConfigError
+
+BASE = {"API_BASE_URL": "http://127.0.0.1:3000", "API_KEY": "s3cret-key"}
+
+
+def load(**over: str) -> CollectorConfig:
+    return CollectorConfig.from_env("coinbase", {**BASE, **over})
+
+
+def test_defaults_follow_the_contract(tmp_path: Path) -> None:
+    cfg = CollectorConfig.from_env("coinbase", {**BASE, "CHRONO_STATE_DIR": str(tmp_path)})
+    assert cfg.worker_id == "worker-coinbase"
+    assert cfg.symbols == ("BTC/USD", "ETH/USD", "SOL/USD", "XRP/USD", "DOGE/USD")
+    assert (cfg.batch_size, cfg.batch_interval_s) == (100, 5.0)
+    assert cfg.ws_url == "wss://ws-feed.exchange.coinbase.com"
+    assert (cfg.metrics_host, cfg.metrics_port) == ("127.0.0.1", 9101)
+    assert cfg.spool_dir == tmp_path / "spool" / "coinbase"
+    assert cfg.ingest_url == "http://127.0.0.1:3000/internal/ingest"
+    assert cfg.log_level == "info"
+
+
+def test_key_is_not_in_repr() -> None:
+    cfg = load()
+    assert "s3cret-key" not in repr(cfg)
+    assert cfg.api_key == "s3cret-key"
+
+
+def test_key_from_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    env = {"API_BASE_URL": "http://127.0.0.1:3000", "API_KEY_FILE": str(key_file)}
+    assert CollectorConfig.from_env("coinbase", env).api_key == "from-file"
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "fragment"),
+    [
+        ({"API_BASE_URL": ""}, "API_BASE_URL", "is required"),
+        ({"API_BASE_URL": "ftp://x"}, "API_BASE_URL", "not an http(s) URL"),
+        ({"API_BASE_URL": "http://u:p@host"}, "API_BASE_URL", "credentials"),
+        ({"API_BASE_URL": "http://host:99999"}, "API_BASE_URL", "invalid port"),
+        ({"API_KEY": ""}, "API_KEY", "is required"),
+        ({"API_KEY": "has space"}, "API_KEY", "whitespace"),
+        ({"API_KEY_FILE": "/nonexistent/key"}, "API_KEY", "both"),
+        ({"BATCH_SIZE": "0"}, "BATCH_SIZE", "out of range"),
+        ({"BATCH_SIZE": "ten"}, "BATCH_SIZE", "not a whole number"),
+        ({"BATCH_INTERVAL_MS": "-5"}, "BATCH_INTERVAL_MS", "out of range"),
+        ({"LOG_LEVEL": "loud"}, "LOG_LEVEL", "not a level"),
+        ({"WS_URL": "http://x"}, "WS_URL", "not a ws:// or wss:// URL"),
+        ({"METRICS_PORT": "70000"}, "METRICS_PORT", "out of range"),
+        ({"METRICS_HOST": "bad host"}, "METRICS_HOST", "not a host"),
+        ({"SYMBOLS": "BTCUSD"}, "SYMBOLS", "not a BASE/QUOTE symbol"),
+        ({"SYMBOLS": " , "}, "SYMBOLS", "lists no symbol"),
+        ({"WORKER_ID": "a b"}, "WORKER_ID", "not allowed"),
+        ({"HTTP_READ_TIMEOUT_S": "nan"}, "HTTP_READ_TIMEOUT_S", "out of range"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], variable: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(**env)
+    assert info.value.variable == variable
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+    assert "s3cret-key" not in str(info.value)
+
+
+def test_missing_key_file_is_named(tmp_path: Path) -> None:
+    env = {"API_BASE_URL": "http://127.0.0.1:3000", "API_KEY_FILE": str(tmp_path / "nope")}
+    with pytest.raises(ConfigError, match="API_KEY_FILE: .* does not exist"):
+        CollectorConfig.from_env("coinbase", env)
+
+
+def test_unknown_exchange_lists_known_ones() -> None:
+    with pytest.raises(ConfigError, match="known: .*coinbase"):
+        CollectorConfig.from_env("mtgox", BASE)
+
+
+def test_symbols_are_normalized_and_deduplicated() -> None:
+    assert load(SYMBOLS="btc/usd, ETH/USD,BTC/USD").symbols == ("BTC/USD", "ETH/USD")
+
+
+def test_log_level_accepts_any_case_and_warn() -> None:
+    assert load(LOG_LEVEL="WARN").log_level == "warn"
+    assert load(LOG_LEVEL="Debug").log_level == "debug"
+
+
+def test_spool_dir_must_be_a_directory(tmp_path: Path) -> None:
+    file = tmp_path / "f"
+    file.write_text("")
+    with pytest.raises(ConfigError, match="SPOOL_DIR: .* not a directory"):
+        load(SPOOL_DIR=str(file))

@@ -1,0 +1,129 @@
+"""Golden and edge tests for the Coinbase adapter, on real message shapes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from collectors.errors import ParseError
+from collectors.exchanges.base import Kind
+from collectors.exchanges.coinbase import CoinbaseAdapter, from_product, to_product
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "coinbase" / "cases.jsonl"
+CASES = [json.loads(line) for line in FIXTURES.read_text().splitlines() if line.strip()]
+RECEIVED_NS = 1_700_000_000_123_456_000
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"line{i + 1}" for i in range(len(CASES))])
+def test_golden(case: dict[str, object]) -> None:
+    adapter = CoinbaseAdapter("worker-coinbase")
+    frame = json.dumps(case["frame"])
+    parsed = adapter.parse(frame, int(case["received_ns"]))  # type: ignore[call-overload]
+    expect = case["expect"]
+    assert isinstance(expect, dict)
+    assert parsed.kind == expect["kind"]
+    assert [r.to_json_dict() for r in parsed.records] == expect["records"]
+    if "rejected" in expect:
+        assert list(parsed.rejected) == expect["rejected"]
+    if "error" in expect:
+        assert parsed.error == expect["error"]
+    if "subscribed" in expect:
+        assert list(parsed.subscribed) == expect["subscribed"]
+
+
+def _ticker(seq: int, **over: object) -> str:
+    base = next(c["frame"] for c in CASES if c["frame"].get("product_id") == "BTC-USD")
+    return json.dumps({**base, "sequence": seq, **over})
+
+
+def test_record_carries_both_clocks() -> None:
+    rec = CoinbaseAdapter("w").parse(_ticker(5), RECEIVED_NS).records[0]
+    assert rec.received_ns == RECEIVED_NS
+    assert rec.exchange_ns == 1_669_852_800_122_581_000  # 2022-12-01T00:00:00.122581Z
+
+
+def test_duplicate_and_late_sequences_are_dropped() -> None:
+    adapter = CoinbaseAdapter("w")
+    assert len(adapter.parse(_ticker(10), RECEIVED_NS).records) == 1
+    dup = adapter.parse(_ticker(10), RECEIVED_NS)
+    late = adapter.parse(_ticker(9), RECEIVED_NS)
+    assert (dup.records, dup.duplicates) == ((), 1)
+    assert (late.records, late.duplicates) == ((), 1)
+    assert len(adapter.parse(_ticker(12), RECEIVED_NS).records) == 1  # gaps are normal
+
+
+def test_sequences_are_per_product() -> None:
+    adapter = CoinbaseAdapter("w")
+    adapter.parse(_ticker(100), RECEIVED_NS)
+    other = adapter.parse(_ticker(5, product_id="ETH-USD"), RECEIVED_NS)
+    assert [r.symbol for r in other.records] == ["ETH/USD"]
+
+
+def test_invalid_ticker_does_not_advance_sequence() -> None:
+    adapter = CoinbaseAdapter("w")
+    with pytest.raises(ParseError):
+        adapter.parse(_ticker(20, price="abc"), RECEIVED_NS)
+    assert len(adapter.parse(_ticker(20), RECEIVED_NS).records) == 1
+
+
+@pytest.mark.parametrize(
+    ("over", "reason"),
+    [
+        ({"price": "abc"}, "not a number"),
+        ({"price": "-1"}, "must be > 0"),
+        ({"price": "0"}, "must be > 0"),
+        ({"price": "NaN"}, "not finite"),
+        ({"price": "1e400"}, "not finite"),
+        ({"price": True}, "boolean"),
+        ({"price": None}, "missing field 'price'"),
+        ({"product_id": "btcusd"}, "not a Coinbase product id"),
+        ({"product_id": 7}, "non-empty string"),
+        ({"volume_24h": "-3"}, "must be >= 0"),
+    ],
+)
+def test_bad_tickers_raise_parse_error_naming_the_problem(over: dict[str, object],
+                                                          reason: str) -> None:
+    with pytest.raises(ParseError, match=reason):
+        CoinbaseAdapter("w").parse(_ticker(1, **over), RECEIVED_NS)
+
+
+@pytest.mark.parametrize("frame", ["{", "[]", "null", '"x"', '{"type": 5}', b"\xff\xfe",
+                                   '{"type":"ticker","price":NaN}'])
+def test_malformed_frames_raise_parse_error(frame: str | bytes) -> None:
+    with pytest.raises(ParseError):
+        CoinbaseAdapter("w").parse(frame, RECEIVED_NS)
+
+
+@pytest.mark.parametrize("bad_time", [None, "", "yesterday", "0001-01-01T00:00:00.000000Z",
+                                      "1970-01-01T00:00:00Z", "2999-01-01T00:00:00Z",
+                                      "2022-12-01T00:00:00.122581+05:00"])
+def test_unusable_time_falls_back_to_receive_time(bad_time: object) -> None:
+    rec = CoinbaseAdapter("w").parse(_ticker(1, time=bad_time), RECEIVED_NS).records[0]
+    assert rec.timestamp == "2023-11-14T22:13:20.123456Z"
+    assert rec.metadata["timestamp_source"] == "local"
+    assert rec.exchange_ns == 0
+
+
+def test_nanosecond_time_keeps_full_precision() -> None:
+    rec = CoinbaseAdapter("w").parse(_ticker(1, time="2022-12-01T00:00:00.122581123Z"),
+                                     RECEIVED_NS).records[0]
+    assert rec.timestamp == "2022-12-01T00:00:00.122581123Z"
+    assert rec.exchange_ns == 1_669_852_800_122_581_123
+
+
+def test_subscribe_message_matches_the_documented_request() -> None:
+    [msg] = CoinbaseAdapter("w").subscribe_messages(["BTC/USD", "ETH/USDT"])
+    assert json.loads(msg) == {"type": "subscribe", "product_ids": ["BTC-USD", "ETH-USDT"],
+                               "channels": ["ticker", "heartbeat"]}
+    assert CoinbaseAdapter("w").subscribe_messages([]) == []
+
+
+def test_symbol_mapping_round_trips() -> None:
+    for symbol in ("BTC/USD", "BTC/USDC", "BTC/USDS", "SHIB/USD", "1INCH/USD"):
+        assert from_product(to_product(symbol)) == symbol
+
+
+def test_unknown_type_is_other() -> None:
+    assert CoinbaseAdapter("w").parse('{"type":"status"}', RECEIVED_NS).kind is Kind.OTHER
