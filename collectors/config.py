@@ -43,6 +43,7 @@ class CollectorConfig:
     spool_fsync_interval_s: float
     http_connect_timeout_s: float
     http_read_timeout_s: float
+    liveness_timeout_s: float
 
     @property
     def ingest_url(self) -> str:
@@ -76,6 +77,8 @@ class CollectorConfig:
             spool_fsync_interval_s=_int(env, "SPOOL_FSYNC_INTERVAL_MS", 1000, 0, 60_000) / 1000.0,
             http_connect_timeout_s=_float(env, "HTTP_CONNECT_TIMEOUT_S", 3.0, 0.1, 60.0),
             http_read_timeout_s=_float(env, "HTTP_READ_TIMEOUT_S", 10.0, 0.1, 300.0),
+            liveness_timeout_s=_float(env, "WS_LIVENESS_TIMEOUT_S", adapter.liveness_timeout_s,
+                                      1.0, 600.0),
         )
 
 

@@ -108,7 +108,7 @@ class Connection:
     def __init__(self, adapter: Adapter, base_url: str, symbols: Sequence[str],
                  frames: Handoff[Frame], metrics: Metrics, stop: threading.Event, *,
                  backoff: Backoff | None = None, recv_timeout_s: float = 0.5,
-                 connect_timeout_s: float = 10.0,
+                 connect_timeout_s: float = 10.0, liveness_timeout_s: float | None = None,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.adapter = adapter
         self.base_url = base_url
@@ -121,6 +121,7 @@ class Connection:
         # connection; a blocking recv() with none never returns on SIGTERM (PEP 475 retries it).
         self._recv_timeout_s = recv_timeout_s
         self._connect_timeout_s = connect_timeout_s
+        self.liveness_timeout_s = liveness_timeout_s or adapter.liveness_timeout_s
         self._max_frame_bytes = max_frame_bytes
         self._lock = threading.Lock()  # guards the request fields below (set by other threads)
         self._resubscribe: list[str] | None = None
@@ -140,11 +141,13 @@ class Connection:
         with self._lock:
             self._resubscribe = list(symbols)
 
-    def replace_symbols(self, symbols: Sequence[str]) -> None:
-        """Subscribe to `symbols` from now on (after the venue rejected some)."""
+    def replace_symbols(self, symbols: Sequence[str], *, resubscribe: bool) -> None:
+        """Use `symbols` from now on (after the venue rejected some); send a new subscribe
+        request on this connection when the venue voided the previous one."""
         with self._lock:
             self._symbols = list(symbols)
-            self._resubscribe = list(symbols)
+            if resubscribe:
+                self._resubscribe = list(symbols)
 
     def request_reconnect(self, reason: str) -> None:
         with self._lock:
@@ -208,12 +211,9 @@ class Connection:
             ws = self._open(url)
         except websocket.WebSocketBadStatusException as exc:
             status = getattr(exc, "status_code", None)
-            hint = ""
-            if status == 451 and self.adapter.name == "binance":
-                hint = ("binance.com refuses this region (HTTP 451, e.g. US addresses); "
-                        "use the `binanceus` exchange instead")
+            hint = self.adapter.http_error_hint(status) if isinstance(status, int) else None
             log.error("ws_handshake_rejected", extra={"url": _safe_url(url), "status": status,
-                                                      "hint": hint or None})
+                                                      "hint": hint})
             return "handshake_rejected"
         except (OSError, websocket.WebSocketException) as exc:
             log.warning("ws_connect_failed", extra={"url": _safe_url(url),
@@ -250,7 +250,7 @@ class Connection:
     def _receive(self, ws: websocket.WebSocket) -> str:
         frames = self._frames
         ping_every = self.adapter.app_ping_interval_s
-        liveness = self.adapter.liveness_timeout_s
+        liveness = self.liveness_timeout_s
         last_ping_sent = time.monotonic()
         while True:
             if self._stop.is_set():
@@ -287,7 +287,7 @@ class Connection:
                 log.warning("frame_too_large", extra={"error": str(exc)})
                 continue
             self.last_frame_monotonic = time.monotonic()
-            if opcode == ABNF.OPCODE_TEXT or opcode == ABNF.OPCODE_BINARY:
+            if opcode in (ABNF.OPCODE_TEXT, ABNF.OPCODE_BINARY):
                 if not frames.put((frame.data, time.time_ns())):
                     self._metrics.frames_dropped.inc()
                     if self.last_frame_monotonic - self._frames_dropped_logged > 10:

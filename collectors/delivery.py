@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
 
 import requests
 from requests.adapters import HTTPAdapter

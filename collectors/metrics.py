@@ -169,7 +169,7 @@ class Health:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib name)
+    def log_message(self, format: str, *args: object) -> None:
         """Scrapes every few seconds would flood the log; errors surface as metrics."""
 
 

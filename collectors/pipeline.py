@@ -145,6 +145,9 @@ class Parser:
                         metrics.set_stale(rec.symbol, False)
                 out.extend(parsed.records)
             duplicates += parsed.duplicates
+            if parsed.invalid:  # items skipped inside an otherwise good message
+                parse_errors += len(parsed.invalid)
+                self._log_parse_error(ParseError(parsed.invalid[0]), payload)
             if parsed.kind is Kind.ERROR or parsed.rejected:
                 self._venue_error(parsed.error, parsed.rejected)
             elif parsed.kind is Kind.STATUS and parsed.error:
@@ -187,7 +190,8 @@ class Parser:
         log.error("symbol_rejected", extra={
             "symbols": bad, "error": error, "remaining": remaining,
             "hint": "the venue does not list these markets; fix SYMBOLS"})
-        self._conn.replace_symbols(remaining)
+        self._conn.replace_symbols(remaining,
+                                   resubscribe=self._adapter.resubscribe_after_reject)
 
     def _periodic(self, now: float) -> None:
         self._rate_window.append((now, self.records_total))

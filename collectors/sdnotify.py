@@ -5,6 +5,7 @@ Standard library only; a no-op when not started by systemd.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Mapping
@@ -29,7 +30,6 @@ class Notifier:
         if self._address is None:
             return
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            try:
+            # systemd gone (e.g. shutting down): nothing useful to do
+            with contextlib.suppress(OSError):
                 sock.sendto(state.encode(), self._address)
-            except OSError:
-                pass  # systemd gone (e.g. shutting down): nothing useful to do

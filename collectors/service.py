@@ -54,7 +54,8 @@ class CollectorService:
         self.frames: Handoff[Frame] = Handoff(FRAME_QUEUE_MAX)
         self.records: Handoff[PriceFeed] = Handoff(RECORD_QUEUE_MAX)
         self.connection = Connection(self.adapter, config.ws_url, config.symbols, self.frames,
-                                     self.metrics, self.stop_event)
+                                     self.metrics, self.stop_event,
+                                     liveness_timeout_s=config.liveness_timeout_s)
         self._ws_finished = threading.Event()
         self._parser_finished = threading.Event()
         self.parser = Parser(self.adapter, self.frames, self.records, self.connection,
@@ -68,7 +69,7 @@ class CollectorService:
         now_m = time.monotonic()
         connected = self.connection.connected_since is not None
         silent_s = now_m - self.connection.last_frame_monotonic if connected else None
-        fresh = silent_s is not None and silent_s < self.adapter.liveness_timeout_s
+        fresh = silent_s is not None and silent_s < self.connection.liveness_timeout_s
         stale = sorted(self.parser.freshness.stale)
         last_msg = self.parser.last_message_unix
         last_flush = self.sender.last_success_unix if self.sender else None

@@ -66,6 +66,9 @@ class Adapter(Protocol):
     app_ping_interval_s: float | None
     #: A symbol with no data for this long is stale (reported, not reconnected).
     symbol_stale_after_s: float
+    #: True when a rejected symbol voids the whole subscribe request (Coinbase), so the others
+    #: must be subscribed again; False when the venue rejects symbols one by one (Kraken).
+    resubscribe_after_reject: bool
 
     def check_symbols(self, symbols: Sequence[str]) -> None:
         """Raise ConfigError for a symbol this venue is known not to list."""
@@ -78,6 +81,9 @@ class Adapter(Protocol):
 
     def ping_message(self) -> str | None:
         """An application-level ping frame, if the venue has one."""
+
+    def http_error_hint(self, status: int) -> str | None:
+        """What to tell the operator when the handshake is refused with this HTTP status."""
 
     def parse(self, frame: str | bytes, received_ns: int) -> Parsed:
         """Translate one frame. Raises ParseError, and only ParseError, for bad input."""

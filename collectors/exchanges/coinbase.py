@@ -58,6 +58,8 @@ class CoinbaseAdapter:
     # Heartbeats arrive once a second per product: 10 s of total silence is a dead connection.
     liveness_timeout_s = 10.0
     app_ping_interval_s: float | None = None
+    # "Failed to subscribe ... is not a valid product" voids the whole request.
+    resubscribe_after_reject = True
     # Tickers follow trades; a liquid market is never quiet for 2 minutes, a thin one may be.
     symbol_stale_after_s = 120.0
 
@@ -79,6 +81,9 @@ class CoinbaseAdapter:
                             "channels": ["ticker", "heartbeat"]})]
 
     def ping_message(self) -> str | None:
+        return None
+
+    def http_error_hint(self, status: int) -> str | None:
         return None
 
     def parse(self, frame: str | bytes, received_ns: int) -> Parsed:

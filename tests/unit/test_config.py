@@ -75,12 +75,12 @@ def test_bad_values_name_the_variable(env: dict[str, str], variable: str, fragme
 
 def test_missing_key_file_is_named(tmp_path: Path) -> None:
     env = {"API_BASE_URL": "http://127.0.0.1:3000", "API_KEY_FILE": str(tmp_path / "nope")}
-    with pytest.raises(ConfigError, match="API_KEY_FILE: .* does not exist"):
+    with pytest.raises(ConfigError, match=r"API_KEY_FILE: .* does not exist"):
         CollectorConfig.from_env("coinbase", env)
 
 
 def test_unknown_exchange_lists_known_ones() -> None:
-    with pytest.raises(ConfigError, match="known: .*coinbase"):
+    with pytest.raises(ConfigError, match=r"known: .*coinbase"):
         CollectorConfig.from_env("mtgox", BASE)
 
 
@@ -96,5 +96,5 @@ def test_log_level_accepts_any_case_and_warn() -> None:
 def test_spool_dir_must_be_a_directory(tmp_path: Path) -> None:
     file = tmp_path / "f"
     file.write_text("")
-    with pytest.raises(ConfigError, match="SPOOL_DIR: .* not a directory"):
+    with pytest.raises(ConfigError, match=r"SPOOL_DIR: .* not a directory"):
         load(SPOOL_DIR=str(file))

@@ -1,0 +1,182 @@
+"""`chrono-collector status`: one table of every collector, for people, cron and health checks.
+
+Reads supervisord over its unix control socket (XML-RPC, as supervisorctl does) and each
+collector's `/healthz`. Exit 0 when every collector is running, connected and fresh; 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import json
+import time
+import urllib.error
+import urllib.request
+import xmlrpc.client
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from collectors import exchanges
+
+GROUP = "collectors"
+
+
+@dataclass(slots=True)
+class Row:
+    exchange: str
+    process: str
+    pid: int | None
+    connected: bool | None
+    health: str
+    last_message_age_s: float | None
+    records_per_s: float | None
+    queue_records: int | None
+    spool_records: int | None
+    last_flush_age_s: float | None
+    stale_symbols: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.process in ("RUNNING", "-") and self.health == "ok"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", default="supervisord.conf",
+                        help="supervisord config whose control socket to read "
+                             "(default: supervisord.conf; use --no-supervisor without one)")
+    parser.add_argument("--no-supervisor", action="store_true",
+                        help="do not ask supervisord (collectors run under systemd)")
+    parser.add_argument("--endpoint", action="append", default=[], metavar="EXCHANGE=URL",
+                        help="health URL base of a collector, e.g. coinbase=http://127.0.0.1:9101"
+                             " (default: each venue's default metrics port on 127.0.0.1)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait up to SECONDS for everything to be up before answering")
+    parser.add_argument("--timeout", type=float, default=2.0, help="per-request timeout (s)")
+
+
+def main(args: argparse.Namespace) -> int:
+    endpoints = {name: f"http://127.0.0.1:{port}"
+                 for name, port in exchanges.DEFAULT_METRICS_PORTS.items()
+                 if name in exchanges.REGISTRY}
+    for item in args.endpoint:
+        name, sep, url = item.partition("=")
+        if not sep or not url.startswith(("http://", "https://")):
+            print(f"chrono-collector: error: --endpoint {item!r}: expected EXCHANGE=http://host:port")
+            return 2
+        endpoints[name] = url.rstrip("/")
+    deadline = time.monotonic() + max(0.0, args.wait)
+    while True:
+        rows, problem = collect(args, endpoints)
+        if (all(r.ok for r in rows) and rows and not problem) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)  # polling other processes: there is no event to wait on
+    if args.json:
+        print(json.dumps({"ok": bool(rows) and all(r.ok for r in rows) and not problem,
+                          "problem": problem, "collectors": [asdict(r) for r in rows]}, indent=2))
+    else:
+        print(render(rows))
+        if problem:
+            print(problem)
+    return 0 if rows and all(r.ok for r in rows) and not problem else 1
+
+
+def collect(args: argparse.Namespace, endpoints: dict[str, str]) -> tuple[list[Row], str | None]:
+    processes: dict[str, tuple[str, int | None]] = {}
+    problem = None
+    if not args.no_supervisor:
+        try:
+            processes = supervisor_processes(Path(args.config), args.timeout)
+        except (OSError, xmlrpc.client.Error, ValueError, configparser.Error) as exc:
+            problem = f"supervisord: not reachable via {args.config} ({type(exc).__name__}: {exc})"
+    names = sorted(processes) if processes else sorted(endpoints)
+    rows = []
+    for name in names:
+        state, pid = processes.get(name, ("-", None))
+        url = endpoints.get(name)
+        body = fetch_health(url, args.timeout) if url and state in ("RUNNING", "-") else None
+        rows.append(_row(name, state, pid, body))
+    return rows, problem
+
+
+def _row(name: str, state: str, pid: int | None, body: dict[str, object] | None) -> Row:
+    def num(key: str) -> float | None:
+        value = (body or {}).get(key)
+        return float(value) if isinstance(value, int | float) else None
+
+    def count(key: str) -> int | None:
+        value = (body or {}).get(key)
+        return int(value) if isinstance(value, int) else None
+
+    stale = (body or {}).get("stale_symbols")
+    connected = (body or {}).get("connected")
+    return Row(
+        exchange=name, process=state, pid=pid,
+        connected=connected if isinstance(connected, bool) else None,
+        health=str((body or {}).get("status", "unreachable" if state in ("RUNNING", "-")
+                                   else "down")),
+        last_message_age_s=num("last_message_age_s"), records_per_s=num("records_per_s"),
+        queue_records=count("queue_records"), spool_records=count("spool_records"),
+        last_flush_age_s=num("last_flush_age_s"),
+        stale_symbols=[str(s) for s in stale] if isinstance(stale, list) else [],
+    )
+
+
+def supervisor_processes(config: Path, timeout: float) -> dict[str, tuple[str, int | None]]:
+    """{program: (state, pid)} for the `collectors` group, over the unix control socket."""
+    from supervisor.xmlrpc import SupervisorTransport
+
+    parser = configparser.RawConfigParser()
+    if not parser.read(config):
+        raise OSError(f"cannot read {config}")
+    serverurl = parser.get("supervisorctl", "serverurl",
+                           fallback="unix://%(here)s/var/run/supervisor.sock")
+    serverurl = serverurl.replace("%(here)s", str(config.resolve().parent))
+    transport = SupervisorTransport(None, None, serverurl)
+    transport.timeout = timeout  # type: ignore[attr-defined]
+    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+    infos = proxy.supervisor.getAllProcessInfo()
+    out: dict[str, tuple[str, int | None]] = {}
+    for info in infos:  # type: ignore[union-attr]
+        if info.get("group") == GROUP:
+            pid = info.get("pid") or None
+            out[str(info["name"])] = (str(info["statename"]), pid)
+    return out
+
+
+def fetch_health(base_url: str, timeout: float) -> dict[str, object] | None:
+    try:
+        with urllib.request.urlopen(base_url + "/healthz", timeout=timeout) as resp:  # noqa: S310
+            data = json.loads(resp.read(65536))
+    except urllib.error.HTTPError as exc:  # 503 still carries the JSON body
+        try:
+            data = json.loads(exc.read(65536))
+        except ValueError:
+            return None
+        finally:
+            exc.close()
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def render(rows: list[Row]) -> str:
+    def age(v: float | None) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.1f}s" if v < 120 else f"{v / 60:.0f}m"
+
+    header = ("EXCHANGE", "PROCESS", "CONNECTED", "HEALTH", "LAST MSG", "REC/S", "QUEUE",
+              "SPOOL", "LAST FLUSH", "STALE")
+    lines = [header]
+    for r in rows:
+        lines.append((r.exchange, r.process + (f" ({r.pid})" if r.pid else ""),
+                      {True: "yes", False: "no", None: "-"}[r.connected], r.health,
+                      age(r.last_message_age_s),
+                      "-" if r.records_per_s is None else f"{r.records_per_s:.1f}",
+                      "-" if r.queue_records is None else str(r.queue_records),
+                      "-" if r.spool_records is None else str(r.spool_records),
+                      age(r.last_flush_age_s), ",".join(r.stale_symbols) or "-"))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)

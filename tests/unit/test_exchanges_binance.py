@@ -1,0 +1,275 @@
+"""Golden and edge tests for the Binance adapter (`binance` and `binanceus`), on real shapes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from collectors.errors import ConfigError, ParseError
+from collectors.exchanges import create
+from collectors.exchanges.base import Kind
+from collectors.exchanges.binance import (
+    BINANCE_COM,
+    BINANCE_COM_MARKETS,
+    BINANCE_US_MARKETS,
+    BinanceAdapter,
+    BinanceVenue,
+    binance,
+    binance_us,
+)
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+
+
+def _load(venue: str) -> list[dict[str, object]]:
+    text = (FIXTURES / venue / "cases.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+CASES = [(venue, i, case) for venue in ("binance", "binanceus")
+         for i, case in enumerate(_load(venue))]
+BTCUSDT = next(json.loads(c["frame"]) for v, _, c in CASES
+               if v == "binance" and isinstance(c["frame"], str) and '"BTCUSDT"' in c["frame"]
+               and "24hrTicker" in c["frame"])
+E0 = 1703150652024  # BTCUSDT's event time in the real frame (ms)
+RECEIVED_NS = 1703150652031250000
+
+
+def _frame(case: dict[str, object]) -> str:
+    frame = case["frame"]
+    return frame if isinstance(frame, str) else json.dumps(frame)
+
+
+@pytest.mark.parametrize(("venue", "index", "case"), CASES,
+                         ids=[f"{v}-line{i + 1}" for v, i, _ in CASES])
+def test_golden(venue: str, index: int, case: dict[str, object]) -> None:
+    adapter = create(venue, f"worker-{venue}")
+    expect = case["expect"]
+    assert isinstance(expect, dict)
+    received_ns = case["received_ns"]
+    assert isinstance(received_ns, int)
+    if "raises" in expect:
+        with pytest.raises(ParseError, match=expect["match"]):
+            adapter.parse(_frame(case), received_ns)
+        return
+    parsed = adapter.parse(_frame(case), received_ns)
+    assert parsed.kind == expect["kind"]
+    assert [r.to_json_dict() for r in parsed.records] == expect["records"]
+    assert parsed.error == expect.get("error")
+    assert parsed.reconnect == expect.get("reconnect", False)
+    assert parsed.duplicates == 0
+    assert parsed.rejected == ()
+
+
+def _ticker(event_ms: int = E0, /, *, combined: bool = True, **over: object) -> str:
+    data = {**BTCUSDT, "E": event_ms, **over}
+    if not combined:
+        return json.dumps(data)
+    return json.dumps({"stream": f"{str(data['s']).lower()}@ticker", "data": data})
+
+
+# ---- attributes, URLs, symbols -----------------------------------------------------------------
+
+def test_venue_attributes() -> None:
+    com, us = binance("w"), binance_us("w")
+    assert (com.name, com.default_ws_url) == ("binance", "wss://stream.binance.com:9443")
+    assert (us.name, us.default_ws_url) == ("binanceus", "wss://stream.binance.us:9443")
+    assert com.default_symbols == ("BTC/USDT", "ETH/USDT", "SOL/USDT", "XRP/USDT", "DOGE/USDT")
+    assert us.default_symbols == ("BTC/USD", "ETH/USD", "SOL/USD", "XRP/USD", "DOGE/USD")
+    for adapter in (com, us):
+        adapter.check_symbols(adapter.default_symbols)
+        assert adapter.app_ping_interval_s is None
+        assert adapter.ping_message() is None
+        assert adapter.subscribe_messages(adapter.default_symbols) == []
+        assert adapter.max_streams_per_connection == 1024
+        assert 1.0 < adapter.liveness_timeout_s < adapter.symbol_stale_after_s
+
+
+def test_connect_url_puts_lowercase_streams_in_the_path() -> None:
+    url = binance("w").connect_url("wss://stream.binance.com:9443", ["BTC/USDT", "ETH/USDT"])
+    assert url == "wss://stream.binance.com:9443/stream?streams=btcusdt@ticker/ethusdt@ticker"
+    assert binance_us("w").connect_url("ws://127.0.0.1:9000/", ["BTC/USD", "BTC/USDT"]) == (
+        "ws://127.0.0.1:9000/stream?streams=btcusd@ticker/btcusdt@ticker")
+
+
+def test_connect_url_refuses_empty_oversized_and_unlisted_lists() -> None:
+    adapter = binance("w")
+    with pytest.raises(ConfigError, match="no symbols"):
+        adapter.connect_url("wss://x", [])
+    with pytest.raises(ConfigError, match="at most 1024"):
+        adapter.connect_url("wss://x", ["BTC/USDT"] * 1025)
+    with pytest.raises(ConfigError, match="BTC/USD"):
+        adapter.connect_url("wss://x", ["BTC/USD"])
+
+
+def test_usd_symbol_on_binance_com_says_there_is_no_usd_market() -> None:
+    with pytest.raises(ConfigError) as info:
+        binance("w").check_symbols(["ETH/USDT", "BTC/USD"])
+    err = info.value
+    assert err.variable == "SYMBOLS"
+    assert "binance.com has no USD market" in err.problem
+    assert "BTC/USDT" in err.allowed and "binanceus" in err.allowed
+
+
+def test_unlisted_symbol_is_named_with_the_supported_list() -> None:
+    with pytest.raises(ConfigError) as info:
+        binance("w").check_symbols(["FOO/USDT"])
+    assert "FOO/USDT is not a binance market" in info.value.problem
+    assert info.value.allowed.startswith("supported: ") and "BTC/USDT" in info.value.allowed
+    with pytest.raises(ConfigError, match="BTC is listed as BTC/USD, BTC/USDC, BTC/USDT"):
+        binance_us("w").check_symbols(["BTC/EUR"])
+    with pytest.raises(ConfigError, match="not a BASE/QUOTE symbol"):
+        binance("w").check_symbols(["btcusdt"])
+
+
+def test_binance_us_lists_usd_and_usdt_as_different_markets() -> None:
+    us = binance_us("w")
+    us.check_symbols(["BTC/USD", "BTC/USDT"])
+    assert (us.to_venue("BTC/USD"), us.to_venue("BTC/USDT")) == ("BTCUSD", "BTCUSDT")
+    assert (us.from_venue("BTCUSD"), us.from_venue("BTCUSDT")) == ("BTC/USD", "BTC/USDT")
+
+
+def test_tables_are_explicit_real_and_unambiguous() -> None:
+    assert len(BINANCE_COM_MARKETS) >= 30 and len(BINANCE_US_MARKETS) >= 30
+    assert not [m for m in BINANCE_COM_MARKETS if m[1] == "USD"]  # binance.com has no USD market
+    for markets, adapter in ((BINANCE_COM_MARKETS, binance("w")),
+                             (BINANCE_US_MARKETS, binance_us("w"))):
+        assert len(set(markets)) == len(markets)
+        for base, quote in markets:
+            symbol = f"{base}/{quote}"
+            assert adapter.from_venue(adapter.to_venue(symbol)) == symbol
+    # The reverse map is a lookup, not string surgery: BTCUSDC is the USDC market.
+    assert binance("w").from_venue("BTCUSDC") == "BTC/USDC"
+    with pytest.raises(ParseError, match="'BTCUSDS' is not in the symbol table"):
+        binance("w").from_venue("BTCUSDS")
+
+
+def test_an_ambiguous_table_is_refused() -> None:
+    venue = BinanceVenue("x", "wss://x", (("AB", "C"), ("A", "BC")), ())
+    with pytest.raises(ValueError, match="ambiguous"):
+        BinanceAdapter("w", venue)
+
+
+def test_http_451_hint_points_at_binanceus() -> None:
+    assert "binanceus" in (binance("w").http_error_hint(451) or "")
+    assert binance("w").http_error_hint(500) is None
+    assert binance_us("w").http_error_hint(451) is None
+
+
+# ---- ticker content -----------------------------------------------------------------------------
+
+def test_price_is_c_never_p_and_time_keeps_milliseconds() -> None:
+    rec = binance("w").parse(_ticker(), RECEIVED_NS).records[0]
+    assert rec.price == 43647.99 and BTCUSDT["p"] == "754.65000000"
+    assert rec.timestamp == "2023-12-21T09:24:12.024Z"
+    assert rec.exchange_ns == E0 * 1_000_000
+    assert rec.received_ns == RECEIVED_NS
+    assert rec.metadata["timestamp_source"] == "exchange"
+
+
+def test_raw_payload_and_combined_envelope_give_the_same_record() -> None:
+    raw = binance("w").parse(_ticker(combined=False), RECEIVED_NS).records
+    combined = binance("w").parse(_ticker(), RECEIVED_NS).records
+    assert raw == combined
+
+
+@pytest.mark.parametrize("bad_e", [None, 0, -1, 1.7e12, "1703150652024", True,
+                                   E0 + 3 * 86_400_000, 10**30])
+def test_unusable_event_time_falls_back_to_receive_time(bad_e: object) -> None:
+    rec = binance("w").parse(_ticker(E0, E=bad_e), RECEIVED_NS).records[0]
+    assert rec.timestamp == "2023-12-21T09:24:12.031250Z"
+    assert rec.metadata["timestamp_source"] == "local"
+    assert rec.exchange_ns == 0
+
+
+@pytest.mark.parametrize(
+    ("over", "reason"),
+    [
+        ({"c": "abc"}, "not a number"),
+        ({"c": "-1"}, "must be > 0"),
+        ({"c": "NaN"}, "not finite"),
+        ({"c": None}, "missing field 'c'"),
+        ({"c": 10**400}, "out of range"),
+        ({"v": "-3"}, "must be >= 0"),
+        ({"s": 7}, "non-empty string"),
+        ({"s": "btcusdt"}, "'btcusdt' is not in the symbol table"),
+    ],
+)
+def test_bad_tickers_raise_parse_error_naming_the_problem(over: dict[str, object],
+                                                          reason: str) -> None:
+    with pytest.raises(ParseError, match=reason):
+        binance("w").parse(_ticker(combined=False, **over), RECEIVED_NS)
+
+
+def test_bad_metadata_is_dropped_not_fatal() -> None:
+    rec = binance("w").parse(_ticker(b="x", P="-1.5", n="many", F=-1), RECEIVED_NS).records[0]
+    assert "bid" not in rec.metadata and "trade_count" not in rec.metadata
+    assert rec.metadata["change_pct"] == -1.5 and rec.metadata["first_trade_id"] == -1
+
+
+@pytest.mark.parametrize("frame", ["{", "[]", "null", '"x"', b"\xff\xfe", '{"stream": 5}',
+                                   '{"stream": "btcusdt@ticker", "data": []}',
+                                   '{"e":"24hrTicker","c":NaN}'])
+def test_malformed_frames_raise_parse_error(frame: str | bytes) -> None:
+    with pytest.raises(ParseError):
+        binance("w").parse(frame, RECEIVED_NS)
+
+
+def test_unknown_events_are_other() -> None:
+    adapter = binance("w")
+    assert adapter.parse('{"e": "1hTicker", "s": "BTCUSDT"}', RECEIVED_NS).kind is Kind.OTHER
+    assert adapter.parse("{}", RECEIVED_NS).kind is Kind.OTHER
+
+
+# ---- event-time dedup ---------------------------------------------------------------------------
+
+def test_stale_and_repeated_event_times_are_dropped() -> None:
+    adapter = binance("w")
+    assert len(adapter.parse(_ticker(E0), RECEIVED_NS).records) == 1
+    same = adapter.parse(_ticker(E0), RECEIVED_NS)
+    older = adapter.parse(_ticker(E0 - 1000), RECEIVED_NS)
+    assert (same.kind, same.records, same.duplicates) == (Kind.TICKER, (), 1)
+    assert (older.records, older.duplicates) == ((), 1)
+    assert len(adapter.parse(_ticker(E0 + 1000), RECEIVED_NS).records) == 1
+
+
+def test_event_times_are_per_symbol() -> None:
+    adapter = binance("w")
+    adapter.parse(_ticker(E0 + 5000), RECEIVED_NS)
+    eth = adapter.parse(_ticker(E0, s="ETHUSDT"), RECEIVED_NS)
+    assert [r.symbol for r in eth.records] == ["ETH/USDT"]
+
+
+def test_24h_handover_overlap_is_dropped() -> None:
+    """The old connection's last seconds and the new one's first overlap: each E passes once."""
+    adapter = binance("w")
+    old_conn = [E0 + i * 1000 for i in range(5)]
+    new_conn = [E0 + i * 1000 for i in range(3, 8)]  # starts before the old one stopped
+    interleaved = [old_conn[0], old_conn[1], old_conn[2], new_conn[0], old_conn[3], new_conn[1],
+                   old_conn[4], new_conn[2], new_conn[3], new_conn[4]]
+    kept: list[int] = []
+    for event_ms in interleaved:
+        parsed = adapter.parse(_ticker(event_ms), RECEIVED_NS + 10 * 1_000_000_000)
+        kept.extend(r.exchange_ns // 1_000_000 for r in parsed.records)
+    assert kept == [E0 + i * 1000 for i in range(8)]
+
+
+def test_invalid_ticker_does_not_advance_the_event_time() -> None:
+    adapter = binance("w")
+    with pytest.raises(ParseError):
+        adapter.parse(_ticker(E0, c="0"), RECEIVED_NS)
+    assert len(adapter.parse(_ticker(E0), RECEIVED_NS).records) == 1
+
+
+def test_local_time_updates_are_not_deduplicated() -> None:
+    adapter = binance("w")
+    adapter.parse(_ticker(E0), RECEIVED_NS)
+    assert len(adapter.parse(_ticker(E0, E=None), RECEIVED_NS).records) == 1
+    assert len(adapter.parse(_ticker(E0 + 1), RECEIVED_NS).records) == 1
+
+
+def test_registry_holds_both_venues() -> None:
+    assert create("binance", "w").name == BINANCE_COM.name
+    assert create("binanceus", "w").default_ws_url == "wss://stream.binance.us:9443"

@@ -1,0 +1,239 @@
+"""Golden and edge tests for the Kraken WebSocket v2 adapter, on real message shapes."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from collectors.errors import ConfigError, ParseError
+from collectors.exchanges import create
+from collectors.exchanges.base import Kind
+from collectors.exchanges.kraken import KrakenAdapter, from_pair
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "kraken" / "cases.jsonl"
+CASES = [json.loads(line) for line in FIXTURES.read_text().splitlines() if line.strip()]
+RECEIVED_NS = 1_715_772_043_100_000_000  # 2024-05-15T11:20:43.1Z
+
+
+def _frame(case: dict[str, object]) -> str:
+    frame = case["frame"]
+    return frame if isinstance(frame, str) else json.dumps(frame)
+
+
+def _case_with(text: str) -> dict[str, object]:
+    return next(c for c in CASES if isinstance(c["frame"], str) and text in c["frame"])
+
+
+SNAPSHOT_2024 = _frame(_case_with('"type":"snapshot","data":[{"symbol":"BTC/USD"'))
+ALGO_WITH_TIME = _frame(_case_with('"symbol":"ALGO/USD"'))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"line{i + 1}" for i in range(len(CASES))])
+def test_golden(case: dict[str, object]) -> None:
+    adapter = KrakenAdapter("worker-kraken")
+    expect = case["expect"]
+    assert isinstance(expect, dict)
+    received_ns = case["received_ns"]
+    assert isinstance(received_ns, int)
+    if "raises" in expect:
+        with pytest.raises(ParseError, match=expect["match"]):
+            adapter.parse(_frame(case), received_ns)
+        return
+    parsed = adapter.parse(_frame(case), received_ns)
+    assert parsed.kind == expect["kind"]
+    assert [r.to_json_dict() for r in parsed.records] == expect["records"]
+    assert parsed.error == expect.get("error")
+    assert list(parsed.rejected) == expect.get("rejected", [])
+    assert list(parsed.subscribed) == expect.get("subscribed", [])
+    matches = expect.get("invalid_match", [])
+    assert len(parsed.invalid) == len(matches)
+    assert all(m in reason for m, reason in zip(matches, parsed.invalid, strict=True))
+    assert parsed.duplicates == 0 and parsed.reconnect is False
+
+
+# ---- attributes and requests --------------------------------------------------------------------
+
+def test_attributes() -> None:
+    adapter = create("kraken", "w")
+    assert adapter.name == "kraken"
+    assert adapter.default_ws_url == "wss://ws.kraken.com/v2"
+    assert adapter.default_symbols == ("BTC/USD", "ETH/USD", "SOL/USD", "XRP/USD", "DOGE/USD")
+    adapter.check_symbols(adapter.default_symbols)
+    assert adapter.app_ping_interval_s == 5.0
+    assert adapter.app_ping_interval_s < adapter.liveness_timeout_s < adapter.symbol_stale_after_s
+    assert adapter.connect_url("wss://ws.kraken.com/v2", ["BTC/USD"]) == "wss://ws.kraken.com/v2"
+
+
+def test_subscribe_message_matches_the_documented_request() -> None:
+    # Kraken docs ticker request (shared/samples/kraken_v2.jsonl line 1) plus snapshot + req_id.
+    [msg] = KrakenAdapter("w").subscribe_messages(["BTC/USD", "ALGO/USD"])
+    assert json.loads(msg) == {"method": "subscribe",
+                               "params": {"channel": "ticker", "symbol": ["BTC/USD", "ALGO/USD"],
+                                          "snapshot": True},
+                               "req_id": 1}
+    assert KrakenAdapter("w").subscribe_messages([]) == []
+
+
+def test_request_ids_increase_across_subscribe_and_ping() -> None:
+    adapter = KrakenAdapter("w")
+    ids = [json.loads(adapter.subscribe_messages(["BTC/USD"])[0])["req_id"]]
+    for _ in range(3):
+        ping = json.loads(adapter.ping_message() or "")
+        assert ping["method"] == "ping"
+        ids.append(ping["req_id"])
+    ids.append(json.loads(adapter.subscribe_messages(["BTC/USD"])[0])["req_id"])
+    assert ids == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(("symbol", "fix"), [("XBT/USD", "BTC/USD"), ("XDG/USD", "DOGE/USD"),
+                                             ("ETH/XBT", "ETH/BTC"), ("XDG/XBT", "DOGE/BTC")])
+def test_legacy_asset_codes_are_refused_with_the_v2_spelling(symbol: str, fix: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        KrakenAdapter("w").check_symbols(["ETH/USD", symbol])
+    assert info.value.variable == "SYMBOLS"
+    assert symbol in info.value.problem and "v2 rejects" in info.value.problem
+    assert info.value.allowed == f"use {fix}"
+
+
+def test_non_canonical_symbols_are_refused() -> None:
+    for bad in ("btc/usd", "BTCUSD", "BTC-USD", "BTC/USD/X"):
+        with pytest.raises(ConfigError, match="not a BASE/QUOTE symbol"):
+            KrakenAdapter("w").check_symbols([bad])
+
+
+def test_pair_mapping() -> None:
+    assert from_pair("BTC/USD") == "BTC/USD"
+    assert from_pair("XBT/USD") == "BTC/USD"
+    assert from_pair("XDG/EUR") == "DOGE/EUR"
+    for bad in ("ANETx/USD", "BTCUSD", ""):
+        with pytest.raises(ParseError):
+            from_pair(bad)
+
+
+# ---- ticker content -----------------------------------------------------------------------------
+
+FIELDS = {"price": "last", "volume": "volume", "bid": "bid", "bid_size": "bid_qty", "ask": "ask",
+          "ask_size": "ask_qty", "vwap": "vwap", "high_24h": "high", "low_24h": "low",
+          "change": "change", "change_pct": "change_pct"}
+
+
+@pytest.mark.parametrize("frame", [SNAPSHOT_2024, ALGO_WITH_TIME])
+def test_numbers_print_back_as_the_decimal_kraken_sent(frame: str) -> None:
+    [item] = json.loads(frame, parse_float=Decimal)["data"]
+    rec = KrakenAdapter("w").parse(frame, RECEIVED_NS).records[0]
+    values = {"price": rec.price, "volume": rec.volume, **rec.metadata}
+    for ours, theirs in FIELDS.items():
+        assert Decimal(repr(values[ours])) == Decimal(str(item[theirs])), ours
+
+
+def test_exchange_timestamp_keeps_full_precision() -> None:
+    frame = ALGO_WITH_TIME.replace("09:04:31.742648Z", "09:04:31.742648123Z")
+    rec = KrakenAdapter("w").parse(frame, 1_695_632_671_800_000_000).records[0]
+    assert rec.timestamp == "2023-09-25T09:04:31.742648123Z"
+    assert rec.exchange_ns == 1_695_632_671_742_648_123
+    assert rec.metadata["timestamp_source"] == "exchange"
+
+
+def test_missing_timestamp_uses_receive_time() -> None:
+    rec = KrakenAdapter("w").parse(SNAPSHOT_2024, RECEIVED_NS).records[0]
+    assert rec.timestamp == rec.metadata["received_at"] == "2024-05-15T11:20:43.100000Z"
+    assert (rec.exchange_ns, rec.received_ns) == (0, RECEIVED_NS)
+
+
+def _message(*items: object) -> str:
+    return json.dumps({"channel": "ticker", "type": "update", "data": list(items)})
+
+
+def _item(**over: object) -> dict[str, object]:
+    item = json.loads(SNAPSHOT_2024)["data"][0]
+    assert isinstance(item, dict)
+    return {**item, **over}
+
+
+def test_invalid_items_are_skipped_and_reported_valid_ones_kept() -> None:
+    parsed = KrakenAdapter("w").parse(
+        _message(_item(last=0), _item(symbol="ETH/USD"), "junk", _item(symbol="XBT/EUR")),
+        RECEIVED_NS)
+    assert [r.symbol for r in parsed.records] == ["ETH/USD", "BTC/EUR"]
+    assert len(parsed.invalid) == 2
+    assert "BTC/USD: field 'last' must be > 0" in parsed.invalid[0]
+    assert "ticker item is a str" in parsed.invalid[1]
+
+
+def test_a_message_whose_items_are_all_invalid_is_a_parse_error() -> None:
+    with pytest.raises(ParseError, match="all 2 ticker items invalid"):
+        KrakenAdapter("w").parse(_message(_item(last=-1), _item(volume=-1)), RECEIVED_NS)
+    empty = KrakenAdapter("w").parse(_message(), RECEIVED_NS)
+    assert (empty.kind, empty.records, empty.invalid) == (Kind.TICKER, (), ())
+
+
+@pytest.mark.parametrize(
+    ("over", "reason"),
+    [
+        ({"last": "abc"}, "not a number"),
+        ({"last": None}, "missing field 'last'"),
+        ({"last": True}, "boolean"),
+        ({"last": 10**400}, "out of range"),
+        ({"volume": -3}, "must be >= 0"),
+        ({"symbol": 5}, "non-empty string"),
+        ({"symbol": "btc/usd"}, "not a canonical"),
+    ],
+)
+def test_bad_items_name_the_problem(over: dict[str, object], reason: str) -> None:
+    with pytest.raises(ParseError, match=reason):
+        KrakenAdapter("w").parse(_message(_item(**over)), RECEIVED_NS)
+
+
+def test_negative_changes_are_kept_and_bad_metadata_dropped() -> None:
+    rec = KrakenAdapter("w").parse(_message(_item(change=-12.5, change_pct=-0.3, bid="x")),
+                                   RECEIVED_NS).records[0]
+    assert (rec.metadata["change"], rec.metadata["change_pct"]) == (-12.5, -0.3)
+    assert "bid" not in rec.metadata
+
+
+def test_a_repeated_snapshot_is_not_deduplicated() -> None:
+    """Ticker has no sequence number: the snapshot replayed after a reconnect passes through."""
+    adapter = KrakenAdapter("w")
+    first = adapter.parse(SNAPSHOT_2024, RECEIVED_NS)
+    again = adapter.parse(SNAPSHOT_2024, RECEIVED_NS + 1)
+    assert (len(first.records), len(again.records), again.duplicates) == (1, 1, 0)
+
+
+# ---- control messages ---------------------------------------------------------------------------
+
+def test_subscribe_failure_without_a_symbol_is_still_an_error() -> None:
+    parsed = KrakenAdapter("w").parse('{"method":"subscribe","success":false}', RECEIVED_NS)
+    assert (parsed.kind, parsed.rejected) == (Kind.ERROR, ())
+    assert parsed.error == "subscribe rejected: no reason given"
+
+
+def test_a_repeated_subscription_is_not_a_rejection() -> None:
+    """Wording assumed (not in the stored docs): any 'already subscribed' failure counts as ok."""
+    parsed = KrakenAdapter("w").parse(
+        '{"error":"Already subscribed","method":"subscribe","success":false,"symbol":"BTC/USD"}',
+        RECEIVED_NS)
+    assert (parsed.kind, parsed.subscribed, parsed.rejected) == (Kind.SUBSCRIBED, ("BTC/USD",), ())
+
+
+def test_general_error_message_is_an_error() -> None:
+    parsed = KrakenAdapter("w").parse(
+        '{"error":"Malformed request","method":"error","status":"error"}', RECEIVED_NS)
+    assert (parsed.kind, parsed.error) == (Kind.ERROR, "Malformed request")
+
+
+def test_other_messages() -> None:
+    adapter = KrakenAdapter("w")
+    assert adapter.parse('{"channel":"book","data":[]}', RECEIVED_NS).kind is Kind.OTHER
+    assert adapter.parse('{"method":"unsubscribe","success":true}', RECEIVED_NS).kind is Kind.OTHER
+    assert adapter.parse('{"channel":"status","data":"?"}', RECEIVED_NS).kind is Kind.STATUS
+
+
+@pytest.mark.parametrize("frame", ["{", "[]", "null", "{}", b"\xff", '{"channel": 1}',
+                                   '{"channel":"ticker","data":{}}',
+                                   '{"channel":"ticker","data":[{"last":NaN}]}'])
+def test_malformed_frames_raise_parse_error(frame: str | bytes) -> None:
+    with pytest.raises(ParseError):
+        KrakenAdapter("w").parse(frame, RECEIVED_NS)
