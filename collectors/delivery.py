@@ -149,6 +149,7 @@ class Sender:
         self._backoff = backoff or Backoff(base_s=0.5, cap_s=60.0)
         self._tried: set[str] = set()
         self._gauges_at = 0.0
+        self._corrupt_seen = 0
         self.last_success_unix: float | None = None
 
     def run(self) -> None:
@@ -252,7 +253,10 @@ class Sender:
         self._gauges_at = now
         stats = self._spool.stats()
         self._metrics.spool_records.set(stats.records)
-        self._metrics.spool_bytes.set(stats.bytes)
+        self._metrics.spool_bytes.set(stats.payload_bytes)
+        if stats.corrupt_lost_total > self._corrupt_seen:
+            self._metrics.spool_corrupt_lost.inc(stats.corrupt_lost_total - self._corrupt_seen)
+            self._corrupt_seen = stats.corrupt_lost_total
         self._metrics.spool_oldest_ts.set((stats.oldest_record_ns or 0) / 1e9)
 
     def _log_left_behind(self) -> None:

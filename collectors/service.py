@@ -180,7 +180,7 @@ class CollectorService:
             try:
                 target()
             except Exception:  # the top of a thread: a bug must not pass silently
-                log.exception("thread_crashed", extra={"thread": name})
+                log.exception("thread_crashed", extra={"thread_name": name})
                 self.metrics.thread_error(name)
                 self._failed.append(name)
                 self.request_stop(f"thread {name} crashed")
