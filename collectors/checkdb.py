@@ -32,7 +32,7 @@ def main() -> int:
         import psycopg
 
         with psycopg.connect(url) as pg:
-            rows = pg.execute(CHECK_QUERY).fetchall()  # type: ignore[arg-type]
+            rows = pg.execute(CHECK_QUERY).fetchall()
     else:
         print("DATABASE_URL: expected sqlite:///path or postgresql://...", file=sys.stderr)
         return 2

@@ -89,7 +89,7 @@ def _run(exchange: str) -> int:
     from collectors.service import CollectorService
 
     # `*_created` series double the series count and no dashboard or alert here uses them.
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
 
     config = CollectorConfig.from_env(exchange)
     setup_logging(config.log_level, static={"exchange": config.exchange,

@@ -11,7 +11,8 @@ MetaValue = float | int | str | bool
 Metadata = dict[str, MetaValue]
 
 _ISO_RE = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|[+-]00:?00)$"
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?"
+    r"(Z|[+-]00:?00)"
 )
 # Exchange times outside this window are placeholders (Coinbase's 0001-01-01, Kraken's epoch 0)
 # or garbage, never real events: 2009-01-03 is bitcoin's genesis block.
@@ -70,7 +71,7 @@ def parse_iso(text: str) -> tuple[str, int]:
     The canonical text keeps every fractional digit the exchange sent and ends in `Z`.
     Raises ValueError for anything that is not a UTC ISO time.
     """
-    m = _ISO_RE.match(text)
+    m = _ISO_RE.fullmatch(text)
     if m is None:
         raise ValueError(f"not an ISO 8601 UTC time: {text[:40]!r}")
     year, month, day, hour, minute, sec, frac, _tz = m.groups()
@@ -93,7 +94,7 @@ def positive_finite(value: float) -> bool:
 
 def canonical_symbol_ok(symbol: str) -> bool:
     """`BASE/QUOTE`, upper-case letters and digits, 1-20 characters each side."""
-    return _SYMBOL_RE.match(symbol) is not None
+    return _SYMBOL_RE.fullmatch(symbol) is not None
 
 
-_SYMBOL_RE = re.compile(r"^[A-Z0-9]{1,20}/[A-Z0-9]{1,20}$")
+_SYMBOL_RE = re.compile(r"[A-Z0-9]{1,20}/[A-Z0-9]{1,20}")

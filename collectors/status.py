@@ -133,14 +133,15 @@ def supervisor_processes(config: Path, timeout: float) -> dict[str, tuple[str, i
                            fallback="unix://%(here)s/var/run/supervisor.sock")
     serverurl = serverurl.replace("%(here)s", str(config.resolve().parent))
     transport = SupervisorTransport(None, None, serverurl)
-    transport.timeout = timeout  # type: ignore[attr-defined]
+    transport.timeout = timeout
     proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
     infos = proxy.supervisor.getAllProcessInfo()
     out: dict[str, tuple[str, int | None]] = {}
-    for info in infos:  # type: ignore[union-attr]
-        if info.get("group") == GROUP:
-            pid = info.get("pid") or None
-            out[str(info["name"])] = (str(info["statename"]), pid)
+    for info in infos if isinstance(infos, list) else []:
+        if isinstance(info, dict) and info.get("group") == GROUP:
+            pid = info.get("pid")
+            out[str(info.get("name"))] = (str(info.get("statename")),
+                                          pid if isinstance(pid, int) and pid else None)
     return out
 
 

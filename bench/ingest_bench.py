@@ -1,0 +1,237 @@
+"""Ingest API throughput: batches of 100 and 1000 records from concurrent clients, per backend.
+
+Starts `python -m collectors.ingest` as a subprocess on 127.0.0.1 (port 0), so client threads and
+server threads do not share a GIL, once per backend: a fresh SQLite file in a temp directory,
+and a throwaway schema on PostgreSQL (dropped afterwards). Each client thread has its own
+requests.Session and posts the same pre-serialised batch with a fresh Idempotency-Key each time
+for `--duration` seconds per scenario. Prints a markdown table: records stored per second (from
+the server's `stored` answers, cross-checked against /api/v1/summary) and p50/p99 latency.
+
+    .venv/bin/python bench/ingest_bench.py                      # both backends, ~1 minute
+    .venv/bin/python bench/ingest_bench.py --backend sqlite --duration 3 --clients 8
+    .venv/bin/python bench/ingest_bench.py --postgres-url postgresql://postgres@127.0.0.1:5432/test
+
+Bounded: every scenario stops after --duration seconds (plus at most one request's time);
+the whole run fails rather than hangs if the server does not start within 30 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "bench-key-" + secrets.token_hex(8)
+
+
+@dataclass
+class Result:
+    backend: str
+    batch: int
+    clients: int
+    seconds: float = 0.0
+    latencies_s: list[float] = field(default_factory=list)
+    stored: int = 0
+    errors: int = 0
+
+    def row(self) -> str:
+        lat = sorted(self.latencies_s)
+        p50 = statistics.median(lat) * 1000 if lat else float("nan")
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else float("nan")
+        rate = self.stored / self.seconds if self.seconds else 0.0
+        return (f"| {self.backend} | {self.batch} | {self.clients} | {len(lat)} | {self.stored} "
+                f"| {rate:,.0f} | {p50:.1f} | {p99:.1f} | {self.errors} |")
+
+
+def make_body(records: int) -> bytes:
+    now = datetime.now(UTC)
+    symbols = ["BTC/USD", "ETH/USD", "SOL/USD", "XRP/USD", "ADA/USD"]
+    feeds = []
+    for i in range(records):
+        ts = (now - timedelta(seconds=30, microseconds=i)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        feeds.append({
+            "symbol": symbols[i % len(symbols)], "price": 45123.5 + i / 100,
+            "volume": 1234.56, "timestamp": ts, "source": "coinbase",
+            "worker_id": "worker-coinbase",
+            "metadata": {"bid": 45123.4, "ask": 45123.6, "received_at": ts, "sequence": i},
+        })
+    return json.dumps({"feeds": feeds}).encode()
+
+
+@contextmanager
+def server_process(database_url: str, threads: int) -> Iterator[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("API_KEY", "INGEST_"))}
+    env.update({"API_KEY": API_KEY, "INGEST_PORT": "0", "DATABASE_URL": database_url,
+                "INGEST_THREADS": str(threads), "LOG_LEVEL": "info",
+                "PYTHONPATH": str(REPO)})
+    with subprocess.Popen([sys.executable, "-m", "collectors.ingest"], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        lines: queue.Queue[str] = queue.Queue()
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put(line)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            url = _wait_started(lines)  # the port comes from the `ingest_started` log line
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
+            reader.join(10)
+
+
+def _wait_started(lines: queue.Queue[str]) -> str:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if doc.get("event") == "ingest_started":
+            return str(doc["url"])
+        if doc.get("level") == "ERROR":
+            raise RuntimeError(f"ingest server failed to start: {line.strip()}")
+    raise RuntimeError("ingest server did not start within 30 s")
+
+
+def run_scenario(url: str, backend: str, batch: int, clients: int,
+                 duration_s: float) -> Result:
+    body = make_body(batch)
+    result = Result(backend, batch, clients)
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+    stop_at: list[float] = []
+
+    def client() -> None:
+        local: list[float] = []
+        stored = errors = 0
+        with requests.Session() as http:
+            headers = {"Authorization": f"Bearer {API_KEY}",
+                       "Content-Type": "application/json"}
+            start.wait(30)
+            while time.monotonic() < stop_at[0]:
+                t0 = time.perf_counter()
+                try:
+                    response = http.post(url + "/internal/ingest", data=body, timeout=60,
+                                         headers={**headers, "Idempotency-Key": str(uuid.uuid4())})
+                except requests.RequestException:
+                    errors += 1
+                    continue
+                local.append(time.perf_counter() - t0)
+                if response.status_code == 201:
+                    stored += int(response.json()["stored"])
+                else:
+                    errors += 1
+        with lock:
+            result.latencies_s.extend(local)
+            result.stored += stored
+            result.errors += errors
+
+    threads = [threading.Thread(target=client, name=f"bench-{i}") for i in range(clients)]
+    for t in threads:
+        t.start()
+    began = time.monotonic()
+    stop_at.append(began + duration_s)
+    start.wait(30)
+    for t in threads:
+        t.join(duration_s + 120)
+    result.seconds = time.monotonic() - began
+    return result
+
+
+def count_stored(url: str) -> int:
+    with requests.Session() as http:
+        doc = http.get(url + "/api/v1/summary", params={"minutes": 10080}, timeout=60,
+                       headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    return sum(int(s["count"]) for s in doc["sources"])
+
+
+@contextmanager
+def postgres_schema(base_url: str) -> Iterator[str]:
+    schema = f"chrono_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(base_url, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        try:
+            sep = "&" if "?" in base_url else "?"
+            yield f"{base_url}{sep}options=-csearch_path%3D{schema}"
+        finally:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def bench_backend(backend: str, database_url: str, args: argparse.Namespace) -> list[Result]:
+    results = []
+    with server_process(database_url, args.threads) as url:
+        run_scenario(url, backend, 10, 1, 0.5)  # warm-up: connections, page cache, JIT-less
+        before = count_stored(url)
+        for batch in args.batch_sizes:
+            result = run_scenario(url, backend, batch, args.clients, args.duration)
+            results.append(result)
+            print(result.row(), file=sys.stderr, flush=True)
+        counted = count_stored(url) - before
+        claimed = sum(r.stored for r in results)
+        if counted != claimed:
+            raise RuntimeError(f"{backend}: answers claim {claimed} stored, database has {counted}")
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="both")
+    parser.add_argument("--batch-sizes", default="100,1000",
+                        type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--clients", type=int, default=4, help="concurrent client threads")
+    parser.add_argument("--threads", type=int, default=8, help="server INGEST_THREADS")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per scenario")
+    parser.add_argument("--postgres-url", default=os.environ.get(
+        "CHRONO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"))
+    args = parser.parse_args()
+
+    results: list[Result] = []
+    if args.backend in ("sqlite", "both"):
+        with tempfile.TemporaryDirectory() as tmp:
+            results += bench_backend("sqlite", f"sqlite:///{tmp}/bench.db", args)
+    if args.backend in ("postgres", "both"):
+        with postgres_schema(args.postgres_url) as url:
+            results += bench_backend("postgresql", url, args)
+
+    print(f"\n{platform.python_implementation()} {platform.python_version()}, "
+          f"{os.cpu_count()} CPUs, {args.clients} client threads, server INGEST_THREADS="
+          f"{args.threads}, {args.duration:g} s per row\n")
+    print("| backend | batch | clients | requests | records stored | records/s | p50 ms "
+          "| p99 ms | errors |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        print(r.row())
+    return 1 if any(r.errors for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

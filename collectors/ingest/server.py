@@ -1,0 +1,356 @@
+"""Runs IngestApp on waitress: `main()` for `chrono-collector ingest`, `start_server()` for tests.
+
+Why waitress: it is a production-grade WSGI server written in pure Python with no C extension
+and no dependency of its own, so it installs anywhere the collectors do. It is multi-threaded
+(a fixed pool of worker threads behind one asyncore I/O loop), which suits a blocking sqlite3 or
+psycopg backend; it buffers each request body itself, enforcing a maximum size before the app
+runs, and de-chunks chunked uploads, so slow or hostile clients never tie up a worker thread.
+It runs in-process and in the foreground, which is what supervisord and systemd expect, and it
+can be created programmatically on port 0 and stopped from another thread, which gives the tests
+a real HTTP server on 127.0.0.1. gunicorn and uWSGI need a pre-fork master, and the stdlib
+wsgiref server is not meant for production.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer, create_server
+from waitress.task import ErrorTask, ThreadedTaskDispatcher
+
+from collectors.errors import ConfigError, StorageError
+from collectors.ingest.app import IngestApp, problem
+from collectors.ingest.config import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_THREADS,
+    IngestConfig,
+    database_secrets,
+    database_url_from_env,
+    log_level_from_env,
+    redact_url,
+)
+from collectors.ingest.storage import Storage, migrate, open_storage
+from collectors.logsetup import setup_logging
+
+if TYPE_CHECKING:
+    from wsgiref.types import WSGIApplication
+
+log = logging.getLogger(__name__)
+
+PROG = "chrono-collector ingest"
+STOP_TIMEOUT_S = 10.0  # in-flight requests get this long to finish (well inside stopwaitsecs)
+
+ENV_HELP = """\
+environment:
+  API_KEY, API_KEYS, API_KEY_FILE  accepted bearer key(s) (at least one; API_KEYS comma-separated)
+  DATABASE_URL                     sqlite:///path/to/file.db (default: the state directory)
+                                   or postgresql://user@host:port/db
+  INGEST_HOST, INGEST_PORT         listen address (default 127.0.0.1:3000; port 0 = any free)
+  INGEST_MAX_BODY_BYTES            largest request body (default 8388608)
+  INGEST_MAX_FEEDS                 most records per batch (default 10000)
+  INGEST_THREADS                   worker threads and database connections (default 8)
+  LOG_LEVEL                        debug, info, warning, error (default info)
+"""
+
+
+@dataclass
+class RunningServer:
+    """A waitress server running in a daemon thread. `stop()` closes it (and owned storage)."""
+
+    host: str
+    port: int
+    app: WSGIApplication
+    _server: Any = field(repr=False)
+    _thread: threading.Thread = field(repr=False)
+    _owned_storage: Storage | None = field(default=None, repr=False)
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop accepting, let requests in progress finish, close every socket. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        server = self._server
+        socket_map: dict[int, Any] = server._map if hasattr(server, "_map") else server.map
+        trigger = _trigger_of(socket_map)
+        try:
+            if self._thread.is_alive() and trigger is not None:
+                # 1. Close the listening sockets inside the I/O loop thread (wasyncore is not
+                #    thread-safe); open connections keep being served.
+                listeners_closed = threading.Event()
+
+                def close_listeners() -> None:
+                    for obj in list(socket_map.values()):
+                        if isinstance(obj, BaseWSGIServer):
+                            wasyncore.dispatcher.close(obj)
+                    listeners_closed.set()
+
+                trigger.pull_trigger(close_listeners)
+                listeners_closed.wait(timeout_s)
+                # 2. Let worker threads finish the requests they are serving; queued ones are
+                #    cancelled (their clients retry with the same Idempotency-Key).
+                server.task_dispatcher.shutdown(cancel_pending=True, timeout=timeout_s)
+                # 3. Close the remaining connections and the trigger; the loop ends on an empty map.
+                trigger.pull_trigger(lambda: _close_all(socket_map))
+                self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("http_server_stop_timeout", extra={"timeout_s": timeout_s})
+            else:
+                _close_all(socket_map)  # no-op unless the loop died on its own
+        finally:
+            if self._owned_storage is not None:
+                self._owned_storage.close()
+
+
+_WAITRESS_ERROR_SLUGS = {400: "bad-request", 413: "body-too-large",
+                         431: "header-fields-too-large", 500: "internal-error",
+                         501: "not-implemented"}
+
+
+class _ProblemErrorTask(ErrorTask):  # type: ignore[misc]
+    """Answers waitress's own errors (413 by size, malformed HTTP) as problem+json too."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        status = int(error.code)
+        if status == 413:
+            limit = int(self.channel.adj.max_request_body_size) - 1
+            detail = f"the body is larger than {limit} bytes; send smaller batches"
+        else:
+            detail = str(error.body)[:200]
+        response = problem(status, _WAITRESS_ERROR_SLUGS.get(status, "http-error"), detail)
+        self.status = response.status_line
+        self.response_headers.extend(response.headers)
+        self.set_close_on_finish()
+        self.content_length = len(response.body)
+        self.write(response.body)
+
+
+class _ProblemChannel(HTTPChannel):  # type: ignore[misc]
+    error_task_class = _ProblemErrorTask
+
+
+def _trigger_of(socket_map: Mapping[int, Any]) -> Any:
+    for obj in socket_map.values():
+        if isinstance(obj, BaseWSGIServer):
+            return obj.trigger
+    return None
+
+
+def _close_all(socket_map: dict[int, Any]) -> None:
+    for obj in list(socket_map.values()):
+        if isinstance(obj, HTTPChannel):
+            if obj.connected and obj.total_outbufs_len:
+                # Answers already produced go out before the socket closes (workers are done,
+                # so nothing else touches the buffers now).
+                obj._flush_exception(obj._flush_some)
+            # Request bodies may be spooled to temporary files: close them too.
+            pending = [obj.request, *obj.requests]
+            obj.requests = []
+            for request in pending:
+                if request is not None:
+                    request.close()
+            obj.handle_close()
+        else:
+            obj.close()
+    socket_map.clear()
+
+
+def build_app(config: IngestConfig) -> IngestApp:
+    """Open (and migrate) the configured storage and wrap it in an IngestApp.
+
+    Raises StorageError. The caller owns `app.storage` and must close it.
+    """
+    storage = open_storage(config.database_url, max_connections=config.threads)
+    return IngestApp(storage, config.api_keys, config.max_body_bytes, config.max_feeds)
+
+
+def start_server(app_or_config: WSGIApplication | IngestConfig, host: str | None = None,
+                 port: int | None = None, *, threads: int | None = None,
+                 max_body_bytes: int | None = None) -> RunningServer:
+    """Serve a WSGI app (or build one from a config) on waitress in a daemon thread.
+
+    host/port default to the config's, or 127.0.0.1 and a free port for an app. Storage opened
+    from a config is closed by `stop()`; storage behind a given app stays the caller's.
+    Raises StorageError (config storage) and OSError (cannot bind).
+    """
+    owned: Storage | None = None
+    if isinstance(app_or_config, IngestConfig):
+        config = app_or_config
+        ingest = build_app(config)
+        owned = ingest.storage
+        app: WSGIApplication = ingest
+        host = config.host if host is None else host
+        port = config.port if port is None else port
+        threads = config.threads if threads is None else threads
+        max_body_bytes = config.max_body_bytes if max_body_bytes is None else max_body_bytes
+    else:
+        app = app_or_config
+    if max_body_bytes is None:
+        max_body_bytes = int(getattr(app, "max_body_bytes", DEFAULT_MAX_BODY_BYTES))
+    # Our own socket map and dispatcher, so a failed bind (the server object is never returned)
+    # can still close the sockets and stop the worker threads it already made.
+    socket_map: dict[int, Any] = {}
+    dispatcher = ThreadedTaskDispatcher()
+    dispatcher.set_thread_count(DEFAULT_THREADS if threads is None else threads)
+    try:
+        server = create_server(
+            app,
+            map=socket_map,
+            _dispatcher=dispatcher,
+            host="127.0.0.1" if host is None else host,
+            port=0 if port is None else port,
+            threads=DEFAULT_THREADS if threads is None else threads,
+            # waitress refuses bodies of this size or more with 413 before reading them (by
+            # Content-Length, or as chunks arrive); the app checks again for other servers.
+            max_request_body_size=max_body_bytes + 1,
+            ident="chrono-ingest",
+            clear_untrusted_proxy_headers=True,
+            asyncore_use_poll=True,  # select() fails beyond 1024 file descriptors
+        )
+    except BaseException:
+        wasyncore.close_all(socket_map, ignore_all=True)
+        dispatcher.shutdown(cancel_pending=True, timeout=STOP_TIMEOUT_S)
+        if owned is not None:
+            owned.close()
+        raise
+    for listener in list(socket_map.values()):
+        if isinstance(listener, BaseWSGIServer):
+            listener.channel_class = _ProblemChannel  # set before the I/O loop starts
+    if hasattr(server, "effective_port"):
+        bound_host, bound_port = str(server.effective_host), int(server.effective_port)
+    else:  # a host name that resolved to several addresses: MultiSocketServer
+        bound_host, bound_port = str(server.effective_listen[0][0]), int(
+            server.effective_listen[0][1])
+    # Daemon: a stuck request must never keep the process alive after main() returns.
+    thread = threading.Thread(target=server.run, name="ingest-http", daemon=True)
+    thread.start()
+    return RunningServer(bound_host, bound_port, app, server, thread, owned)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add `chrono-collector ingest`'s arguments to a (sub)parser."""
+    parser.add_argument(
+        "action", nargs="?", choices=("serve", "migrate"), default="serve",
+        help="serve (default): run the ingest API until SIGTERM; "
+             "migrate: apply database schema migrations and exit")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ENV_HELP
+
+
+def run_command(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
+    """Run a parsed `ingest` command. Exit codes: 0 clean stop, 2 configuration, 1 other."""
+    env = os.environ if env is None else env
+    if getattr(args, "action", "serve") == "migrate":
+        return run_migrate(env)
+    return serve(env)
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """`chrono-collector ingest [serve|migrate]` as a standalone entry point."""
+    parser = argparse.ArgumentParser(prog=PROG, description="The reference ingest API.")
+    configure_parser(parser)
+    args = parser.parse_args(argv)
+    return run_command(args, env)
+
+
+def serve(env: Mapping[str, str], *, stop: threading.Event | None = None) -> int:
+    """Load config, open storage, serve until SIGTERM/SIGINT (or `stop`), close cleanly."""
+    try:
+        config = IngestConfig.from_env(env)
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, static={"service": "ingest"}, secrets=config.secrets())
+    stop = threading.Event() if stop is None else stop
+    restore = _install_signal_handlers(stop)
+    try:
+        try:
+            running = start_server(config)
+        except StorageError as exc:
+            log.error("storage_open_failed", extra={"error": str(exc),
+                                                    "database": config.database_url_redacted})
+            return 1
+        except OSError as exc:
+            log.error("listen_failed", extra={"error": str(exc), "host": config.host,
+                                              "port": config.port})
+            return 1
+        log.info("ingest_started", extra={
+            "url": running.url, "database": config.database_url_redacted,
+            "threads": config.threads, "max_body_bytes": config.max_body_bytes,
+            "max_feeds": config.max_feeds, "api_keys": len(config.api_keys)})
+        code = 0
+        try:
+            # A bounded wait, so the loop also notices an HTTP thread that died.
+            while not stop.wait(1.0):
+                if not running.alive:
+                    log.error("http_server_died")
+                    code = 1
+                    break
+        finally:
+            running.stop()
+        log.info("ingest_stopped", extra={"exit_code": code})
+        return code
+    finally:
+        restore()
+
+
+def run_migrate(env: Mapping[str, str]) -> int:
+    """`chrono-collector ingest migrate`: apply pending migrations and exit."""
+    try:
+        database_url = database_url_from_env(env)
+        level = log_level_from_env(env)
+    except ConfigError as exc:
+        print(f"{PROG} migrate: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(level, static={"service": "ingest"}, secrets=database_secrets(database_url))
+    try:
+        applied = migrate(database_url)
+    except StorageError as exc:
+        log.error("migration_failed", extra={"error": str(exc),
+                                             "database": redact_url(database_url)})
+        return 1
+    log.info("migrations_applied", extra={"versions": applied,
+                                          "database": redact_url(database_url)})
+    return 0
+
+
+def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
+    """SIGTERM and SIGINT set `stop`; returns a function restoring the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signals are delivered to the main thread only
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("stop_requested", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore

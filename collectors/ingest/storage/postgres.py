@@ -1,0 +1,268 @@
+"""PostgresStorage: the PostgreSQL backend (psycopg 3, psycopg_pool, COPY, advisory locks).
+
+`price` and `volume` are `numeric`: the validator keeps each JSON number as the exact decimal the
+collector sent, and `numeric` stores exactly that, so an oracle price reads back digit for digit
+(no binary rounding such as 0.1 -> 0.1000000000000000055), and sums and comparisons in SQL are
+exact. The cost (a few bytes more per row, slower arithmetic than double precision) is small
+next to the per-row overheads of the table and its indexes.
+
+`timestamp` is `timestamptz`, which holds microseconds: sub-microsecond digits are rounded
+(no supported exchange sends them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from collectors.errors import StorageError
+from collectors.ingest.storage.base import LatestRow, Outcome, SourceSummary, StoreResult
+from collectors.ingest.validate import MetaScalar, ValidFeed
+
+CONNECT_TIMEOUT_S = 5  # a database that does not answer in 5 s is down: fail, let callers retry
+STATEMENT_TIMEOUT_MS = 15_000  # under the collectors' POST timeout, so they see a 503, not a hang
+# Arbitrary constants, so our advisory locks never collide with another application's.
+_MIGRATION_LOCK_ID = 0x6368726F6E6F0001
+_KEY_LOCK_SALT = b"chrono-ingest-idempotency:"
+
+# Each entry moves the schema from version N-1 to N; never edit one that has shipped.
+MIGRATIONS: tuple[tuple[int, str, tuple[LiteralString, ...]], ...] = (
+    (1, "price_feeds and ingest_batches", (
+        """CREATE TABLE price_feeds (
+            id bigserial PRIMARY KEY,
+            symbol text NOT NULL,
+            price numeric NOT NULL CHECK (price > 0),
+            volume numeric CHECK (volume >= 0),
+            timestamp timestamptz NOT NULL,
+            source text NOT NULL,
+            worker_id text NOT NULL,
+            metadata jsonb NOT NULL DEFAULT '{}'::jsonb,
+            received_at timestamptz NOT NULL DEFAULT now()
+        )""",
+        # latest per (source, symbol): a skip scan seeks each pair, newest first
+        "CREATE INDEX price_feeds_source_symbol_time_idx ON price_feeds "
+        "(source, symbol, timestamp DESC, id DESC)",
+        # the summary and the check queries: WHERE timestamp > now() - interval ...
+        "CREATE INDEX price_feeds_time_idx ON price_feeds (timestamp)",
+        """CREATE TABLE ingest_batches (
+            idempotency_key text PRIMARY KEY,
+            body_sha256 text NOT NULL,
+            record_count integer NOT NULL,
+            status text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now()
+        )""",
+    )),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_COPY_FEEDS: LiteralString = (
+    "COPY price_feeds (symbol, price, volume, timestamp, source, worker_id, metadata)"
+    " FROM STDIN"
+)
+_LATEST_COLUMNS: LiteralString = (
+    "symbol, price, volume, timestamp, source, worker_id, metadata, received_at"
+)
+
+
+def migrate_postgres(database_url: str) -> list[int]:
+    """Bring the schema up to date; return the versions applied now. Raises StorageError."""
+    try:
+        with psycopg.connect(database_url, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+            return _migrate(conn)
+    except psycopg.Error as exc:
+        raise StorageError(f"postgresql: migration failed: {_brief(exc)}") from exc
+
+
+def _migrate(conn: psycopg.Connection[Any]) -> list[int]:
+    applied: list[int] = []
+    with conn.transaction():
+        # Several ingest processes may start together: one migrates, the others wait here and
+        # then find nothing left to do.
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_ID,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())")
+        done = {int(r[0]) for r in conn.execute("SELECT version FROM schema_migrations")}
+        newer = [v for v in done if v > SCHEMA_VERSION]
+        if newer:
+            raise StorageError(f"postgresql: schema version {max(newer)} is newer than this "
+                               f"program ({SCHEMA_VERSION}); upgrade chrono-collectors")
+        for version, name, statements in MIGRATIONS:
+            if version in done:
+                continue
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                         (version, name))
+            applied.append(version)
+    return applied
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    # Times come back as UTC; a stuck statement fails in time for the client to retry.
+    conn.execute("SET TIME ZONE 'UTC'")
+    conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+    conn.commit()
+
+
+class PostgresStorage:
+    """Storage on PostgreSQL through a connection pool. Create with `PostgresStorage.connect`."""
+
+    def __init__(self, pool: ConnectionPool[psycopg.Connection[Any]], *,
+                 acquire_timeout_s: float = 10.0) -> None:
+        self._pool = pool
+        # Waiting longer for a free connection than this means the database is the bottleneck:
+        # answer 503 (the collector keeps the batch and retries) rather than pile up requests.
+        self._acquire_timeout_s = acquire_timeout_s
+
+    @classmethod
+    def connect(cls, database_url: str, *, max_connections: int = 8) -> PostgresStorage:
+        """Migrate, then open a pool of up to `max_connections`. Raises StorageError."""
+        migrate_postgres(database_url)
+        pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            database_url,
+            min_size=1,
+            max_size=max(1, max_connections),
+            open=False,
+            kwargs={"connect_timeout": CONNECT_TIMEOUT_S},
+            configure=_configure,
+            # One empty query on checkout: after a database restart a stale connection is
+            # replaced here instead of failing one request per pooled connection.
+            check=ConnectionPool.check_connection,
+            name="chrono-ingest",
+            timeout=10.0,  # default wait for getconn(); store/read pass acquire_timeout_s
+        )
+        try:
+            pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 2)
+        except psycopg.Error as exc:
+            pool.close()
+            raise StorageError(f"postgresql: cannot connect: {_brief(exc)}") from exc
+        return cls(pool)
+
+    @contextmanager
+    def _connection(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with self._pool.connection(timeout=self._acquire_timeout_s) as conn:
+                yield conn
+        except StorageError:
+            raise
+        except psycopg.Error as exc:
+            raise StorageError(f"postgresql: {what} failed: {_brief(exc)}") from exc
+
+    def store_batch(self, idempotency_key: str, body_sha256: str,
+                    feeds: Sequence[ValidFeed]) -> StoreResult:
+        with self._connection("storing a batch") as conn, conn.transaction(), \
+                conn.cursor() as cur:
+            # Held until commit: a concurrent request with the same key, in this process or
+            # another, fails to take it and gets IN_FLIGHT (409) instead of waiting.
+            cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (_key_lock_id(idempotency_key),))
+            got = cur.fetchone()
+            if got is None or not got[0]:
+                return StoreResult(Outcome.IN_FLIGHT, 0)
+            # The unique key is the real guard: ON CONFLICT DO NOTHING tells us it was seen.
+            cur.execute(
+                "INSERT INTO ingest_batches (idempotency_key, body_sha256, record_count, status)"
+                " VALUES (%s, %s, %s, 'stored') ON CONFLICT (idempotency_key) DO NOTHING"
+                " RETURNING 1",
+                (idempotency_key, body_sha256, len(feeds)))
+            if cur.fetchone() is None:
+                cur.execute("SELECT body_sha256, record_count FROM ingest_batches"
+                            " WHERE idempotency_key = %s", (idempotency_key,))
+                seen = cur.fetchone()
+                if seen is None:  # cannot happen while we hold the key's lock
+                    raise StorageError("postgresql: idempotency row vanished")
+                outcome = Outcome.REPLAYED if seen[0] == body_sha256 else Outcome.CONFLICT
+                return StoreResult(outcome, int(seen[1]))
+            # All rows in one COPY stream, in the same transaction as the key.
+            with cur.copy(_COPY_FEEDS) as copy:
+                for f in feeds:
+                    copy.write_row((f["symbol"], f["price"], f["volume"], f["timestamp"],
+                                    f["source"], f["worker_id"], f["metadata_json"]))
+        return StoreResult(Outcome.STORED, len(feeds))
+
+    def latest(self, source: str | None = None, symbol: str | None = None, *,
+               limit: int = 1000) -> list[LatestRow]:
+        conditions: list[sql.Composable] = [sql.SQL("TRUE")]
+        if source is not None:
+            conditions.append(sql.SQL("f.source = {}").format(source))
+        if symbol is not None:
+            conditions.append(sql.SQL("f.symbol = {}").format(symbol))
+        where = sql.SQL(" AND ").join(conditions)
+        # A skip scan (recursive CTE): seek the index to each distinct (source, symbol), then
+        # take its newest row. O(pairs * log rows) where DISTINCT ON would read every row.
+        query = sql.SQL(
+            "WITH RECURSIVE pairs AS ("
+            " (SELECT f.source, f.symbol FROM price_feeds f WHERE {where}"
+            "  ORDER BY f.source, f.symbol LIMIT 1)"
+            " UNION ALL"
+            " SELECT n.source, n.symbol FROM pairs p CROSS JOIN LATERAL ("
+            "  SELECT f.source, f.symbol FROM price_feeds f"
+            "  WHERE (f.source, f.symbol) > (p.source, p.symbol) AND {where}"
+            "  ORDER BY f.source, f.symbol LIMIT 1) n"
+            ")"
+            " SELECT r.* FROM pairs p CROSS JOIN LATERAL ("
+            "  SELECT " + _LATEST_COLUMNS + " FROM price_feeds f"
+            "  WHERE f.source = p.source AND f.symbol = p.symbol"
+            "  ORDER BY f.timestamp DESC, f.id DESC LIMIT 1) r"
+            " ORDER BY r.source, r.symbol LIMIT {limit}"
+        ).format(where=where, limit=limit)
+        with self._connection("reading latest prices") as conn:
+            rows = conn.execute(query).fetchall()
+        return [_latest_row(r) for r in rows]
+
+    def summary(self, minutes: int) -> list[SourceSummary]:
+        with self._connection("reading the summary") as conn:
+            rows = conn.execute(
+                "SELECT source, COUNT(*), COUNT(DISTINCT symbol), MAX(timestamp)"
+                " FROM price_feeds WHERE timestamp > now() - make_interval(mins => %s)"
+                " GROUP BY source ORDER BY source", (minutes,)).fetchall()
+        return [SourceSummary(source=str(r[0]), count=int(r[1]), distinct_symbols=int(r[2]),
+                              max_timestamp=_iso(r[3])) for r in rows]
+
+    def ping(self) -> None:
+        with self._connection("ping") as conn:
+            conn.execute("SELECT 1 FROM ingest_batches LIMIT 1").fetchall()
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _key_lock_id(key: str) -> int:
+    digest = hashlib.sha256(_KEY_LOCK_SALT + key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _iso(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return str(value)
+
+
+def _float(value: object) -> float:
+    if isinstance(value, (Decimal, float, int)):
+        return float(value)
+    raise StorageError(f"postgresql: unexpected numeric value of type {type(value).__name__}")
+
+
+def _latest_row(row: tuple[Any, ...]) -> LatestRow:
+    metadata = row[6]
+    meta: dict[str, MetaScalar] = dict(metadata) if isinstance(metadata, dict) else {}
+    return LatestRow(symbol=str(row[0]), price=_float(row[1]),
+                     volume=None if row[2] is None else _float(row[2]),
+                     timestamp=_iso(row[3]), source=str(row[4]), worker_id=str(row[5]),
+                     metadata=meta, received_at=_iso(row[7]))
+
+
+def _brief(exc: BaseException) -> str:
+    """The driver's first line: enough to diagnose, never a connection string."""
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

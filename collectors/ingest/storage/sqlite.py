@@ -1,0 +1,330 @@
+"""SQLiteStorage: the embedded default backend (stdlib sqlite3, WAL, one writer).
+
+SQLite allows one writer at a time anyway; a process-local lock serialises writers so they queue
+in Python rather than spin on SQLITE_BUSY, while readers use their own connections and, thanks to
+WAL, never wait for the writer. `synchronous=FULL` because a 2xx tells the collector it may
+delete its copy of the batch: the rows must survive a power cut, not only a process crash.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from collectors.errors import StorageError
+from collectors.ingest.storage.base import LatestRow, Outcome, SourceSummary, StoreResult
+from collectors.ingest.validate import MetaScalar, ValidFeed
+from collectors.model import iso_from_ns
+
+BUSY_TIMEOUT_MS = 10_000  # another process holding the write lock (a migration, a backup)
+
+# Each entry moves the schema from version N-1 to N; never edit one that has shipped.
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (1, "price_feeds and ingest_batches", (
+        """CREATE TABLE price_feeds (
+            id INTEGER PRIMARY KEY,
+            symbol TEXT NOT NULL,
+            price REAL NOT NULL,
+            volume REAL,
+            timestamp TEXT NOT NULL,
+            timestamp_ns INTEGER NOT NULL,
+            source TEXT NOT NULL,
+            worker_id TEXT NOT NULL,
+            metadata TEXT NOT NULL DEFAULT '{}',
+            received_at TEXT NOT NULL
+        )""",
+        # latest per (source, symbol): seek to each pair, newest first
+        "CREATE INDEX price_feeds_source_symbol_time ON price_feeds "
+        "(source, symbol, timestamp_ns DESC, id DESC)",
+        # summary over the last N minutes
+        "CREATE INDEX price_feeds_time ON price_feeds (timestamp_ns)",
+        """CREATE TABLE ingest_batches (
+            idempotency_key TEXT PRIMARY KEY,
+            body_sha256 TEXT NOT NULL,
+            record_count INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        ) WITHOUT ROWID""",
+    )),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_INSERT_FEED = (
+    "INSERT INTO price_feeds (symbol, price, volume, timestamp, timestamp_ns, source, worker_id,"
+    " metadata, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_LATEST_COLUMNS = "symbol, price, volume, timestamp, source, worker_id, metadata, received_at"
+
+
+def sqlite_path(database_url: str) -> Path:
+    """`sqlite:///rel/path.db` -> rel/path.db, `sqlite:////abs/path.db` -> /abs/path.db."""
+    return Path(database_url.removeprefix("sqlite:///"))
+
+
+def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly the
+    # statements between them. check_same_thread=False: waitress threads share these
+    # connections, always under our locks (writer) or one thread at a time (readers).
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                           check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA synchronous = FULL")
+        if readonly:
+            conn.execute("PRAGMA query_only = 1")
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
+
+
+def migrate_sqlite(path: Path) -> list[int]:
+    """Bring the schema up to date; return the versions applied now. Raises StorageError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"sqlite: cannot create {path.parent}: {exc.strerror}") from exc
+    try:
+        conn = _connect(path, readonly=False)
+    except sqlite3.Error as exc:
+        raise StorageError(f"sqlite: cannot open {path}: {exc}") from exc
+    try:
+        return _migrate(conn)
+    finally:
+        conn.close()
+
+
+def _migrate(conn: sqlite3.Connection) -> list[int]:
+    applied: list[int] = []
+    try:
+        # WAL is a property of the file; it cannot change inside a transaction.
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode is None or str(mode[0]).lower() != "wal":
+            raise StorageError(f"sqlite: cannot switch to WAL mode (got {mode!r})")
+        for version, _name, statements in MIGRATIONS:
+            # BEGIN IMMEDIATE takes the write lock first, so two processes starting together
+            # apply each migration once: the second re-reads user_version after the first.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                current = _user_version(conn)
+                if current > SCHEMA_VERSION:
+                    raise StorageError(f"sqlite: schema version {current} is newer than this "
+                                       f"program ({SCHEMA_VERSION}); upgrade chrono-collectors")
+                if current >= version:
+                    conn.execute("COMMIT")
+                    continue
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version}")
+                conn.execute("COMMIT")
+                applied.append(version)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+    except sqlite3.Error as exc:
+        raise StorageError(f"sqlite: migration failed: {exc}") from exc
+    return applied
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    row = conn.execute("PRAGMA user_version").fetchone()
+    return int(row[0]) if row else 0
+
+
+class SQLiteStorage:
+    """Storage on one SQLite file. Thread-safe; create with `SQLiteStorage.open(path)`."""
+
+    def __init__(self, path: Path, writer: sqlite3.Connection, *,
+                 clock_ns: Callable[[], int] = time.time_ns) -> None:
+        self.path = path
+        self._writer = writer
+        self._clock_ns = clock_ns
+        # Serialises writers in-process (SQLite has one writer; queue here, not on SQLITE_BUSY).
+        self._write_lock = threading.Lock()
+        # Guards the idle-reader list, the in-flight key set and the closed flag.
+        self._lock = threading.Lock()
+        self._idle_readers: list[sqlite3.Connection] = []
+        self._in_flight: set[str] = set()
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: Path, *, clock_ns: Callable[[], int] = time.time_ns) -> SQLiteStorage:
+        """Create the file and its folder if missing, migrate, open. Raises StorageError."""
+        migrate_sqlite(path)
+        try:
+            writer = _connect(path, readonly=False)
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite: cannot open {path}: {exc}") from exc
+        return cls(path, writer, clock_ns=clock_ns)
+
+    def store_batch(self, idempotency_key: str, body_sha256: str,
+                    feeds: Sequence[ValidFeed]) -> StoreResult:
+        with self._lock:
+            if self._closed:
+                raise StorageError("sqlite: storage is closed")
+            # A second request with the same key while the first is queued or writing gets
+            # IN_FLIGHT (409) at once instead of waiting and then replaying.
+            if idempotency_key in self._in_flight:
+                return StoreResult(Outcome.IN_FLIGHT, 0)
+            self._in_flight.add(idempotency_key)
+        try:
+            with self._write_lock:
+                return self._store_locked(idempotency_key, body_sha256, feeds)
+        finally:
+            with self._lock:
+                self._in_flight.discard(idempotency_key)
+
+    def _store_locked(self, key: str, body_sha256: str,
+                      feeds: Sequence[ValidFeed]) -> StoreResult:
+        conn = self._writer
+        received_at = iso_from_ns(self._clock_ns())
+        rows = [
+            (f["symbol"], float(f["price"]),
+             None if f["volume"] is None else float(f["volume"]),
+             f["timestamp"], f["timestamp_ns"], f["source"], f["worker_id"], f["metadata_json"],
+             received_at)
+            for f in feeds
+        ]
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                seen = conn.execute(
+                    "SELECT body_sha256, record_count FROM ingest_batches"
+                    " WHERE idempotency_key = ?", (key,)).fetchone()
+                if seen is not None:
+                    conn.execute("ROLLBACK")
+                    outcome = Outcome.REPLAYED if seen[0] == body_sha256 else Outcome.CONFLICT
+                    return StoreResult(outcome, int(seen[1]))
+                conn.executemany(_INSERT_FEED, rows)
+                conn.execute(
+                    "INSERT INTO ingest_batches (idempotency_key, body_sha256, record_count,"
+                    " status, created_at) VALUES (?, ?, ?, 'stored', ?)",
+                    (key, body_sha256, len(rows), received_at))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite: storing a batch failed: {exc}") from exc
+        return StoreResult(Outcome.STORED, len(rows))
+
+    def latest(self, source: str | None = None, symbol: str | None = None, *,
+               limit: int = 1000) -> list[LatestRow]:
+        where, params = _filters(source, symbol)
+        out: list[LatestRow] = []
+        with self._reader() as conn:
+            try:
+                # One read transaction: every lookup below sees the same snapshot.
+                conn.execute("BEGIN")
+                try:
+                    # A skip scan: seek the index to each distinct (source, symbol), then read
+                    # its newest row. O(pairs * log rows) instead of reading every row.
+                    last: tuple[str, str] | None = None
+                    while len(out) < limit:
+                        after = "" if last is None else " AND (source, symbol) > (?, ?)"
+                        pair = conn.execute(
+                            f"SELECT source, symbol FROM price_feeds WHERE {where}{after}"
+                            " ORDER BY source, symbol LIMIT 1",
+                            params + (last or ())).fetchone()
+                        if pair is None:
+                            break
+                        last = (str(pair[0]), str(pair[1]))
+                        row = conn.execute(
+                            f"SELECT {_LATEST_COLUMNS} FROM price_feeds"
+                            " WHERE source = ? AND symbol = ?"
+                            " ORDER BY timestamp_ns DESC, id DESC LIMIT 1", last).fetchone()
+                        if row is not None:
+                            out.append(_latest_row(row))
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StorageError(f"sqlite: reading latest prices failed: {exc}") from exc
+        return out
+
+    def summary(self, minutes: int) -> list[SourceSummary]:
+        cutoff_ns = self._clock_ns() - minutes * 60 * 1_000_000_000
+        with self._reader() as conn:
+            try:
+                # With exactly one max() aggregate, SQLite takes the bare column `timestamp`
+                # from the row holding the maximum: the newest time as the exchange wrote it.
+                # INDEXED BY: the window is recent, so a time range scan beats the planner's
+                # default (walking the whole (source, ...) index to avoid a sort).
+                rows = conn.execute(
+                    "SELECT source, COUNT(*), COUNT(DISTINCT symbol), MAX(timestamp_ns), timestamp"
+                    " FROM price_feeds INDEXED BY price_feeds_time WHERE timestamp_ns > ?"
+                    " GROUP BY source ORDER BY source",
+                    (cutoff_ns,)).fetchall()
+            except sqlite3.Error as exc:
+                raise StorageError(f"sqlite: reading the summary failed: {exc}") from exc
+        return [SourceSummary(source=str(r[0]), count=int(r[1]), distinct_symbols=int(r[2]),
+                              max_timestamp=str(r[4])) for r in rows]
+
+    def ping(self) -> None:
+        with self._reader() as conn:
+            try:
+                conn.execute("SELECT 1 FROM ingest_batches LIMIT 1").fetchall()
+            except sqlite3.Error as exc:
+                raise StorageError(f"sqlite: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle, self._idle_readers = self._idle_readers, []
+        for conn in idle:
+            conn.close()
+        with self._write_lock:  # let a write in progress finish first
+            self._writer.close()
+
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._closed:
+                raise StorageError("sqlite: storage is closed")
+            conn = self._idle_readers.pop() if self._idle_readers else None
+        if conn is None:
+            try:
+                conn = _connect(self.path, readonly=True)
+            except sqlite3.Error as exc:
+                raise StorageError(f"sqlite: cannot open {self.path}: {exc}") from exc
+        try:
+            yield conn
+        finally:
+            with self._lock:
+                keep = not self._closed
+                if keep:
+                    self._idle_readers.append(conn)
+            if not keep:
+                conn.close()
+
+
+def _filters(source: str | None, symbol: str | None) -> tuple[str, tuple[str, ...]]:
+    clauses: list[str] = ["1 = 1"]
+    params: list[str] = []
+    if source is not None:
+        clauses.append("source = ?")
+        params.append(source)
+    if symbol is not None:
+        clauses.append("symbol = ?")
+        params.append(symbol)
+    return " AND ".join(clauses), tuple(params)
+
+
+def _latest_row(row: tuple[Any, ...]) -> LatestRow:
+    metadata = json.loads(str(row[6]))
+    meta: dict[str, MetaScalar] = dict(metadata) if isinstance(metadata, dict) else {}
+    volume = row[2]
+    return LatestRow(symbol=str(row[0]), price=float(row[1]),
+                     volume=None if volume is None else float(volume),
+                     timestamp=str(row[3]), source=str(row[4]), worker_id=str(row[5]),
+                     metadata=meta, received_at=str(row[7]))

@@ -1,0 +1,394 @@
+"""Pure validation of an ingest request body: bytes -> ValidFeed records, or Problems naming each.
+
+No I/O and no clock: the caller passes `now_ns`. `validate_body` raises only `BodyError`; every
+other defect is a `Problem` (record index, field, what is wrong) and the whole batch is refused.
+
+Numbers are parsed as `Decimal`, so a price is stored exactly as the collector wrote it where the
+backend can hold that (PostgreSQL `numeric`). JSON's non-standard `NaN`/`Infinity` literals never
+become floats: they parse to a marker that validation reports against the record and field that
+carried it (a 422 naming the field is more useful to the sender than a bare 400).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import TypedDict
+
+from collectors.model import MAX_FUTURE_SKEW_NS, MIN_EVENT_NS, parse_iso
+
+MAX_PROBLEMS = 100
+MAX_METADATA_KEYS = 64
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_STRING_CHARS = 256
+MAX_METADATA_JSON_BYTES = 4096
+MAX_NUMBER_DIGITS = 40
+MAX_TIMESTAMP_CHARS = 40
+
+FEED_FIELDS = frozenset(
+    {"symbol", "price", "volume", "timestamp", "source", "worker_id", "metadata"}
+)
+
+# fullmatch, not `$`: `$` also matches before a trailing newline.
+_SYMBOL_RE = re.compile(r"[A-Z0-9]{1,20}/[A-Z0-9]{1,20}")
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+MetaScalar = str | int | float | bool | None
+
+
+class ValidFeed(TypedDict):
+    """One record that passed every rule, in the forms the storage backends want."""
+
+    symbol: str
+    price: Decimal
+    volume: Decimal | None
+    timestamp: str  # canonical ISO 8601 UTC text: every digit the sender gave, ending in Z
+    timestamp_ns: int
+    source: str
+    worker_id: str
+    metadata: dict[str, MetaScalar]
+    metadata_json: str  # compact JSON text of `metadata`
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One rule a record broke. `index` is None for problems with the body as a whole."""
+
+    index: int | None
+    field: str
+    problem: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"index": self.index, "field": self.field, "problem": self.problem}
+
+
+class BodyError(ValueError):
+    """The body cannot be read as a batch at all: 400 (not JSON) or 413 (too many records)."""
+
+    def __init__(self, status: int, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Validation:
+    """The verdict on one batch: valid records, or the problems (first MAX_PROBLEMS of them)."""
+
+    feeds: list[ValidFeed]
+    problems: list[Problem]
+    invalid_records: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class _NonFinite:
+    """What `NaN`, `Infinity` and `-Infinity` parse to: never a float."""
+
+    __slots__ = ("literal",)
+
+    def __init__(self, literal: str) -> None:
+        self.literal = literal
+
+
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _pairs_to_dict(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # Two parsers that disagree on which duplicate wins are a classic smuggling trick: refuse.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKeyError(f"duplicate key {_show(key)} in a JSON object")
+            seen.add(key)
+    return out
+
+
+def valid_symbol(value: str) -> bool:
+    """A canonical `BASE/QUOTE` symbol (the rule records are held to)."""
+    return _SYMBOL_RE.fullmatch(value) is not None
+
+
+def valid_name(value: str) -> bool:
+    """A `source` or `worker_id`: 1-64 characters of A-Z a-z 0-9 . _ -."""
+    return _NAME_RE.fullmatch(value) is not None
+
+
+def parse_body(raw: bytes) -> object:
+    """Parse strict UTF-8 JSON. Raises BodyError(400) for anything that is not JSON."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BodyError(400, "Malformed JSON", "the body is not valid UTF-8") from None
+    try:
+        return json.loads(text, parse_float=Decimal, parse_constant=_NonFinite,
+                          object_pairs_hook=_pairs_to_dict)
+    except _DuplicateKeyError as exc:
+        raise BodyError(400, "Malformed JSON", str(exc)) from None
+    except json.JSONDecodeError as exc:
+        raise BodyError(400, "Malformed JSON",
+                        f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
+        raise BodyError(400, "Malformed JSON", f"unreadable JSON: {str(exc)[:100]}") from None
+    except RecursionError:
+        raise BodyError(400, "Malformed JSON", "JSON nested too deeply") from None
+
+
+def validate_body(raw: bytes, *, max_feeds: int, now_ns: int) -> Validation:
+    """Parse and validate a whole request body. Raises BodyError (400 or 413)."""
+    return validate_document(parse_body(raw), max_feeds=max_feeds, now_ns=now_ns)
+
+
+def validate_document(doc: object, *, max_feeds: int, now_ns: int) -> Validation:
+    """Validate a parsed body `{"feeds": [...]}`. Raises BodyError(413) for too many records."""
+    if not isinstance(doc, dict):
+        return Validation([], [Problem(None, "(body)", "must be a JSON object with 'feeds'")])
+    unknown = sorted(k for k in doc if k != "feeds")
+    if unknown:
+        return Validation([], [Problem(None, _show_key(unknown[0]), "unknown field")])
+    feeds = doc.get("feeds")
+    if not isinstance(feeds, list):
+        return Validation([], [Problem(None, "feeds", "must be a list of records")])
+    if not feeds:
+        return Validation([], [Problem(None, "feeds", "must not be empty")])
+    if len(feeds) > max_feeds:
+        raise BodyError(413, "Too many records",
+                        f"{len(feeds)} records in one batch; at most {max_feeds} are accepted")
+    valid: list[ValidFeed] = []
+    problems: list[Problem] = []
+    invalid = 0
+    for index, item in enumerate(feeds):
+        found: list[Problem] = []
+        feed = _validate_feed(index, item, now_ns, found)
+        if found:
+            invalid += 1
+            problems.extend(found[: MAX_PROBLEMS - len(problems)])
+        elif feed is not None:
+            valid.append(feed)
+    if problems:
+        return Validation([], problems, invalid)
+    return Validation(valid, [], 0)
+
+
+def _validate_feed(index: int, item: object, now_ns: int,
+                   out: list[Problem]) -> ValidFeed | None:
+    if not isinstance(item, dict):
+        out.append(Problem(index, "(record)", "must be a JSON object"))
+        return None
+    for key in sorted(k for k in item if k not in FEED_FIELDS):
+        out.append(Problem(index, _show_key(key), "unknown field"))
+
+    symbol = _symbol(index, item.get("symbol"), out)
+    price = _number(index, "price", item.get("price"), out, required=True, positive=True)
+    volume = _number(index, "volume", item.get("volume"), out, required=False, positive=False)
+    stamp = _timestamp(index, item.get("timestamp"), now_ns, out)
+    source = _name(index, "source", item.get("source"), out)
+    worker_id = _name(index, "worker_id", item.get("worker_id"), out)
+    meta = _metadata(index, item.get("metadata"), out)
+    if out or symbol is None or price is None or stamp is None or source is None \
+            or worker_id is None or meta is None:
+        return None
+    return ValidFeed(symbol=symbol, price=price, volume=volume, timestamp=stamp[0],
+                     timestamp_ns=stamp[1], source=source, worker_id=worker_id,
+                     metadata=meta[0], metadata_json=meta[1])
+
+
+def _symbol(index: int, value: object, out: list[Problem]) -> str | None:
+    if value is None:
+        out.append(Problem(index, "symbol", "required"))
+    elif not isinstance(value, str):
+        out.append(Problem(index, "symbol", f"must be a string, not {_kind(value)}"))
+    elif _SYMBOL_RE.fullmatch(value) is None:
+        out.append(Problem(index, "symbol", f"{_show(value)} is not a canonical symbol "
+                                            "(BASE/QUOTE, A-Z and 0-9, 1-20 each side)"))
+    else:
+        return value
+    return None
+
+
+def _number(index: int, field: str, value: object, out: list[Problem], *, required: bool,
+            positive: bool) -> Decimal | None:
+    if value is None:
+        if required:
+            out.append(Problem(index, field, "required"))
+        return None
+    if isinstance(value, _NonFinite):
+        out.append(Problem(index, field, f"{value.literal} is not a finite number"))
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
+        out.append(Problem(index, field, f"must be a JSON number, not {_kind(value)}"))
+        return None
+    number = Decimal(value)
+    if len(number.as_tuple().digits) > MAX_NUMBER_DIGITS:
+        out.append(Problem(index, field, f"more than {MAX_NUMBER_DIGITS} significant digits"))
+        return None
+    as_float = float(number)
+    if not math.isfinite(as_float):
+        out.append(Problem(index, field, "is not a finite 64-bit number"))
+        return None
+    if positive and not as_float > 0:
+        out.append(Problem(index, field, f"must be greater than 0, got {_short(number)}"))
+        return None
+    if not positive and as_float < 0:
+        out.append(Problem(index, field, f"must not be negative, got {_short(number)}"))
+        return None
+    return number
+
+
+def _timestamp(index: int, value: object, now_ns: int,
+               out: list[Problem]) -> tuple[str, int] | None:
+    if value is None:
+        out.append(Problem(index, "timestamp", "required"))
+        return None
+    if not isinstance(value, str):
+        out.append(Problem(index, "timestamp", f"must be a string, not {_kind(value)}"))
+        return None
+    hint = "an ISO 8601 UTC time such as 2026-11-29T10:00:00.123456Z"
+    if len(value) > MAX_TIMESTAMP_CHARS or not value.isascii():
+        out.append(Problem(index, "timestamp", f"{_show(value)} is not {hint}"))
+        return None
+    try:
+        canon, ns = parse_iso(value)
+    except ValueError:
+        out.append(Problem(index, "timestamp", f"{_show(value)} is not {hint}"))
+        return None
+    if ns < MIN_EVENT_NS:
+        out.append(Problem(index, "timestamp", f"{canon} is before 2009-01-03"))
+        return None
+    if ns > now_ns + MAX_FUTURE_SKEW_NS:
+        out.append(Problem(index, "timestamp", f"{canon} is more than a day in the future"))
+        return None
+    return canon, ns
+
+
+def _name(index: int, field: str, value: object, out: list[Problem]) -> str | None:
+    if value is None:
+        out.append(Problem(index, field, "required"))
+    elif not isinstance(value, str):
+        out.append(Problem(index, field, f"must be a string, not {_kind(value)}"))
+    elif _NAME_RE.fullmatch(value) is None:
+        out.append(Problem(index, field, f"{_show(value)} must be 1-64 characters of "
+                                         "A-Z a-z 0-9 . _ -"))
+    else:
+        return value
+    return None
+
+
+def _metadata(index: int, value: object,
+              out: list[Problem]) -> tuple[dict[str, MetaScalar], str] | None:
+    if value is None:
+        return {}, "{}"
+    if not isinstance(value, dict):
+        out.append(Problem(index, "metadata", f"must be an object, not {_kind(value)}"))
+        return None
+    if len(value) > MAX_METADATA_KEYS:
+        out.append(Problem(index, "metadata", f"{len(value)} keys; at most {MAX_METADATA_KEYS}"))
+        return None
+    clean: dict[str, MetaScalar] = {}
+    ok = True
+    for key, item in value.items():
+        if not 1 <= len(key) <= MAX_METADATA_KEY_CHARS or not _storable_text(key):
+            out.append(Problem(index, "metadata", f"key {_show(key)} must be 1-"
+                               f"{MAX_METADATA_KEY_CHARS} characters without NUL"))
+            ok = False
+            continue
+        field = f"metadata.{key}"
+        scalar = _meta_scalar(index, field, item, out)
+        if isinstance(scalar, _Invalid):
+            ok = False
+        else:
+            clean[key] = scalar
+    if not ok:
+        return None
+    text = json.dumps(clean, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if len(text.encode("utf-8")) > MAX_METADATA_JSON_BYTES:
+        out.append(Problem(index, "metadata", f"larger than {MAX_METADATA_JSON_BYTES} bytes "
+                                              "as JSON"))
+        return None
+    return clean, text
+
+
+class _Invalid:
+    """Marks a metadata value that broke a rule (None is a valid value)."""
+
+
+_INVALID = _Invalid()
+
+
+def _meta_scalar(index: int, field: str, item: object,
+                 out: list[Problem]) -> MetaScalar | _Invalid:
+    if item is None or isinstance(item, (bool, int)):
+        return item
+    if isinstance(item, str):
+        if len(item) > MAX_METADATA_STRING_CHARS:
+            out.append(Problem(index, field, f"string longer than {MAX_METADATA_STRING_CHARS} "
+                                             "characters"))
+            return _INVALID
+        if not _storable_text(item):
+            out.append(Problem(index, field, "string contains NUL or unpaired surrogates"))
+            return _INVALID
+        return item
+    if isinstance(item, Decimal):
+        as_float = float(item)
+        if not math.isfinite(as_float):
+            out.append(Problem(index, field, "is not a finite 64-bit number"))
+            return _INVALID
+        return as_float
+    if isinstance(item, _NonFinite):
+        out.append(Problem(index, field, f"{item.literal} is not a finite number"))
+        return _INVALID
+    out.append(Problem(index, field, f"must be a string, number, boolean or null, not "
+                                     f"{_kind(item)}"))
+    return _INVALID
+
+
+def _storable_text(text: str) -> bool:
+    # PostgreSQL text and jsonb refuse NUL; UTF-8 refuses lone surrogates ("\ud800" is legal JSON).
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, Decimal, _NonFinite)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _show(text: str) -> str:
+    """A short, safe echo of a client string (never the whole of a 10,000-character one)."""
+    if len(text) <= 40:
+        return repr(text)
+    return f"{text[:32]!r}... ({len(text)} characters)"
+
+
+def _show_key(key: str) -> str:
+    return key if len(key) <= 64 and key.isprintable() else _show(key)
+
+
+def _short(number: Decimal) -> str:
+    text = str(number)
+    return text if len(text) <= 40 else text[:37] + "..."

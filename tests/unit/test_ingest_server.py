@@ -1,0 +1,226 @@
+"""The waitress server: start/stop in-process, and `python -m collectors.ingest` as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import requests
+
+from collectors.ingest.config import IngestConfig
+from collectors.ingest.server import start_server
+from tests.support.servers import TEST_API_KEY, batch_body, make_feed, running_ingest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_start_server_from_config_and_stop(tmp_path: Path) -> None:
+    cfg = IngestConfig(api_keys=(TEST_API_KEY,), database_url=f"sqlite:///{tmp_path}/a/i.db",
+                       port=0, threads=2)
+    server = start_server(cfg)
+    try:
+        assert server.url == f"http://127.0.0.1:{server.port}"
+        assert server.port > 0
+        with requests.Session() as http:
+            assert http.get(server.url + "/healthz", timeout=10).json() == {"status": "ok"}
+            # keep-alive: this connection is still open when stop() runs
+            response = http.post(server.url + "/internal/ingest", data=batch_body([make_feed()]),
+                                 headers={"Authorization": f"Bearer {TEST_API_KEY}",
+                                          "Content-Type": "application/json",
+                                          "Idempotency-Key": "k"}, timeout=10)
+            assert response.status_code == 201
+            server.stop()
+            assert not server.alive
+            with pytest.raises(requests.ConnectionError):
+                http.get(server.url + "/healthz", timeout=5)
+    finally:
+        server.stop()  # idempotent
+    assert (tmp_path / "a" / "i.db").exists()
+
+
+def test_stop_lets_a_request_in_progress_finish(tmp_path: Path) -> None:
+    with running_ingest(tmp_path) as ingest:
+        ingest.faults.hang(30)
+        results: list[int] = []
+
+        def send() -> None:
+            with requests.Session() as own:
+                results.append(own.post(ingest.ingest_url, data=batch_body([make_feed()]),
+                                        headers=ingest.headers(), timeout=30).status_code)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        assert ingest.faults.wait_for_requests(1)
+        stopper = threading.Thread(target=ingest.server.stop)
+        stopper.start()
+        ingest.faults.release()
+        stopper.join(30)
+        sender.join(30)
+        assert results == [201]
+        assert not ingest.server.alive
+
+
+def test_waitress_level_errors_are_problem_json(tmp_path: Path) -> None:
+    with running_ingest(tmp_path, max_body_bytes=2048) as ingest, requests.Session() as http:
+        big = http.post(ingest.ingest_url, data=b"x" * 4096, headers=ingest.headers(), timeout=10)
+        assert big.status_code == 413
+        assert big.headers["Content-Type"] == "application/problem+json"
+        assert "2048" in big.json()["detail"]
+        bad_header = http.post(ingest.ingest_url, data=b"{}",
+                               headers={**ingest.headers(), "X-Bad": "a\x7fb"}, timeout=10)
+        assert bad_header.status_code == 400
+        assert bad_header.headers["Content-Type"] == "application/problem+json"
+        assert bad_header.headers["Server"] == "chrono-ingest"
+
+
+def test_bind_failure_is_oserror(tmp_path: Path) -> None:
+    with running_ingest(tmp_path) as ingest:
+        cfg = IngestConfig(api_keys=(TEST_API_KEY,), database_url=f"sqlite:///{tmp_path}/b.db",
+                           port=ingest.server.port)
+        with pytest.raises(OSError):
+            start_server(cfg)
+
+
+# --- the process ------------------------------------------------------------------------------
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("API_KEY", "INGEST_", "DATABASE_URL", "LOG_LEVEL"))}
+    env.update({"API_KEY": TEST_API_KEY, "INGEST_PORT": "0",
+                "DATABASE_URL": f"sqlite:///{tmp_path}/state/ingest.db", "LOG_LEVEL": "debug",
+                "PYTHONPATH": str(REPO)})
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def ingest_process(env: dict[str, str], *args: str) -> Iterator[
+        tuple[subprocess.Popen[str], queue.Queue[str]]]:
+    with subprocess.Popen([sys.executable, "-m", "collectors.ingest", *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        lines: queue.Queue[str] = queue.Queue()
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put(line)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            yield proc, lines
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(30)
+            reader.join(10)
+
+
+def _wait_for_event(lines: queue.Queue[str], event: str, seen: list[str]) -> dict[str, object]:
+    while True:
+        line = lines.get(timeout=30)
+        seen.append(line)
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if doc.get("event") == event:
+            return dict(doc)
+
+
+def test_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    seen: list[str] = []
+    with ingest_process(_env(tmp_path)) as (proc, lines):
+        started = _wait_for_event(lines, "ingest_started", seen)
+        url = str(started["url"])
+        with requests.Session() as http:
+            auth = {"Authorization": f"Bearer {TEST_API_KEY}",
+                    "Content-Type": "application/json"}
+            ok = http.post(url + "/internal/ingest", data=batch_body([make_feed()]),
+                           headers={**auth, "Idempotency-Key": "proc-1"}, timeout=10)
+            assert ok.status_code == 201
+            bad = http.post(url + "/internal/ingest", data=batch_body([make_feed()]),
+                            headers={**auth, "Authorization": "Bearer wrong-PRESENTED-key",
+                                     "Idempotency-Key": "proc-2"}, timeout=10)
+            assert bad.status_code == 401
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        _wait_for_event(lines, "ingest_stopped", seen)
+    text = "".join(seen)
+    assert TEST_API_KEY not in text
+    assert "wrong-PRESENTED-key" not in text
+    assert '"auth_failed"' in text
+    assert all(json.loads(line) for line in seen)  # every line is JSON
+    conn = sqlite3.connect(tmp_path / "state" / "ingest.db")
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM price_feeds").fetchone() == (1,)
+    finally:
+        conn.close()
+
+
+def test_process_stops_on_sigint(tmp_path: Path) -> None:
+    seen: list[str] = []
+    with ingest_process(_env(tmp_path)) as (proc, lines):
+        _wait_for_event(lines, "ingest_started", seen)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+
+
+@pytest.mark.parametrize(("extra", "variable"), [
+    ({"INGEST_PORT": "http"}, "INGEST_PORT"),
+    ({"API_KEY": ""}, "API_KEY"),
+    ({"DATABASE_URL": "mysql://nope"}, "DATABASE_URL"),
+])
+def test_process_config_error_exits_2(tmp_path: Path, extra: dict[str, str],
+                                      variable: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "collectors.ingest"], cwd=REPO,
+                            env=_env(tmp_path, **extra), capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert variable in lines[0]
+
+
+def test_process_storage_failure_exits_1(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = subprocess.run([sys.executable, "-m", "collectors.ingest"], cwd=REPO,
+                            env=_env(tmp_path, DATABASE_URL=f"sqlite:///{blocker}/x/i.db"),
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert '"storage_open_failed"' in result.stdout
+
+
+def test_process_migrate(tmp_path: Path) -> None:
+    env = _env(tmp_path, API_KEY="")  # migrate needs no key
+    result = subprocess.run([sys.executable, "-m", "collectors.ingest", "migrate"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert '"migrations_applied"' in result.stdout
+    conn = sqlite3.connect(tmp_path / "state" / "ingest.db")
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+    finally:
+        conn.close()
+
+
+def test_help_lists_the_environment() -> None:
+    result = subprocess.run([sys.executable, "-m", "collectors.ingest", "--help"], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0
+    assert "DATABASE_URL" in result.stdout
+    assert "migrate" in result.stdout
