@@ -33,6 +33,13 @@ Frame = tuple[bytes, int]  # (payload, received epoch ns)
 #: memory (websocket-client itself has no maximum frame size).
 DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 
+#: Planned replacements (the venue asked, or the connection nears the venue's age limit) are
+#: made before the old connection is broken: the old one is read until the new one has
+#: delivered for HANDOVER_OVERLAP_S, at most HANDOVER_MAX_S. Adapters drop the overlap.
+PLANNED_REASONS = frozenset({"server_shutdown", "max_age"})
+HANDOVER_OVERLAP_S = 2.0
+HANDOVER_MAX_S = 30.0
+
 
 class FrameTooLarge(websocket.WebSocketException):
     """A frame above the size limit; its payload was read and discarded, the stream is in sync."""
@@ -131,6 +138,9 @@ class Connection:
         self.last_frame_monotonic = 0.0
         self.connected_since: float | None = None
         self._frames_dropped_logged = 0.0
+        self._max_age_s = adapter.max_connection_age_s
+        self._first_frame_at: float | None = None   # first text frame of the current connection
+        self._retiring: list[threading.Thread] = []
 
     # ---- requests from other threads -------------------------------------------------------
     def data_seen(self) -> None:
@@ -192,7 +202,10 @@ class Connection:
             self._metrics.reconnect(reason)
             if self._data_seen:
                 self._backoff.reset()
-            delay = self._backoff.next_delay()
+            # A planned replacement reconnects at once; the old connection is still being read.
+            delay = 0.0 if reason in PLANNED_REASONS else self._backoff.next_delay()
+        for t in self._retiring:
+            t.join(timeout=2)
 
     def _open(self, url: str) -> websocket.WebSocket:
         ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=True)
@@ -231,21 +244,65 @@ class Connection:
             extra["reconnect_after_s"] = round(now - lost_at, 3)
             self._metrics.last_reconnect_duration.set(now - lost_at)
         log.info("ws_connected", extra=extra)
+        self._first_frame_at = None
+        reason = "error"
         try:
             for message in self.adapter.subscribe_messages(symbols):
                 ws.send(message)
-            return self._receive(ws)
+            reason = self._receive(ws)
+            return reason
         except (OSError, websocket.WebSocketException) as exc:
             if self._stop.is_set():
-                return "stopped"
+                reason = "stopped"
+                return reason
             log.warning("ws_disconnected", extra={"error": _describe(exc),
                                                   "connected_s": round(time.monotonic() - now, 3)})
-            return "error"
+            return reason
         finally:
             self._metrics.connected.set(0)
             self.connected_since = None
             self._ws = None
-            _close_quietly(ws, graceful=self._stop.is_set())
+            if reason in PLANNED_REASONS and not self._stop.is_set():
+                self._retire(ws)
+            else:
+                _close_quietly(ws, graceful=self._stop.is_set())
+
+    def _retire(self, ws: websocket.WebSocket) -> None:
+        """Keep reading a connection being replaced, on its own thread, until its successor
+        has delivered for a while: make-before-break, so the switch loses no update."""
+        self._retiring = [t for t in self._retiring if t.is_alive()]
+        thread = threading.Thread(target=self._drain_old, args=(ws,), daemon=True,
+                                  name=f"ws-{self.adapter.name}-retiring")
+        self._retiring.append(thread)
+        thread.start()
+
+    def _drain_old(self, ws: websocket.WebSocket) -> None:
+        started = time.monotonic()
+        forwarded = 0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                successor = self._first_frame_at
+                if now - started > HANDOVER_MAX_S or (
+                        successor is not None and successor > started
+                        and now - successor > HANDOVER_OVERLAP_S):
+                    break
+                try:
+                    opcode, frame = ws.recv_data_frame(True)
+                except websocket.WebSocketTimeoutException:
+                    continue
+                if opcode in (ABNF.OPCODE_TEXT, ABNF.OPCODE_BINARY):
+                    if self._frames.put((frame.data, time.time_ns())):
+                        forwarded += 1
+                elif opcode == ABNF.OPCODE_CLOSE:
+                    break
+        except (OSError, websocket.WebSocketException):
+            pass  # the venue closed it: exactly what we were waiting for
+        finally:
+            _close_quietly(ws, graceful=True)
+            log.info("ws_handover_done", extra={"old_frames_after_switch": forwarded,
+                                                "overlap_s": round(time.monotonic() - started,
+                                                                   3)})
 
     def _receive(self, ws: websocket.WebSocket) -> str:
         frames = self._frames
@@ -266,6 +323,10 @@ class Connection:
                 if resub is not None:
                     for message in self.adapter.subscribe_messages(resub):
                         ws.send(message)
+            if self._max_age_s is not None and self.connected_since is not None and (
+                    now - self.connected_since > self._max_age_s):
+                log.info("ws_max_age", extra={"age_s": round(now - self.connected_since)})
+                return "max_age"
             silent_for = now - self.last_frame_monotonic
             if silent_for > liveness:
                 log.warning("ws_liveness_timeout", extra={"silent_s": round(silent_for, 3),
@@ -288,6 +349,8 @@ class Connection:
                 continue
             self.last_frame_monotonic = time.monotonic()
             if opcode in (ABNF.OPCODE_TEXT, ABNF.OPCODE_BINARY):
+                if self._first_frame_at is None:
+                    self._first_frame_at = self.last_frame_monotonic
                 if not frames.put((frame.data, time.time_ns())):
                     self._metrics.frames_dropped.inc()
                     if self.last_frame_monotonic - self._frames_dropped_logged > 10:

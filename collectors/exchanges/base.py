@@ -66,6 +66,8 @@ class Adapter(Protocol):
     app_ping_interval_s: float | None
     #: A symbol with no data for this long is stale (reported, not reconnected).
     symbol_stale_after_s: float
+    #: Replace the connection before the venue cuts it at this age (Binance: 24 h); None: never.
+    max_connection_age_s: float | None
     #: True when a rejected symbol voids the whole subscribe request (Coinbase), so the others
     #: must be subscribed again; False when the venue rejects symbols one by one (Kraken).
     resubscribe_after_reject: bool

@@ -23,9 +23,11 @@ Notes that shape this parser:
 - `24hrTicker`: `c` is the last price; `p` is the 24 h price *change* and is never the price.
   All prices and quantities are decimal strings. `E` is the event time in milliseconds (we do not
   ask for `timeUnit=MICROSECOND`), kept with exactly millisecond precision.
-- Binance has no ticker sequence number; `E` orders a symbol's updates. An update whose `E` is at
-  or below the last one seen for that symbol is a duplicate: this is how the overlap between an
-  old connection and its replacement (the 24 h cut, `serverShutdown`) is dropped.
+- Binance has no ticker sequence number; `E` identifies a symbol's updates. During a handover
+  (the 24 h cut, `serverShutdown`) the old and the new connection both deliver for a while and
+  their frames interleave, so an update is a duplicate when its `E` was already seen for that
+  symbol within the last `DEDUP_WINDOW_MS`; one older than that window is dropped as late. A
+  distinct update that merely arrives out of order is kept: the overlap loses nothing.
 - Symbols map both ways through an explicit table of (base, quote) markets per venue: `BTCUSDC`
   and `BTCUSDS` cannot be told apart by string surgery, and a USDT market is never `.../USD`.
   binance.com lists no USD-quoted market at all; binance.us lists both `BTCUSD` and `BTCUSDT`.
@@ -117,6 +119,10 @@ _RESTRICTED_HINT = ("binance.com refuses connections from restricted locations s
                     "(HTTP 451): use the binanceus collector there")
 
 
+#: How far back an event time is remembered for deduplication (a handover overlaps a few s).
+DEDUP_WINDOW_MS = 60_000
+
+
 class BinanceAdapter:
     """Pure parser for one Binance venue; keeps the last event time `E` per symbol."""
 
@@ -124,6 +130,8 @@ class BinanceAdapter:
     # answers with pongs: no application ping exists.
     app_ping_interval_s: float | None = None
     # Streams are in the URL; there is no subscribe request to void.
+    # Binance cuts every connection at 24 h: hand over to a new one well before.
+    max_connection_age_s: float | None = 23.5 * 3600
     resubscribe_after_reject = False
     # Each subscribed symbol gets a `24hrTicker` every 1000 ms (the rolling 24 h window moves
     # every second for any market that traded in the last day), so ten seconds without any frame
@@ -150,7 +158,10 @@ class BinanceAdapter:
                 raise ValueError(f"ambiguous {venue.name} market table entry {venue_symbol}")
             self._to_venue[canonical] = venue_symbol
             self._from_venue[venue_symbol] = canonical
-        self._last_event_ms: dict[str, int] = {}
+        # Per venue symbol: the newest event time seen and every event time seen within the
+        # dedup window before it.
+        self._newest_ms: dict[str, int] = {}
+        self._seen_ms: dict[str, set[int]] = {}
 
     # ---- symbols ---------------------------------------------------------------------------
 
@@ -272,10 +283,8 @@ class BinanceAdapter:
         volume = number(payload, "v", required=False)
 
         event_ms = _event_ms(payload.get("E"), received_ns)
-        if event_ms is not None:
-            last = self._last_event_ms.get(venue_symbol)
-            if last is not None and event_ms <= last:
-                return Parsed(Kind.TICKER, duplicates=1)
+        if event_ms is not None and self._already_seen(venue_symbol, event_ms):
+            return Parsed(Kind.TICKER, duplicates=1)
 
         meta: Metadata = {}
         for out_key, in_key in (("quote_volume", "q"), ("bid", "b"), ("bid_size", "B"),
@@ -300,13 +309,30 @@ class BinanceAdapter:
             timestamp, exchange_ns = received_iso(received_ns), 0
             meta["timestamp_source"] = "local"
 
-        # Only a fully valid record moves the symbol's event time forward.
+        # Only a fully valid record counts as seen.
         if event_ms is not None:
-            self._last_event_ms[venue_symbol] = event_ms
+            self._remember(venue_symbol, event_ms)
         record = PriceFeed(symbol=symbol, price=price, volume=volume, timestamp=timestamp,
                            source=self.name, worker_id=self._worker_id, metadata=meta,
                            exchange_ns=exchange_ns, received_ns=received_ns)
         return Parsed(Kind.TICKER, records=(record,))
+
+    def _already_seen(self, venue_symbol: str, event_ms: int) -> bool:
+        newest = self._newest_ms.get(venue_symbol)
+        if newest is None:
+            return False
+        if event_ms < newest - DEDUP_WINDOW_MS:
+            return True  # too old to tell: late, and superseded long since
+        return event_ms in self._seen_ms[venue_symbol]
+
+    def _remember(self, venue_symbol: str, event_ms: int) -> None:
+        seen = self._seen_ms.setdefault(venue_symbol, set())
+        seen.add(event_ms)
+        newest = max(event_ms, self._newest_ms.get(venue_symbol, event_ms))
+        self._newest_ms[venue_symbol] = newest
+        if len(seen) > 2 * DEDUP_WINDOW_MS // 1000:  # ~one update a second: prune rarely
+            floor = newest - DEDUP_WINDOW_MS
+            self._seen_ms[venue_symbol] = {e for e in seen if e >= floor}
 
 
 def _event_ms(raw: object, received_ns: int) -> int | None:

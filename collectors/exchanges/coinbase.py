@@ -59,6 +59,7 @@ class CoinbaseAdapter:
     liveness_timeout_s = 10.0
     app_ping_interval_s: float | None = None
     # "Failed to subscribe ... is not a valid product" voids the whole request.
+    max_connection_age_s: float | None = None
     resubscribe_after_reject = True
     # Tickers follow trades; a liquid market is never quiet for 2 minutes, a thin one may be.
     symbol_stale_after_s = 120.0

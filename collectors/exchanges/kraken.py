@@ -85,6 +85,7 @@ class KrakenAdapter:
     # answers `pong`, and its heartbeats normally make the ping unnecessary).
     app_ping_interval_s: float | None = 5.0
     # One ack per symbol: a rejected pair leaves the others subscribed.
+    max_connection_age_s: float | None = None
     resubscribe_after_reject = False
     # Tickers follow trades (event_trigger defaults to `trades`); Kraken's USD majors trade every
     # few seconds but DOGE/USD or XRP/USD can pause for minutes. Staleness is only reported.

@@ -11,6 +11,7 @@ from collectors.errors import ConfigError, ParseError
 from collectors.exchanges import create
 from collectors.exchanges.base import Kind
 from collectors.exchanges.binance import (
+    DEDUP_WINDOW_MS,
     BINANCE_COM,
     BINANCE_COM_MARKETS,
     BINANCE_US_MARKETS,
@@ -225,14 +226,33 @@ def test_unknown_events_are_other() -> None:
 
 # ---- event-time dedup ---------------------------------------------------------------------------
 
-def test_stale_and_repeated_event_times_are_dropped() -> None:
+def test_repeated_and_too_old_event_times_are_dropped() -> None:
     adapter = binance("w")
     assert len(adapter.parse(_ticker(E0), RECEIVED_NS).records) == 1
     same = adapter.parse(_ticker(E0), RECEIVED_NS)
-    older = adapter.parse(_ticker(E0 - 1000), RECEIVED_NS)
+    ancient = adapter.parse(_ticker(E0 - DEDUP_WINDOW_MS - 1), RECEIVED_NS)
     assert (same.kind, same.records, same.duplicates) == (Kind.TICKER, (), 1)
-    assert (older.records, older.duplicates) == ((), 1)
+    assert (ancient.records, ancient.duplicates) == ((), 1)
     assert len(adapter.parse(_ticker(E0 + 1000), RECEIVED_NS).records) == 1
+
+
+def test_handover_overlap_keeps_out_of_order_updates_once() -> None:
+    """Old and new connection interleave during a handover: every distinct E once."""
+    adapter = binance("w")
+    old_conn = [E0, E0 + 1000, E0 + 2000, E0 + 3000]
+    new_conn = [E0 + 2000, E0 + 3000, E0 + 4000]
+    arrival = [old_conn[0], old_conn[1], new_conn[0], new_conn[1], old_conn[2], new_conn[2],
+               old_conn[3]]
+    stored = [r.exchange_ns // 1_000_000 for e in arrival
+              for r in adapter.parse(_ticker(e), RECEIVED_NS).records]
+    assert sorted(stored) == sorted(set(old_conn) | set(new_conn))
+
+
+def test_dedup_memory_stays_bounded() -> None:
+    adapter = binance("w")
+    for i in range(1000):
+        adapter.parse(_ticker(E0 + i * 1000), RECEIVED_NS)
+    assert max(len(s) for s in adapter._seen_ms.values()) <= 2 * DEDUP_WINDOW_MS // 1000 + 1
 
 
 def test_event_times_are_per_symbol() -> None:
