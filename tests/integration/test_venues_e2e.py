@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 
 from collectors.simulator import Simulator
-from tests.integration.conftest import ROOT, collector_process, stored_count, stored_rows, wait_until
+from tests.integration.conftest import (
+    ROOT,
+    collector_process,
+    stored_count,
+    stored_rows,
+    wait_until,
+)
 from tests.support.servers import IngestServer
-
-ENDPOINT_SUFFIX = {"binance": "", "binanceus": "", "kraken": ""}
 
 
 def _expected_binance(t: dict[str, object]) -> tuple[object, ...]:
