@@ -48,7 +48,8 @@ $(VAR)/run $(VAR)/log:
 define start_supervisord
 	@if [ -S $(VAR)/run/supervisor.sock ] && $(BIN)/supervisorctl -c $(SUPERVISORD_CONF) pid >/dev/null 2>&1; then \
 		echo "supervisord is already running: make stop first"; exit 1; fi
-	CHRONO_DEMO=$(1) CHRONO_COINBASE_WS_URL=$(2) $(BIN)/supervisord -c $(SUPERVISORD_CONF)
+	CHRONO_DEMO=$(1) CHRONO_COINBASE_WS_URL=$(2) CHRONO_BINANCE_WS_URL=$(3) \
+		CHRONO_BINANCEUS_WS_URL=$(4) CHRONO_KRAKEN_WS_URL=$(5) $(BIN)/supervisord -c $(SUPERVISORD_CONF)
 	@echo "started; waiting for the programs to come up..."
 	@$(BIN)/chrono-collector status -c $(SUPERVISORD_CONF) --wait 20 >/dev/null || true
 	@$(BIN)/supervisorctl -c $(SUPERVISORD_CONF) status || true
@@ -56,10 +57,10 @@ define start_supervisord
 endef
 
 run: $(STAMP) $(VAR)/secrets/api_key | $(VAR)/run $(VAR)/log
-	$(call start_supervisord,false,)
+	$(call start_supervisord,false,,,,)
 
 demo: $(STAMP) $(VAR)/secrets/api_key | $(VAR)/run $(VAR)/log
-	$(call start_supervisord,true,ws://127.0.0.1:9201)
+	$(call start_supervisord,true,ws://127.0.0.1:9201,ws://127.0.0.1:9202,ws://127.0.0.1:9203,ws://127.0.0.1:9204/v2)
 
 stop:
 	@if [ -S $(VAR)/run/supervisor.sock ]; then $(BIN)/supervisorctl -c $(SUPERVISORD_CONF) shutdown; else echo "not running"; fi
@@ -78,3 +79,14 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VAR) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# --- operations: supervisord/systemd/Prometheus/Grafana checks (tests/ops) ---
+.PHONY: test-ops check-monitoring
+
+test-ops: $(STAMP)
+	$(BIN)/python -m pytest -q tests/ops $(PYTEST_ARGS)
+
+check-monitoring:
+	promtool check config monitoring/prometheus/prometheus.yml
+	promtool check rules monitoring/prometheus/rules/chrono.rules.yml
+	cd monitoring/prometheus/rules && promtool test rules chrono.rules.test.yml

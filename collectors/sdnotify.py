@@ -29,7 +29,7 @@ class Notifier:
     def notify(self, state: str) -> None:
         if self._address is None:
             return
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            # systemd gone (e.g. shutting down): nothing useful to do
-            with contextlib.suppress(OSError):
-                sock.sendto(state.encode(), self._address)
+        # systemd gone (e.g. shutting down): nothing useful to do
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, \
+                contextlib.suppress(OSError):
+            sock.sendto(state.encode(), self._address)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from collectors import __version__, exchanges
 from collectors.batching import Handoff
@@ -46,6 +46,10 @@ class CollectorService:
                  notifier: Notifier | None = None) -> None:
         self.config = config
         self.registry = registry or CollectorRegistry()
+        if registry is None:
+            # process_start_time_seconds (restart alerts), RSS and CPU, python_info.
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
         self.metrics = Metrics(self.registry, config.exchange, config.worker_id, __version__)
         self.adapter = exchanges.create(config.exchange, config.worker_id)
         self.stop_event = threading.Event()

@@ -18,8 +18,6 @@ from pathlib import Path
 
 from collectors import exchanges
 
-GROUP = "collectors"
-
 
 @dataclass(slots=True)
 class Row:
@@ -123,7 +121,8 @@ def _row(name: str, state: str, pid: int | None, body: dict[str, object] | None)
 
 
 def supervisor_processes(config: Path, timeout: float) -> dict[str, tuple[str, int | None]]:
-    """{program: (state, pid)} for the `collectors` group, over the unix control socket."""
+    """{program: (state, pid)} for every collector program (named after its exchange), over
+    supervisord's unix control socket."""
     from supervisor.xmlrpc import SupervisorTransport
 
     parser = configparser.RawConfigParser()
@@ -138,7 +137,7 @@ def supervisor_processes(config: Path, timeout: float) -> dict[str, tuple[str, i
     infos = proxy.supervisor.getAllProcessInfo()
     out: dict[str, tuple[str, int | None]] = {}
     for info in infos if isinstance(infos, list) else []:
-        if isinstance(info, dict) and info.get("group") == GROUP:
+        if isinstance(info, dict) and info.get("name") in exchanges.REGISTRY:
             pid = info.get("pid")
             out[str(info.get("name"))] = (str(info.get("statename")),
                                           pid if isinstance(pid, int) and pid else None)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Install chrono-collectors on a systemd host (Debian 12+), idempotently. Run as root from a clone:
+#   sudo deploy/install.sh [EXCHANGE...]        (default: coinbase binance binanceus kraken)
+# Layout: /opt/chrono-collectors/venv (package), /etc/chrono-collectors (EXCHANGE.env, api_key 0400),
+# /var/lib/chrono/EXCHANGE (spool; systemd StateDirectory), units in /etc/systemd/system.
+# The API key is read from $CHRONO_API_KEY_FILE (a file you provide) the first time; an existing
+# /etc/chrono-collectors/api_key is kept. Re-running upgrades the package and restarts the units.
+set -euo pipefail
+SRC="$(cd "$(dirname "$0")/.." && pwd)"
+PREFIX=/opt/chrono-collectors
+ETC=/etc/chrono-collectors
+UNITS=/etc/systemd/system
+if [ $# -gt 0 ]; then EXCHANGES=("$@"); else EXCHANGES=(coinbase binance binanceus kraken); fi
+PYTHON="${PYTHON:-python3}"
+
+[ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 2; }
+
+install -d -m 0755 "$PREFIX"
+[ -x "$PREFIX/venv/bin/python" ] || "$PYTHON" -m venv "$PREFIX/venv"
+"$PREFIX/venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    -c "$SRC/constraints.txt" "$SRC"
+install -m 0644 "$SRC/README.md" "$PREFIX/README.md"
+
+install -d -m 0755 "$ETC"
+if [ ! -s "$ETC/api_key" ]; then
+  [ -n "${CHRONO_API_KEY_FILE:-}" ] && [ -s "$CHRONO_API_KEY_FILE" ] \
+    || { echo "set CHRONO_API_KEY_FILE to a file holding the ingest API key" >&2; exit 2; }
+  install -m 0400 -o root -g root "$CHRONO_API_KEY_FILE" "$ETC/api_key"
+fi
+chmod 0400 "$ETC/api_key"
+for ex in "${EXCHANGES[@]}"; do
+  if [ ! -e "$ETC/$ex.env" ]; then
+    umask 077
+    printf '%s\n' "# chrono-collector@$ex settings (see README, Collector configuration)" \
+      "API_BASE_URL=${CHRONO_API_BASE_URL:-https://chrono.example/api}" > "$ETC/$ex.env"
+  fi
+done
+install -m 0644 "$SRC/deploy/supervisord.production.conf" "$ETC/supervisord.conf"
+
+install -m 0644 "$SRC/systemd/chrono-collector@.service" "$UNITS/chrono-collector@.service"
+install -m 0644 "$SRC/systemd/chrono-supervisord.service" "$UNITS/chrono-supervisord.service"
+systemctl daemon-reload
+for ex in "${EXCHANGES[@]}"; do
+  systemctl enable "chrono-collector@$ex.service"
+  systemctl restart "chrono-collector@$ex.service"
+done
+
+endpoints=()
+for ex in "${EXCHANGES[@]}"; do
+  case "$ex" in coinbase) p=9101;; binance) p=9102;; binanceus) p=9103;; kraken) p=9104;; *) continue;; esac
+  endpoints+=(--endpoint "$ex=http://127.0.0.1:$p")
+done
+"$PREFIX/venv/bin/chrono-collector" status --no-supervisor "${endpoints[@]}" --wait 30

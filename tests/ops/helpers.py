@@ -1,0 +1,85 @@
+"""Shared helpers of the operations tests: ports, polling and a running collector stack."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = ROOT / ".venv" / "bin"
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0,
+               interval_s: float = 0.05) -> bool:
+    """Poll another process's observable state with a deadline (no cross-process event)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port_range(count: int) -> int:
+    """First of `count` consecutive free ports on 127.0.0.1 (the simulator numbers its venues
+    from one base port)."""
+    for _ in range(200):
+        base = free_port()
+        if base + count < 65535 and all(_port_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError("no range of free ports")
+
+
+def http_get(url: str, timeout: float = 2.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return str(resp.read().decode())
+
+
+def require_tool(name: str) -> str:
+    """Path of a command-line tool; skip with a reason when absent, but fail in CI."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (apt-get install -y prometheus / systemd)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + "; CI must run this test")
+        pytest.skip(message)
+    return path
+
+
+def scrape_names(text: str) -> set[str]:
+    """Every metric name a /metrics scrape declares or samples, histogram/summary series
+    included (`# TYPE x histogram` declares x_bucket, x_sum, x_count)."""
+    names: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()[:4]
+            names.add(name)
+            if kind in ("histogram", "summary"):
+                names.update({f"{name}_bucket", f"{name}_sum", f"{name}_count"})
+            if kind == "counter" and not name.endswith("_total"):
+                names.add(f"{name}_total")
+        elif line and not line.startswith("#"):
+            names.add(line.split("{", 1)[0].split(" ", 1)[0])
+    return names
