@@ -1,0 +1,887 @@
+"""Tests of the durable spool on real files: batches, full policy, threads, kill -9, damage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import collectors
+from collectors.errors import SpoolError
+from collectors.spool import DEAD_LETTER_NAME, Batch, Spool
+
+REPO_ROOT = Path(collectors.__file__).resolve().parents[1]
+T0 = 1_764_403_200_000_000_000  # 2025-11-29T08:00:00Z
+SECOND = 1_000_000_000
+PAGE = 4096
+
+
+class FakeClock:
+    def __init__(self, now_ns: int = T0) -> None:
+        self.now_ns = now_ns
+
+    def __call__(self) -> int:
+        return self.now_ns
+
+    def advance(self, seconds: float) -> None:
+        self.now_ns += int(seconds * SECOND)
+
+
+def rec(n: int, pad: int = 100) -> bytes:
+    """A compact JSON record; the same size for every n below 10**6 (the pad absorbs digits)."""
+    body = {"n": n, "symbol": "BTC/USD", "pad": "x" * (pad - len(str(n)))}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def numbers(records: tuple[bytes, ...] | list[bytes]) -> list[int]:
+    return [int(json.loads(r)["n"]) for r in records]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+@pytest.fixture
+def spool(spool_dir: Path, clock: FakeClock) -> Iterator[Spool]:
+    s = Spool(spool_dir, clock_ns=clock)
+    yield s
+    s.close()
+
+
+def drain_all(spool: Spool) -> list[bytes]:
+    out: list[bytes] = []
+    while (batch := spool.due_batch(1000, 0.0, force=True)) is not None:
+        out.extend(batch.records)
+        assert spool.ack(batch.key) == len(batch.records)
+    return out
+
+
+# ---------------------------------------------------------------------- basics
+
+
+def test_round_trip_keeps_bytes_and_order(spool: Spool, clock: FakeClock) -> None:
+    records = [rec(i) for i in range(10)] + [b'{"odd":"\\u00e9 \xc3\xa9"}']
+    assert spool.append(records) == 0
+    stats = spool.stats()
+    assert (stats.records, stats.payload_bytes) == (11, sum(len(r) for r in records))
+    assert stats.oldest_record_ns == T0
+    batch = spool.due_batch(100, 0.0, force=True)
+    assert batch is not None
+    assert batch.records == tuple(records)
+    assert batch.body() == b'{"feeds":[' + b",".join(records) + b"]}"
+    assert json.loads(batch.body())["feeds"][0] == json.loads(records[0])
+    assert (batch.attempts, batch.created_ns, len(batch.key)) == (0, T0, 32)
+    assert batch.first_id < batch.last_id
+    assert spool.ack(batch.key) == 11
+    assert spool.ack(batch.key) == 0  # idempotent
+    stats = spool.stats()
+    assert (stats.records, stats.payload_bytes, stats.batches_claimed) == (0, 0, 0)
+    assert stats.oldest_record_ns is None
+    assert spool.due_batch(100, 0.0, force=True) is None
+
+
+def test_empty_append_is_a_no_op(spool: Spool) -> None:
+    assert spool.append([]) == 0
+    assert spool.stats().records == 0
+
+
+def test_claim_by_size(spool: Spool) -> None:
+    spool.append([rec(i) for i in range(4)])
+    assert spool.due_batch(5, 3600.0) is None  # 4 < 5 and young
+    spool.append([rec(i) for i in range(4, 12)])
+    batch = spool.due_batch(5, 3600.0)
+    assert batch is not None
+    assert numbers(batch.records) == [0, 1, 2, 3, 4]
+    assert spool.stats().claimed_records == 5
+
+
+def test_claim_by_age_uses_the_injected_clock(spool: Spool, clock: FakeClock) -> None:
+    spool.append([rec(0), rec(1)])
+    clock.advance(3)
+    spool.append([rec(2)])
+    clock.advance(6.999)
+    assert spool.due_batch(100, 10.0) is None  # oldest is 9.999 s old
+    clock.advance(0.001)
+    batch = spool.due_batch(100, 10.0)
+    assert batch is not None
+    assert numbers(batch.records) == [0, 1, 2]
+    assert batch.created_ns == T0
+
+
+def test_force_claims_whatever_waits(spool: Spool) -> None:
+    assert spool.due_batch(100, 3600.0, force=True) is None  # nothing waits
+    spool.append([rec(0)])
+    assert spool.due_batch(100, 3600.0) is None
+    batch = spool.due_batch(100, 3600.0, force=True)
+    assert batch is not None and numbers(batch.records) == [0]
+
+
+def test_claimed_batch_comes_first_until_acked(spool: Spool) -> None:
+    spool.append([rec(i) for i in range(10)])
+    first = spool.due_batch(4, 0.0)
+    assert first is not None
+    spool.record_attempt(first.key)
+    spool.record_attempt(first.key)
+    again = spool.due_batch(4, 0.0)
+    assert again is not None
+    assert (again.key, again.records, again.attempts) == (first.key, first.records, 2)
+    assert spool.due_batch(1, 0.0) == again  # a different max_records does not matter
+    assert spool.ack(first.key) == 4
+    second = spool.due_batch(4, 0.0)
+    assert second is not None and second.key != first.key
+    assert numbers(second.records) == [4, 5, 6, 7]  # claimed in record order
+    assert second.first_id > first.last_id
+
+
+def test_record_attempt_on_unknown_key_raises(spool: Spool) -> None:
+    with pytest.raises(SpoolError, match="no claimed batch"):
+        spool.record_attempt("nope")
+    assert spool.dead_letter("nope", 422, "x") == 0
+
+
+def test_invalid_arguments(spool_dir: Path, spool: Spool) -> None:
+    with pytest.raises(ValueError, match="max_records"):
+        spool.due_batch(0, 1.0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        Spool(spool_dir / "other", max_bytes=0)
+    with pytest.raises(ValueError, match="fsync_interval_s"):
+        Spool(spool_dir / "other", fsync_interval_s=-1)
+
+
+def test_claimed_batch_survives_reopen(spool_dir: Path, clock: FakeClock) -> None:
+    with Spool(spool_dir, clock_ns=clock) as spool:
+        spool.append([rec(i) for i in range(7)])
+        clock.advance(1)
+        spool.append([rec(i) for i in range(7, 9)])
+        batch = spool.due_batch(8, 0.0)
+        assert batch is not None
+        spool.record_attempt(batch.key)
+    with Spool(spool_dir, clock_ns=clock) as spool:
+        again = spool.due_batch(3, 0.0, force=True)
+        assert again is not None
+        assert again.key == batch.key
+        assert again.records == batch.records
+        assert again.body() == batch.body()
+        assert (again.first_id, again.last_id, again.created_ns) == (
+            batch.first_id,
+            batch.last_id,
+            T0,
+        )
+        assert again.attempts == 1
+        stats = spool.stats()
+        assert (stats.records, stats.claimed_records, stats.batches_claimed) == (9, 8, 1)
+        assert spool.ack(again.key) == 8
+        rest = spool.due_batch(3, 0.0, force=True)
+        assert rest is not None and numbers(rest.records) == [8]
+
+
+def test_dead_letter_writes_one_json_line(spool_dir: Path, spool: Spool, clock: FakeClock) -> None:
+    spool.append([rec(1), rec(2)])
+    batch = spool.due_batch(10, 0.0, force=True)
+    assert batch is not None
+    clock.advance(1.5)
+    assert spool.dead_letter(batch.key, 422, 'record 1: price must be > 0 "quoted"') == 2
+    spool.append([rec(3)])
+    second = spool.due_batch(10, 0.0, force=True)
+    assert second is not None
+    assert spool.dead_letter(second.key, 400, "bad") == 1
+    path = spool_dir / DEAD_LETTER_NAME
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 2
+    entry = json.loads(lines[0])
+    assert entry == {
+        "dead_lettered_at": "2025-11-29T08:00:01.500000Z",
+        "idempotency_key": batch.key,
+        "status": 422,
+        "reason": 'record 1: price must be > 0 "quoted"',
+        "feeds": [json.loads(rec(1)), json.loads(rec(2))],
+    }
+    assert json.loads(lines[1])["feeds"] == [json.loads(rec(3))]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    stats = spool.stats()
+    assert (stats.records, stats.batches_claimed) == (0, 0)
+
+
+def test_dead_letter_keeps_a_non_json_record_as_a_string(spool_dir: Path, spool: Spool) -> None:
+    spool.append([b"not json", b'{"a":\n1}', rec(1)])
+    batch = spool.due_batch(10, 0.0, force=True)
+    assert batch is not None
+    assert spool.dead_letter(batch.key, 400, "bad") == 3
+    (line,) = (spool_dir / DEAD_LETTER_NAME).read_bytes().splitlines()  # still one line
+    assert json.loads(line)["feeds"] == ["not json", '{"a":\n1}', json.loads(rec(1))]
+
+
+def test_directory_is_created_private(spool_dir: Path, spool: Spool) -> None:
+    assert stat.S_IMODE(spool_dir.stat().st_mode) == 0o700
+    assert spool.stats().file_bytes > 0
+
+
+def test_closed_spool_refuses_calls(spool_dir: Path) -> None:
+    spool = Spool(spool_dir)
+    spool.close()
+    spool.close()  # idempotent
+    with pytest.raises(SpoolError, match="closed"):
+        spool.append([rec(1)])
+    with pytest.raises(SpoolError, match="closed"):
+        spool.due_batch(1, 0.0)
+
+
+def test_fsync_thread_runs_only_with_an_interval(spool_dir: Path) -> None:
+    def fsync_threads() -> int:
+        return sum(t.name == "spool-fsync" for t in threading.enumerate())
+
+    before = fsync_threads()
+    with Spool(spool_dir / "a", fsync_interval_s=0.05) as spool:
+        assert fsync_threads() == before + 1
+        spool.append([rec(1)])
+        spool.sync()
+    assert fsync_threads() == before
+    with Spool(spool_dir / "b", fsync_interval_s=0) as spool:
+        assert fsync_threads() == before
+        spool.append([rec(1)])
+        assert numbers(drain_all(spool)) == [1]
+
+
+def test_batch_body_is_deterministic() -> None:
+    batch = Batch("k", (b'{"a":1}', b'{"b":2}'), 1, 2, 0, T0)
+    assert batch.body() == b'{"feeds":[{"a":1},{"b":2}]}'
+    assert Batch("k", (), 1, 0, 0, T0).body() == b'{"feeds":[]}'
+
+
+# ---------------------------------------------------------------------- full policy
+
+
+def test_full_drops_oldest_waiting(spool_dir: Path) -> None:
+    size = len(rec(0))
+    with Spool(spool_dir, max_bytes=10 * size) as spool:
+        assert spool.append([rec(i) for i in range(8)]) == 0
+        assert spool.append([rec(i) for i in range(8, 12)]) == 2
+        stats = spool.stats()
+        assert (stats.records, stats.payload_bytes, stats.dropped_total) == (10, 10 * size, 2)
+        assert numbers(drain_all(spool)) == list(range(2, 12))
+
+
+def test_full_never_drops_claimed_records(spool_dir: Path) -> None:
+    size = len(rec(0))
+    with Spool(spool_dir, max_bytes=10 * size) as spool:
+        spool.append([rec(i) for i in range(10)])
+        claimed = spool.due_batch(6, 0.0)
+        assert claimed is not None and numbers(claimed.records) == [0, 1, 2, 3, 4, 5]
+        assert spool.append([rec(i) for i in range(10, 13)]) == 3  # drops 6, 7, 8
+        assert spool.append([rec(i) for i in range(13, 20)]) == 7  # 9..12 and 13..15
+        assert spool.due_batch(100, 0.0) == claimed
+        assert spool.ack(claimed.key) == 6
+        assert numbers(drain_all(spool)) == [16, 17, 18, 19]
+        assert spool.stats().dropped_total == 10
+
+
+def test_claimed_batches_filling_the_bound_drop_incoming(spool_dir: Path) -> None:
+    size = len(rec(0))
+    with Spool(spool_dir, max_bytes=4 * size) as spool:
+        spool.append([rec(i) for i in range(4)])
+        claimed = spool.due_batch(4, 0.0)
+        assert claimed is not None
+        assert spool.append([rec(4), rec(5)]) == 2
+        assert spool.stats().records == 4
+        assert spool.due_batch(9, 0.0) == claimed
+
+
+def test_single_append_larger_than_the_bound_keeps_the_newest(spool_dir: Path) -> None:
+    size = len(rec(0))
+    with Spool(spool_dir, max_bytes=3 * size + size // 2) as spool:
+        spool.append([rec(100)])
+        assert spool.append([rec(i) for i in range(10)]) == 8  # rec(100) and 0..6
+        assert numbers(drain_all(spool)) == [7, 8, 9]
+        assert spool.append([rec(1, pad=10 * size)]) == 1  # one record bigger than the bound
+        assert spool.stats().records == 0
+
+
+# ---------------------------------------------------------------------- threads and crashes
+
+
+def test_concurrent_append_and_drain_lose_and_duplicate_nothing(spool_dir: Path) -> None:
+    total = 30_000
+    expected = [rec(i, pad=20) for i in range(total)]
+    delivered: list[bytes] = []
+    failures: list[BaseException] = []
+    done = threading.Event()
+    with Spool(spool_dir, fsync_interval_s=0.01) as spool:
+
+        def writer() -> None:
+            try:
+                for start in range(0, total, 100):
+                    spool.append(expected[start : start + 100])
+            except BaseException as exc:  # reported by the main thread
+                failures.append(exc)
+            finally:
+                done.set()
+
+        def drainer() -> None:
+            try:
+                while True:
+                    finished = done.is_set()  # read first: then a forced claim sees everything
+                    batch = spool.due_batch(250, 0.0, force=finished)
+                    if batch is None:
+                        if finished:
+                            return
+                        continue
+                    delivered.extend(batch.records)
+                    assert spool.ack(batch.key) == len(batch.records)
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [
+            threading.Thread(target=writer, name="spool-writer"),
+            threading.Thread(target=drainer, name="delivery"),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads)
+        assert failures == []
+        assert spool.stats().records == 0
+    assert len(delivered) == total
+    assert set(delivered) == set(expected)
+    assert delivered == expected  # and in order
+
+
+KILL_CHILD = """
+import hashlib, json, sys
+from pathlib import Path
+from collectors.spool import Spool
+
+spool = Spool(Path(sys.argv[1]), fsync_interval_s=1.0)
+spool.append([b'{"n":-2}', b'{"n":-1}'])
+batch = spool.due_batch(10, 0.0, force=True)
+spool.record_attempt(batch.key)
+print("claimed", batch.key, hashlib.sha256(batch.body()).hexdigest(), flush=True)
+n = 0
+while True:
+    spool.append([json.dumps({"n": n + i, "pad": "x" * 300}).encode() for i in range(50)])
+    n += 50
+    print("committed", n, flush=True)
+"""
+
+
+def test_kill_minus_9_loses_no_committed_record(spool_dir: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_CHILD, str(spool_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    try:
+        claimed = proc.stdout.readline().split()
+        assert claimed[0] == "claimed", claimed
+        committed = 0
+        while committed < 20_000:
+            line = proc.stdout.readline()
+            assert line, "the child died on its own"
+            committed = int(line.split()[1])
+        proc.send_signal(signal.SIGKILL)  # mid-loop, wherever it is
+        proc.wait(timeout=30)
+        for line in proc.stdout:  # lines printed before the kill but not read yet
+            committed = max(committed, int(line.split()[1]))
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    with Spool(spool_dir) as spool:
+        batch = spool.due_batch(1000, 0.0, force=True)
+        assert batch is not None
+        assert (batch.key, hashlib.sha256(batch.body()).hexdigest()) == (claimed[1], claimed[2])
+        assert batch.attempts == 1
+        assert numbers(batch.records) == [-2, -1]
+        spool.ack(batch.key)
+        found = numbers(drain_all(spool))
+        assert spool.stats().corrupt_lost_total == 0
+    assert len(found) >= committed  # anything after the last printed line may be there too
+    assert found == list(range(len(found)))  # nothing lost, duplicated or reordered
+
+
+# ---------------------------------------------------------------------- damaged files
+
+
+def build_spool(directory: Path, n: int = 3000, claim: int = 50) -> Batch:
+    """A closed spool of records 0..n-1, checkpointed into spool.db; the first `claim` claimed."""
+    with Spool(directory) as spool:
+        for start in range(0, n, 100):
+            spool.append([rec(i) for i in range(start, min(n, start + 100))])
+        batch = spool.due_batch(claim, 0.0)
+        assert batch is not None
+    assert not (directory / "spool.db-wal").exists()
+    return batch
+
+
+def build_spool_in_wal(directory: Path, n: int = 3000) -> None:
+    """A spool killed before any checkpoint: the records live only in spool.db-wal."""
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from collectors.spool import Spool\n"
+        "s = Spool(Path(sys.argv[1]))\n"
+        f"for i in range(0, {n}, 100):\n"
+        "    s.append([('{\"n\":%d,\"pad\":\"' % j + 'x' * 100 + '\"}').encode()"
+        " for j in range(i, i + 100)])\n"
+        "os._exit(0)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    subprocess.run([sys.executable, "-c", code, str(directory)], check=True, env=env, timeout=60)
+    assert (directory / "spool.db-wal").stat().st_size > 100 * PAGE
+
+
+def corrupt_events(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    """The `spool_corrupt` log records, as dicts of their attributes (the `extra` data)."""
+    return [
+        dict(r.__dict__)
+        for r in caplog.records
+        if r.name == "collectors.spool" and r.getMessage() == "spool_corrupt"
+    ]
+
+
+def aside_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if ".corrupt-" in p.name)
+
+
+def reopen_and_read(directory: Path) -> tuple[list[int], int, Batch | None]:
+    """(numbers of every record, corrupt_lost_total, the claimed batch if any)."""
+    with Spool(directory) as spool:
+        lost = spool.stats().corrupt_lost_total
+        batch = spool.due_batch(10_000, 0.0, force=True)
+        found: list[int] = []
+        if batch is not None:
+            found += numbers(batch.records)
+            spool.ack(batch.key)
+        found += numbers(drain_all(spool))
+    return found, lost, batch
+
+
+def test_garbage_pages_salvage_the_readable_records(
+    spool_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="collectors.spool")
+    claimed = build_spool(spool_dir)
+    db = spool_dir / "spool.db"
+    with db.open("r+b") as f:
+        f.seek(30 * PAGE)
+        f.write(b"\xa5" * (3 * PAGE))  # three pages of garbage in the middle
+    found, lost, batch = reopen_and_read(spool_dir)
+    assert lost > 0
+    assert len(found) + lost == 3000  # every record is either salvaged or counted lost
+    assert found == sorted(found) and len(set(found)) == len(found)
+    assert set(found) <= set(range(3000))
+    assert batch is not None and batch.key == claimed.key  # the intact claimed batch kept its key
+    assert batch.body() == claimed.body()
+    events = corrupt_events(caplog)
+    assert len(events) == 1
+    event = events[0]
+    assert event["levelno"] == logging.ERROR
+    assert (event["salvaged_records"], event["lost_records"]) == (len(found), lost)
+    assert event["lost_unknown"] is False
+    assert aside_files(spool_dir) == [Path(str(event["moved_to"])).name]
+
+
+def test_damaged_claimed_batch_goes_back_to_waiting_under_a_new_key(
+    spool_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="collectors.spool")
+    claimed = build_spool(spool_dir, claim=1000)
+    with (spool_dir / "spool.db").open("r+b") as f:
+        f.seek(12 * PAGE)
+        f.write(b"\x5a" * PAGE)  # one page inside the claimed batch's records
+    found, lost, batch = reopen_and_read(spool_dir)
+    assert 0 < lost < 100
+    assert len(found) + lost == 3000
+    assert batch is not None and batch.key != claimed.key  # its body could never match again
+    assert found == sorted(found)
+    (event,) = corrupt_events(caplog)
+    assert (event["batches_kept"], event["batches_rekeyed"]) == (0, 1)
+
+
+def test_garbage_header_is_moved_aside_and_the_spool_starts_afresh(
+    spool_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="collectors.spool")
+    build_spool(spool_dir)
+    db = spool_dir / "spool.db"
+    original_size = db.stat().st_size
+    with db.open("r+b") as f:
+        f.write(os.urandom(100))
+    found, lost, _ = reopen_and_read(spool_dir)
+    assert (found, lost) == ([], 0)
+    (event,) = corrupt_events(caplog)
+    assert event["lost_unknown"] is True
+    assert "not a database" in str(event["problem"])
+    aside = spool_dir / aside_files(spool_dir)[0]
+    assert aside.stat().st_size == original_size  # kept whole for forensics
+    with Spool(spool_dir) as spool:  # and the fresh spool works and stays healthy
+        spool.append([rec(1)])
+        assert numbers(drain_all(spool)) == [1]
+    assert len(corrupt_events(caplog)) == 1
+
+
+def test_truncated_database(spool_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="collectors.spool")
+    build_spool(spool_dir)
+    db = spool_dir / "spool.db"
+    os.truncate(db, db.stat().st_size // 2)
+    found, lost, _ = reopen_and_read(spool_dir)
+    assert 1000 < len(found) < 3000
+    assert found == sorted(found) and set(found) <= set(range(3000))
+    assert lost > 0
+    (event,) = corrupt_events(caplog)
+    assert event["salvaged_records"] == len(found)
+    assert len(aside_files(spool_dir)) == 1
+
+
+def test_zero_length_database(spool_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="collectors.spool")
+    build_spool(spool_dir)
+    os.truncate(spool_dir / "spool.db", 0)
+    found, lost, _ = reopen_and_read(spool_dir)
+    assert (found, lost) == ([], 0)
+    (event,) = corrupt_events(caplog)
+    assert event["problem"] == "zero-length database file"
+    assert event["lost_unknown"] is True
+    assert len(aside_files(spool_dir)) == 1
+
+
+def test_garbage_wal_header_is_rebuilt_and_nothing_is_lost(
+    spool_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="collectors.spool")
+    build_spool_in_wal(spool_dir)
+    wal = spool_dir / "spool.db-wal"
+    with wal.open("r+b") as f:
+        f.write(os.urandom(32))  # the WAL header: SQLite alone would ignore the whole WAL
+    found, lost, _ = reopen_and_read(spool_dir)
+    assert found == list(range(3000))
+    assert lost == 0
+    (event,) = corrupt_events(caplog)
+    assert event["lost_unknown"] is False
+    assert event["wal_frames_dropped"] == 0
+    assert aside_files(spool_dir) == [Path(str(event["moved_to"])).name]
+
+
+def test_garbage_in_the_middle_of_the_wal(
+    spool_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="collectors.spool")
+    build_spool_in_wal(spool_dir)
+    wal = spool_dir / "spool.db-wal"
+    with wal.open("r+b") as f:
+        f.seek(32 + 10 * (24 + PAGE) + 100)  # inside frame 10's page
+        f.write(b"\x00garbage\xff" * 30)
+    found, lost, _ = reopen_and_read(spool_dir)
+    # SQLite alone would stop replaying at frame 10 (about 300 records in); the rebuilt WAL
+    # keeps every other frame, so only the records of the damaged page are gone.
+    assert len(found) > 2900
+    assert found == sorted(found) and set(found) <= set(range(3000))
+    assert len(found) + lost == 3000
+    assert any(str(e["problem"]).startswith("WAL frame 10") for e in corrupt_events(caplog))
+
+
+def test_entirely_garbage_wal(spool_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="collectors.spool")
+    build_spool_in_wal(spool_dir)
+    wal = spool_dir / "spool.db-wal"
+    wal.write_bytes(os.urandom(wal.stat().st_size))
+    found, lost, _ = reopen_and_read(spool_dir)
+    assert (found, lost) == ([], 0)  # nothing readable, nothing countable ...
+    (event,) = corrupt_events(caplog)
+    assert event["lost_unknown"] is True  # ... and it says so
+    assert len(aside_files(spool_dir)) == 1
+
+
+def test_truncated_wal_keeps_a_prefix_of_commits(spool_dir: Path) -> None:
+    build_spool_in_wal(spool_dir)
+    wal = spool_dir / "spool.db-wal"
+    os.truncate(wal, wal.stat().st_size // 2 + 1234)  # mid-frame, like a torn tail
+    found, lost, _ = reopen_and_read(spool_dir)
+    assert 0 < len(found) < 3000
+    assert found == list(range(len(found)))  # whole commits, in order
+    assert lost == 0
+
+
+def test_checksum_mismatch_is_dead_lettered_not_sent(
+    spool_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="collectors.spool")
+    with Spool(spool_dir) as spool:
+        spool.append([rec(i) for i in range(5)])
+    # Damage SQLite cannot see: a payload changed behind its back (bit rot in a cell).
+    conn = sqlite3.connect(spool_dir / "spool.db")
+    try:
+        with conn:
+            conn.execute("UPDATE records SET payload = ? WHERE id = 3", (rec(999),))
+    finally:
+        conn.close()
+    with Spool(spool_dir) as spool:
+        batch = spool.due_batch(10, 0.0, force=True)
+        assert batch is not None and numbers(batch.records) == [0, 1, 3, 4]
+        assert spool.stats().corrupt_lost_total == 1
+        assert spool.stats().records == 4
+    line = json.loads((spool_dir / DEAD_LETTER_NAME).read_text())
+    assert line["feeds"] == [json.loads(rec(999))]
+    assert line["status"] == 0 and "checksum" in line["reason"]
+    assert len(corrupt_events(caplog)) == 1
+
+
+# ---------------------------------------------------------------------- environment errors
+
+
+@pytest.fixture
+def readonly_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory nobody can create files in, root included (chattr +i when root)."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o500)
+        yield path
+        path.chmod(0o700)
+        return
+    if shutil.which("chattr") is None:
+        pytest.skip("running as root without chattr: cannot make a directory unwritable")
+    if (
+        subprocess.run(["chattr", "+i", str(path)], check=False, capture_output=True).returncode
+        != 0
+    ):
+        pytest.skip("running as root and chattr +i is not permitted here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_unwritable_directory_raises_a_clear_spool_error(readonly_dir: Path) -> None:
+    with pytest.raises(SpoolError) as err:
+        Spool(readonly_dir)
+    message = str(err.value)
+    assert str(readonly_dir) in message and "not writable" in message
+    assert "\n" not in message
+    with pytest.raises(SpoolError, match="cannot create it"):
+        Spool(readonly_dir / "sub")
+
+
+def test_path_that_is_a_file_raises(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(SpoolError, match="not a directory"):
+        Spool(target)
+    with pytest.raises(SpoolError, match="cannot create it"):
+        Spool(target / "sub")
+
+
+def test_second_process_on_the_same_spool_is_refused(spool_dir: Path, spool: Spool) -> None:
+    with pytest.raises(SpoolError, match=f"in use by another process \\(pid {os.getpid()}\\)"):
+        Spool(spool_dir)
+    spool.append([rec(1)])  # the first one is unaffected
+
+
+def test_newer_schema_is_left_alone(spool_dir: Path) -> None:
+    Spool(spool_dir).close()
+    conn = sqlite3.connect(spool_dir / "spool.db")
+    try:
+        conn.execute("PRAGMA user_version=99")
+    finally:
+        conn.close()
+    with pytest.raises(SpoolError, match="schema version 99 is newer"):
+        Spool(spool_dir)
+    assert aside_files(spool_dir) == []
+
+
+def test_disk_full_on_append_raises_and_keeps_the_spool_usable(spool: Spool) -> None:
+    spool.append([rec(0)])
+    # A real full disk needs a tiny file system; SQLite reports a page cap the same way.
+    conn = spool._append_conn
+    assert conn is not None
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count={pages}")
+    with pytest.raises(SpoolError, match="database or disk is full"):
+        spool.append([rec(i, pad=3000) for i in range(1, 50)])
+    assert spool.stats().records == 1  # nothing half-stored
+    conn.execute("PRAGMA max_page_count=1000000")
+    assert spool.append([rec(1)]) == 0
+    assert numbers(drain_all(spool)) == [0, 1]
+
+
+def test_file_shrinks_after_a_backlog_drains(spool_dir: Path) -> None:
+    db = spool_dir / "spool.db"
+    with Spool(spool_dir) as spool:
+        for start in range(0, 40_000, 1000):
+            spool.append([rec(i, pad=300) for i in range(start, start + 1000)])
+        spool.due_batch(10, 0.0)  # checkpoints happen on commits; make one happen
+        peak = db.stat().st_size
+        assert peak > 10_000_000
+        assert len(drain_all(spool)) == 40_000
+        for _ in range(5):  # each ack returns at most a bounded step of free pages
+            spool.append([rec(0)])
+            drain_all(spool)
+        assert db.stat().st_size < peak // 2
+        assert spool.stats().file_bytes < peak
+
+
+# ---------------------------------------------------------------------- model-based
+
+
+class SpoolModel(RuleBasedStateMachine):
+    """The spool against a plain list model: append/claim/attempt/ack/dead-letter/reopen."""
+
+    MAX_BYTES = 700
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="spool-model-"))
+        self.clock = FakeClock()
+        self.spool = self.open()
+        self.waiting: list[tuple[bytes, int]] = []  # (record, appended_ns), oldest first
+        self.claimed: tuple[str, list[bytes], int] | None = None  # key, records, attempts
+        self.dropped = 0
+        self.dead_lines = 0
+        self.seq = 0
+
+    def open(self) -> Spool:
+        return Spool(self.tmp / "spool", max_bytes=self.MAX_BYTES, clock_ns=self.clock)
+
+    def teardown(self) -> None:
+        self.spool.close()
+        shutil.rmtree(self.tmp)
+
+    @rule(pads=st.lists(st.integers(0, 120), max_size=8))
+    def append(self, pads: list[int]) -> None:
+        records = [
+            json.dumps({"n": self.seq + i, "p": "x" * pad}).encode() for i, pad in enumerate(pads)
+        ]
+        self.seq += len(pads)
+        incoming = list(records)
+        claimed_bytes = sum(len(r) for r in self.claimed[1]) if self.claimed else 0
+        excess = (
+            claimed_bytes
+            + sum(len(r) for r, _ in self.waiting)
+            + sum(len(r) for r in incoming)
+            - self.MAX_BYTES
+        )
+        dropped = 0
+        while excess > 0 and self.waiting:
+            excess -= len(self.waiting.pop(0)[0])
+            dropped += 1
+        while excess > 0 and incoming:
+            excess -= len(incoming.pop(0))
+            dropped += 1
+        assert self.spool.append(records) == dropped
+        self.dropped += dropped
+        self.waiting += [(r, self.clock.now_ns) for r in incoming]
+
+    @rule(seconds=st.sampled_from([0.1, 1.0, 5.0]))
+    def tick(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+    @rule(
+        max_records=st.integers(1, 6),
+        max_age_s=st.sampled_from([0.5, 3.0, 1000.0]),
+        force=st.booleans(),
+    )
+    def claim(self, max_records: int, max_age_s: float, force: bool) -> None:
+        batch = self.spool.due_batch(max_records, max_age_s, force=force)
+        if self.claimed is not None:
+            assert batch is not None
+            assert (batch.key, list(batch.records), batch.attempts) == self.claimed
+            return
+        due = bool(self.waiting) and (
+            force
+            or len(self.waiting) >= max_records
+            or self.clock.now_ns - self.waiting[0][1] >= max_age_s * 1e9
+        )
+        if not due:
+            assert batch is None
+            return
+        assert batch is not None
+        taken = self.waiting[:max_records]
+        assert list(batch.records) == [r for r, _ in taken]
+        assert (batch.attempts, batch.created_ns) == (0, taken[0][1])
+        assert batch.body() == b'{"feeds":[' + b",".join(r for r, _ in taken) + b"]}"
+        self.waiting = self.waiting[max_records:]
+        self.claimed = (batch.key, [r for r, _ in taken], 0)
+
+    @precondition(lambda self: self.claimed is not None)
+    @rule()
+    def attempt(self) -> None:
+        assert self.claimed is not None
+        self.spool.record_attempt(self.claimed[0])
+        self.claimed = (self.claimed[0], self.claimed[1], self.claimed[2] + 1)
+
+    @precondition(lambda self: self.claimed is not None)
+    @rule()
+    def ack(self) -> None:
+        assert self.claimed is not None
+        assert self.spool.ack(self.claimed[0]) == len(self.claimed[1])
+        self.claimed = None
+
+    @precondition(lambda self: self.claimed is not None)
+    @rule(status=st.sampled_from([400, 413, 422]))
+    def dead_letter(self, status: int) -> None:
+        assert self.claimed is not None
+        key, records, _ = self.claimed
+        assert self.spool.dead_letter(key, status, "rejected") == len(records)
+        self.dead_lines += 1
+        lines = (self.tmp / "spool" / DEAD_LETTER_NAME).read_bytes().splitlines()
+        assert len(lines) == self.dead_lines
+        last = json.loads(lines[-1])
+        assert (last["idempotency_key"], last["status"]) == (key, status)
+        assert last["feeds"] == [json.loads(r) for r in records]
+        self.claimed = None
+
+    @rule()
+    def reopen(self) -> None:
+        self.spool.close()
+        self.spool = self.open()
+        self.dropped = 0  # dropped_total counts since open
+
+    @invariant()
+    def stats_match(self) -> None:
+        stats = self.spool.stats()
+        claimed = self.claimed[1] if self.claimed else []
+        everything = claimed + [r for r, _ in self.waiting]
+        assert stats.records == len(everything)
+        assert stats.claimed_records == len(claimed)
+        assert stats.payload_bytes == sum(len(r) for r in everything)
+        assert stats.payload_bytes <= self.MAX_BYTES
+        assert stats.batches_claimed == (1 if self.claimed else 0)
+        assert stats.dropped_total == self.dropped
+        assert stats.corrupt_lost_total == 0
+
+
+SpoolModel.TestCase.settings = settings(
+    max_examples=30,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_spool_model = SpoolModel.TestCase
