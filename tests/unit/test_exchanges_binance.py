@@ -11,10 +11,10 @@ from collectors.errors import ConfigError, ParseError
 from collectors.exchanges import create
 from collectors.exchanges.base import Kind
 from collectors.exchanges.binance import (
-    DEDUP_WINDOW_MS,
     BINANCE_COM,
     BINANCE_COM_MARKETS,
     BINANCE_US_MARKETS,
+    DEDUP_WINDOW_MS,
     BinanceAdapter,
     BinanceVenue,
     binance,
