@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import requests
@@ -81,8 +82,10 @@ class SpoolWriter:
 
     def __init__(self, records: Handoff[PriceFeed], spool: Spool, metrics: Metrics,
                  done: threading.Event, wake: threading.Event, *,
+                 mark_of: Callable[[PriceFeed], tuple[str, int] | None] = lambda _r: None,
                  max_chunk: int = 5000) -> None:
         self._records = records
+        self._mark_of = mark_of  # the adapter's dedup mark, persisted with the records
         self._spool = spool
         self._metrics = metrics
         self._done = done      # set by the service once the parser has stopped
@@ -92,6 +95,7 @@ class SpoolWriter:
 
     def run(self) -> None:
         pending: list[bytes] = []
+        marks: dict[str, int] = {}
         last_error_log = 0.0
         try:
             while True:
@@ -99,9 +103,13 @@ class SpoolWriter:
                 chunk = self._records.get_all(timeout_s=0.05, max_items=self._max_chunk)
                 if chunk:
                     pending.extend(encode(r) for r in chunk)
+                    for record in chunk:
+                        mark = self._mark_of(record)
+                        if mark is not None and mark[1] > marks.get(mark[0], -1):
+                            marks[mark[0]] = mark[1]
                 if pending:
                     try:
-                        dropped = self._spool.append(pending)
+                        dropped = self._spool.append(pending, marks)
                     except SpoolError as exc:
                         self._metrics.spool_errors.inc()
                         now = time.monotonic()
@@ -118,6 +126,7 @@ class SpoolWriter:
                         self._metrics.spool_dropped.inc(dropped)
                         log.error("spool_full_dropped_oldest", extra={"dropped": dropped})
                     pending = []
+                    marks = {}
                     self._wake.set()
                 self._metrics.queue_records.set(len(self._records))
                 if parser_done and not chunk and not pending and not len(self._records):

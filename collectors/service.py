@@ -113,6 +113,11 @@ class CollectorService:
             raise ConfigError("SPOOL_DIR", str(exc), "a writable directory") from None
         self.metrics.spool_max_bytes.set(cfg.spool_max_bytes)
         try:
+            # Before the first frame: the venue's replay of what we already have is dropped.
+            self.adapter.restore_marks(self.spool.marks())
+        except SpoolError as exc:
+            log.error("dedup_marks_unreadable", extra={"error": str(exc)})
+        try:
             if cfg.metrics_port:
                 self.metrics_server = MetricsServer(self.registry, self.health,
                                                     cfg.metrics_host, cfg.metrics_port)
@@ -127,7 +132,8 @@ class CollectorService:
         poster = Poster(cfg.ingest_url, cfg.api_key, connect_timeout_s=cfg.http_connect_timeout_s,
                         read_timeout_s=cfg.http_read_timeout_s)
         wake = threading.Event()
-        writer = SpoolWriter(self.records, self.spool, self.metrics, self._parser_finished, wake)
+        writer = SpoolWriter(self.records, self.spool, self.metrics, self._parser_finished, wake,
+                             mark_of=self.adapter.dedup_mark)
         self.sender = Sender(self.spool, poster, self.metrics, batch_size=cfg.batch_size,
                              batch_interval_s=cfg.batch_interval_s, stop=self.stop_event,
                              writer_finished=writer.finished, wake=wake,

@@ -15,7 +15,8 @@ Files in the spool directory (created 0700)::
 
 Schema (``PRAGMA user_version`` = 1): ``records(id, appended_ns, batch_id, crc32, payload BLOB)``
 in append order, ``batch_id`` NULL while waiting; ``batches(id, key, first_id, last_id,
-n_records, attempts, created_ns, claimed_ns)``, one row per claimed, unacknowledged batch. A
+n_records, attempts, created_ns, claimed_ns)``, one row per claimed, unacknowledged batch;
+``marks(key, value)``, per-key dedup high-water marks written with the records that set them. A
 batch's members are the rows with its ``batch_id`` inside ``[first_id, last_id]`` (a rowid
 range scan, no extra index). ``crc32`` guards each payload against damage SQLite cannot see (the
 main database file has no page checksums).
@@ -83,7 +84,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -117,6 +118,12 @@ _SCHEMA = (
         attempts INTEGER NOT NULL DEFAULT 0,
         created_ns INTEGER NOT NULL,
         claimed_ns INTEGER NOT NULL
+    )""",
+    # Per-key high-water marks (e.g. the last exchange sequence per product) of the records
+    # committed here, so a restarted collector drops the venue's replay of what it already has.
+    """CREATE TABLE marks (
+        key TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
     )""",
 )
 
@@ -237,8 +244,12 @@ class Spool:
 
     # ------------------------------------------------------------------ public API
 
-    def append(self, records: Sequence[bytes]) -> int:
+    def append(self, records: Sequence[bytes],
+               marks: Mapping[str, int] | None = None) -> int:
         """Store `records` in one transaction; committed (survives kill -9) when it returns.
+
+        `marks` raises per-key high-water marks in the same transaction (never lowers them), so
+        a mark is on disk exactly when the records that set it are.
 
         Returns how many records the full policy dropped (old waiting ones or, when claimed
         batches fill the bound, the oldest of `records`). Raises SpoolError if the write fails
@@ -267,11 +278,25 @@ class Spool:
                     conn.executemany(
                         "INSERT INTO records (appended_ns, crc32, payload) VALUES (?, ?, ?)", rows
                     )
+                if marks:
+                    conn.executemany(
+                        "INSERT INTO marks (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE"
+                        " SET value = max(value, excluded.value)", list(marks.items()))
             self._records += len(rows) - freed_records
             self._bytes += sum(sizes[skip:]) - freed_bytes
             dropped = freed_records + skip
             self._dropped_total += dropped
         return dropped  # the caller counts and logs drops (one place, one metric)
+
+    def marks(self) -> dict[str, int]:
+        """The high-water marks stored by `append`. Raises SpoolError."""
+        with self._conn_lock:
+            conn = self._require(self._conn)
+            try:
+                rows = conn.execute("SELECT key, value FROM marks").fetchall()
+            except sqlite3.Error as exc:
+                raise self._error("reading marks", exc) from exc
+        return {str(k): int(v) for k, v in rows}
 
     def due_batch(self, max_records: int, max_age_s: float, *, force: bool = False) -> Batch | None:
         """The batch to send now, or None.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -89,6 +89,14 @@ class Adapter(Protocol):
 
     def parse(self, frame: str | bytes, received_ns: int) -> Parsed:
         """Translate one frame. Raises ParseError, and only ParseError, for bad input."""
+
+    def dedup_mark(self, record: PriceFeed) -> tuple[str, int] | None:
+        """(key, value) that this record raises the dedup high-water mark of, if any. The
+        collector persists marks with the records, so after a restart the venue's replay of
+        the last update (a first ticker after subscribing repeats it) is not stored twice."""
+
+    def restore_marks(self, marks: Mapping[str, int]) -> None:
+        """Seed the dedup state from persisted marks (before the first frame)."""
 
 
 # ---- helpers shared by adapters (pure) -------------------------------------------------------

@@ -37,7 +37,7 @@ Notes that shape this parser:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from collectors.errors import ConfigError, ParseError
@@ -316,6 +316,15 @@ class BinanceAdapter:
                            source=self.name, worker_id=self._worker_id, metadata=meta,
                            exchange_ns=exchange_ns, received_ns=received_ns)
         return Parsed(Kind.TICKER, records=(record,))
+
+    def dedup_mark(self, record: PriceFeed) -> tuple[str, int] | None:
+        if record.exchange_ns <= 0:
+            return None
+        return self.to_venue(record.symbol), record.exchange_ns // 1_000_000
+
+    def restore_marks(self, marks: Mapping[str, int]) -> None:
+        for venue_symbol, event_ms in marks.items():
+            self._remember(venue_symbol, event_ms)
 
     def _already_seen(self, venue_symbol: str, event_ms: int) -> bool:
         newest = self._newest_ms.get(venue_symbol)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from collectors.errors import ParseError
 from collectors.exchanges.base import (
@@ -101,6 +101,17 @@ class CoinbaseAdapter:
         if not isinstance(kind, str):
             raise ParseError("message has no string 'type'")
         return Parsed(Kind.OTHER)
+
+    def dedup_mark(self, record: PriceFeed) -> tuple[str, int] | None:
+        sequence = record.metadata.get("sequence")
+        if isinstance(sequence, int) and not isinstance(sequence, bool):
+            return to_product(record.symbol), sequence
+        return None
+
+    def restore_marks(self, marks: Mapping[str, int]) -> None:
+        for product, sequence in marks.items():
+            if sequence > self._last_sequence.get(product, -1):
+                self._last_sequence[product] = sequence
 
     def _ticker(self, msg: dict[str, object], received_ns: int) -> Parsed:
         product = string(msg, "product_id", max_len=41)

@@ -31,8 +31,10 @@ Notes that shape this parser:
   trailing zeros aside); a longer value becomes the nearest double, since `PriceFeed` holds floats.
 - `timestamp` is optional (absent from 2024-era messages): used when present and plausible, else
   the receive time with `timestamp_source="local"`.
-- Ticker messages have no sequence number, so a snapshot repeated after a reconnect is passed on
-  as it is (it is the current state, not a stale one); no sequence is invented.
+- Ticker messages have no sequence number. Where `timestamp` is present, an item whose exchange
+  time is at or before the last one seen for its symbol is the same event again (the snapshot
+  after a reconnect or a restart repeats the last update) and is dropped as a duplicate; without
+  `timestamp` nothing can tell, and the item is passed on. No sequence is invented.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from collectors.errors import ConfigError, ParseError
 from collectors.exchanges.base import (
@@ -94,6 +96,7 @@ class KrakenAdapter:
     def __init__(self, worker_id: str) -> None:
         self._worker_id = worker_id
         self._req_ids = itertools.count(1)
+        self._last_event_ns: dict[str, int] = {}
 
     def check_symbols(self, symbols: Sequence[str]) -> None:
         """Raises ConfigError("SYMBOLS", ...) for a symbol v2 would refuse by its spelling.
@@ -158,16 +161,33 @@ class KrakenAdapter:
             raise ParseError("ticker message without a 'data' list")
         records: list[PriceFeed] = []
         invalid: list[str] = []
+        duplicates = 0
         for item in items:
             try:
-                records.append(self._ticker_item(item, received_ns))
+                record = self._ticker_item(item, received_ns)
             except ParseError as exc:
                 invalid.append(str(exc))
-        if invalid and not records:
+                continue
+            if record.exchange_ns:
+                if record.exchange_ns <= self._last_event_ns.get(record.symbol, 0):
+                    duplicates += 1
+                    continue
+                self._last_event_ns[record.symbol] = record.exchange_ns
+            records.append(record)
+        if invalid and not records and not duplicates:
             if len(invalid) == 1:
                 raise ParseError(invalid[0])
             raise ParseError(f"all {len(invalid)} ticker items invalid; first: {invalid[0]}")
-        return Parsed(Kind.TICKER, records=tuple(records), invalid=tuple(invalid))
+        return Parsed(Kind.TICKER, records=tuple(records), invalid=tuple(invalid),
+                      duplicates=duplicates)
+
+    def dedup_mark(self, record: PriceFeed) -> tuple[str, int] | None:
+        return (record.symbol, record.exchange_ns) if record.exchange_ns else None
+
+    def restore_marks(self, marks: Mapping[str, int]) -> None:
+        for symbol, event_ns in marks.items():
+            if event_ns > self._last_event_ns.get(symbol, 0):
+                self._last_event_ns[symbol] = event_ns
 
     def _ticker_item(self, item: object, received_ns: int) -> PriceFeed:
         if not isinstance(item, dict):

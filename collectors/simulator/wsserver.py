@@ -911,7 +911,11 @@ class WebSocketServer:
                 conn.abort("handshake_send_failed")
                 conn._finish()
                 return
-            self.handler.on_open(conn)
+            try:
+                self.handler.on_open(conn)
+            except Exception:
+                log.exception("ws_handler_failed", extra={"conn_id": conn.id})
+                conn.close(CloseCode.INTERNAL_ERROR, "internal error", why="handler_error")
             parser = FrameParser(max_frame_bytes=opts.max_frame_bytes,
                                  max_message_bytes=opts.max_message_bytes)
             conn._run(parser, leftover, self.handler)

@@ -13,7 +13,7 @@ import websocket
 from collectors.simulator import Simulator, SimulatorError
 from tests.unit.test_simulator_support import client
 
-SAMPLES = Path("/work/shared/samples/binance.jsonl")
+SAMPLES = Path(__file__).parents[1] / "fixtures" / "samples" / "binance.jsonl"
 FIELDS = ["e", "E", "s", "p", "P", "w", "x", "c", "Q", "b", "B", "a", "A", "o", "h", "l", "v",
           "q", "O", "C", "F", "L", "n"]
 INT_FIELDS = {"E", "O", "C", "F", "L", "n"}

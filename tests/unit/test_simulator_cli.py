@@ -94,3 +94,13 @@ def test_sigint_also_exits_0_and_unknown_exchange_exits_2() -> None:
     _, err = bad.communicate(timeout=30)
     assert bad.returncode == 2
     assert "known: binance, binanceus, coinbase, kraken" in err
+
+
+def test_loopbench_reports_three_rates(capsys: pytest.CaptureFixture[str]) -> None:
+    from collectors.simulator import loopbench
+
+    assert loopbench.main(["--records", "300"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(x["reader"], x.get("skip_utf8_validation")) for x in lines] == [
+        ("websocket-client", False), ("websocket-client", True), ("raw socket", None)]
+    assert all(x["msg_per_s"] > 0 for x in lines)

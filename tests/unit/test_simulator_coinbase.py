@@ -12,7 +12,7 @@ import pytest
 from collectors.simulator import Simulator
 from tests.unit.test_simulator_support import ISO_US, client
 
-SAMPLES = Path("/work/shared/samples/coinbase_exchange.jsonl")
+SAMPLES = Path(__file__).parents[1] / "fixtures" / "samples" / "coinbase_exchange.jsonl"
 TICKER_FIELDS = ["type", "sequence", "product_id", "price", "open_24h", "volume_24h", "low_24h",
                  "high_24h", "volume_30d", "best_bid", "best_bid_size", "best_ask",
                  "best_ask_size", "side", "time", "trade_id", "last_size"]

@@ -12,7 +12,7 @@ import websocket
 from collectors.simulator import Simulator
 from tests.unit.test_simulator_support import ISO_US, client
 
-SAMPLES = Path("/work/shared/samples/kraken_v2.jsonl")
+SAMPLES = Path(__file__).parents[1] / "fixtures" / "samples" / "kraken_v2.jsonl"
 DATA_FIELDS = ["symbol", "bid", "bid_qty", "ask", "ask_qty", "last", "volume", "vwap", "low",
                "high", "change", "change_pct"]
 
