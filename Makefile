@@ -63,7 +63,11 @@ demo: $(STAMP) $(VAR)/secrets/api_key | $(VAR)/run $(VAR)/log
 	$(call start_supervisord,true,ws://127.0.0.1:9201,ws://127.0.0.1:9202,ws://127.0.0.1:9203,ws://127.0.0.1:9204/v2)
 
 stop:
-	@if [ -S $(VAR)/run/supervisor.sock ]; then $(BIN)/supervisorctl -c $(SUPERVISORD_CONF) shutdown; else echo "not running"; fi
+	@if [ -S $(VAR)/run/supervisor.sock ]; then \
+		$(BIN)/supervisorctl -c $(SUPERVISORD_CONF) shutdown; \
+		for i in $$(seq 1 150); do [ -e $(VAR)/run/supervisord.pid ] || break; sleep 0.2; done; \
+		[ ! -e $(VAR)/run/supervisord.pid ] || { echo "supervisord is still stopping (see var/log/supervisord.log)"; exit 1; }; \
+	else echo "not running"; fi
 
 status: $(STAMP)
 	$(BIN)/chrono-collector status -c $(SUPERVISORD_CONF)

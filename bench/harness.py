@@ -1,0 +1,244 @@
+"""Shared pieces of the collector benchmarks: an ingest server and a collector as subprocesses,
+/proc readers for CPU and memory, percentiles, and writing a markdown table to stdout and to
+bench/results/<name>.md.
+
+Everything listens on 127.0.0.1 only; every wait here has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import queue
+import secrets
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+API_KEY = "bench-key-" + secrets.token_hex(8)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+# ---------------------------------------------------------------- /proc
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rpartition(")")[2].split()
+    # after the command: state(0) ... utime is field 14 overall, i.e. index 11 here
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def status_kb(pid: int, key: str) -> int:
+    """A `VmRSS`/`VmHWM`-style line of /proc/<pid>/status, in KiB."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{platform.python_implementation()} {platform.python_version()}, "
+            f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}")
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (q in 0..100)."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[rank]
+
+
+def iso_to_ns(text: str) -> int:
+    """`2026-11-29T10:00:00.123456Z` -> epoch ns (microsecond precision)."""
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
+
+
+def write_results(name: str, text: str) -> Path:
+    """Print `text` and store it as bench/results/<name>.md."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    path.write_text(text)
+    print(text, flush=True)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.02) -> bool:
+    """Poll another process's state (rows, /proc): there is nothing to wait on across
+    processes. Bounded by timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
+
+
+# ---------------------------------------------------------------- ingest server
+
+
+@dataclass
+class Ingest:
+    url: str
+    db_path: Path
+    pid: int
+
+    def count(self) -> int:
+        if not self.db_path.exists():
+            return 0
+        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(conn.execute("SELECT COUNT(*) FROM price_feeds").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0  # table not created yet
+        finally:
+            conn.close()
+
+    def rows(self, columns: str = "metadata, received_at") -> list[tuple[object, ...]]:
+        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
+        try:
+            return conn.execute(f"SELECT {columns} FROM price_feeds ORDER BY id").fetchall()
+        finally:
+            conn.close()
+
+
+@contextmanager
+def ingest_process(tmp: Path, threads: int = 4) -> Iterator[Ingest]:
+    """`python -m collectors.ingest` on 127.0.0.1 (port 0) with a fresh SQLite file."""
+    db_path = tmp / "ingest.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("API_KEY", "INGEST_"))}
+    env.update({"API_KEY": API_KEY, "INGEST_PORT": "0", "DATABASE_URL": f"sqlite:///{db_path}",
+                "INGEST_THREADS": str(threads), "LOG_LEVEL": "info",
+                "PYTHONPATH": str(REPO)})
+    log = (tmp / "ingest.log").open("w")
+    with subprocess.Popen([sys.executable, "-m", "collectors.ingest"], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        lines: queue.Queue[str] = queue.Queue()
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put(line)
+                log.write(line)
+
+        reader = threading.Thread(target=pump, name="ingest-log", daemon=True)
+        reader.start()
+        try:
+            deadline = time.monotonic() + 30
+            url = None
+            while url is None and time.monotonic() < deadline:
+                try:
+                    line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                try:
+                    doc = json.loads(line)
+                except ValueError:
+                    continue
+                if doc.get("event") == "ingest_started":
+                    url = str(doc["url"])
+            if url is None:
+                raise RuntimeError("ingest server did not start within 30 s")
+            yield Ingest(url, db_path, proc.pid)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
+            reader.join(10)
+            log.close()
+
+
+# ---------------------------------------------------------------- collector
+
+
+@dataclass
+class Collector:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    spool_dir: Path
+    metrics_port: int
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+
+@contextmanager
+def collector_process(tmp: Path, exchange: str, ws_url: str, api_base_url: str, *,
+                      argv: Sequence[str] | None = None, **env_over: str) -> Iterator[Collector]:
+    """`chrono-collector run EXCHANGE` as a subprocess, configured like production except for
+    the URLs and the paths (everything under tmp). Stopped with SIGTERM (flushes), killed if
+    it does not exit within 20 s."""
+    key_file = tmp / "api_key"
+    key_file.write_text(API_KEY + "\n")
+    key_file.chmod(0o400)
+    port = free_port()
+    spool = tmp / "spool"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(REPO),
+        "API_BASE_URL": api_base_url,
+        "API_KEY_FILE": str(key_file),
+        "WS_URL": ws_url,
+        "METRICS_PORT": str(port),
+        "SPOOL_DIR": str(spool),
+        "CHRONO_STATE_DIR": str(tmp / "state"),
+        "LOG_LEVEL": "info",
+        **env_over,
+    }
+    log_path = tmp / f"collector-{exchange}.log"
+    cmd = list(argv) if argv else [sys.executable, "-m", "collectors", "run", exchange]
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                cwd=tmp)
+    handle = Collector(proc, log_path, spool, port)
+    try:
+        yield handle
+    finally:
+        handle.stop()
