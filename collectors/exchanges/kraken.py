@@ -31,10 +31,12 @@ Notes that shape this parser:
   trailing zeros aside); a longer value becomes the nearest double, since `PriceFeed` holds floats.
 - `timestamp` is optional (absent from 2024-era messages): used when present and plausible, else
   the receive time with `timestamp_source="local"`.
-- Ticker messages have no sequence number. Where `timestamp` is present, an item whose exchange
-  time is at or before the last one seen for its symbol is the same event again (the snapshot
-  after a reconnect or a restart repeats the last update) and is dropped as a duplicate; without
-  `timestamp` nothing can tell, and the item is passed on. No sequence is invented.
+- Ticker messages have no sequence number. Where `timestamp` is present, an item older than the
+  last one seen for its symbol is late, and one with the same time and the same content is the
+  same event again (the snapshot after a reconnect repeats the last update): both are dropped as
+  duplicates. Same time with other content is a distinct update and kept. After a restart only
+  the last time is known (persisted mark), so an item at exactly that time is taken as the
+  replay. Without `timestamp` nothing can tell, and the item is passed on.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ class KrakenAdapter:
     def __init__(self, worker_id: str) -> None:
         self._worker_id = worker_id
         self._req_ids = itertools.count(1)
-        self._last_event_ns: dict[str, int] = {}
+        # symbol -> (exchange ns, content) of the newest item; content None after a restore.
+        self._last: dict[str, tuple[int, tuple[object, ...] | None]] = {}
 
     def check_symbols(self, symbols: Sequence[str]) -> None:
         """Raises ConfigError("SYMBOLS", ...) for a symbol v2 would refuse by its spelling.
@@ -169,10 +172,14 @@ class KrakenAdapter:
                 invalid.append(str(exc))
                 continue
             if record.exchange_ns:
-                if record.exchange_ns <= self._last_event_ns.get(record.symbol, 0):
+                content = (record.price, record.volume, record.metadata.get("bid"),
+                           record.metadata.get("ask"))
+                last_ns, last_content = self._last.get(record.symbol, (0, ()))
+                if record.exchange_ns < last_ns or (
+                        record.exchange_ns == last_ns and last_content in (None, content)):
                     duplicates += 1
                     continue
-                self._last_event_ns[record.symbol] = record.exchange_ns
+                self._last[record.symbol] = (record.exchange_ns, content)
             records.append(record)
         if invalid and not records and not duplicates:
             if len(invalid) == 1:
@@ -186,8 +193,8 @@ class KrakenAdapter:
 
     def restore_marks(self, marks: Mapping[str, int]) -> None:
         for symbol, event_ns in marks.items():
-            if event_ns > self._last_event_ns.get(symbol, 0):
-                self._last_event_ns[symbol] = event_ns
+            if event_ns > self._last.get(symbol, (0, None))[0]:
+                self._last[symbol] = (event_ns, None)
 
     def _ticker_item(self, item: object, received_ns: int) -> PriceFeed:
         if not isinstance(item, dict):

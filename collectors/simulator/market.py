@@ -162,9 +162,11 @@ class MarketState:
             return self._advance(now_ns)
 
     def ticks(self, count: int, now_ns: int) -> list[Tick]:
-        """Advance by `count` trades at once (bursts); all carry `now_ns`."""
+        """Advance by `count` trades at once (bursts), 1 ms apart and ending at `now_ns`: each
+        update keeps a distinct event time (Binance's `E` has millisecond resolution), as real
+        updates do, so deduplication by event time does not mistake them for one another."""
         with self._lock:
-            return [self._advance(now_ns) for _ in range(count)]
+            return [self._advance(now_ns - (count - 1 - i) * 1_000_000) for i in range(count)]
 
     def _advance(self, now_ns: int) -> Tick:
         rng = self._rng

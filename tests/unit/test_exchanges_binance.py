@@ -293,3 +293,14 @@ def test_local_time_updates_are_not_deduplicated() -> None:
 def test_registry_holds_both_venues() -> None:
     assert create("binance", "w").name == BINANCE_COM.name
     assert create("binanceus", "w").default_ws_url == "wss://stream.binance.us:9443"
+
+
+def test_restored_marks_drop_the_replay_after_a_restart() -> None:
+    first = binance("w")
+    [record] = first.parse(_ticker(E0), RECEIVED_NS).records
+    mark = first.dedup_mark(record)
+    assert mark == ("BTCUSDT", E0)
+    restarted = binance("w")
+    restarted.restore_marks(dict([mark]))
+    assert restarted.parse(_ticker(E0), RECEIVED_NS).duplicates == 1
+    assert len(restarted.parse(_ticker(E0 + 1000), RECEIVED_NS).records) == 1

@@ -127,3 +127,14 @@ def test_symbol_mapping_round_trips() -> None:
 
 def test_unknown_type_is_other() -> None:
     assert CoinbaseAdapter("w").parse('{"type":"status"}', RECEIVED_NS).kind is Kind.OTHER
+
+
+def test_restored_marks_drop_the_first_ticker_replayed_after_a_restart() -> None:
+    first = CoinbaseAdapter("w")
+    [record] = first.parse(_ticker(50), RECEIVED_NS).records
+    mark = first.dedup_mark(record)
+    assert mark == ("BTC-USD", 50)
+    restarted = CoinbaseAdapter("w")
+    restarted.restore_marks(dict([mark]))
+    assert restarted.parse(_ticker(50), RECEIVED_NS).duplicates == 1
+    assert len(restarted.parse(_ticker(51), RECEIVED_NS).records) == 1

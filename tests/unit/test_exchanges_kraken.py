@@ -237,3 +237,34 @@ def test_other_messages() -> None:
 def test_malformed_frames_raise_parse_error(frame: str | bytes) -> None:
     with pytest.raises(ParseError):
         KrakenAdapter("w").parse(frame, RECEIVED_NS)
+
+
+# ---- dedup by exchange time -----------------------------------------------------------------
+
+def _update(ts: str, last: float = 100.5, bid: float = 100.4) -> str:
+    return json.dumps({"channel": "ticker", "type": "update", "data": [{
+        "symbol": "BTC/USD", "bid": bid, "bid_qty": 1.0, "ask": 100.6, "ask_qty": 1.0,
+        "last": last, "volume": 10.0, "vwap": 100.0, "low": 99.0, "high": 101.0, "change": 1.0,
+        "change_pct": 1.0, "timestamp": ts}]})
+
+
+def test_repeated_snapshot_is_a_duplicate_but_a_distinct_update_at_the_same_time_is_kept() -> None:
+    adapter = KrakenAdapter("w")
+    t = "2023-09-25T09:04:31.742599Z"
+    assert len(adapter.parse(_update(t), RECEIVED_NS).records) == 1
+    assert adapter.parse(_update(t), RECEIVED_NS).duplicates == 1          # the replay
+    assert len(adapter.parse(_update(t, last=100.7), RECEIVED_NS).records) == 1  # distinct
+    assert adapter.parse(_update("2023-09-25T09:04:30.000000Z"), RECEIVED_NS).duplicates == 1
+    assert len(adapter.parse(_update("2023-09-25T09:04:32.000000Z"), RECEIVED_NS).records) == 1
+
+
+def test_restored_mark_drops_the_replay_after_a_restart() -> None:
+    first = KrakenAdapter("w")
+    t = "2023-09-25T09:04:31.742599Z"
+    [record] = first.parse(_update(t), RECEIVED_NS).records
+    mark = first.dedup_mark(record)
+    assert mark is not None
+    restarted = KrakenAdapter("w")
+    restarted.restore_marks(dict([mark]))
+    assert restarted.parse(_update(t), RECEIVED_NS).duplicates == 1
+    assert len(restarted.parse(_update("2023-09-25T09:04:32.000000Z"), RECEIVED_NS).records) == 1
