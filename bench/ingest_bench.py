@@ -52,14 +52,52 @@ class Result:
     latencies_s: list[float] = field(default_factory=list)
     stored: int = 0
     errors: int = 0
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU-seconds per second, by process
 
     def row(self) -> str:
         lat = sorted(self.latencies_s)
         p50 = statistics.median(lat) * 1000 if lat else float("nan")
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else float("nan")
         rate = self.stored / self.seconds if self.seconds else 0.0
+        cpu = " | ".join(f"{self.cpu.get(k, float('nan')):.0%}" for k in CPU_COLUMNS)
         return (f"| {self.backend} | {self.batch} | {self.clients} | {len(lat)} | {self.stored} "
-                f"| {rate:,.0f} | {p50:.1f} | {p99:.1f} | {self.errors} |")
+                f"| {rate:,.0f} | {p50:.1f} | {p99:.1f} | {self.errors} | {cpu} |")
+
+
+CPU_COLUMNS = ("server", "clients", "other")
+
+
+def _process_cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_s() -> float:
+    """CPU-seconds the whole machine spent busy (all CPUs; Linux /proc/stat; NaN elsewhere)."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return float("nan")
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(server_pid: int) -> tuple[float, float, float]:
+    times = os.times()
+    return _process_cpu_s(server_pid), times.user + times.system, _machine_busy_s()
+
+
+def cpu_shares(before: tuple[float, float, float], after: tuple[float, float, float],
+               seconds: float) -> dict[str, float]:
+    """Share of one CPU used by the server process, the bench's clients, and everything else
+    (mostly PostgreSQL) during a scenario: 2.0 would be both CPUs of a 2-CPU machine."""
+    server, clients, busy = (a - b for a, b in zip(after, before, strict=True))
+    return {"server": server / seconds, "clients": clients / seconds,
+            "other": max(0.0, busy - server - clients) / seconds}
 
 
 def make_body(records: int) -> bytes:
@@ -78,7 +116,7 @@ def make_body(records: int) -> bytes:
 
 
 @contextmanager
-def server_process(database_url: str, threads: int) -> Iterator[str]:
+def server_process(database_url: str, threads: int) -> Iterator[tuple[str, int]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("API_KEY", "INGEST_"))}
     env.update({"API_KEY": API_KEY, "INGEST_PORT": "0", "DATABASE_URL": database_url,
                 "INGEST_THREADS": str(threads), "LOG_LEVEL": "info",
@@ -96,7 +134,7 @@ def server_process(database_url: str, threads: int) -> Iterator[str]:
         reader.start()
         try:
             url = _wait_started(lines)  # the port comes from the `ingest_started` log line
-            yield url
+            yield url, proc.pid
         finally:
             proc.terminate()
             try:
@@ -188,11 +226,13 @@ def postgres_schema(base_url: str) -> Iterator[str]:
 
 def bench_backend(backend: str, database_url: str, args: argparse.Namespace) -> list[Result]:
     results = []
-    with server_process(database_url, args.threads) as url:
+    with server_process(database_url, args.threads) as (url, pid):
         run_scenario(url, backend, 10, 1, 0.5)  # warm-up: connections, page cache, JIT-less
         before = count_stored(url)
         for batch in args.batch_sizes:
+            cpu_before = cpu_snapshot(pid)
             result = run_scenario(url, backend, batch, args.clients, args.duration)
+            result.cpu = cpu_shares(cpu_before, cpu_snapshot(pid), result.seconds)
             results.append(result)
             print(result.row(), file=sys.stderr, flush=True)
         counted = count_stored(url) - before
@@ -226,8 +266,8 @@ def main() -> int:
           f"{os.cpu_count()} CPUs, {args.clients} client threads, server INGEST_THREADS="
           f"{args.threads}, {args.duration:g} s per row\n")
     print("| backend | batch | clients | requests | records stored | records/s | p50 ms "
-          "| p99 ms | errors |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| p99 ms | errors | CPU server | CPU clients | CPU other |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         print(r.row())
     return 1 if any(r.errors for r in results) else 0

@@ -12,6 +12,7 @@ next to the per-row overheads of the table and its indexes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from typing import Any, LiteralString
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
 from collectors.errors import StorageError
@@ -67,6 +69,19 @@ _COPY_FEEDS: LiteralString = (
     "COPY price_feeds (symbol, price, volume, timestamp, source, worker_id, metadata)"
     " FROM STDIN"
 )
+# BEGIN, then in one statement: take the key's advisory lock (held until commit) and, only if
+# it was taken, insert the key (ON CONFLICT DO NOTHING tells us it was seen). One row back:
+# (lock taken, key inserted).
+_CLAIM: LiteralString = (
+    "BEGIN;"
+    " WITH l AS (SELECT pg_try_advisory_xact_lock({lock}) AS got),"
+    " ins AS (INSERT INTO ingest_batches (idempotency_key, body_sha256, record_count, status)"
+    "  SELECT {key}, {sha}, {count}, 'stored' FROM l WHERE l.got"
+    "  ON CONFLICT (idempotency_key) DO NOTHING RETURNING 1)"
+    " SELECT l.got, EXISTS (SELECT 1 FROM ins) FROM l"
+)
+_NULL = "\\N"  # COPY text format's NULL
+_COPY_UNSAFE = ("\t", "\n", "\r", "\\")
 _LATEST_COLUMNS: LiteralString = (
     "symbol, price, volume, timestamp, source, worker_id, metadata, received_at"
 )
@@ -133,7 +148,8 @@ class PostgresStorage:
             min_size=1,
             max_size=max(1, max_connections),
             open=False,
-            kwargs={"connect_timeout": CONNECT_TIMEOUT_S},
+            # autocommit: store_batch sends its own BEGIN with its first statement
+            kwargs={"connect_timeout": CONNECT_TIMEOUT_S, "autocommit": True},
             configure=_configure,
             # One empty query on checkout: after a database restart a stale connection is
             # replaced here instead of failing one request per pooled connection.
@@ -160,33 +176,44 @@ class PostgresStorage:
 
     def store_batch(self, idempotency_key: str, body_sha256: str,
                     feeds: Sequence[ValidFeed]) -> StoreResult:
-        with self._connection("storing a batch") as conn, conn.transaction(), \
-                conn.cursor() as cur:
-            # Held until commit: a concurrent request with the same key, in this process or
-            # another, fails to take it and gets IN_FLIGHT (409) instead of waiting.
-            cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (_key_lock_id(idempotency_key),))
-            got = cur.fetchone()
-            if got is None or not got[0]:
-                return StoreResult(Outcome.IN_FLIGHT, 0)
-            # The unique key is the real guard: ON CONFLICT DO NOTHING tells us it was seen.
-            cur.execute(
-                "INSERT INTO ingest_batches (idempotency_key, body_sha256, record_count, status)"
-                " VALUES (%s, %s, %s, 'stored') ON CONFLICT (idempotency_key) DO NOTHING"
-                " RETURNING 1",
-                (idempotency_key, body_sha256, len(feeds)))
-            if cur.fetchone() is None:
-                cur.execute("SELECT body_sha256, record_count FROM ingest_batches"
-                            " WHERE idempotency_key = %s", (idempotency_key,))
-                seen = cur.fetchone()
-                if seen is None:  # cannot happen while we hold the key's lock
-                    raise StorageError("postgresql: idempotency row vanished")
-                outcome = Outcome.REPLAYED if seen[0] == body_sha256 else Outcome.CONFLICT
-                return StoreResult(outcome, int(seen[1]))
-            # All rows in one COPY stream, in the same transaction as the key.
-            with cur.copy(_COPY_FEEDS) as copy:
-                for f in feeds:
-                    copy.write_row((f["symbol"], f["price"], f["volume"], f["timestamp"],
-                                    f["source"], f["worker_id"], f["metadata_json"]))
+        payload = _copy_payload(feeds)  # built before taking a connection
+        claim = sql.SQL(_CLAIM).format(lock=_key_lock_id(idempotency_key), key=idempotency_key,
+                                       sha=body_sha256, count=len(feeds))
+        with self._connection("storing a batch") as conn, conn.cursor() as cur:
+            # The pool's connections are in autocommit mode, so BEGIN travels with the claim
+            # (one round trip, simple query protocol: every value is a quoted literal); the
+            # COPY follows and COMMIT ends it: three round trips per batch.
+            try:
+                cur.execute(claim)
+                cur.nextset()  # the BEGIN's result comes first, then the claim's row
+                got = cur.fetchone()
+                if got is None or not got[0]:
+                    # Held until commit: a concurrent request with the same key, in this
+                    # process or another, fails to take it and gets IN_FLIGHT (409).
+                    conn.execute("ROLLBACK")
+                    return StoreResult(Outcome.IN_FLIGHT, 0)
+                if not got[1]:  # the unique key was seen before: ON CONFLICT DO NOTHING
+                    cur.execute("SELECT body_sha256, record_count FROM ingest_batches"
+                                " WHERE idempotency_key = %s", (idempotency_key,))
+                    seen = cur.fetchone()
+                    conn.execute("ROLLBACK")
+                    if seen is None:  # cannot happen while we hold the key's lock
+                        raise StorageError("postgresql: idempotency row vanished")
+                    outcome = Outcome.REPLAYED if seen[0] == body_sha256 else Outcome.CONFLICT
+                    return StoreResult(outcome, int(seen[1]))
+                # All rows in one COPY stream, in the same transaction as the key.
+                with cur.copy(_COPY_FEEDS) as copy:
+                    if payload is None:
+                        for f in feeds:
+                            copy.write_row((f["symbol"], f["price"], f["volume"],
+                                            f["timestamp"], f["source"], f["worker_id"],
+                                            f["metadata_json"]))
+                    else:
+                        copy.write(payload)
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback_quietly(conn)
+                raise
         return StoreResult(Outcome.STORED, len(feeds))
 
     def latest(self, source: str | None = None, symbol: str | None = None, *,
@@ -234,6 +261,40 @@ class PostgresStorage:
 
     def close(self) -> None:
         self._pool.close()
+
+
+def _copy_payload(feeds: Sequence[ValidFeed]) -> str | None:
+    """All rows as COPY text format, or None when a value needs psycopg's general dumpers.
+
+    Validated records hold plain text (symbol, source and worker_id match strict patterns,
+    the timestamp is canonical ASCII), Decimals and compact JSON whose only COPY-special
+    character can be a backslash (JSON escapes tabs and newlines itself).
+    """
+    try:
+        plain = "".join([f["symbol"] + f["timestamp"] + f["source"] + f["worker_id"]
+                         for f in feeds])
+        if any(ch in plain for ch in _COPY_UNSAFE):
+            return None
+        lines = []
+        for f in feeds:
+            price, volume, meta = f["price"], f["volume"], f["metadata_json"]
+            if type(price) is not Decimal or (volume is not None and type(volume) is not Decimal) \
+                    or type(meta) is not str or "\n" in meta or "\r" in meta or "\t" in meta:
+                return None
+            if "\\" in meta:
+                meta = meta.replace("\\", "\\\\")
+            lines.append(f"{f['symbol']}\t{price}\t{_NULL if volume is None else volume}\t"
+                         f"{f['timestamp']}\t{f['source']}\t{f['worker_id']}\t{meta}\n")
+    except (TypeError, KeyError):
+        return None
+    return "".join(lines)
+
+
+def _rollback_quietly(conn: psycopg.Connection[Any]) -> None:
+    if conn.closed or conn.pgconn.transaction_status == TransactionStatus.IDLE:
+        return
+    with contextlib.suppress(psycopg.Error):  # a broken connection: the pool discards it
+        conn.execute("ROLLBACK")
 
 
 def _key_lock_id(key: str) -> int:
