@@ -135,8 +135,13 @@ class SpoolWriter:
             self.finished.set()
 
 
+# One encoder for every record (json.dumps with options builds a new one per call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def encode(record: PriceFeed) -> bytes:
-    return json.dumps(record.to_json_dict(), separators=(",", ":"), allow_nan=False).encode()
+    """A record's compact JSON, as the API receives it. Raises ValueError for NaN/Infinity."""
+    return _ENCODER.encode(record.to_json_dict()).encode()
 
 
 class Sender:

@@ -6,6 +6,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 
 MetaValue = float | int | str | bool
 Metadata = dict[str, MetaValue]
@@ -50,10 +51,22 @@ class PriceFeed:
         return out
 
 
+@lru_cache(maxsize=64)
+def _second_text(seconds: int) -> str:
+    """`YYYY-MM-DDTHH:MM:SS` of an epoch second (cached: records of one second share it)."""
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+@lru_cache(maxsize=64)
+def _epoch_second(year: int, month: int, day: int, hour: int, minute: int, sec: int) -> int:
+    """Epoch second of a UTC calendar time. Raises ValueError for an impossible date."""
+    return int(datetime(year, month, day, hour, minute, sec, tzinfo=UTC).timestamp())
+
+
 def iso_from_ns(epoch_ns: int, digits: int = 6) -> str:
     """Format epoch nanoseconds as ISO 8601 UTC with `digits` fractional digits (0-9)."""
     seconds, frac_ns = divmod(epoch_ns, 1_000_000_000)
-    base = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    base = _second_text(seconds)
     if digits <= 0:
         return base + "Z"
     frac = f"{frac_ns:09d}"[:digits]
@@ -75,8 +88,7 @@ def parse_iso(text: str) -> tuple[str, int]:
     if m is None:
         raise ValueError(f"not an ISO 8601 UTC time: {text[:40]!r}")
     year, month, day, hour, minute, sec, frac, _tz = m.groups()
-    dt = datetime(int(year), int(month), int(day), int(hour), int(minute), int(sec), tzinfo=UTC)
-    whole_s = int(dt.timestamp())
+    whole_s = _epoch_second(int(year), int(month), int(day), int(hour), int(minute), int(sec))
     frac = frac or ""
     ns = whole_s * 1_000_000_000 + (int(frac.ljust(9, "0")) if frac else 0)
     canon = f"{year}-{month}-{day}T{hour}:{minute}:{sec}" + (f".{frac}" if frac else "") + "Z"

@@ -105,10 +105,15 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder for every frame: json.loads(..., parse_constant=...) builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def load_json(frame: str | bytes) -> object:
-    """Decode a frame; NaN/Infinity literals and invalid UTF-8 are parse errors."""
+    """Decode a frame (UTF-8 text); NaN/Infinity literals and invalid UTF-8 are parse errors."""
     try:
-        return json.loads(frame, parse_constant=_reject_constant)
+        text = frame.decode("utf-8") if isinstance(frame, bytes | bytearray) else frame
+        return _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
         raise ParseError(f"malformed JSON: {str(exc)[:120]}") from exc
 
@@ -127,6 +132,14 @@ def number(obj: dict[str, object], key: str, *, positive: bool = False,
     `signed` allows negative values (24 h changes). Raises ParseError, and only ParseError.
     """
     raw = obj.get(key)
+    if type(raw) is str:  # the common case first: venues send decimal strings
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ParseError(f"field {key!r} is not a number: {raw[:40]!r}") from None
+        if (value > 0 or (value == 0 and not positive)) and value != math.inf:
+            return value  # finite and in range (NaN fails both comparisons)
+        # Otherwise the full checks below say what is wrong.
     if raw is None:
         if required:
             raise ParseError(f"missing field {key!r}")

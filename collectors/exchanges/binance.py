@@ -121,6 +121,7 @@ _RESTRICTED_HINT = ("binance.com refuses connections from restricted locations s
 
 #: How far back an event time is remembered for deduplication (a handover overlaps a few s).
 DEDUP_WINDOW_MS = 60_000
+_PRUNE_MIN = 2 * DEDUP_WINDOW_MS // 1000  # a minute of one-a-second updates, twice
 
 
 class BinanceAdapter:
@@ -162,6 +163,7 @@ class BinanceAdapter:
         # dedup window before it.
         self._newest_ms: dict[str, int] = {}
         self._seen_ms: dict[str, set[int]] = {}
+        self._prune_at: dict[str, int] = {}
 
     # ---- symbols ---------------------------------------------------------------------------
 
@@ -339,9 +341,12 @@ class BinanceAdapter:
         seen.add(event_ms)
         newest = max(event_ms, self._newest_ms.get(venue_symbol, event_ms))
         self._newest_ms[venue_symbol] = newest
-        if len(seen) > 2 * DEDUP_WINDOW_MS // 1000:  # ~one update a second: prune rarely
+        # Prune when the set has doubled since the last prune: amortised O(1) per update even
+        # when a burst puts thousands of updates inside the window.
+        if len(seen) > self._prune_at.get(venue_symbol, _PRUNE_MIN):
             floor = newest - DEDUP_WINDOW_MS
-            self._seen_ms[venue_symbol] = {e for e in seen if e >= floor}
+            seen = self._seen_ms[venue_symbol] = {e for e in seen if e >= floor}
+            self._prune_at[venue_symbol] = max(_PRUNE_MIN, 2 * len(seen))
 
 
 def _event_ms(raw: object, received_ns: int) -> int | None:

@@ -31,12 +31,12 @@ Notes that shape this parser:
   trailing zeros aside); a longer value becomes the nearest double, since `PriceFeed` holds floats.
 - `timestamp` is optional (absent from 2024-era messages): used when present and plausible, else
   the receive time with `timestamp_source="local"`.
-- Ticker messages have no sequence number. Where `timestamp` is present, an item older than the
-  last one seen for its symbol is late, and one with the same time and the same content is the
-  same event again (the snapshot after a reconnect repeats the last update): both are dropped as
-  duplicates. Same time with other content is a distinct update and kept. After a restart only
-  the last time is known (persisted mark), so an item at exactly that time is taken as the
-  replay. Without `timestamp` nothing can tell, and the item is passed on.
+- Ticker messages have no sequence number, and Kraken says timestamps are not unique and not
+  ordered identifiers. So only an exact replay is dropped: an item with the same `timestamp` and
+  the same content as the last one seen for its symbol (the snapshot after a reconnect repeats
+  the last update). Same time with other content, or an older time, is a distinct update and
+  kept. After a restart only the last time is known (persisted mark), so an item at exactly that
+  time is taken as the replay. Without `timestamp` nothing can tell, and the item is passed on.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ class KrakenAdapter:
         self._worker_id = worker_id
         self._req_ids = itertools.count(1)
         # symbol -> (exchange ns, content) of the newest item; content None after a restore.
+        # (The mark persisted across restarts is the newest time, see dedup_mark.)
         self._last: dict[str, tuple[int, tuple[object, ...] | None]] = {}
 
     def check_symbols(self, symbols: Sequence[str]) -> None:
@@ -175,11 +176,11 @@ class KrakenAdapter:
                 content = (record.price, record.volume, record.metadata.get("bid"),
                            record.metadata.get("ask"))
                 last_ns, last_content = self._last.get(record.symbol, (0, ()))
-                if record.exchange_ns < last_ns or (
-                        record.exchange_ns == last_ns and last_content in (None, content)):
+                if record.exchange_ns == last_ns and last_content in (None, content):
                     duplicates += 1
                     continue
-                self._last[record.symbol] = (record.exchange_ns, content)
+                if record.exchange_ns >= last_ns:
+                    self._last[record.symbol] = (record.exchange_ns, content)
             records.append(record)
         if invalid and not records and not duplicates:
             if len(invalid) == 1:

@@ -1,0 +1,108 @@
+"""The buffered, size-bounded frame reader, fed by a scripted socket: frames split at every
+possible boundary, socket timeouts in the middle of a frame, oversized frames in the stream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import websocket
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from websocket import ABNF
+
+from collectors.connection import FrameTooLarge, _BoundedFrameBuffer
+
+
+def server_frame(payload: bytes, opcode: int = ABNF.OPCODE_TEXT) -> bytes:
+    frame = ABNF(1, 0, 0, 0, opcode, 0, payload)  # servers do not mask
+    return bytes(frame.format())
+
+
+class ScriptedSocket:
+    """recv(n) returns the next scripted piece (at most n bytes); None means a timeout."""
+
+    def __init__(self, pieces: list[bytes | None]) -> None:
+        self._pieces: Iterator[bytes | None] = iter(pieces)
+        self._pending = b""
+        self.calls = 0
+
+    def recv(self, n: int) -> bytes:
+        self.calls += 1
+        if not self._pending:
+            piece = next(self._pieces, b"")
+            if piece is None:
+                raise websocket.WebSocketTimeoutException("timed out")
+            if piece == b"":
+                raise websocket.WebSocketConnectionClosedException("eof")
+            self._pending = piece
+        out, self._pending = self._pending[:n], self._pending[n:]
+        return out
+
+
+def read_all(reader: _BoundedFrameBuffer) -> tuple[list[bytes], int]:
+    """Every payload until EOF, retrying after timeouts; and how many were too large."""
+    out: list[bytes] = []
+    too_large = 0
+    while True:
+        try:
+            out.append(bytes(reader.recv_frame().data))
+        except websocket.WebSocketTimeoutException:
+            continue
+        except FrameTooLarge:
+            too_large += 1
+        except websocket.WebSocketConnectionClosedException:
+            return out, too_large
+
+
+@settings(max_examples=150, deadline=None)
+@given(payloads=st.lists(st.binary(min_size=0, max_size=70_000), min_size=1, max_size=8),
+       cuts=st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=40),
+       timeouts=st.lists(st.booleans(), min_size=1, max_size=40))
+def test_frames_survive_any_split_and_timeouts(payloads: list[bytes], cuts: list[int],
+                                               timeouts: list[bool]) -> None:
+    stream = b"".join(server_frame(p) for p in payloads)
+    pieces: list[bytes | None] = []
+    i = 0
+    k = 0
+    while i < len(stream):
+        size = cuts[k % len(cuts)]
+        pieces.append(stream[i:i + size])
+        if timeouts[k % len(timeouts)]:
+            pieces.append(None)
+        i += size
+        k += 1
+    sock = ScriptedSocket(pieces)
+    reader = _BoundedFrameBuffer(sock.recv, max_bytes=1 << 20)
+    got, too_large = read_all(reader)
+    assert got == payloads and too_large == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.integers(min_value=0, max_value=3000), min_size=1, max_size=10),
+       cut=st.integers(min_value=1, max_value=700))
+def test_oversized_frames_are_skipped_and_the_stream_stays_in_sync(sizes: list[int],
+                                                                   cut: int) -> None:
+    limit = 1000
+    payloads = [bytes([n % 251]) * n for n in sizes]
+    stream = b"".join(server_frame(p) for p in payloads)
+    pieces: list[bytes | None] = [stream[i:i + cut] for i in range(0, len(stream), cut)]
+    pieces = [p for piece in pieces for p in (piece, None)]  # a timeout after every piece
+    got, too_large = read_all(_BoundedFrameBuffer(ScriptedSocket(pieces).recv, limit))
+    assert got == [p for p in payloads if len(p) <= limit]
+    assert too_large == sum(1 for p in payloads if len(p) > limit)
+
+
+def test_many_small_frames_need_few_socket_reads() -> None:
+    stream = b"".join(server_frame(b'{"type":"heartbeat"}') for _ in range(1000))
+    sock = ScriptedSocket([stream])
+    got, _ = read_all(_BoundedFrameBuffer(sock.recv, 1 << 20))
+    assert len(got) == 1000
+    assert sock.calls < 10  # the library alone makes three reads per frame
+
+
+def test_eof_in_the_middle_of_a_frame_is_a_closed_connection() -> None:
+    frame = server_frame(b"x" * 100)
+    reader = _BoundedFrameBuffer(ScriptedSocket([frame[:50]]).recv, 1 << 20)
+    with pytest.raises(websocket.WebSocketConnectionClosedException):
+        reader.recv_frame()
