@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,26 +19,9 @@ import pytest
 
 from collectors.simulator import Simulator
 from tests.support.servers import IngestServer, running_ingest
+from tests.support.waiting import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0,
-               interval_s: float = 0.02) -> bool:
-    """Poll another process's observable state (rows, files, /metrics): there is no event to
-    wait on across processes, so this checks a condition often rather than sleeping blindly."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -5,32 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.support.waiting import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv" / "bin"
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0,
-               interval_s: float = 0.05) -> bool:
-    """Poll another process's observable state with a deadline (no cross-process event)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _port_free(port: int) -> bool:

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import CollectorProcess
-from tests.ops.helpers import ROOT, free_port, http_get, require_tool, wait_until
+from tests.ops.helpers import ROOT, http_get, require_tool
+from tests.support.waiting import free_port, wait_until
 
 PROM_DIR = ROOT / "monitoring" / "prometheus"
 RULES = PROM_DIR / "rules" / "chrono.rules.yml"

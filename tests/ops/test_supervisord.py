@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.ops.helpers import ROOT, VENV_BIN, free_port, free_port_range, wait_until
+from tests.ops.helpers import ROOT, VENV_BIN, free_port_range
+from tests.support.waiting import free_port, wait_until
 
 EXCHANGES = ("coinbase", "binance", "binanceus", "kraken")
 DEFAULT_METRICS = {"coinbase": 9101, "binance": 9102, "binanceus": 9103, "kraken": 9104}
