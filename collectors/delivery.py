@@ -33,12 +33,36 @@ log = logging.getLogger(__name__)
 AUTH_RETRY_S = 30.0
 
 
+#: At most this much of an answer body is read (a hostile or broken API cannot exhaust memory).
+MAX_RESPONSE_BYTES = 64 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class PostResult:
     outcome: Outcome
     status: int | None
     retry_after_s: float | None
-    detail: str
+    detail: str          # the start of the answer body (or the network error), for logs
+    body: bytes = b""    # the answer body, up to MAX_RESPONSE_BYTES
+
+    def rejected_indexes(self, batch_size: int) -> list[int] | None:
+        """Positions of the records a 400/422 problem+json names (`errors[].index`), or None
+        when the answer does not name them all with valid positions."""
+        try:
+            doc = json.loads(self.body)
+        except ValueError:
+            return None
+        errors = doc.get("errors") if isinstance(doc, dict) else None
+        if not isinstance(errors, list) or not errors:
+            return None
+        out: set[int] = set()
+        for err in errors:
+            index = err.get("index") if isinstance(err, dict) else None
+            if not isinstance(index, int) or isinstance(index, bool) or not (
+                    0 <= index < batch_size):
+                return None
+            out.add(index)
+        return sorted(out)
 
 
 class Poster:
@@ -54,6 +78,8 @@ class Poster:
         self._session.mount("https://", HTTPAdapter(max_retries=0, pool_maxsize=1))
         self._session.headers.update({"Authorization": f"Bearer {api_key}",
                                       "Content-Type": "application/json",
+                                      # Answers are small JSON: no compression, so no zip bomb.
+                                      "Accept-Encoding": "identity",
                                       "User-Agent": f"chrono-collectors/{__version__}"})
         self._session.trust_env = False  # no proxies/netrc from the environment
 
@@ -61,19 +87,30 @@ class Poster:
         try:
             resp = self._session.post(self.url, data=batch.body(), timeout=self._timeout,
                                       headers={"Idempotency-Key": batch.key},
-                                      allow_redirects=False)
+                                      allow_redirects=False, stream=True)
+            try:
+                body = _bounded_body(resp)
+            finally:
+                resp.close()
         except requests.RequestException as exc:
             return PostResult(Outcome.RETRY, None, None, _describe(exc))
-        try:
-            outcome = classify_status(resp.status_code)
-            detail = "" if outcome is Outcome.STORED else resp.text[:1000]
-            return PostResult(outcome, resp.status_code,
-                              parse_retry_after(resp.headers.get("Retry-After")), detail)
-        finally:
-            resp.close()
+        outcome = classify_status(resp.status_code)
+        detail = "" if outcome is Outcome.STORED else body[:1000].decode("utf-8", "replace")
+        return PostResult(outcome, resp.status_code,
+                          parse_retry_after(resp.headers.get("Retry-After")), detail, body)
 
     def close(self) -> None:
         self._session.close()
+
+
+def _bounded_body(resp: requests.Response) -> bytes:
+    """The answer body, at most MAX_RESPONSE_BYTES. A body of known small length is read whole
+    (the keep-alive connection is reused); anything else is read up to the bound and the
+    connection is closed with the response."""
+    length = resp.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) <= MAX_RESPONSE_BYTES:
+        return resp.content
+    return bytes(resp.raw.read(MAX_RESPONSE_BYTES))
 
 
 class SpoolWriter:
@@ -100,7 +137,10 @@ class SpoolWriter:
         try:
             while True:
                 parser_done = self._done.is_set()
-                chunk = self._records.get_all(timeout_s=0.05, max_items=self._max_chunk)
+                # While the spool refuses writes, hold at most one chunk here: the bounded
+                # queue in front of us (and its counted overflow) limits memory, not this list.
+                chunk = self._records.get_all(timeout_s=0.05, max_items=self._max_chunk) \
+                    if len(pending) < self._max_chunk else []
                 if chunk:
                     pending.extend(encode(r) for r in chunk)
                     for record in chunk:
@@ -162,6 +202,8 @@ class Sender:
         self._drain_timeout_s = drain_timeout_s
         self._backoff = backoff or Backoff(base_s=0.5, cap_s=60.0)
         self._tried: set[str] = set()
+        # After a 413 the batch size is halved until batches fit, then grows back on success.
+        self._size_cap = batch_size
         self._gauges_at = 0.0
         self._corrupt_seen = 0
         self.last_success_unix: float | None = None
@@ -177,7 +219,7 @@ class Sender:
                 self._log_left_behind()
                 return
             try:
-                batch = self._spool.due_batch(self._batch_size, self._interval_s, force=final)
+                batch = self._spool.due_batch(self._size_cap, self._interval_s, force=final)
             except SpoolError as exc:
                 self._metrics.spool_errors.inc()
                 log.error("spool_read_failed", extra={"error": str(exc)})
@@ -228,6 +270,7 @@ class Sender:
             self._metrics.records_delivered.inc(n)
             self.last_success_unix = time.time()
             self._metrics.last_flush_success_ts.set(self.last_success_unix)
+            self._size_cap = min(self._batch_size, self._size_cap * 2)
             if self._backoff.attempt:
                 log.info("delivery_recovered", extra={"after_attempts": self._backoff.attempt})
             self._backoff.reset()
@@ -237,12 +280,7 @@ class Sender:
         reason = _failure_reason(result)
         self._metrics.flush_failure(reason)
         if result.outcome is Outcome.REJECT:
-            self._spool.dead_letter(batch.key, result.status or 0, result.detail)
-            self._tried.discard(batch.key)
-            self._metrics.dead_letter_records.inc(n)
-            log.error("batch_rejected", extra={"idempotency_key": batch.key, "records": n,
-                                               "status": result.status,
-                                               "detail": result.detail[:500]})
+            self._reject(batch, result)
             return 0.0
         delay = self._backoff.next_delay()
         if result.retry_after_s is not None:
@@ -259,6 +297,32 @@ class Sender:
                                               "detail": result.detail[:200] or None,
                                               "retry_in_s": round(delay, 3)})
         return delay
+
+    def _reject(self, batch: Batch, result: PostResult) -> None:
+        """The API refused the batch for good and stored none of it. Keep what was good:
+        a 413 splits the batch; a 400/422 naming the bad records dead-letters only those."""
+        n = len(batch.records)
+        status = result.status or 0
+        self._tried.discard(batch.key)
+        if status == 413 and n > 1:
+            self._spool.split(batch.key, (), status, result.detail)
+            self._size_cap = max(1, n // 2)
+            log.warning("batch_too_large_split", extra={"idempotency_key": batch.key,
+                                                        "records": n,
+                                                        "next_batch_size": self._size_cap})
+            return
+        bad = result.rejected_indexes(n) if status in (400, 422) else None
+        if bad is not None and len(bad) < n:
+            dead, released = self._spool.split(batch.key, bad, status, result.detail)
+            self._metrics.dead_letter_records.inc(dead)
+            log.error("records_rejected", extra={
+                "idempotency_key": batch.key, "rejected": dead, "resent": released,
+                "status": status, "detail": result.detail[:500]})
+            return
+        self._spool.dead_letter(batch.key, status, result.detail)
+        self._metrics.dead_letter_records.inc(n)
+        log.error("batch_rejected", extra={"idempotency_key": batch.key, "records": n,
+                                           "status": status, "detail": result.detail[:500]})
 
     def _update_spool_gauges(self) -> None:
         now = time.monotonic()

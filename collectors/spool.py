@@ -84,7 +84,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -366,6 +366,40 @@ class Spool:
             if removed:
                 self._maybe_vacuum(conn)
             return removed
+
+    def split(self, key: str, reject: Collection[int], status: int, reason: str) -> tuple[int, int]:
+        """Break up batch `key` that the API refused as a whole (it stored none of it): the
+        records at positions `reject` (0-based, batch order) go to the dead-letter file, the
+        others back to waiting, in their original order, to be claimed into new batches under
+        new keys. Returns (dead-lettered, released); (0, 0) for an unknown key. Raises SpoolError.
+        """
+        with self._conn_lock:
+            conn = self._require(self._conn)
+            with self._write_lock, self._txn(conn, "split"):
+                row = conn.execute(
+                    "SELECT id, first_id, last_id FROM batches WHERE key = ?", (key,)
+                ).fetchone()
+                if row is None:
+                    return 0, 0
+                batch_id, first_id, last_id = (int(v) for v in row)
+                span = (first_id, last_id, batch_id)
+                members = [(int(r[0]), bytes(r[1])) for r in conn.execute(
+                    "SELECT id, payload FROM records WHERE id BETWEEN ? AND ? AND batch_id = ?"
+                    " ORDER BY id", span)]
+                bad = [members[i] for i in sorted(set(reject)) if 0 <= i < len(members)]
+                if bad:
+                    self._write_dead_letter(key, status, reason, [p for _, p in bad])
+                    conn.executemany("DELETE FROM records WHERE id = ?", [(i,) for i, _ in bad])
+                conn.execute("UPDATE records SET batch_id = NULL WHERE id BETWEEN ? AND ?"
+                             " AND batch_id = ?", span)
+                conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+            bad_bytes = sum(len(p) for _, p in bad)
+            self._records -= len(bad)
+            self._bytes -= bad_bytes
+            self._claimed_records -= len(members)
+            self._claimed_bytes -= sum(len(p) for _, p in members)
+            self._batches -= 1
+            return len(bad), len(members) - len(bad)
 
     def stats(self) -> SpoolStats:
         """Counts for metrics. Raises SpoolError if the spool is closed or the database fails."""

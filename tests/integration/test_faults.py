@@ -266,3 +266,46 @@ def test_stop_signals_flush_and_exit_0(tmp_path: Path, ingest: IngestServer,
         col.proc.send_signal(getattr(signal, signal_name))
         assert col.proc.wait(timeout=5) == 0
     assert_exactly_once(ingest, sent)
+
+
+def test_a_batch_too_large_for_the_api_is_split_and_all_stored(
+        tmp_path: Path, ingest: IngestServer, coinbase_sim: Simulator) -> None:
+    ingest.faults.respond(413, times=2)
+    with collector_process(tmp_path, coinbase_sim.url, ingest.url, ingest.key,
+                           BATCH_SIZE="40", BATCH_INTERVAL_MS="2000") as col:
+        assert wait_until(lambda: stored_count(ingest) >= 100, 30)
+        coinbase_sim.go_silent(True)
+        sent = _sent_ids(coinbase_sim)
+        assert wait_until(lambda: stored_count(ingest) >= len(sent), 20)
+        assert col.events("batch_too_large_split")
+        assert col.metric("chrono_collector_dead_letter_records_total") == 0
+        assert col.stop() == 0
+    assert_exactly_once(ingest, sent)
+    sizes = [body.count(b'"symbol"') for body in ingest.faults.bodies]
+    assert sizes[0] == 40 and sizes[1] == 20 and sizes[2] <= 10  # halved after each 413
+
+
+def test_a_422_naming_records_dead_letters_only_those(
+        tmp_path: Path, ingest: IngestServer, coinbase_sim: Simulator) -> None:
+    ingest.faults.respond(422, problem={
+        "type": "urn:chrono:problem:invalid-records", "title": "Unprocessable Content",
+        "status": 422, "detail": "2 records are invalid",
+        "errors": [{"index": 1, "field": "price", "problem": "must be > 0"},
+                   {"index": 3, "field": "symbol", "problem": "unknown market"}]})
+    with collector_process(tmp_path, coinbase_sim.url, ingest.url, ingest.key) as col:
+        assert wait_until(lambda: stored_count(ingest) >= 60, 30)
+        coinbase_sim.go_silent(True)
+        sent = _sent_ids(coinbase_sim)
+        assert wait_until(lambda: stored_count(ingest) >= len(sent) - 2, 20)
+        assert col.metric("chrono_collector_dead_letter_records_total") == 2
+        [event] = col.events("records_rejected")
+        assert (event["rejected"], event["status"]) == (2, 422)
+        assert col.stop() == 0
+    import json
+
+    [entry] = [json.loads(x) for x in (col.spool_dir / "dead-letter.jsonl").read_text()
+               .splitlines()]
+    first_body = json.loads(ingest.faults.bodies[0])["feeds"]
+    assert entry["feeds"] == [first_body[1], first_body[3]]
+    dead = {(f["symbol"], f["metadata"]["sequence"]) for f in entry["feeds"]}
+    assert_exactly_once(ingest, sent - dead)

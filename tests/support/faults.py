@@ -43,6 +43,7 @@ class Action:
     status: int = 0
     retry_after: str | None = None
     seconds: float = 0.0
+    problem: bytes | None = None  # a scripted problem+json body (None: a generic one)
 
 
 class FaultScript:
@@ -62,9 +63,11 @@ class FaultScript:
     # --- scripting ---------------------------------------------------------------------------
 
     def respond(self, status: int, *, retry_after: float | str | None = None,
-                times: int = 1) -> FaultScript:
+                times: int = 1, problem: dict[str, object] | None = None) -> FaultScript:
         value = None if retry_after is None else str(retry_after)
-        return self._add(Action("respond", status=status, retry_after=value), times)
+        body = None if problem is None else json.dumps(problem).encode()
+        return self._add(Action("respond", status=status, retry_after=value, problem=body),
+                         times)
 
     def hang(self, seconds: float, *, times: int = 1) -> FaultScript:
         return self._add(Action("hang", seconds=seconds), times)
@@ -163,9 +166,9 @@ class FaultScript:
     @staticmethod
     def _respond(action: Action, start_response: StartResponse) -> list[bytes]:
         phrase = HTTPStatus(action.status).phrase
-        body = json.dumps({"type": "urn:chrono:problem:scripted-fault", "title": phrase,
-                           "status": action.status,
-                           "detail": "scripted by FaultScript"}).encode()
+        body = action.problem or json.dumps({
+            "type": "urn:chrono:problem:scripted-fault", "title": phrase,
+            "status": action.status, "detail": "scripted by FaultScript"}).encode()
         headers = [("Content-Type", "application/problem+json"),
                    ("Content-Length", str(len(body)))]
         if action.retry_after is not None:

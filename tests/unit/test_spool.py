@@ -885,3 +885,24 @@ SpoolModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_spool_model = SpoolModel.TestCase
+
+
+def test_split_dead_letters_the_named_records_and_releases_the_rest(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s")
+    try:
+        records = [b'{"n":%d}' % i for i in range(6)]
+        spool.append(records)
+        batch = spool.due_batch(4, 0.0, force=True)
+        assert batch is not None and batch.records == tuple(records[:4])
+        assert spool.split(batch.key, [1, 3], 422, "bad price") == (2, 2)
+        assert spool.split(batch.key, [0], 422, "again") == (0, 0)  # unknown now
+        again = spool.due_batch(10, 0.0, force=True)
+        assert again is not None and again.key != batch.key
+        assert again.records == (records[0], records[2], records[4], records[5])
+        stats = spool.stats()
+        assert (stats.records, stats.claimed_records, stats.batches_claimed) == (4, 4, 1)
+        lines = (tmp_path / "s" / "dead-letter.jsonl").read_text().splitlines()
+        [entry] = [json.loads(x) for x in lines]
+        assert entry["feeds"] == [{"n": 1}, {"n": 3}] and entry["status"] == 422
+    finally:
+        spool.close()

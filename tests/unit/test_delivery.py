@@ -1,0 +1,129 @@
+"""Poster over real HTTP (a scripted stdlib server on 127.0.0.1), and the batch-splitting
+policy's parsing of problem+json answers."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from collectors.backoff import Outcome
+from collectors.delivery import MAX_RESPONSE_BYTES, Poster, PostResult
+from collectors.spool import Batch
+from tests.support.waiting import free_port
+
+BATCH = Batch(key="k-123", records=(b'{"a":1}',), first_id=1, last_id=1, attempts=0,
+              created_ns=0)
+
+
+class Script:
+    status = 200
+    headers: dict[str, str] = {}
+    body = b"{}"
+    chunked = False
+    seen: list[dict[str, str]] = []
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802 (stdlib name)
+        length = int(self.headers.get("Content-Length", "0"))
+        self.rfile.read(length)
+        Script.seen.append(dict(self.headers))
+        self.send_response(Script.status)
+        for k, v in Script.headers.items():
+            self.send_header(k, v)
+        if Script.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            chunk = b"x" * 65536
+            try:
+                for _ in range(160):  # 10 MiB, never read in full by the client
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                pass
+            return
+        self.send_header("Content-Length", str(len(Script.body)))
+        self.end_headers()
+        self.wfile.write(Script.body)
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    Script.status, Script.headers, Script.body, Script.chunked = 200, {}, b"{}", False
+    Script.seen = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}/internal/ingest"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+def post(url: str) -> PostResult:
+    poster = Poster(url, "secret-key", connect_timeout_s=2, read_timeout_s=5)
+    try:
+        return poster.post(BATCH)
+    finally:
+        poster.close()
+
+
+def test_stored_with_the_contract_headers(server: str) -> None:
+    result = post(server)
+    assert result.outcome is Outcome.STORED and result.status == 200
+    [headers] = Script.seen
+    assert headers["Authorization"] == "Bearer secret-key"
+    assert headers["Idempotency-Key"] == "k-123"
+    assert headers["Content-Type"] == "application/json"
+
+
+def test_throttled_with_retry_after(server: str) -> None:
+    Script.status, Script.headers = 503, {"Retry-After": "7"}
+    result = post(server)
+    assert (result.outcome, result.status, result.retry_after_s) == (Outcome.RETRY, 503, 7.0)
+
+
+def test_bad_key_is_auth_not_reject(server: str) -> None:
+    Script.status = 401
+    assert post(server).outcome is Outcome.AUTH
+
+
+def test_a_huge_answer_is_read_only_up_to_the_bound(server: str) -> None:
+    Script.status, Script.chunked = 500, True
+    result = post(server)
+    assert result.outcome is Outcome.RETRY
+    assert 0 < len(result.body) <= MAX_RESPONSE_BYTES
+    assert len(result.detail) <= 1000
+
+
+def test_connection_refused_is_a_network_retry() -> None:
+    result = post(f"http://127.0.0.1:{free_port()}/internal/ingest")
+    assert (result.outcome, result.status) == (Outcome.RETRY, None)
+    assert "secret-key" not in result.detail
+
+
+def _problem(errors: object) -> PostResult:
+    body = json.dumps({"status": 422, "errors": errors}).encode()
+    return PostResult(Outcome.REJECT, 422, None, "", body)
+
+
+def test_rejected_indexes_from_problem_json() -> None:
+    assert _problem([{"index": 3, "field": "price"}, {"index": 0}]).rejected_indexes(5) == [0, 3]
+    assert _problem([{"index": 5}]).rejected_indexes(5) is None      # out of range
+    assert _problem([{"index": True}]).rejected_indexes(5) is None   # not an index
+    assert _problem([{"field": "price"}]).rejected_indexes(5) is None
+    assert _problem([]).rejected_indexes(5) is None
+    assert PostResult(Outcome.REJECT, 400, None, "", b"<html>").rejected_indexes(5) is None
