@@ -7,6 +7,7 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -20,11 +21,13 @@ BATCH = Batch(key="k-123", records=(b'{"a":1}',), first_id=1, last_id=1, attempt
 
 
 class Script:
+    """What the server answers next (reset by the fixture)."""
+
     status = 200
-    headers: dict[str, str] = {}
+    headers: ClassVar[dict[str, str]] = {}
     body = b"{}"
     chunked = False
-    seen: list[dict[str, str]] = []
+    seen: ClassVar[list[dict[str, str]]] = []
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -33,7 +36,7 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
 
-    def do_POST(self) -> None:  # noqa: N802 (stdlib name)
+    def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", "0"))
         self.rfile.read(length)
         Script.seen.append(dict(self.headers))
