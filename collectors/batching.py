@@ -2,14 +2,16 @@
 
 `Handoff` moves items from one producer thread to one consumer thread in chunks: the consumer
 takes everything waiting in one call, so per-item locking stays off the hot path. The bound is
-on the item count; when full, the policy is explicit: `put` refuses the item and the caller
-counts it (the socket thread must never block, or the venue disconnects a slow reader).
+on the item count and, optionally, on a cost such as bytes; when full, the policy is explicit:
+`put` refuses the item and the caller counts it (the socket thread must never block, or the
+venue disconnects a slow reader).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -18,13 +20,24 @@ T = TypeVar("T")
 class Handoff(Generic[T]):
     """A bounded single-producer/single-consumer queue with batch reads."""
 
-    def __init__(self, max_items: int) -> None:
+    def __init__(self, max_items: int, *, max_cost: int | None = None,
+                 cost_of: Callable[[T], int] | None = None) -> None:
         if max_items < 1:
             raise ValueError("max_items must be >= 1")
+        if (max_cost is None) != (cost_of is None):
+            raise ValueError("max_cost and cost_of go together")
         self.max_items = max_items
+        self.max_cost = max_cost
+        self._limit = max_cost or 0
+        self._cost_of = cost_of
+        self._cost = 0
         self._items: deque[T] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
+
+    @property
+    def cost(self) -> int:
+        return self._cost
 
     def __len__(self) -> int:
         return len(self._items)
@@ -34,6 +47,12 @@ class Handoff(Generic[T]):
         with self._cond:
             if len(self._items) >= self.max_items:
                 return False
+            if self._cost_of is not None:
+                cost = self._cost_of(item)
+                # An item alone above the bound still passes when the queue is empty.
+                if self._items and self._cost + cost > self._limit:
+                    return False
+                self._cost += cost
             self._items.append(item)
             if len(self._items) == 1:
                 self._cond.notify()
@@ -44,6 +63,15 @@ class Handoff(Generic[T]):
         with self._cond:
             room = self.max_items - len(self._items)
             accepted = items[:room] if room < len(items) else items
+            if self._cost_of is not None:
+                taken = 0
+                for item in accepted:
+                    cost = self._cost_of(item)
+                    if (self._items or taken) and self._cost + cost > self._limit:
+                        break
+                    self._cost += cost
+                    taken += 1
+                accepted = accepted[:taken]
             was_empty = not self._items
             self._items.extend(accepted)
             if was_empty and accepted:
@@ -58,8 +86,11 @@ class Handoff(Generic[T]):
             if max_items is None or max_items >= len(self._items):
                 out = list(self._items)
                 self._items.clear()
-                return out
-            return [self._items.popleft() for _ in range(max_items)]
+            else:
+                out = [self._items.popleft() for _ in range(max_items)]
+            if self._cost_of is not None:
+                self._cost = 0 if not self._items else self._cost - sum(map(self._cost_of, out))
+            return out
 
     def close(self) -> None:
         """Wake the consumer; later gets return at once."""

@@ -144,7 +144,7 @@ class Connection:
     def __init__(self, adapter: Adapter, base_url: str, symbols: Sequence[str],
                  frames: Handoff[Frame], metrics: Metrics, stop: threading.Event, *,
                  backoff: Backoff | None = None, recv_timeout_s: float = 0.5,
-                 connect_timeout_s: float = 10.0, liveness_timeout_s: float | None = None,
+                 connect_timeout_s: float = 5.0, liveness_timeout_s: float | None = None,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.adapter = adapter
         self.base_url = base_url
@@ -170,6 +170,8 @@ class Connection:
         self._max_age_s = adapter.max_connection_age_s
         self._first_frame_at: float | None = None   # first text frame of the current connection
         self._retiring: list[threading.Thread] = []
+        #: monotonic time of the loop's last turn: the systemd watchdog is fed only while it moves
+        self.beat = time.monotonic()
 
     # ---- requests from other threads -------------------------------------------------------
     def data_seen(self) -> None:
@@ -211,7 +213,7 @@ class Connection:
             if delay > 0:
                 log.info("ws_reconnect_wait", extra={"delay_s": round(delay, 3),
                                                      "attempt": self._backoff.attempt})
-                if self._stop.wait(delay):
+                if self._wait(delay):
                     break
             with self._lock:
                 symbols = list(self._symbols)
@@ -220,7 +222,7 @@ class Connection:
             if not symbols:
                 log.error("no_symbols_left", extra={"hint": "every configured symbol was "
                                                     "rejected by the venue; fix SYMBOLS"})
-                self._stop.wait(60)
+                self._wait(60)
                 continue
             url = self.adapter.connect_url(self.base_url, symbols)
             self._data_seen = False
@@ -235,6 +237,15 @@ class Connection:
             delay = 0.0 if reason in PLANNED_REASONS else self._backoff.next_delay()
         for t in self._retiring:
             t.join(timeout=2)
+
+    def _wait(self, seconds: float) -> bool:
+        """Wait (in slices, so `beat` keeps moving); True when stop was set."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.beat = time.monotonic()
+            if self._stop.wait(min(left, 1.0)):
+                return True
+        return self._stop.is_set()
 
     def _open(self, url: str) -> websocket.WebSocket:
         ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=True)
@@ -341,7 +352,7 @@ class Connection:
         while True:
             if self._stop.is_set():
                 return "stopped"
-            now = time.monotonic()
+            now = self.beat = time.monotonic()
             if self._resubscribe is not None or self._reconnect_reason is not None:
                 with self._lock:
                     resub, self._resubscribe = self._resubscribe, None

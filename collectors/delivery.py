@@ -129,6 +129,7 @@ class SpoolWriter:
         self._wake = wake      # tells the delivery thread that something was spooled
         self._max_chunk = max_chunk
         self.finished = threading.Event()
+        self.beat = time.monotonic()  # last loop turn (watchdog progress)
 
     def run(self) -> None:
         pending: list[bytes] = []
@@ -136,6 +137,7 @@ class SpoolWriter:
         last_error_log = 0.0
         try:
             while True:
+                self.beat = time.monotonic()
                 parser_done = self._done.is_set()
                 # While the spool refuses writes, hold at most one chunk here: the bounded
                 # queue in front of us (and its counted overflow) limits memory, not this list.
@@ -207,10 +209,12 @@ class Sender:
         self._gauges_at = 0.0
         self._corrupt_seen = 0
         self.last_success_unix: float | None = None
+        self.beat = time.monotonic()  # last loop turn (watchdog progress)
 
     def run(self) -> None:
         drain_deadline: float | None = None
         while True:
+            self.beat = time.monotonic()
             stopping = self._stop.is_set()
             if stopping and drain_deadline is None:
                 drain_deadline = time.monotonic() + self._drain_timeout_s
@@ -247,7 +251,11 @@ class Sender:
                 return True
             time.sleep(delay)  # stopping already: nothing else to wait for
             return False
-        self._stop.wait(delay)
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            self.beat = time.monotonic()  # waiting on purpose is progress
+            if self._stop.wait(min(left, 1.0)):
+                break
         return False
 
     def _deliver(self, batch: Batch) -> float:

@@ -94,6 +94,7 @@ class Parser:
         self.records_total = 0
         self.last_message_unix: float | None = None
         self._connected_since: float | None = None
+        self.beat = time.monotonic()  # last loop turn (watchdog progress)
 
     def records_per_s(self) -> float:
         """Records/s over the last ~10 s (for /healthz and `status`)."""
@@ -106,6 +107,7 @@ class Parser:
     def run(self) -> None:
         last_check = 0.0
         while True:
+            self.beat = time.monotonic()
             ws_done = self._ws_finished.is_set()
             chunk = self._frames.get_all(timeout_s=0.25)
             if chunk:

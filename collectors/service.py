@@ -36,9 +36,17 @@ from collectors.spool import Spool
 
 log = logging.getLogger(__name__)
 
-FRAME_QUEUE_MAX = 200_000    # ~80 MB of 400-byte frames: minutes of burst at venue rates
+FRAME_QUEUE_MAX = 200_000    # frames waiting for the parser...
+FRAME_QUEUE_MAX_BYTES = 64 * 1024 * 1024  # ...and their bytes (frames may be up to 4 MiB)
 RECORD_QUEUE_MAX = 200_000
+#: The watchdog is fed only while every thread's loop has turned within this long (the slowest
+#: honest turn is an HTTP POST: connect 3 s + read 10 s by default).
+PROGRESS_WINDOW_S = 25.0
 DRAIN_TIMEOUT_S = 5.0        # supervisord's stopwaitsecs / systemd's TimeoutStopSec exceed this
+
+
+def _frame_bytes(frame: Frame) -> int:
+    return len(frame[0])
 
 
 class CollectorService:
@@ -55,7 +63,8 @@ class CollectorService:
         self.stop_event = threading.Event()
         self._notifier = notifier or Notifier()
         self._failed: list[str] = []
-        self.frames: Handoff[Frame] = Handoff(FRAME_QUEUE_MAX)
+        self.frames: Handoff[Frame] = Handoff(FRAME_QUEUE_MAX, max_cost=FRAME_QUEUE_MAX_BYTES,
+                                              cost_of=_frame_bytes)
         self.records: Handoff[PriceFeed] = Handoff(RECORD_QUEUE_MAX)
         self.connection = Connection(self.adapter, config.ws_url, config.symbols, self.frames,
                                      self.metrics, self.stop_event,
@@ -67,6 +76,7 @@ class CollectorService:
         self.spool: Spool | None = None
         self.sender: Sender | None = None
         self.metrics_server: MetricsServer | None = None
+        self._writer: SpoolWriter | None = None
 
     # ---- health ------------------------------------------------------------------------------
     def health(self) -> Health:
@@ -154,6 +164,7 @@ class CollectorService:
             if self.metrics_server else None, "spool_dir": str(cfg.spool_dir),
             "batch_size": cfg.batch_size, "batch_interval_s": cfg.batch_interval_s})
         self._notifier.notify("READY=1")
+        self._writer = writer
         self._wait(threads)
 
         # Ordered shutdown: each stage finishes once the one before it has.
@@ -178,11 +189,20 @@ class CollectorService:
         while not self.stop_event.wait(0.25):
             if self._failed:
                 return
-            if interval and time.monotonic() - last_ping >= interval and all(
-                    t.is_alive() for t in threads):
+            if interval and time.monotonic() - last_ping >= interval and self.progressing(
+                    threads):
                 self._notifier.notify("WATCHDOG=1")
                 last_ping = time.monotonic()
         self._notifier.notify("STOPPING=1")
+
+    def progressing(self, threads: list[threading.Thread]) -> bool:
+        """Every thread alive and its loop turned recently (what the watchdog vouches for)."""
+        now = time.monotonic()
+        beats = [self.connection.beat, self.parser.beat,
+                 self._writer.beat if self._writer else now,
+                 self.sender.beat if self.sender else now]
+        return all(t.is_alive() for t in threads) and all(
+            now - beat < PROGRESS_WINDOW_S for beat in beats)
 
     def _thread(self, name: str, target: Callable[[], None],
                 finished: threading.Event | None) -> threading.Thread:

@@ -49,3 +49,15 @@ def test_close_wakes_a_waiting_consumer() -> None:
     q.close()
     t.join(5)
     assert result == [[]]
+
+
+def test_cost_bound_refuses_what_would_exceed_it() -> None:
+    q: Handoff[bytes] = Handoff(100, max_cost=10, cost_of=len)
+    assert q.put(b"x" * 6) and q.put(b"y" * 4)
+    assert not q.put(b"z")              # 11 > 10
+    assert q.cost == 10
+    assert q.get_all(0, max_items=1) == [b"x" * 6] and q.cost == 4
+    assert q.put_many([b"a" * 3, b"b" * 3, b"c"]) == 1
+    assert q.get_all(0) == [b"y" * 4, b"a" * 3, b"b" * 3] and q.cost == 0
+    assert q.put(b"w" * 50)             # alone above the bound: still passes when empty
+    assert not q.put(b"v")
