@@ -99,7 +99,7 @@ def _run(exchange: str) -> int:
 
 
 def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
-    from collectors.ingest.server import configure_parser
+    from collectors.ingest.cli import configure_parser
 
     configure_parser(parser)
 

@@ -31,6 +31,7 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
 from collectors.errors import ConfigError, StorageError
 from collectors.ingest.app import IngestApp, problem
+from collectors.ingest.cli import configure_parser
 from collectors.ingest.config import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_THREADS,
@@ -50,19 +51,6 @@ log = logging.getLogger(__name__)
 
 PROG = "chrono-collector ingest"
 STOP_TIMEOUT_S = 10.0  # in-flight requests get this long to finish (well inside stopwaitsecs)
-
-ENV_HELP = """\
-environment:
-  API_KEY, API_KEYS, API_KEY_FILE  accepted bearer key(s) (at least one; API_KEYS comma-separated)
-  DATABASE_URL                     sqlite:///path/to/file.db (default: the state directory)
-                                   or postgresql://user@host:port/db
-  INGEST_HOST, INGEST_PORT         listen address (default 127.0.0.1:3000; port 0 = any free)
-  INGEST_MAX_BODY_BYTES            largest request body (default 8388608)
-  INGEST_MAX_FEEDS                 most records per batch (default 10000)
-  INGEST_THREADS                   worker threads and database connections (default 8)
-  LOG_LEVEL                        debug, info, warning, error (default info)
-"""
-
 
 @dataclass
 class RunningServer:
@@ -249,16 +237,6 @@ def start_server(app_or_config: WSGIApplication | IngestConfig, host: str | None
 
 
 # --- command line ---------------------------------------------------------------------------
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add `chrono-collector ingest`'s arguments to a (sub)parser."""
-    parser.add_argument(
-        "action", nargs="?", choices=("serve", "migrate"), default="serve",
-        help="serve (default): run the ingest API until SIGTERM; "
-             "migrate: apply database schema migrations and exit")
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = ENV_HELP
 
 
 def run_command(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
