@@ -137,11 +137,11 @@ class Ingest:
 
 
 @contextmanager
-def ingest_process(tmp: Path, threads: int = 4) -> Iterator[Ingest]:
-    """`python -m collectors.ingest` on 127.0.0.1 (port 0) with a fresh SQLite file."""
+def ingest_process(tmp: Path, threads: int = 4, port: int = 0) -> Iterator[Ingest]:
+    """`python -m collectors.ingest` on 127.0.0.1 (port 0: any free) with a fresh SQLite file."""
     db_path = tmp / "ingest.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("API_KEY", "INGEST_"))}
-    env.update({"API_KEY": API_KEY, "INGEST_PORT": "0", "DATABASE_URL": f"sqlite:///{db_path}",
+    env.update({"API_KEY": API_KEY, "INGEST_PORT": str(port), "DATABASE_URL": f"sqlite:///{db_path}",
                 "INGEST_THREADS": str(threads), "LOG_LEVEL": "info",
                 "PYTHONPATH": str(REPO)})
     log = (tmp / "ingest.log").open("w")

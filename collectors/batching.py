@@ -32,7 +32,9 @@ class Handoff(Generic[T]):
         self._cost_of = cost_of
         self._cost = 0
         self._items: deque[T] = deque()
-        self._cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)      # "not empty", for the consumer
+        self._not_full = threading.Condition(lock)  # "room again", for a waiting producer
         self._closed = False
 
     @property
@@ -90,7 +92,26 @@ class Handoff(Generic[T]):
                 out = [self._items.popleft() for _ in range(max_items)]
             if self._cost_of is not None:
                 self._cost = 0 if not self._items else self._cost - sum(map(self._cost_of, out))
+            if out:
+                self._not_full.notify()
             return out
+
+    def put_many_waiting(self, items: list[T], stop: threading.Event) -> int:
+        """Add every item, waiting for room as the consumer takes items (backpressure).
+        Gives up only when `stop` is set and no room comes within a second; returns how many
+        were not added."""
+        rest = items
+        while rest:
+            with self._cond:
+                room_waited = False
+                while len(self._items) >= self.max_items:
+                    if room_waited and stop.is_set():
+                        return len(rest)
+                    self._not_full.wait(1.0)
+                    room_waited = True
+            left = self.put_many(rest)
+            rest = rest[len(rest) - left:]
+        return 0
 
     def close(self) -> None:
         """Wake the consumer; later gets return at once."""

@@ -44,6 +44,7 @@ class CollectorConfig:
     http_connect_timeout_s: float
     http_read_timeout_s: float
     liveness_timeout_s: float
+    retry_max_s: float
 
     @property
     def ingest_url(self) -> str:
@@ -79,6 +80,7 @@ class CollectorConfig:
             http_read_timeout_s=_float(env, "HTTP_READ_TIMEOUT_S", 10.0, 0.1, 300.0),
             liveness_timeout_s=_float(env, "WS_LIVENESS_TIMEOUT_S", adapter.liveness_timeout_s,
                                       1.0, 600.0),
+            retry_max_s=_float(env, "DELIVERY_RETRY_MAX_S", 30.0, 0.5, 600.0),
         )
 
 

@@ -31,6 +31,7 @@ from collectors.spool import Batch, Spool
 log = logging.getLogger(__name__)
 
 AUTH_RETRY_S = 30.0
+RETRY_AFTER_FLOOR_S = 0.25
 
 
 #: At most this much of an answer body is read (a hostile or broken API cannot exhaust memory).
@@ -192,7 +193,7 @@ class Sender:
     def __init__(self, spool: Spool, poster: Poster, metrics: Metrics, *, batch_size: int,
                  batch_interval_s: float, stop: threading.Event, writer_finished: threading.Event,
                  wake: threading.Event, drain_timeout_s: float = 5.0,
-                 backoff: Backoff | None = None) -> None:
+                 backoff: Backoff | None = None, retry_max_s: float = 30.0) -> None:
         self._spool = spool
         self._poster = poster
         self._metrics = metrics
@@ -202,7 +203,8 @@ class Sender:
         self._writer_finished = writer_finished
         self._wake = wake
         self._drain_timeout_s = drain_timeout_s
-        self._backoff = backoff or Backoff(base_s=0.5, cap_s=60.0)
+        # Capped (DELIVERY_RETRY_MAX_S, 30 s): after an outage the backlog starts draining soon.
+        self._backoff = backoff or Backoff(base_s=0.5, cap_s=retry_max_s)
         self._tried: set[str] = set()
         # After a 413 the batch size is halved until batches fit, then grows back on success.
         self._size_cap = batch_size
@@ -292,7 +294,8 @@ class Sender:
             return 0.0
         delay = self._backoff.next_delay()
         if result.retry_after_s is not None:
-            delay = max(delay, result.retry_after_s)
+            # The server said when: do as it says (a floor keeps a "0" from spinning us).
+            delay = max(result.retry_after_s, RETRY_AFTER_FLOOR_S)
         if result.outcome is Outcome.AUTH:
             delay = max(delay, AUTH_RETRY_S)
             log.error("ingest_auth_failed", extra={

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 #: silently sends nothing for an unknown stream).
 FIRST_DATA_TIMEOUT_S = 30.0
 PARSE_ERROR_LOG_INTERVAL_S = 10.0
+PARSE_CHUNK_MAX = 2000
 
 
 class Freshness:
@@ -77,13 +78,15 @@ class Parser:
     frame queue is empty."""
 
     def __init__(self, adapter: Adapter, frames: Handoff[Frame], records: Handoff[PriceFeed],
-                 connection: Connection, metrics: Metrics, ws_finished: threading.Event) -> None:
+                 connection: Connection, metrics: Metrics, ws_finished: threading.Event,
+                 stop: threading.Event | None = None) -> None:
         self._adapter = adapter
         self._frames = frames
         self._records = records
         self._conn = connection
         self._metrics = metrics
         self._ws_finished = ws_finished
+        self._stop = stop or threading.Event()
         now = time.monotonic()
         self.freshness = Freshness(connection.symbols, adapter.symbol_stale_after_s, now)
         self._kind_counters = {k: metrics.messages_counter(k.value) for k in Kind}
@@ -109,7 +112,9 @@ class Parser:
         while True:
             self.beat = time.monotonic()
             ws_done = self._ws_finished.is_set()
-            chunk = self._frames.get_all(timeout_s=0.25)
+            # Bounded chunks: a backlog of frames is parsed a slice at a time, so parsed records
+            # (far bigger than their frames) never pile up beyond the record queue's bound.
+            chunk = self._frames.get_all(timeout_s=0.25, max_items=PARSE_CHUNK_MAX)
             if chunk:
                 self._handle(chunk)
             now = time.monotonic()
@@ -158,9 +163,10 @@ class Parser:
                 self._conn.request_reconnect("server_shutdown")
         if out:
             self._conn.data_seen()
-            not_taken = self._records.put_many(out)
-            if not_taken:
-                # The spool writer is stuck (e.g. disk full) and memory is at its bound.
+            # Backpressure: wait for the spool writer rather than drop. Frames queue up in front
+            # of us meanwhile (bounded in bytes, counted when full).
+            not_taken = self._records.put_many_waiting(out, self._stop)
+            if not_taken:  # stopping while the spool writer is stuck (e.g. disk full)
                 self.records_dropped += not_taken
                 metrics.queue_dropped.inc(not_taken)
                 log.error("records_dropped_memory_full", extra={"dropped": not_taken})

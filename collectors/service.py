@@ -36,9 +36,11 @@ from collectors.spool import Spool
 
 log = logging.getLogger(__name__)
 
+# Memory bounds. A burst beyond what the spool can commit waits as raw frames (compact), not as
+# parsed records (~1 KB of Python objects each): the parser waits for room in the record queue.
 FRAME_QUEUE_MAX = 200_000    # frames waiting for the parser...
-FRAME_QUEUE_MAX_BYTES = 64 * 1024 * 1024  # ...and their bytes (frames may be up to 4 MiB)
-RECORD_QUEUE_MAX = 200_000
+FRAME_QUEUE_MAX_BYTES = 48 * 1024 * 1024  # ...and their bytes (frames may be up to 4 MiB)
+RECORD_QUEUE_MAX = 20_000
 #: The watchdog is fed only while every thread's loop has turned within this long (the slowest
 #: honest turn is an HTTP POST: connect 3 s + read 10 s by default).
 PROGRESS_WINDOW_S = 25.0
@@ -72,7 +74,7 @@ class CollectorService:
         self._ws_finished = threading.Event()
         self._parser_finished = threading.Event()
         self.parser = Parser(self.adapter, self.frames, self.records, self.connection,
-                             self.metrics, self._ws_finished)
+                             self.metrics, self._ws_finished, self.stop_event)
         self.spool: Spool | None = None
         self.sender: Sender | None = None
         self.metrics_server: MetricsServer | None = None
@@ -147,7 +149,7 @@ class CollectorService:
         self.sender = Sender(self.spool, poster, self.metrics, batch_size=cfg.batch_size,
                              batch_interval_s=cfg.batch_interval_s, stop=self.stop_event,
                              writer_finished=writer.finished, wake=wake,
-                             drain_timeout_s=DRAIN_TIMEOUT_S)
+                             drain_timeout_s=DRAIN_TIMEOUT_S, retry_max_s=cfg.retry_max_s)
         threads = [
             self._thread(f"ws-{cfg.exchange}", self.connection.run, self._ws_finished),
             self._thread(f"parse-{cfg.exchange}", self.parser.run, self._parser_finished),

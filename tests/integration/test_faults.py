@@ -117,7 +117,7 @@ def test_api_hanging_past_the_read_timeout_is_retried_and_stored_once(
 
 def test_api_down_for_a_while_then_back(tmp_path: Path, coinbase_sim: Simulator) -> None:
     with ingest_on_fixed_port(tmp_path) as ingest, collector_process(
-            tmp_path, coinbase_sim.url, ingest.url, ingest.key) as col:
+            tmp_path, coinbase_sim.url, ingest.url, ingest.key, DELIVERY_RETRY_MAX_S="1") as col:
         assert wait_until(lambda: stored_count(ingest) >= 20, 20)  # type: ignore[arg-type]
         ingest.down()
         assert wait_until(lambda: col.metric("chrono_collector_flush_failures_total",
@@ -198,7 +198,7 @@ def test_full_spool_drops_oldest_and_counts_them(tmp_path: Path) -> None:
         assert ingest.faults is not None
         ingest.faults.respond(503, times=1_000_000)
         with collector_process(tmp_path, sim.url, ingest.url, ingest.key,
-                               SPOOL_MAX_BYTES=str(1024 * 1024)) as col:
+                               SPOOL_MAX_BYTES=str(1024 * 1024), DELIVERY_RETRY_MAX_S="1") as col:
             assert sim.wait_for(lambda: sim.active_connections == 1, 10)
             [conn_id] = sim.connection_ids()
             sim.burst(6000)

@@ -61,3 +61,27 @@ def test_cost_bound_refuses_what_would_exceed_it() -> None:
     assert q.get_all(0) == [b"y" * 4, b"a" * 3, b"b" * 3] and q.cost == 0
     assert q.put(b"w" * 50)             # alone above the bound: still passes when empty
     assert not q.put(b"v")
+
+
+def test_put_many_waiting_applies_backpressure_instead_of_dropping() -> None:
+    q: Handoff[int] = Handoff(10)
+    stop = threading.Event()
+    got: list[int] = []
+
+    def consume() -> None:
+        while len(got) < 100:
+            got.extend(q.get_all(0.05, max_items=3))
+
+    t = threading.Thread(target=consume)
+    t.start()
+    assert q.put_many_waiting(list(range(100)), stop) == 0
+    t.join(5)
+    assert got == list(range(100))
+
+
+def test_put_many_waiting_gives_up_only_when_stopping() -> None:
+    q: Handoff[int] = Handoff(2)
+    stop = threading.Event()
+    stop.set()
+    assert q.put_many_waiting([1, 2, 3, 4], stop) == 2
+    assert q.get_all(0) == [1, 2]

@@ -62,6 +62,8 @@ def test_key_from_file(tmp_path: Path) -> None:
         ({"SYMBOLS": " , "}, "SYMBOLS", "lists no symbol"),
         ({"WORKER_ID": "a b"}, "WORKER_ID", "not allowed"),
         ({"HTTP_READ_TIMEOUT_S": "nan"}, "HTTP_READ_TIMEOUT_S", "out of range"),
+        ({"DELIVERY_RETRY_MAX_S": "0"}, "DELIVERY_RETRY_MAX_S", "out of range"),
+        ({"WS_LIVENESS_TIMEOUT_S": "x"}, "WS_LIVENESS_TIMEOUT_S", "not a number"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str, fragment: str) -> None:

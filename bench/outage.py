@@ -1,0 +1,90 @@
+"""Memory through an ingest outage: the backlog must live on disk, not in memory.
+
+    .venv/bin/python bench/outage.py [--records 200000]
+
+The ingest API is down (API_BASE_URL points at a closed port on 127.0.0.1) while the simulator
+bursts `--records` Coinbase tickers into one collector; RSS is sampled every 0.25 s. Then the
+API comes up and the backlog drains. Reports RSS before/peak/after, the spool's size and bytes
+on disk per record, and the drain rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.harness import (
+    collector_process,
+    free_port,
+    ingest_process,
+    machine,
+    status_kb,
+    wait_until,
+    write_results,
+)
+from collectors.simulator import Simulator
+
+
+def spool_records(spool: Path) -> int:
+    db = spool / "spool.db"
+    if not db.exists():
+        return 0
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT count(*) FROM records").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--records", type=int, default=200_000)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_s, Simulator("coinbase", rate_hz=1, seed=4,
+                                                           keep_sent=0) as sim:
+        tmp = Path(tmp_s)
+        down_port = free_port()  # nothing listens here until the API comes up below
+        with collector_process(tmp, "coinbase", sim.url, f"http://127.0.0.1:{down_port}",
+                               BATCH_SIZE="1000", BATCH_INTERVAL_MS="1000") as col:
+            assert sim.wait_for(lambda: sim.active_connections == 1, 20)
+            time.sleep(2)  # settle: the idle baseline
+            rss_idle = status_kb(col.proc.pid, "VmRSS") / 1024
+            sim.burst(args.records)
+            peak = rss_idle
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                peak = max(peak, status_kb(col.proc.pid, "VmRSS") / 1024)
+                if sim.bursts_active == 0 and spool_records(col.spool_dir) >= args.records:
+                    break
+                time.sleep(0.25)  # sampling another process's memory
+            spooled = spool_records(col.spool_dir)
+            rss_backlog = status_kb(col.proc.pid, "VmRSS") / 1024
+            files = sum(p.stat().st_size for p in col.spool_dir.glob("spool.db*"))
+            with ingest_process(tmp, port=down_port) as ingest:  # the API is back
+                started = time.monotonic()
+                assert wait_until(lambda: spool_records(col.spool_dir) == 0, 300, 0.25)
+                drain_s = time.monotonic() - started
+                rss_after = status_kb(col.proc.pid, "VmRSS") / 1024
+                _ = ingest
+    text = "\n".join([
+        "# Memory through an ingest outage", "",
+        machine() + f"; {args.records:,} Coinbase tickers burst while the API is down.", "",
+        "| RSS idle MB | RSS peak MB | RSS with backlog MB | backlog on disk | disk bytes/record"
+        " | drained in s | drain records/s | RSS after drain MB |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {rss_idle:.1f} | {peak:.1f} | {rss_backlog:.1f} | {spooled:,} | "
+        f"{files / max(spooled, 1):.0f} | {drain_s:.1f} | {spooled / drain_s:,.0f} | "
+        f"{rss_after:.1f} |", ""])
+    print(text)
+    write_results("outage", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
