@@ -5,17 +5,31 @@
 # /var/lib/chrono/EXCHANGE (spool; systemd StateDirectory), units in /etc/systemd/system.
 # The API key is read from $CHRONO_API_KEY_FILE (a file you provide) the first time; an existing
 # /etc/chrono-collectors/api_key is kept. Re-running upgrades the package and restarts the units.
+# Staging/checks: CHRONO_INSTALL_ROOT=/some/dir installs below that directory instead of /, and
+# SYSTEMCTL=true (any command) replaces systemctl; with a root set, the final status is skipped.
 set -euo pipefail
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
-PREFIX=/opt/chrono-collectors
-ETC=/etc/chrono-collectors
-UNITS=/etc/systemd/system
+ROOT="${CHRONO_INSTALL_ROOT:-}"
+SYSTEMCTL="${SYSTEMCTL:-systemctl}"
+PREFIX="$ROOT/opt/chrono-collectors"
+ETC="$ROOT/etc/chrono-collectors"
+UNITS="$ROOT/etc/systemd/system"
 if [ $# -gt 0 ]; then EXCHANGES=("$@"); else EXCHANGES=(coinbase binance binanceus kraken); fi
 PYTHON="${PYTHON:-python3}"
 
-[ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 2; }
+[ -n "$ROOT" ] || [ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 2; }
 
-install -d -m 0755 "$PREFIX"
+# Check the inputs before changing anything.
+if [ ! -s "$ETC/api_key" ] && { [ -z "${CHRONO_API_KEY_FILE:-}" ] || [ ! -s "$CHRONO_API_KEY_FILE" ]; }; then
+  echo "set CHRONO_API_KEY_FILE to a file holding the ingest API key" >&2; exit 2
+fi
+for ex in "${EXCHANGES[@]}"; do
+  if [ ! -e "$ETC/$ex.env" ] && [ -z "${CHRONO_API_BASE_URL:-}" ]; then
+    echo "set CHRONO_API_BASE_URL to the ingest API base URL (no $ETC/$ex.env yet)" >&2; exit 2
+  fi
+done
+
+install -d -m 0755 "$PREFIX" "$UNITS"
 [ -x "$PREFIX/venv/bin/python" ] || "$PYTHON" -m venv "$PREFIX/venv"
 "$PREFIX/venv/bin/python" -m pip install --quiet --disable-pip-version-check \
     -c "$SRC/constraints.txt" "$SRC"
@@ -23,27 +37,26 @@ install -m 0644 "$SRC/README.md" "$PREFIX/README.md"
 
 install -d -m 0755 "$ETC"
 if [ ! -s "$ETC/api_key" ]; then
-  [ -n "${CHRONO_API_KEY_FILE:-}" ] && [ -s "$CHRONO_API_KEY_FILE" ] \
-    || { echo "set CHRONO_API_KEY_FILE to a file holding the ingest API key" >&2; exit 2; }
-  install -m 0400 -o root -g root "$CHRONO_API_KEY_FILE" "$ETC/api_key"
+  install -m 0400 "$CHRONO_API_KEY_FILE" "$ETC/api_key"
 fi
 chmod 0400 "$ETC/api_key"
 for ex in "${EXCHANGES[@]}"; do
   if [ ! -e "$ETC/$ex.env" ]; then
     umask 077
     printf '%s\n' "# chrono-collector@$ex settings (see README, Collector configuration)" \
-      "API_BASE_URL=${CHRONO_API_BASE_URL:-https://chrono.example/api}" > "$ETC/$ex.env"
+      "API_BASE_URL=$CHRONO_API_BASE_URL" > "$ETC/$ex.env"
   fi
 done
 install -m 0644 "$SRC/deploy/supervisord.production.conf" "$ETC/supervisord.conf"
 
 install -m 0644 "$SRC/systemd/chrono-collector@.service" "$UNITS/chrono-collector@.service"
 install -m 0644 "$SRC/systemd/chrono-supervisord.service" "$UNITS/chrono-supervisord.service"
-systemctl daemon-reload
+"$SYSTEMCTL" daemon-reload
 for ex in "${EXCHANGES[@]}"; do
-  systemctl enable "chrono-collector@$ex.service"
-  systemctl restart "chrono-collector@$ex.service"
+  "$SYSTEMCTL" enable "chrono-collector@$ex.service"
+  "$SYSTEMCTL" restart "chrono-collector@$ex.service"
 done
+[ -z "$ROOT" ] || { echo "installed below $ROOT (status skipped)"; exit 0; }
 
 endpoints=()
 for ex in "${EXCHANGES[@]}"; do

@@ -1,0 +1,56 @@
+"""deploy/install.sh, staged below a temporary root (never the host's /etc or /opt): it lays
+down the package, config, secret and units, and a second run changes nothing it should keep."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+from tests.ops.helpers import ROOT
+
+
+def _install(root: Path, key_file: Path, base_url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CHRONO_INSTALL_ROOT": str(root), "SYSTEMCTL": "true",
+           "CHRONO_API_KEY_FILE": str(key_file), "CHRONO_API_BASE_URL": base_url}
+    return subprocess.run(["bash", str(ROOT / "deploy" / "install.sh"), "coinbase", "kraken"],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_install_is_complete_and_idempotent(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    key = tmp_path / "key"
+    key.write_text("first-key\n")
+    first = _install(root, key, "http://127.0.0.1:3000")
+    assert first.returncode == 0, first.stderr[-2000:]
+    etc = root / "etc" / "chrono-collectors"
+    assert (etc / "api_key").read_text() == "first-key\n"
+    assert stat.S_IMODE((etc / "api_key").stat().st_mode) == 0o400
+    assert stat.S_IMODE((etc / "coinbase.env").stat().st_mode) == 0o600
+    assert "API_BASE_URL=http://127.0.0.1:3000" in (etc / "kraken.env").read_text()
+    units = root / "etc" / "systemd" / "system"
+    assert {p.name for p in units.iterdir()} == {"chrono-collector@.service",
+                                                 "chrono-supervisord.service"}
+    cli = root / "opt" / "chrono-collectors" / "venv" / "bin" / "chrono-collector"
+    version = subprocess.run([str(cli), "--version"], capture_output=True, text=True,
+                             check=False, timeout=30)
+    assert version.returncode == 0 and "chrono-collector" in version.stdout
+
+    key.write_text("second-key\n")
+    second = _install(root, key, "http://elsewhere")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert (etc / "api_key").read_text() == "first-key\n"      # an installed key is kept
+    assert "http://127.0.0.1:3000" in (etc / "kraken.env").read_text()  # so is local config
+
+
+def test_install_refuses_without_an_api_base_url(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("k\n")
+    env = {**os.environ, "CHRONO_INSTALL_ROOT": str(tmp_path / "root"), "SYSTEMCTL": "true",
+           "CHRONO_API_KEY_FILE": str(key)}
+    env.pop("CHRONO_API_BASE_URL", None)
+    result = subprocess.run(["bash", str(ROOT / "deploy" / "install.sh"), "coinbase"], env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode != 0
+    assert "CHRONO_API_BASE_URL" in result.stderr
