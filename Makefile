@@ -78,8 +78,14 @@ logs:
 check-db: $(STAMP)
 	$(BIN)/python -m collectors.checkdb
 
+# The collector benchmarks of docs/benchmarks.md (about 8 minutes; results in bench/results/).
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/ceiling.py --throughput bench/results/throughput.md
+	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/footprint.py
+	$(BIN)/python bench/outage.py
+	$(BIN)/python bench/ingest_bench.py
 
 clean:
 	rm -rf $(VAR) .pytest_cache .mypy_cache .ruff_cache .hypothesis
