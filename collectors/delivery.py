@@ -10,8 +10,10 @@ other 4xx moves the batch to the dead-letter file with the API's reason.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from collectors import __version__
 from collectors.backoff import Backoff, Outcome, classify_status, parse_retry_after
@@ -66,17 +70,85 @@ class PostResult:
         return sorted(out)
 
 
+class _Deadline:
+    """A total deadline for one request. requests/urllib3 timeouts bound each socket operation,
+    so an API that drips its answer a byte at a time could hold a POST forever; this watchdog
+    thread shuts the request's socket down when the whole exchange takes too long, and the
+    blocked read fails at once (a network error: retried with the same key)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._expires: float | None = None
+        self.sock: socket.socket | None = None  # set by the connection classes below
+        self.fired = False
+        threading.Thread(target=self._watch, name="post-deadline", daemon=True).start()
+
+    def arm(self, seconds: float) -> None:
+        with self._cond:
+            self._expires = time.monotonic() + seconds
+            self.fired = False
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._expires = None
+
+    def _watch(self) -> None:
+        with self._cond:
+            while True:
+                if self._expires is None:
+                    self._cond.wait()
+                    continue
+                left = self._expires - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self._expires = None
+                sock, self.fired = self.sock, True
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _tracking_adapter(deadline: _Deadline) -> HTTPAdapter:
+    """An HTTPAdapter whose connections tell `deadline` which socket is in use."""
+
+    class Tracked(HTTPConnection):
+        def connect(self) -> None:
+            super().connect()
+            deadline.sock = self.sock
+
+    class TrackedTLS(HTTPSConnection):
+        def connect(self) -> None:
+            super().connect()
+            deadline.sock = self.sock
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = Tracked
+
+    class TLSPool(HTTPSConnectionPool):
+        ConnectionCls = TrackedTLS
+
+    # Retries are ours (with the idempotency key and backoff); urllib3 must not add its own.
+    adapter = HTTPAdapter(max_retries=0, pool_maxsize=1)
+    adapter.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
+    return adapter
+
+
 class Poster:
-    """POSTs one batch. Holds one keep-alive session; never retries by itself."""
+    """POSTs one batch. Holds one keep-alive session; never retries by itself. Each POST has a
+    total deadline of twice the connect plus read timeouts."""
 
     def __init__(self, url: str, api_key: str, *, connect_timeout_s: float,
                  read_timeout_s: float) -> None:
         self.url = url
         self._timeout = (connect_timeout_s, read_timeout_s)
+        self._total_s = 2 * (connect_timeout_s + read_timeout_s)
+        self._deadline = _Deadline()
         self._session = requests.Session()
-        # Retries are ours (with the idempotency key and backoff); urllib3 must not add its own.
-        self._session.mount("http://", HTTPAdapter(max_retries=0, pool_maxsize=1))
-        self._session.mount("https://", HTTPAdapter(max_retries=0, pool_maxsize=1))
+        adapter = _tracking_adapter(self._deadline)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
         self._session.headers.update({"Authorization": f"Bearer {api_key}",
                                       "Content-Type": "application/json",
                                       # Answers are small JSON: no compression, so no zip bomb.
@@ -85,6 +157,7 @@ class Poster:
         self._session.trust_env = False  # no proxies/netrc from the environment
 
     def post(self, batch: Batch) -> PostResult:
+        self._deadline.arm(self._total_s)
         try:
             resp = self._session.post(self.url, data=batch.body(), timeout=self._timeout,
                                       headers={"Idempotency-Key": batch.key},
@@ -94,7 +167,15 @@ class Poster:
             finally:
                 resp.close()
         except requests.RequestException as exc:
+            if self._deadline.fired:
+                return PostResult(Outcome.RETRY, None, None,
+                                  f"no complete answer within {self._total_s:.0f} s")
             return PostResult(Outcome.RETRY, None, None, _describe(exc))
+        finally:
+            self._deadline.disarm()
+        if self._deadline.fired:  # cut short: whatever was parsed is not a whole answer
+            return PostResult(Outcome.RETRY, None, None,
+                              f"no complete answer within {self._total_s:.0f} s")
         outcome = classify_status(resp.status_code)
         detail = "" if outcome is Outcome.STORED else body[:1000].decode("utf-8", "replace")
         return PostResult(outcome, resp.status_code,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
@@ -27,7 +28,9 @@ class Script:
     headers: ClassVar[dict[str, str]] = {}
     body = b"{}"
     chunked = False
+    drip_s = 0.0  # > 0: answer one byte at a time, this far apart
     seen: ClassVar[list[dict[str, str]]] = []
+    dripped = threading.Event()  # never set: its wait() paces the drip
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -40,6 +43,16 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length", "0"))
         self.rfile.read(length)
         Script.seen.append(dict(self.headers))
+        if Script.drip_s:
+            answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+            try:
+                for i in range(len(answer)):
+                    self.wfile.write(answer[i:i + 1])
+                    self.wfile.flush()
+                    Script.dripped.wait(Script.drip_s)  # the pace of a hostile server
+            except OSError:
+                pass
+            return
         self.send_response(Script.status)
         for k, v in Script.headers.items():
             self.send_header(k, v)
@@ -63,6 +76,7 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[str]:
     Script.status, Script.headers, Script.body, Script.chunked = 200, {}, b"{}", False
+    Script.drip_s, Script.dripped = 0.0, threading.Event()
     Script.seen = []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
@@ -76,8 +90,9 @@ def server() -> Iterator[str]:
         thread.join(5)
 
 
-def post(url: str) -> PostResult:
-    poster = Poster(url, "secret-key", connect_timeout_s=2, read_timeout_s=5)
+def post(url: str, read_timeout_s: float = 5, connect_timeout_s: float = 2) -> PostResult:
+    poster = Poster(url, "secret-key", connect_timeout_s=connect_timeout_s,
+                    read_timeout_s=read_timeout_s)
     try:
         return poster.post(BATCH)
     finally:
@@ -110,6 +125,18 @@ def test_a_huge_answer_is_read_only_up_to_the_bound(server: str) -> None:
     assert result.outcome is Outcome.RETRY
     assert 0 < len(result.body) <= MAX_RESPONSE_BYTES
     assert len(result.detail) <= 1000
+
+
+def test_an_answer_dripped_a_byte_at_a_time_hits_the_total_deadline(server: str) -> None:
+    """Each byte arrives well inside the read timeout, so only a total deadline ends it."""
+    Script.drip_s = 0.4  # the 40-byte answer would take 16 s
+    started = time.monotonic()
+    # Total deadline 2 * (0.5 + 0.5) = 2 s; every byte arrives within the 0.5 s read timeout.
+    result = post(server, read_timeout_s=0.5, connect_timeout_s=0.5)
+    took = time.monotonic() - started
+    assert (result.outcome, result.status) == (Outcome.RETRY, None)
+    assert "no complete answer within 2 s" in result.detail
+    assert took < 8  # cut at the deadline, not at the end of the 16 s drip
 
 
 def test_connection_refused_is_a_network_retry() -> None:
