@@ -157,3 +157,18 @@ def test_rejected_indexes_from_problem_json() -> None:
     assert _problem([{"field": "price"}]).rejected_indexes(5) is None
     assert _problem([]).rejected_indexes(5) is None
     assert PostResult(Outcome.REJECT, 400, None, "", b"<html>").rejected_indexes(5) is None
+
+
+def test_a_record_encodes_to_the_contract_json() -> None:
+    from collectors.delivery import encode
+    from collectors.model import PriceFeed
+
+    record = PriceFeed(symbol="BTC/USD", price=45123.5, volume=None,
+                       timestamp="2026-11-29T10:00:00.123456Z", source="coinbase",
+                       worker_id="worker-coinbase",
+                       metadata={"bid": 45123.4, "sequence": 7, "timestamp_source": "exchange"})
+    assert json.loads(encode(record)) == {
+        "symbol": "BTC/USD", "price": 45123.5, "timestamp": "2026-11-29T10:00:00.123456Z",
+        "source": "coinbase", "worker_id": "worker-coinbase",
+        "metadata": {"bid": 45123.4, "sequence": 7, "timestamp_source": "exchange"}}
+    assert b" " not in encode(record)  # compact
