@@ -92,7 +92,6 @@ class Parser:
         self._kind_counters = {k: metrics.messages_counter(k.value) for k in Kind}
         self._last_parse_log = 0.0
         self._parse_errors_since_log = 0
-        self.records_dropped = 0
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=16)
         self.records_total = 0
         self.last_message_unix: float | None = None
@@ -167,7 +166,6 @@ class Parser:
             # of us meanwhile (bounded in bytes, counted when full).
             not_taken = self._records.put_many_waiting(out, self._stop)
             if not_taken:  # stopping while the spool writer is stuck (e.g. disk full)
-                self.records_dropped += not_taken
                 metrics.queue_dropped.inc(not_taken)
                 log.error("records_dropped_memory_full", extra={"dropped": not_taken})
         for kind, n in kinds.items():

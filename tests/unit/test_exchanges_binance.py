@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -20,48 +19,15 @@ from collectors.exchanges.binance import (
     binance,
     binance_us,
 )
-
-FIXTURES = Path(__file__).parents[1] / "fixtures"
-
-
-def _load(venue: str) -> list[dict[str, object]]:
-    text = (FIXTURES / venue / "cases.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
+from tests.unit.golden import load_cases
 
 CASES = [(venue, i, case) for venue in ("binance", "binanceus")
-         for i, case in enumerate(_load(venue))]
+         for i, case in enumerate(load_cases(venue))]
 BTCUSDT = next(json.loads(c["frame"]) for v, _, c in CASES
                if v == "binance" and isinstance(c["frame"], str) and '"BTCUSDT"' in c["frame"]
                and "24hrTicker" in c["frame"])
 E0 = 1703150652024  # BTCUSDT's event time in the real frame (ms)
 RECEIVED_NS = 1703150652031250000
-
-
-def _frame(case: dict[str, object]) -> str:
-    frame = case["frame"]
-    return frame if isinstance(frame, str) else json.dumps(frame)
-
-
-@pytest.mark.parametrize(("venue", "index", "case"), CASES,
-                         ids=[f"{v}-line{i + 1}" for v, i, _ in CASES])
-def test_golden(venue: str, index: int, case: dict[str, object]) -> None:
-    adapter = create(venue, f"worker-{venue}")
-    expect = case["expect"]
-    assert isinstance(expect, dict)
-    received_ns = case["received_ns"]
-    assert isinstance(received_ns, int)
-    if "raises" in expect:
-        with pytest.raises(ParseError, match=expect["match"]):
-            adapter.parse(_frame(case), received_ns)
-        return
-    parsed = adapter.parse(_frame(case), received_ns)
-    assert parsed.kind == expect["kind"]
-    assert [r.to_json_dict() for r in parsed.records] == expect["records"]
-    assert parsed.error == expect.get("error")
-    assert parsed.reconnect == expect.get("reconnect", False)
-    assert parsed.duplicates == 0
-    assert parsed.rejected == ()
 
 
 def _ticker(event_ms: int = E0, /, *, combined: bool = True, **over: object) -> str:

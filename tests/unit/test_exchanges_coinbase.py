@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from collectors.errors import ParseError
 from collectors.exchanges.base import Kind
 from collectors.exchanges.coinbase import CoinbaseAdapter, from_product, to_product
+from tests.unit.golden import load_cases
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "coinbase" / "cases.jsonl"
-CASES = [json.loads(line) for line in FIXTURES.read_text().splitlines() if line.strip()]
+CASES = load_cases("coinbase")
 RECEIVED_NS = 1_700_000_000_123_456_000
-
-
-@pytest.mark.parametrize("case", CASES, ids=[f"line{i + 1}" for i in range(len(CASES))])
-def test_golden(case: dict[str, object]) -> None:
-    adapter = CoinbaseAdapter("worker-coinbase")
-    frame = json.dumps(case["frame"])
-    parsed = adapter.parse(frame, int(case["received_ns"]))  # type: ignore[call-overload]
-    expect = case["expect"]
-    assert isinstance(expect, dict)
-    assert parsed.kind == expect["kind"]
-    assert [r.to_json_dict() for r in parsed.records] == expect["records"]
-    if "rejected" in expect:
-        assert list(parsed.rejected) == expect["rejected"]
-    if "error" in expect:
-        assert parsed.error == expect["error"]
-    if "subscribed" in expect:
-        assert list(parsed.subscribed) == expect["subscribed"]
 
 
 def _ticker(seq: int, **over: object) -> str:

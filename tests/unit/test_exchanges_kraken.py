@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
@@ -12,15 +11,13 @@ from collectors.errors import ConfigError, ParseError
 from collectors.exchanges import create
 from collectors.exchanges.base import Kind
 from collectors.exchanges.kraken import KrakenAdapter, from_pair
+from tests.unit.golden import frame_text, load_cases
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "kraken" / "cases.jsonl"
-CASES = [json.loads(line) for line in FIXTURES.read_text().splitlines() if line.strip()]
+CASES = load_cases("kraken")
 RECEIVED_NS = 1_715_772_043_100_000_000  # 2024-05-15T11:20:43.1Z
 
 
-def _frame(case: dict[str, object]) -> str:
-    frame = case["frame"]
-    return frame if isinstance(frame, str) else json.dumps(frame)
+_frame = frame_text
 
 
 def _case_with(text: str) -> dict[str, object]:
@@ -29,29 +26,6 @@ def _case_with(text: str) -> dict[str, object]:
 
 SNAPSHOT_2024 = _frame(_case_with('"type":"snapshot","data":[{"symbol":"BTC/USD"'))
 ALGO_WITH_TIME = _frame(_case_with('"symbol":"ALGO/USD"'))
-
-
-@pytest.mark.parametrize("case", CASES, ids=[f"line{i + 1}" for i in range(len(CASES))])
-def test_golden(case: dict[str, object]) -> None:
-    adapter = KrakenAdapter("worker-kraken")
-    expect = case["expect"]
-    assert isinstance(expect, dict)
-    received_ns = case["received_ns"]
-    assert isinstance(received_ns, int)
-    if "raises" in expect:
-        with pytest.raises(ParseError, match=expect["match"]):
-            adapter.parse(_frame(case), received_ns)
-        return
-    parsed = adapter.parse(_frame(case), received_ns)
-    assert parsed.kind == expect["kind"]
-    assert [r.to_json_dict() for r in parsed.records] == expect["records"]
-    assert parsed.error == expect.get("error")
-    assert list(parsed.rejected) == expect.get("rejected", [])
-    assert list(parsed.subscribed) == expect.get("subscribed", [])
-    matches = expect.get("invalid_match", [])
-    assert len(parsed.invalid) == len(matches)
-    assert all(m in reason for m, reason in zip(matches, parsed.invalid, strict=True))
-    assert parsed.duplicates == 0 and parsed.reconnect is False
 
 
 # ---- attributes and requests --------------------------------------------------------------------

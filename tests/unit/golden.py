@@ -1,0 +1,49 @@
+"""Shared golden-fixture helpers: load `tests/fixtures/<venue>/cases.jsonl` and check one case
+against a fresh adapter (kind, full records, and every other field of `Parsed`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from collectors.errors import ParseError
+from collectors.exchanges import create
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+VENUES = ("coinbase", "binance", "binanceus", "kraken")
+
+
+def load_cases(venue: str) -> list[dict[str, object]]:
+    text = (FIXTURES / venue / "cases.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def frame_text(case: dict[str, object]) -> str:
+    """The frame as the venue sent it (stored as text, or as a JSON object)."""
+    frame = case["frame"]
+    return frame if isinstance(frame, str) else json.dumps(frame)
+
+
+def check_case(venue: str, case: dict[str, object]) -> None:
+    adapter = create(venue, f"worker-{venue}")
+    expect = case["expect"]
+    received_ns = case["received_ns"]
+    assert isinstance(expect, dict) and isinstance(received_ns, int)
+    if "raises" in expect:
+        with pytest.raises(ParseError, match=expect["match"]):
+            adapter.parse(frame_text(case), received_ns)
+        return
+    parsed = adapter.parse(frame_text(case), received_ns)
+    assert parsed.kind == expect["kind"]
+    assert [r.to_json_dict() for r in parsed.records] == expect["records"]
+    assert parsed.error == expect.get("error")
+    assert list(parsed.rejected) == expect.get("rejected", [])
+    assert list(parsed.subscribed) == expect.get("subscribed", [])
+    assert parsed.reconnect == expect.get("reconnect", False)
+    matches = expect.get("invalid_match", [])
+    assert isinstance(matches, list)
+    assert len(parsed.invalid) == len(matches)
+    assert all(m in reason for m, reason in zip(matches, parsed.invalid, strict=True))
+    assert parsed.duplicates == 0
