@@ -125,38 +125,30 @@ class Parser:
 
     def _handle(self, chunk: list[Frame]) -> None:
         adapter, metrics = self._adapter, self._metrics
-        kinds: TallyCounter[Kind] = TallyCounter()
-        per_symbol: TallyCounter[str] = TallyCounter()
-        last_received: dict[str, int] = {}
+        parse = adapter.parse
+        kinds: dict[Kind, int] = {}
         out: list[PriceFeed] = []
         duplicates = 0
         parse_errors = 0
-        now = time.monotonic()
         for payload, received_ns in chunk:
             try:
-                parsed = adapter.parse(payload, received_ns)
+                parsed = parse(payload, received_ns)
             except ParseError as exc:
                 parse_errors += 1
                 self._log_parse_error(exc, payload)
                 continue
-            kinds[parsed.kind] += 1
+            kind = parsed.kind
+            kinds[kind] = kinds.get(kind, 0) + 1
             if parsed.records:
-                for rec in parsed.records:
-                    per_symbol[rec.symbol] += 1
-                    last_received[rec.symbol] = rec.received_ns
-                    if rec.exchange_ns:
-                        metrics.lag.observe(max(0.0, (rec.received_ns - rec.exchange_ns) / 1e9))
-                    if self.freshness.seen(rec.symbol, now):
-                        log.info("symbol_fresh", extra={"symbol": rec.symbol})
-                        metrics.set_stale(rec.symbol, False)
                 out.extend(parsed.records)
-            duplicates += parsed.duplicates
+            if parsed.duplicates:
+                duplicates += parsed.duplicates
             if parsed.invalid:  # items skipped inside an otherwise good message
                 parse_errors += len(parsed.invalid)
                 self._log_parse_error(ParseError(parsed.invalid[0]), payload)
-            if parsed.kind is Kind.ERROR or parsed.rejected:
+            if kind is Kind.ERROR or parsed.rejected:
                 self._venue_error(parsed.error, parsed.rejected)
-            elif parsed.kind is Kind.STATUS and parsed.error:
+            elif kind is Kind.STATUS and parsed.error:
                 log.warning("venue_status", extra={"status": parsed.error})
             if parsed.reconnect:
                 self._conn.request_reconnect("server_shutdown")
@@ -168,12 +160,9 @@ class Parser:
             if not_taken:  # stopping while the spool writer is stuck (e.g. disk full)
                 metrics.queue_dropped.inc(not_taken)
                 log.error("records_dropped_memory_full", extra={"dropped": not_taken})
+            self._record_metrics(out)
         for kind, n in kinds.items():
             self._kind_counters[kind].inc(n)
-        for symbol, n in per_symbol.items():
-            counter, gauge = metrics.symbol_children(symbol)
-            counter.inc(n)
-            gauge.set(last_received[symbol] / 1e9)
         if duplicates:
             metrics.duplicates.inc(duplicates)
         if parse_errors:
@@ -182,6 +171,22 @@ class Parser:
         last_ns = chunk[-1][1]
         self.last_message_unix = last_ns / 1e9
         metrics.last_message_ts.set(self.last_message_unix)
+
+    def _record_metrics(self, records: list[PriceFeed]) -> None:
+        """Per-symbol counters, last-record times and freshness, and the lag histogram: once
+        per symbol and once per chunk, not once per record."""
+        metrics, now = self._metrics, time.monotonic()
+        per_symbol = TallyCounter(rec.symbol for rec in records)
+        last_received = {rec.symbol: rec.received_ns for rec in records}
+        metrics.lag.observe_many([max(0.0, (rec.received_ns - rec.exchange_ns) / 1e9)
+                                  for rec in records if rec.exchange_ns])
+        for symbol, n in per_symbol.items():
+            counter, gauge = metrics.symbol_children(symbol)
+            counter.inc(n)
+            gauge.set(last_received[symbol] / 1e9)
+            if self.freshness.seen(symbol, now):
+                log.info("symbol_fresh", extra={"symbol": symbol})
+                metrics.set_stale(symbol, False)
 
     def _venue_error(self, error: str | None, rejected: tuple[str, ...]) -> None:
         active = self._conn.symbols

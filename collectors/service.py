@@ -26,6 +26,7 @@ from collectors import __version__, exchanges
 from collectors.batching import Handoff
 from collectors.config import CollectorConfig
 from collectors.connection import Connection, Frame
+from collectors.decoding import decode_frame
 from collectors.delivery import Poster, Sender, SpoolWriter
 from collectors.errors import ConfigError, SpoolError
 from collectors.metrics import Health, Metrics, MetricsServer
@@ -61,7 +62,7 @@ class CollectorService:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
         self.metrics = Metrics(self.registry, config.exchange, config.worker_id, __version__)
-        self.adapter = exchanges.create(config.exchange, config.worker_id)
+        self.adapter = exchanges.create(config.exchange, config.worker_id, decode_frame)
         self.stop_event = threading.Event()
         self._notifier = notifier or Notifier()
         self._failed: list[str] = []

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from collectors.exchanges.base import Adapter, Kind, Parsed
+from collectors.exchanges.base import Adapter, Decoder, Kind, Parsed, load_json
 from collectors.exchanges.binance import binance, binance_us
 from collectors.exchanges.coinbase import CoinbaseAdapter
 from collectors.exchanges.kraken import KrakenAdapter
 
-REGISTRY: dict[str, Callable[[str], Adapter]] = {
+#: name -> factory(worker_id, decode).
+REGISTRY: dict[str, Callable[[str, Decoder], Adapter]] = {
     "coinbase": CoinbaseAdapter,
     "binance": binance,
     "binanceus": binance_us,
@@ -29,9 +30,11 @@ def known() -> list[str]:
     return sorted(REGISTRY)
 
 
-def create(name: str, worker_id: str) -> Adapter:
-    """Raises KeyError for an unknown venue (callers turn it into a usage error)."""
-    return REGISTRY[name](worker_id)
+def create(name: str, worker_id: str, decode: Decoder = load_json) -> Adapter:
+    """The venue's adapter, decoding frames with `decode` (the service passes msgspec's, see
+    collectors/decoding.py). Raises KeyError for an unknown venue (callers turn it into a usage
+    error)."""
+    return REGISTRY[name](worker_id, decode)
 
 
 __all__ = ["DEFAULT_METRICS_PORTS", "REGISTRY", "Adapter", "Kind", "Parsed", "create", "known"]

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
 from collectors.errors import ParseError
-from collectors.model import PriceFeed, iso_from_ns
+from collectors.model import Metadata, PriceFeed, iso_from_ns
 
 
 class Kind(StrEnum):
@@ -31,7 +31,15 @@ class Kind(StrEnum):
     OTHER = "other"
 
 
-@dataclass(frozen=True, slots=True)
+#: Frame text -> JSON value; raises ParseError, and only ParseError, for bad input. Adapters
+#: take one in their constructor: `load_json` (standard library) unless the service passes a
+#: faster one (collectors/decoding.py), so adapters themselves import nothing but the stdlib.
+Decoder = Callable[[str | bytes], object]
+
+
+# Slotted but not frozen: a frozen dataclass sets each field through object.__setattr__, which
+# made building one of these (once per frame) twice as slow. Nothing mutates one after `parse`.
+@dataclass(slots=True)
 class Parsed:
     """The meaning of one frame.
 
@@ -57,6 +65,8 @@ class Adapter(Protocol):
     """One venue. Implementations live in `collectors/exchanges/<venue>.py`."""
 
     name: str
+    #: Frame text -> JSON value (given to the constructor; `load_json` by default).
+    decode: Decoder
     #: The public endpoint (`WS_URL` replaces it).
     default_ws_url: str
     default_symbols: tuple[str, ...]
@@ -118,8 +128,9 @@ def load_json(frame: str | bytes) -> object:
         raise ParseError(f"malformed JSON: {str(exc)[:120]}") from exc
 
 
-def load_object(frame: str | bytes) -> dict[str, object]:
-    data = load_json(frame)
+def load_object(frame: str | bytes, decode: Decoder = load_json) -> dict[str, object]:
+    """Decode a frame that must hold a JSON object. Raises ParseError."""
+    data = decode(frame)
     if not isinstance(data, dict):
         raise ParseError(f"expected a JSON object, got {type(data).__name__}")
     return data
@@ -163,6 +174,28 @@ def number(obj: dict[str, object], key: str, *, positive: bool = False,
     if not signed and (value < 0 or (positive and value == 0)):
         raise ParseError(f"field {key!r} must be {'> 0' if positive else '>= 0'}: {raw!r}")
     return value
+
+
+def copy_numbers(src: dict[str, object], fields: Sequence[tuple[str, str]],
+                 into: Metadata) -> None:
+    """`into[out_key] = number` for each (out_key, in_key) whose value in `src` is a valid
+    number >= 0 (as `optional_number`): absent or invalid ones are left out. The hot path of
+    every ticker's metadata, so the decimal-string case is inlined."""
+    for out_key, in_key in fields:
+        raw = src.get(in_key)
+        if raw is None:
+            continue
+        if type(raw) is str:
+            try:
+                value = float(raw)
+            except ValueError:
+                continue
+            if value >= 0 and value != math.inf:  # NaN fails the first test
+                into[out_key] = value
+            continue
+        checked = optional_number(src, in_key)
+        if checked is not None:
+            into[out_key] = checked
 
 
 def optional_number(obj: dict[str, object], key: str, *, signed: bool = False) -> float | None:

@@ -42,8 +42,11 @@ from dataclasses import dataclass
 
 from collectors.errors import ConfigError, ParseError
 from collectors.exchanges.base import (
+    Decoder,
     Kind,
     Parsed,
+    copy_numbers,
+    load_json,
     load_object,
     number,
     optional_number,
@@ -115,6 +118,9 @@ BINANCE_US = BinanceVenue(
 )
 
 _TICKER_SUFFIX = "@ticker"
+#: (metadata key, ticker field) of the optional decimal-string fields >= 0, in output order.
+_META_NUMBERS = (("quote_volume", "q"), ("bid", "b"), ("bid_size", "B"), ("ask", "a"),
+                 ("ask_size", "A"), ("open_24h", "o"), ("high_24h", "h"), ("low_24h", "l"))
 _RESTRICTED_HINT = ("binance.com refuses connections from restricted locations such as the US "
                     "(HTTP 451): use the binanceus collector there")
 
@@ -145,7 +151,9 @@ class BinanceAdapter:
     #: Binance's limit of streams on one connection; the connection layer splits above it.
     max_streams_per_connection = 1024
 
-    def __init__(self, worker_id: str, venue: BinanceVenue = BINANCE_COM) -> None:
+    def __init__(self, worker_id: str, venue: BinanceVenue = BINANCE_COM,
+                 decode: Decoder = load_json) -> None:
+        self.decode = decode
         self.name: str = venue.name
         self.default_ws_url: str = venue.ws_url
         self.default_symbols: tuple[str, ...] = venue.default_symbols
@@ -239,7 +247,7 @@ class BinanceAdapter:
     # ---- parsing ---------------------------------------------------------------------------
 
     def parse(self, frame: str | bytes, received_ns: int) -> Parsed:
-        msg = load_object(frame)
+        msg = load_object(frame, self.decode)
         if msg.get("error") is not None:
             return _error(msg["error"])
         if "result" in msg and "id" in msg:
@@ -289,12 +297,7 @@ class BinanceAdapter:
             return Parsed(Kind.TICKER, duplicates=1)
 
         meta: Metadata = {}
-        for out_key, in_key in (("quote_volume", "q"), ("bid", "b"), ("bid_size", "B"),
-                                ("ask", "a"), ("ask_size", "A"), ("open_24h", "o"),
-                                ("high_24h", "h"), ("low_24h", "l")):
-            value = optional_number(payload, in_key)
-            if value is not None:
-                meta[out_key] = value
+        copy_numbers(payload, _META_NUMBERS, meta)
         change_pct = optional_number(payload, "P", signed=True)
         if change_pct is not None:
             meta["change_pct"] = change_pct
@@ -372,11 +375,11 @@ def _error(raw: object) -> Parsed:
     return Parsed(Kind.ERROR, error="error without a message")
 
 
-def binance(worker_id: str) -> BinanceAdapter:
+def binance(worker_id: str, decode: Decoder = load_json) -> BinanceAdapter:
     """The binance.com adapter (registry factory)."""
-    return BinanceAdapter(worker_id, BINANCE_COM)
+    return BinanceAdapter(worker_id, BINANCE_COM, decode)
 
 
-def binance_us(worker_id: str) -> BinanceAdapter:
+def binance_us(worker_id: str, decode: Decoder = load_json) -> BinanceAdapter:
     """The binance.us adapter (registry factory)."""
-    return BinanceAdapter(worker_id, BINANCE_US)
+    return BinanceAdapter(worker_id, BINANCE_US, decode)

@@ -21,12 +21,14 @@ from collections.abc import Mapping, Sequence
 
 from collectors.errors import ParseError
 from collectors.exchanges.base import (
+    Decoder,
     Kind,
     Parsed,
+    copy_numbers,
     integer,
+    load_json,
     load_object,
     number,
-    optional_number,
     received_iso,
     string,
 )
@@ -34,6 +36,11 @@ from collectors.model import Metadata, PriceFeed, canonical_symbol_ok, parse_iso
 
 _PRODUCT_RE = re.compile(r"^([A-Z0-9]{1,20})-([A-Z0-9]{1,20})$")
 _INVALID_PRODUCT_RE = re.compile(r"^\s*(\S*)\s+is not a valid product", re.IGNORECASE)
+#: (metadata key, ticker field) of the optional decimal-string fields, in output order.
+_META_NUMBERS = (("bid", "best_bid"), ("bid_size", "best_bid_size"), ("ask", "best_ask"),
+                 ("ask_size", "best_ask_size"), ("open_24h", "open_24h"),
+                 ("high_24h", "high_24h"), ("low_24h", "low_24h"),
+                 ("volume_30d", "volume_30d"), ("last_size", "last_size"))
 
 
 def to_product(symbol: str) -> str:
@@ -64,8 +71,9 @@ class CoinbaseAdapter:
     # Tickers follow trades; a liquid market is never quiet for 2 minutes, a thin one may be.
     symbol_stale_after_s = 120.0
 
-    def __init__(self, worker_id: str) -> None:
+    def __init__(self, worker_id: str, decode: Decoder = load_json) -> None:
         self._worker_id = worker_id
+        self.decode = decode
         self._last_sequence: dict[str, int] = {}
 
     def check_symbols(self, symbols: Sequence[str]) -> None:
@@ -88,7 +96,7 @@ class CoinbaseAdapter:
         return None
 
     def parse(self, frame: str | bytes, received_ns: int) -> Parsed:
-        msg = load_object(frame)
+        msg = load_object(frame, self.decode)
         kind = msg.get("type")
         if kind == "ticker":
             return self._ticker(msg, received_ns)
@@ -129,14 +137,7 @@ class CoinbaseAdapter:
 
         timestamp, exchange_ns, source = _event_time(msg.get("time"), received_ns)
         meta: Metadata = {}
-        for out_key, in_key in (("bid", "best_bid"), ("bid_size", "best_bid_size"),
-                                ("ask", "best_ask"), ("ask_size", "best_ask_size"),
-                                ("open_24h", "open_24h"), ("high_24h", "high_24h"),
-                                ("low_24h", "low_24h"), ("volume_30d", "volume_30d"),
-                                ("last_size", "last_size")):
-            value = optional_number(msg, in_key)
-            if value is not None:
-                meta[out_key] = value
+        copy_numbers(msg, _META_NUMBERS, meta)
         if sequence is not None:
             meta["sequence"] = sequence
         trade_id = msg.get("trade_id")

@@ -48,8 +48,11 @@ from collections.abc import Mapping, Sequence
 
 from collectors.errors import ConfigError, ParseError
 from collectors.exchanges.base import (
+    Decoder,
     Kind,
     Parsed,
+    copy_numbers,
+    load_json,
     load_object,
     number,
     optional_number,
@@ -62,6 +65,9 @@ from collectors.model import Metadata, PriceFeed, parse_iso, plausible_event_ns
 ASSET_ALIASES: dict[str, str] = {"XBT": "BTC", "XDG": "DOGE"}
 
 _PAIR_RE = re.compile(r"^([A-Z0-9]{1,20})/([A-Z0-9]{1,20})$")
+#: (metadata key, ticker item field) of the optional numbers >= 0, in output order.
+_META_NUMBERS = (("bid", "bid"), ("bid_size", "bid_qty"), ("ask", "ask"), ("ask_size", "ask_qty"),
+                 ("vwap", "vwap"), ("high_24h", "high"), ("low_24h", "low"))
 
 
 def from_pair(pair: str) -> str:
@@ -95,8 +101,9 @@ class KrakenAdapter:
     # few seconds but DOGE/USD or XRP/USD can pause for minutes. Staleness is only reported.
     symbol_stale_after_s = 300.0
 
-    def __init__(self, worker_id: str) -> None:
+    def __init__(self, worker_id: str, decode: Decoder = load_json) -> None:
         self._worker_id = worker_id
+        self.decode = decode
         self._req_ids = itertools.count(1)
         # symbol -> (exchange ns, content) of the newest item; content None after a restore.
         # (The mark persisted across restarts is the newest time, see dedup_mark.)
@@ -138,7 +145,7 @@ class KrakenAdapter:
         return None
 
     def parse(self, frame: str | bytes, received_ns: int) -> Parsed:
-        msg = load_object(frame)
+        msg = load_object(frame, self.decode)
         channel = msg.get("channel")
         method = msg.get("method")
         if channel == "ticker":
@@ -211,12 +218,7 @@ class KrakenAdapter:
 
         timestamp, exchange_ns, source = _event_time(item.get("timestamp"), received_ns)
         meta: Metadata = {}
-        for out_key, in_key in (("bid", "bid"), ("bid_size", "bid_qty"), ("ask", "ask"),
-                                ("ask_size", "ask_qty"), ("vwap", "vwap"),
-                                ("high_24h", "high"), ("low_24h", "low")):
-            value = optional_number(item, in_key)
-            if value is not None:
-                meta[out_key] = value
+        copy_numbers(item, _META_NUMBERS, meta)
         for key in ("change", "change_pct"):
             value = optional_number(item, key, signed=True)
             if value is not None:

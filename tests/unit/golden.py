@@ -1,5 +1,6 @@
 """Shared golden-fixture helpers: load `tests/fixtures/<venue>/cases.jsonl` and check one case
-against a fresh adapter (kind, full records, and every other field of `Parsed`)."""
+against a fresh adapter (kind, full records, and every other field of `Parsed`), with either
+JSON decoder an adapter can be given."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from collectors.decoding import decode_frame
 from collectors.errors import ParseError
 from collectors.exchanges import create
+from collectors.exchanges.base import Decoder, load_json
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 VENUES = ("coinbase", "binance", "binanceus", "kraken")
+#: The adapters' default (standard library) and the one the service gives them (msgspec).
+DECODERS: dict[str, Decoder] = {"stdlib": load_json, "msgspec": decode_frame}
 
 
 def load_cases(venue: str) -> list[dict[str, object]]:
@@ -26,8 +31,8 @@ def frame_text(case: dict[str, object]) -> str:
     return frame if isinstance(frame, str) else json.dumps(frame)
 
 
-def check_case(venue: str, case: dict[str, object]) -> None:
-    adapter = create(venue, f"worker-{venue}")
+def check_case(venue: str, case: dict[str, object], decode: Decoder = load_json) -> None:
+    adapter = create(venue, f"worker-{venue}", decode)
     expect = case["expect"]
     received_ns = case["received_ns"]
     assert isinstance(expect, dict) and isinstance(received_ns, int)

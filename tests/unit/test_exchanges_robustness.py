@@ -1,4 +1,5 @@
-"""Every registered adapter, fed anything, returns valid records or raises ParseError; nothing else.
+"""Every registered adapter, fed anything, returns valid records or raises ParseError; nothing else,
+with either JSON decoder (the standard library's default and the service's msgspec one).
 
 Also checks the dependency rule of `collectors/exchanges/*`: standard library, `collectors.model`,
 `collectors.errors` and `collectors.exchanges.*` only.
@@ -20,21 +21,31 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import collectors.exchanges
+from collectors.decoding import decode_frame
 from collectors.errors import ParseError
-from collectors.exchanges import REGISTRY, create
+from collectors.exchanges import REGISTRY
+from collectors.exchanges import create as make_adapter
 from collectors.exchanges.base import Adapter, Kind, Parsed
 from collectors.model import PriceFeed, canonical_symbol_ok, parse_iso
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
-VENUES = sorted(REGISTRY)
+# "coinbase" uses the adapters' stdlib decoder, "coinbase+msgspec" the service's decoder.
+VENUES = sorted(REGISTRY) + [f"{v}+msgspec" for v in sorted(REGISTRY)]
 SETTINGS = settings(max_examples=250, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 RECEIVED = st.integers(min_value=1_500_000_000 * 10**9, max_value=1_900_000_000 * 10**9)
 
 
+def create(venue: str, worker_id: str) -> Adapter:
+    name, _, decoder = venue.partition("+")
+    if decoder:
+        return make_adapter(name, worker_id, decode_frame)
+    return make_adapter(name, worker_id)
+
+
 def _fixture_cases(venue: str) -> list[tuple[object, int]]:
     """(decoded frame, received_ns) of every golden case of the venue."""
-    path = FIXTURES / venue / "cases.jsonl"
+    path = FIXTURES / venue.partition("+")[0] / "cases.jsonl"
     out: list[tuple[object, int]] = []
     for line in path.read_text().splitlines():
         if line.strip():
