@@ -106,3 +106,82 @@ def test_eof_in_the_middle_of_a_frame_is_a_closed_connection() -> None:
     reader = _BoundedFrameBuffer(ScriptedSocket([frame[:50]]).recv, 1 << 20)
     with pytest.raises(websocket.WebSocketConnectionClosedException):
         reader.recv_frame()
+
+
+# ---- the fast path: complete data frames cut from the buffer without a socket read -------------
+
+FRAME_KINDS = st.sampled_from(["text", "binary", "ping", "pong", "fragmented", "oversized"])
+
+
+def _frames_of(kind: str, payload: bytes) -> tuple[bytes, list[bytes]]:
+    """(wire bytes, payloads the reader must yield) for one item of the stream."""
+    if kind == "text":
+        return server_frame(payload), [payload]
+    if kind == "binary":
+        return server_frame(payload, ABNF.OPCODE_BINARY), [payload]
+    if kind in ("ping", "pong"):
+        opcode = ABNF.OPCODE_PING if kind == "ping" else ABNF.OPCODE_PONG
+        return server_frame(payload[:125], opcode), [payload[:125]]
+    if kind == "fragmented":  # TEXT without FIN, then CONT with FIN: two frames, never fast
+        half = len(payload) // 2
+        first = bytes(ABNF(0, 0, 0, 0, ABNF.OPCODE_TEXT, 0, payload[:half]).format())
+        last = bytes(ABNF(1, 0, 0, 0, ABNF.OPCODE_CONT, 0, payload[half:]).format())
+        return first + last, [payload[:half], payload[half:]]
+    big = payload + b"x" * 2000  # above the 1000-byte limit below
+    return server_frame(big), []
+
+
+@settings(max_examples=200, deadline=None)
+@given(items=st.lists(st.tuples(FRAME_KINDS, st.binary(max_size=300)), min_size=1,
+                      max_size=25),
+       cuts=st.lists(st.integers(min_value=1, max_value=900), min_size=1, max_size=20),
+       limits=st.lists(st.integers(min_value=0, max_value=5), min_size=1, max_size=10))
+def test_fast_path_yields_exactly_what_the_general_reader_does(
+        items: list[tuple[str, bytes]], cuts: list[int], limits: list[int]) -> None:
+    stream = b""
+    expected: list[bytes] = []
+    for kind, payload in items:
+        wire, payloads = _frames_of(kind, payload)
+        stream += wire
+        expected += payloads
+    pieces: list[bytes | None] = []
+    i = k = 0
+    while i < len(stream):
+        pieces += [stream[i:i + cuts[k % len(cuts)]], None]
+        i += cuts[k % len(cuts)]
+        k += 1
+    reader = _BoundedFrameBuffer(ScriptedSocket(pieces).recv, max_bytes=1000)
+    got: list[bytes] = []
+    turn = 0
+    while True:
+        try:
+            got.append(bytes(reader.recv_frame().data))
+        except websocket.WebSocketTimeoutException:
+            pass
+        except FrameTooLarge:
+            pass
+        except websocket.WebSocketConnectionClosedException:
+            break
+        fast = reader.pop_data_frames(limits[turn % len(limits)])
+        assert len(fast) <= limits[turn % len(limits)]
+        got += fast
+        turn += 1
+    assert got == expected
+
+
+def test_fast_path_takes_a_burst_in_one_call_and_leaves_the_rest() -> None:
+    frames = [server_frame(b'{"n":%d}' % n) for n in range(50)]
+    partial = server_frame(b"y" * 300)[:100]
+    reader = _BoundedFrameBuffer(ScriptedSocket([b"".join(frames) + partial]).recv, 1 << 20)
+    assert bytes(reader.recv_frame().data) == b'{"n":0}'
+    assert reader.pop_data_frames(1000) == [b'{"n":%d}' % n for n in range(1, 50)]
+    assert reader.pop_data_frames(1000) == []  # the cut frame is the general reader's
+
+
+def test_fast_path_leaves_frames_with_rsv_bits_to_the_validating_reader() -> None:
+    bad = bytes(ABNF(1, 1, 0, 0, ABNF.OPCODE_TEXT, 0, b"compressed?").format())
+    reader = _BoundedFrameBuffer(ScriptedSocket([server_frame(b"ok") + bad]).recv, 1 << 20)
+    assert bytes(reader.recv_frame().data) == b"ok"
+    assert reader.pop_data_frames(10) == []
+    with pytest.raises(websocket.WebSocketProtocolException):
+        reader.recv_frame()
