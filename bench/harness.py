@@ -111,37 +111,77 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: floa
 # ---------------------------------------------------------------- ingest server
 
 
+#: Where PostgreSQL runs on this kind of machine (override: CHRONO_TEST_POSTGRES_URL).
+POSTGRES_URL = os.environ.get("CHRONO_TEST_POSTGRES_URL",
+                              "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@contextmanager
+def postgres_schema(base_url: str = POSTGRES_URL) -> Iterator[str]:
+    """A throwaway schema: yields a DATABASE_URL whose search_path is it; dropped afterwards."""
+    import psycopg  # only the PostgreSQL benchmarks need it
+
+    schema = f"chrono_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(base_url, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        try:
+            sep = "&" if "?" in base_url else "?"
+            yield f"{base_url}{sep}options=-csearch_path%3D{schema}"
+        finally:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 @dataclass
 class Ingest:
     url: str
     db_path: Path
     pid: int
+    database_url: str = ""  # a PostgreSQL URL when the ingest stores there, else SQLite
+
+    def _query(self, sql: str) -> list[tuple[object, ...]]:
+        if self.database_url.startswith("postgres"):
+            import psycopg
+
+            with psycopg.connect(self.database_url, connect_timeout=5) as conn:
+                try:
+                    return list(conn.execute(sql).fetchall())
+                except psycopg.errors.UndefinedTable:
+                    return []
+        if not self.db_path.exists():
+            return []
+        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
+        try:
+            return conn.execute(sql).fetchall()
+        except sqlite3.OperationalError:
+            return []  # table not created yet
+        finally:
+            conn.close()
 
     def count(self) -> int:
-        if not self.db_path.exists():
-            return 0
-        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
-        try:
-            return int(conn.execute("SELECT COUNT(*) FROM price_feeds").fetchone()[0])
-        except sqlite3.OperationalError:
-            return 0  # table not created yet
-        finally:
-            conn.close()
+        rows = self._query("SELECT COUNT(*) FROM price_feeds")
+        return int(str(rows[0][0])) if rows else 0
+
+    def times(self) -> list[tuple[int, int]]:
+        """(collector receive ns, ingest store ns) of every stored record, in store order."""
+        if self.database_url.startswith("postgres"):
+            sql = ("SELECT metadata->>'received_at', (extract(epoch from received_at)"
+                   " * 1e6)::bigint FROM price_feeds ORDER BY id")
+            return [(iso_to_ns(str(a)), int(str(b)) * 1000) for a, b in self._query(sql)]
+        sql = ("SELECT json_extract(metadata, '$.received_at'), received_at FROM price_feeds"
+               " ORDER BY id")
+        return [(iso_to_ns(str(a)), iso_to_ns(str(b))) for a, b in self._query(sql)]
 
     def rows(self, columns: str = "metadata, received_at") -> list[tuple[object, ...]]:
-        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
-        try:
-            return conn.execute(f"SELECT {columns} FROM price_feeds ORDER BY id").fetchall()
-        finally:
-            conn.close()
+        return self._query(f"SELECT {columns} FROM price_feeds ORDER BY id")
 
 
 @contextmanager
-def ingest_process(tmp: Path, threads: int = 4, port: int = 0) -> Iterator[Ingest]:
+def ingest_process(tmp: Path, threads: int = 4, port: int = 0,
+                   database_url: str | None = None) -> Iterator[Ingest]:
     """`python -m collectors.ingest` on 127.0.0.1 (port 0: any free) with a fresh SQLite file."""
     db_path = tmp / "ingest.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("API_KEY", "INGEST_"))}
-    env.update({"API_KEY": API_KEY, "INGEST_PORT": str(port), "DATABASE_URL": f"sqlite:///{db_path}",
+    env.update({"API_KEY": API_KEY, "INGEST_PORT": str(port), "DATABASE_URL": database_url or f"sqlite:///{db_path}",
                 "INGEST_THREADS": str(threads), "LOG_LEVEL": "info",
                 "PYTHONPATH": str(REPO)})
     log = (tmp / "ingest.log").open("w")
@@ -173,7 +213,7 @@ def ingest_process(tmp: Path, threads: int = 4, port: int = 0) -> Iterator[Inges
                     url = str(doc["url"])
             if url is None:
                 raise RuntimeError("ingest server did not start within 30 s")
-            yield Ingest(url, db_path, proc.pid)
+            yield Ingest(url, db_path, proc.pid, database_url or "")
         finally:
             proc.terminate()
             try:

@@ -40,8 +40,8 @@ from bench.harness import (
     collector_process,
     cpu_s,
     ingest_process,
-    iso_to_ns,
     machine,
+    postgres_schema,
     status_kb,
     wait_until,
     write_results,
@@ -90,14 +90,16 @@ def subscribed(sim: Simulator) -> bool:
 
 
 def run_venue(venue: str, records: int, timeout_s: float,
-              around: Callable[[int], AbstractContextManager[object]] | None = None) -> Result:
+              around: Callable[[int], AbstractContextManager[object]] | None = None,
+              backend: str = "sqlite") -> Result:
     """One venue's run. `around(pid)`, when given, wraps the burst (bench/profile.py attaches
     py-spy to the collector's pid with it)."""
     result = Result(venue, records)
-    with tempfile.TemporaryDirectory(prefix=f"chrono-bench-{venue}-") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix=f"chrono-bench-{venue}-") as tmp_name, \
+            (postgres_schema() if backend == "postgres" else nullcontext(None)) as pg_url:
         tmp = Path(tmp_name)
         # rate_hz tiny: no background tickers, only the burst (heartbeats/pings stay on).
-        with ingest_process(tmp) as ingest, \
+        with ingest_process(tmp, database_url=pg_url) as ingest, \
                 Simulator(venue, rate_hz=1e-6, seed=1, keep_sent=1) as sim, \
                 collector_process(tmp, venue, sim.url, ingest.url, BATCH_SIZE="1000",
                                   BATCH_INTERVAL_MS="100") as collector:
@@ -120,11 +122,11 @@ def run_venue(venue: str, records: int, timeout_s: float,
             sent = sim.sent_tickers()
             if sent:
                 result.frame_bytes = len(json.dumps(sent[-1], separators=(",", ":")))
-            rows = ingest.rows("json_extract(metadata, '$.received_at'), received_at")[baseline:]
-            result.stored = len(rows)
-            if rows:
-                received = sorted(iso_to_ns(str(r[0])) for r in rows)
-                stored_at = max(iso_to_ns(str(r[1])) for r in rows)
+            times = ingest.times()[baseline:]
+            result.stored = len(times)
+            if times:
+                received = sorted(t[0] for t in times)
+                stored_at = max(t[1] for t in times)
                 result.recv_span_s = (received[-1] - received[0]) / 1e9
                 result.e2e_span_s = (stored_at - received[0]) / 1e9
     print(result.row(), file=sys.stderr, flush=True)
@@ -138,9 +140,14 @@ def main() -> int:
     parser.add_argument("--records", type=int, default=60_000, help="tickers per venue")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per venue burst")
     parser.add_argument("--name", default="throughput", help="results file name")
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the ingest API's store (postgres: a throwaway schema on "
+                             "CHRONO_TEST_POSTGRES_URL or 127.0.0.1:5432/test)")
     args = parser.parse_args()
-    results = [run_venue(v, args.records, args.timeout) for v in args.venues]
-    text = (f"### Throughput: simulator burst -> collector -> ingest (SQLite)\n\n"
+    results = [run_venue(v, args.records, args.timeout, backend=args.backend)
+               for v in args.venues]
+    store = "PostgreSQL" if args.backend == "postgres" else "SQLite"
+    text = (f"### Throughput: simulator burst -> collector -> ingest ({store})\n\n"
             f"{machine()}; one collector process, BATCH_SIZE=1000, BATCH_INTERVAL_MS=100, "
             f"ingest INGEST_THREADS=4, {args.records:,} tickers per venue over loopback "
             f"(frame bytes: the last ticker's JSON text).\n\n{HEADER}\n"
