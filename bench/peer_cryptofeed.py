@@ -20,6 +20,14 @@ The simulator (`chrono-collector simulate binance --burst N`, a subprocess from 
 venv) sends N pre-encoded tickers when the connection opens. The callback only counts; the rate
 is first to last callback. CPU is this process's (one asyncio loop, like the collector's one
 process). Writes bench/results/peer_cryptofeed.md.
+
+`--backend postgres` (needs `/tmp/cf-venv/bin/pip install asyncpg`) adds cryptofeed's own
+storage: its `TickerPostgres` backend, which batches whatever its in-memory queue holds into one
+INSERT, into a `ticker` table shaped like cryptofeed's examples/postgres_tables.sql in a
+throwaway schema of the local PostgreSQL, plus a `stored_at` column (default clock_timestamp())
+so the end-to-end rate is measured the way bench/throughput.py measures ours: first ticker
+received to last row stored. Compare with `bench/throughput.py --venues binance --backend
+postgres`. Writes bench/results/peer_cryptofeed_postgres.md.
 """
 
 from __future__ import annotations
@@ -78,7 +86,11 @@ def main() -> int:
     parser.add_argument("--records", type=int, default=60_000)
     parser.add_argument("--simulate", default=str(REPO / ".venv" / "bin" / "chrono-collector"))
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--backend", choices=("none", "postgres"), default="none")
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
+    if args.backend == "postgres":
+        return run_postgres(args)
 
     sim = subprocess.Popen([args.simulate, "simulate", "binance", "--rate", "0.000001",
                             "--burst", str(args.records)], stdout=subprocess.PIPE, text=True)
@@ -125,6 +137,98 @@ def main() -> int:
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "peer_cryptofeed.md").write_text(text)
+    print(text)
+    return 0 if n >= args.records else 1
+
+
+def run_postgres(args: argparse.Namespace) -> int:
+    """The same bytes through cryptofeed's TickerPostgres backend into PostgreSQL."""
+    import secrets
+
+    import asyncpg
+    from cryptofeed.backends.postgres import TickerPostgres
+
+    schema = f"chrono_peer_{secrets.token_hex(4)}"
+
+    async def admin(sql: str) -> object:
+        conn = await asyncpg.connect(args.postgres)
+        try:
+            return await conn.execute(sql)  # simple protocol: several statements are fine
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.ticker ("
+                      "id serial PRIMARY KEY, timestamp TIMESTAMP, receipt_timestamp TIMESTAMP,"
+                      " exchange VARCHAR(32), symbol VARCHAR(32), bid NUMERIC(64, 32),"
+                      " ask NUMERIC(64, 32), stored_at TIMESTAMPTZ DEFAULT clock_timestamp())"))
+    sim = subprocess.Popen([args.simulate, "simulate", "binance", "--rate", "0.000001",
+                            "--burst", str(args.records)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert sim.stdout is not None
+        doc = json.loads(sim.stdout.readline())
+        url = f"ws://127.0.0.1:{doc['port']}"
+        Symbols.set(BINANCE, dict(PAIRS), {"tick_size": {}, "instrument_type": {}})
+        fh = FeedHandler(config={"log": {"disabled": True}, "uvloop": False})
+        backend = TickerPostgres(host="127.0.0.1", user="postgres", db="test", port=5432,
+                                 table=f"{schema}.ticker")
+        fh.add_feed(make_feed_class(url)(symbols=list(PAIRS), channels=[TICKER],
+                                         callbacks={TICKER: backend}))
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        counter: dict[str, object] = {"conn": None, "n": 0}
+
+        async def watch() -> None:
+            # Poll the table (nothing to wait on across processes), bounded by --timeout.
+            conn = await asyncpg.connect(args.postgres)
+            try:
+                while True:
+                    counter["n"] = await conn.fetchval(f"SELECT count(*) FROM {schema}.ticker")
+                    if int(str(counter["n"])) >= args.records:
+                        break
+                    await asyncio.sleep(0.05)
+            finally:
+                await conn.close()
+                loop.stop()
+
+        loop.call_later(args.timeout, loop.stop)
+        usage0 = resource.getrusage(resource.RUSAGE_SELF)
+        fh.run(start_loop=False)
+        watcher = loop.create_task(watch())
+        loop.run_forever()
+        watcher.cancel()
+        usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        sim.terminate()
+        sim.wait(10)
+
+    async def spans() -> list[object]:
+        conn = await asyncpg.connect(args.postgres)
+        try:
+            row = await conn.fetchrow(
+                f"SELECT count(*), extract(epoch from max(stored_at) - min(receipt_timestamp)"
+                f" AT TIME ZONE 'UTC'), extract(epoch from max(receipt_timestamp)"
+                f" - min(receipt_timestamp)) FROM {schema}.ticker")
+            return list(row)
+        finally:
+            await conn.close()
+
+    stored, e2e_s, recv_s = asyncio.run(spans())
+    asyncio.run(admin(f"DROP SCHEMA {schema} CASCADE"))
+    n = int(str(stored))
+    e2e, recv = float(str(e2e_s or 0)), float(str(recv_s or 0))
+    cpu = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
+    text = (f"### Peer: cryptofeed 2.4.1, Binance `@ticker` -> its TickerPostgres backend -> "
+            f"PostgreSQL\n\n{platform.python_implementation()} {platform.python_version()}, "
+            f"{os.cpu_count()} CPUs; asyncio loop (no uvloop), asyncpg, one multi-row INSERT per "
+            f"queue drain; the row holds bid and ask only.\n\n"
+            f"| tickers | stored | recv/s | stored/s (end to end) | end-to-end s "
+            f"| CPU s/100k | peak RSS MB |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+            f"| {args.records:,} | {n:,} | {n / recv if recv else 0:,.0f} "
+            f"| {n / e2e if e2e else 0:,.0f} | {e2e:.2f} | {cpu / max(n, 1) * 100_000:.2f} "
+            f"| {usage1.ru_maxrss / 1024:.1f} |\n")
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "peer_cryptofeed_postgres.md").write_text(text)
     print(text)
     return 0 if n >= args.records else 1
 

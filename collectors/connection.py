@@ -437,7 +437,7 @@ class Connection:
                 received_ns = time.time_ns()
                 batch = [(frame.data, received_ns)]
                 if buffer is not None and cont.recving_frames is None:
-                    # The frames that arrived in the same socket read: same receive time.
+                    # Frames that were read from the socket with this one: same receive time.
                     batch.extend((payload, received_ns)
                                  for payload in buffer.pop_data_frames(FRAMES_PER_TURN))
                 dropped = frames.put_many(batch)
