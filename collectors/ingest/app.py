@@ -204,9 +204,10 @@ class IngestApp:
                            headers=[("Retry-After", str(self._retry_after_s))])
         answer = {"stored": result.stored, "idempotency_key": key}
         if result.outcome is Outcome.STORED:
-            log.debug("batch_stored", extra={
-                "idempotency_key": key, "records": result.stored,
-                "duration_ms": round((time.monotonic() - started) * 1000, 3)})
+            if log.isEnabledFor(logging.DEBUG):  # the `extra` dict is built for nothing otherwise
+                log.debug("batch_stored", extra={
+                    "idempotency_key": key, "records": result.stored,
+                    "duration_ms": round((time.monotonic() - started) * 1000, 3)})
             return json_response(201, answer)
         if result.outcome is Outcome.REPLAYED:
             log.info("batch_replayed", extra={"idempotency_key": key, "records": result.stored})
@@ -223,25 +224,26 @@ class IngestApp:
     def _read_body(self, environ: WSGIEnvironment) -> bytes | Response:
         stream = environ["wsgi.input"]
         declared = str(environ.get("CONTENT_LENGTH", "")).strip()
-        too_large = problem(413, "body-too-large",
-                            f"the body is larger than {self.max_body_bytes} bytes; "
-                            "send smaller batches")
         if not declared:
             # Chunked upload without a length: only safe when the server marks the end of input
             # (waitress de-chunks and sets CONTENT_LENGTH itself). Read at most max + 1 bytes.
             if not environ.get("wsgi.input_terminated"):
                 return problem(411, "length-required", "Content-Length is required")
             data = _read_up_to(stream, self.max_body_bytes + 1)
-            return too_large if len(data) > self.max_body_bytes else data
+            return self._too_large() if len(data) > self.max_body_bytes else data
         if not declared.isdigit() or len(declared) > 15:
             return problem(400, "bad-content-length", "Content-Length is not a valid number")
         length = int(declared)
         if length > self.max_body_bytes:
-            return too_large  # refused before reading a byte of it
+            return self._too_large()  # refused before reading a byte of it
         data = _read_up_to(stream, length)
         if len(data) != length:
             return problem(400, "incomplete-body", "the body is shorter than Content-Length")
         return data
+
+    def _too_large(self) -> Response:
+        return problem(413, "body-too-large",
+                       f"the body is larger than {self.max_body_bytes} bytes; send smaller batches")
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -295,7 +297,7 @@ def _idempotency_key_problem(key: str) -> str | None:
         return "the Idempotency-Key header is required (one unique key per batch)"
     if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
         return f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters"
-    if not all(" " <= ch <= "~" for ch in key):
+    if not (key.isascii() and key.isprintable()):  # " " to "~", in C
         return "Idempotency-Key must be printable ASCII"
     return None
 

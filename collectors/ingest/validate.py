@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, TypedDict
+from typing import Annotated, Any, TypedDict
 
 import msgspec
 
@@ -205,55 +206,208 @@ _META_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
 _MAX_FAST_META_CHARS = MAX_METADATA_JSON_BYTES // 4  # 4 UTF-8 bytes per character at most
 
 
-# The fast parser. msgspec decodes the common body several times faster than the stdlib, with
-# floats as exact Decimals (`float_hook` gets the literal's text), but it keeps the last of two
-# duplicate keys where `parse_body` refuses the body, and its errors read differently. So it is
-# used only for bodies that cannot hide a difference, and any doubt sends the body to
-# `parse_body` + `validate_document`, which decide and explain exactly as before:
+# The fast parser. msgspec decodes the common body several times faster than the stdlib, and
+# checks most rules in C while it does: it decodes into `_FastDocument`, whose types say what an
+# ordinary valid record looks like (`price` and `volume` stay untyped, so `float_hook` makes
+# every float literal an exact Decimal of its text). But it keeps the last of two duplicate keys
+# where `parse_body` refuses the body, and its errors read differently. So it is used only for
+# bodies that cannot hide a difference, and any doubt sends the body to `parse_body` +
+# `validate_document`, which decide and explain exactly as before:
 #   * no backslash anywhere: then every `"` delimits a string, strings hold no escapes (so no
 #     NUL, control character or lone surrogate: msgspec refuses those raw, and invalid UTF-8),
 #     and their JSON text is just `"` + text + `"`, as `json.dumps` writes it;
-#   * no `"` followed by JSON whitespace and a colon: then every key's closing quote is
-#     directly followed by its colon, so `raw.count(b'":')` is the number of keys written in
-#     the text (plus one for each string that starts with a colon). The decoded document has
-#     fewer keys exactly when a key was duplicated, so the counts match only without duplicates;
-#   * msgspec must accept the text (it refuses NaN/Infinity, trailing data, BOMs, leading
-#     zeros, huge integers and deep nesting: all of those take the stdlib path);
-#   * the document must pass `_fast_feeds`, which only accepts dicts of scalars within records.
+#   * so `raw.count(b'"')` is twice the number of strings (keys and values) written in the
+#     text. Each string of the decoded document comes from a distinct one of those, and one is
+#     missing exactly when a duplicate key was dropped (with the key's own string at least), so
+#     the counts match only without duplicates. Optional fields default to UNSET, not None, so
+#     that a key written with a `null` is counted too;
+#   * msgspec must accept the text as a `_FastDocument` (it refuses NaN/Infinity, trailing
+#     data, BOMs, leading zeros, deep nesting, unknown fields, a missing required field, a
+#     value of another JSON type, and metadata breaking the size rules: all of those take the
+#     stdlib path);
+#   * the records must pass `_fast_records`, which applies the remaining rules.
 
-_MSGSPEC_DECODE = msgspec.json.Decoder(float_hook=Decimal).decode
 _MSGSPEC_ENCODE = msgspec.json.Encoder().encode
-_KEY_SPACE = re.compile(rb'"[ \t\r\n]+:')  # one scan; four `in` tests take three times as long
-# msgspec writes the same shortest float digits as repr(), but exponents as `1e16`, not `1e+16`:
-# floats that repr() writes with an exponent take json.dumps.
+# msgspec writes the same shortest float digits as repr(), but exponents as `1e16`, not `1e+16`,
+# and 1e-5 <= |x| < 1e-4 without one: floats that repr() writes with an exponent take json.dumps.
 _PLAIN_FLOAT_MIN = 1e-4
 _PLAIN_FLOAT_MAX = 1e16
+_FRACTION_SCALE = tuple(10 ** (9 - n) for n in range(10))  # ns per unit of an n-digit fraction
+
+# The metadata rules of `_metadata` and `_meta_scalar`, as types msgspec checks while decoding:
+# keys of 1-64 characters (msgspec counts characters, as len() does), strings of at most 256,
+# finite floats (msgspec refuses a literal beyond the float range itself; the bounds say so
+# explicitly, so no change of msgspec can let an infinity through), at most 64 keys. A float
+# literal becomes the float nearest to it, which is what float(Decimal(literal)) gives on the
+# reference path; integer literals stay exact ints.
+_MetaKey = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_METADATA_KEY_CHARS)]
+_MetaText = Annotated[str, msgspec.Meta(max_length=MAX_METADATA_STRING_CHARS)]
+_MetaFloat = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+_FastMetadata = Annotated[dict[_MetaKey, _MetaText | int | _MetaFloat | bool | None],
+                          msgspec.Meta(max_length=MAX_METADATA_KEYS)]
+
+
+class _FastRecord(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """One record as `_fast_body` decodes it (never a cycle, so not tracked by the GC)."""
+
+    symbol: str
+    price: Any  # Decimal (float literal), int, or anything else: then the stdlib path
+    timestamp: Annotated[str, msgspec.Meta(max_length=MAX_TIMESTAMP_CHARS)]
+    source: str
+    worker_id: str
+    volume: Any = msgspec.UNSET
+    metadata: _FastMetadata | msgspec.UnsetType | None = msgspec.UNSET
+
+
+class _FastDocument(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    feeds: list[_FastRecord]
+
+
+_FAST_DECODE = msgspec.json.Decoder(_FastDocument, float_hook=Decimal).decode
 
 
 def _fast_body(raw: bytes, max_feeds: int, now_ns: int) -> list[ValidFeed] | None:
     """Every record of an ordinary all-valid body, or None: then the stdlib path decides."""
-    if type(raw) is not bytes or b"\\" in raw or _KEY_SPACE.search(raw) is not None:
+    if type(raw) is not bytes or b"\\" in raw:
         return None
     try:
-        doc = _MSGSPEC_DECODE(raw)
+        feeds = _FAST_DECODE(raw).feeds
     except (msgspec.MsgspecError, ValueError, RecursionError):
         # whatever msgspec refuses, parse_body refuses or reads, and explains
         return None
-    if type(doc) is not dict or len(doc) != 1:
+    if not 0 < len(feeds) <= max_feeds:
         return None
-    feeds = doc.get("feeds")
-    if type(feeds) is not list or not 0 < len(feeds) <= max_feeds:
+    found = _fast_records(feeds, now_ns)
+    if found is None:
         return None
-    out = _fast_feeds(feeds, now_ns, plain_text=True)
-    if out is None:
-        return None
-    keys = 1  # every dict in the document: the body, the records and their metadata
-    for item in feeds:
-        meta = item.get("metadata")
-        keys += len(item) + (len(meta) if meta else 0)
-    if keys != raw.count(b'":'):
-        return None  # a duplicate key (or a string starting with a colon): let parse_body say
+    out, quotes = found
+    if quotes != raw.count(b'"'):
+        return None  # a duplicate key: let parse_body say
     return out
+
+
+def _fast_records(feeds: list[_FastRecord], now_ns: int) -> tuple[list[ValidFeed], int] | None:
+    """The records of `_fast_body` and the number of `"` its strings take as JSON, or None.
+
+    The same rules as `_fast_feeds` (and so `_validate_feed`) apply, minus the ones msgspec
+    checked while decoding; the records built are identical to the reference path's.
+    """
+    out: list[ValidFeed] = []
+    append = out.append
+    symbol_ok = _SYMBOL_RE.fullmatch
+    name_ok = _NAME_RE.fullmatch
+    iso = _FAST_ISO_RE.fullmatch
+    encode = _MSGSPEC_ENCODE
+    scale = _FRACTION_SCALE
+    latest_ns = now_ns + MAX_FUTURE_SKEW_NS
+    unset = msgspec.UNSET
+    inf, plain_min, plain_max = math.inf, _PLAIN_FLOAT_MIN, _PLAIN_FLOAT_MAX
+    max_digits, max_meta_bytes = MAX_NUMBER_DIGITS, MAX_METADATA_JSON_BYTES
+    # whole-second prefix -> epoch ns, only for prefixes `iso` matched: records share seconds
+    seconds: dict[str, int] = {}
+    # Records of a batch share a few symbols and names: each distinct one is matched once.
+    good_symbols: set[str] = set()
+    good_names: set[str] = set()
+    # The body's "feeds"; each record's five required keys and four string values (a price
+    # or volume that is a string is refused below). Metadata counts itself as msgspec writes it.
+    quotes = 2 + 18 * len(feeds)
+    for item in feeds:
+        symbol = item.symbol
+        source = item.source
+        worker_id = item.worker_id
+        if symbol not in good_symbols:
+            if symbol_ok(symbol) is None:
+                return None
+            good_symbols.add(symbol)
+        if source not in good_names:
+            if name_ok(source) is None:
+                return None
+            good_names.add(source)
+        if worker_id not in good_names:
+            if name_ok(worker_id) is None:
+                return None
+            good_names.add(worker_id)
+        # the rules of _number: int or Decimal, at most MAX_NUMBER_DIGITS digits (str() shows
+        # every digit of the coefficient, so a short text needs no count), finite as a float
+        # (the chained comparisons also refuse NaN), > 0 for price, >= 0 for volume
+        price: Any = item.price
+        kind = type(price)
+        if kind is int:
+            price = Decimal(price)
+        elif kind is not Decimal:
+            return None
+        if len(str(price)) > max_digits and len(price.as_tuple().digits) > max_digits:
+            return None
+        if not 0.0 < float(price) < inf:
+            return None
+        volume: Any = item.volume
+        if volume is unset:
+            volume = None
+        else:
+            quotes += 2
+            if volume is not None:
+                kind = type(volume)
+                if kind is int:
+                    volume = Decimal(volume)
+                elif kind is not Decimal:
+                    return None
+                if len(str(volume)) > max_digits \
+                        and len(volume.as_tuple().digits) > max_digits:
+                    return None
+                if not 0.0 <= float(volume) < inf:
+                    return None
+        stamp = item.timestamp
+        # What venues send, `2026-11-29T10:38:02.672020Z`, is canonical already: once its
+        # second has been matched, only the fraction needs a look.
+        base = seconds.get(stamp[:19]) if stamp[-1:] == "Z" and stamp[19:20] == "." else None
+        frac = stamp[20:-1]
+        if base is not None and 0 < len(frac) <= 9 and frac.isascii() and frac.isdigit():
+            ns = base + int(frac) * scale[len(frac)]
+            canon = stamp
+        else:
+            m = iso(stamp)
+            if m is None:
+                return None
+            whole, frac = m.group(1, 2)
+            base = seconds.get(whole)
+            if base is None:
+                try:
+                    base = parse_iso(whole + "Z")[1]
+                except ValueError:
+                    return None
+                seconds[whole] = base
+            if frac:
+                ns = base + int(frac) * scale[len(frac)]
+                canon = stamp if stamp[-1] == "Z" else f"{whole}.{frac}Z"
+            else:
+                ns = base
+                canon = stamp if stamp[-1] == "Z" else whole + "Z"
+        if ns < MIN_EVENT_NS or ns > latest_ns:
+            return None
+        meta = item.metadata
+        if meta is unset or meta is None:
+            if meta is None:
+                quotes += 2
+            meta = {}
+            text = "{}"
+        else:
+            data = encode(meta)
+            quotes += 2 + data.count(b'"')
+            if len(data) > max_meta_bytes:
+                return None  # (json.dumps may write it shorter: let the stdlib path measure)
+            text = data.decode("utf-8")
+            for value in meta.values():
+                if type(value) is float and not plain_min <= abs(value) < plain_max \
+                        and value != 0.0:
+                    text = _META_JSON(meta)
+                    if len(text.encode("utf-8")) > max_meta_bytes:
+                        return None
+                    break
+        feed: ValidFeed = {"symbol": symbol, "price": price, "volume": volume, "timestamp": canon,
+                           "timestamp_ns": ns, "source": source, "worker_id": worker_id,
+                           "metadata": meta, "metadata_json": text}
+        append(feed)
+    return out, quotes
 
 
 def _fast_text_ok(text: str) -> bool:
@@ -263,52 +417,39 @@ def _fast_text_ok(text: str) -> bool:
     return _storable_text(text)
 
 
-def _fast_metadata(value: object,
-                   plain_text: bool) -> tuple[dict[str, MetaScalar], str] | None:
+def _fast_metadata(value: object) -> tuple[dict[str, MetaScalar], str] | None:
     if value is None:
         return {}, "{}"
     if type(value) is not dict or len(value) > MAX_METADATA_KEYS:
         return None
     clean: dict[str, MetaScalar] = {}
-    msgspec_ok = plain_text  # msgspec writes this dict exactly as json.dumps would
-    inf, plain_min, plain_max = math.inf, _PLAIN_FLOAT_MIN, _PLAIN_FLOAT_MAX
+    inf = math.inf
     for key, item in value.items():
-        if not 0 < len(key) <= MAX_METADATA_KEY_CHARS or not (plain_text or _fast_text_ok(key)):
+        if not 0 < len(key) <= MAX_METADATA_KEY_CHARS or not _fast_text_ok(key):
             return None
         kind = type(item)
         if kind is str:
-            if len(item) > MAX_METADATA_STRING_CHARS or not (plain_text or _fast_text_ok(item)):
+            if len(item) > MAX_METADATA_STRING_CHARS or not _fast_text_ok(item):
                 return None
             clean[key] = item
         elif kind is Decimal:
             as_float = float(item)
             if not -inf < as_float < inf:
                 return None
-            if msgspec_ok and not plain_min <= abs(as_float) < plain_max and as_float != 0.0:
-                msgspec_ok = False
             clean[key] = as_float
         elif kind is int or kind is bool or item is None:
             clean[key] = item
         else:
             return None
-    if msgspec_ok:
-        data = _MSGSPEC_ENCODE(clean)
-        if len(data) > MAX_METADATA_JSON_BYTES:
-            return None
-        return clean, data.decode("utf-8")
     text = _META_JSON(clean)
     if len(text) > _MAX_FAST_META_CHARS and len(text.encode("utf-8")) > MAX_METADATA_JSON_BYTES:
         return None
     return clean, text
 
 
-def _fast_feeds(feeds: list[object], now_ns: int, *,
-                plain_text: bool = False) -> list[ValidFeed] | None:
-    """Every record of an all-valid batch, or None: then the detailed path decides.
-
-    `plain_text`: the batch came from a body without backslashes through msgspec (see
-    `_fast_body`), so its strings hold no NUL or lone surrogate and need no JSON escapes.
-    """
+def _fast_feeds(feeds: list[object], now_ns: int) -> list[ValidFeed] | None:
+    """Every record of an all-valid batch (parsed by `parse_body`), or None: then the detailed
+    path decides."""
     out: list[ValidFeed] = []
     append = out.append
     symbol_ok = _SYMBOL_RE.fullmatch
@@ -383,7 +524,7 @@ def _fast_feeds(feeds: list[object], now_ns: int, *,
             canon = stamp if stamp[-1] == "Z" else whole + "Z"
         if ns < MIN_EVENT_NS or ns > latest_ns:
             return None
-        meta = _fast_metadata(item.get("metadata"), plain_text)
+        meta = _fast_metadata(item.get("metadata"))
         if meta is None:
             return None
         feed: ValidFeed = {"symbol": symbol, "price": price, "volume": volume, "timestamp": canon,
