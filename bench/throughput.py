@@ -91,7 +91,7 @@ def subscribed(sim: Simulator) -> bool:
 
 def run_venue(venue: str, records: int, timeout_s: float,
               around: Callable[[int], AbstractContextManager[object]] | None = None,
-              backend: str = "sqlite") -> Result:
+              backend: str = "sqlite", concurrency: int = 1) -> Result:
     """One venue's run. `around(pid)`, when given, wraps the burst (bench/profile.py attaches
     py-spy to the collector's pid with it)."""
     result = Result(venue, records)
@@ -102,7 +102,8 @@ def run_venue(venue: str, records: int, timeout_s: float,
         with ingest_process(tmp, database_url=pg_url) as ingest, \
                 Simulator(venue, rate_hz=1e-6, seed=1, keep_sent=1) as sim, \
                 collector_process(tmp, venue, sim.url, ingest.url, BATCH_SIZE="1000",
-                                  BATCH_INTERVAL_MS="100") as collector:
+                                  BATCH_INTERVAL_MS="100",
+                                  DELIVERY_CONCURRENCY=str(concurrency)) as collector:
             if not sim.wait_for(lambda: subscribed(sim), timeout_s=30):
                 raise RuntimeError(f"{venue}: collector did not subscribe; see "
                                    f"{collector.log_path}")
@@ -143,12 +144,15 @@ def main() -> int:
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite",
                         help="the ingest API's store (postgres: a throwaway schema on "
                              "CHRONO_TEST_POSTGRES_URL or 127.0.0.1:5432/test)")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="the collector's DELIVERY_CONCURRENCY (POSTs in flight)")
     args = parser.parse_args()
-    results = [run_venue(v, args.records, args.timeout, backend=args.backend)
-               for v in args.venues]
+    results = [run_venue(v, args.records, args.timeout, backend=args.backend,
+                         concurrency=args.concurrency) for v in args.venues]
     store = "PostgreSQL" if args.backend == "postgres" else "SQLite"
     text = (f"### Throughput: simulator burst -> collector -> ingest ({store})\n\n"
             f"{machine()}; one collector process, BATCH_SIZE=1000, BATCH_INTERVAL_MS=100, "
+            f"DELIVERY_CONCURRENCY={args.concurrency}, "
             f"ingest INGEST_THREADS=4, {args.records:,} tickers per venue over loopback "
             f"(frame bytes: the last ticker's JSON text).\n\n{HEADER}\n"
             + "\n".join(r.row() for r in results) + "\n")

@@ -45,6 +45,7 @@ class CollectorConfig:
     http_read_timeout_s: float
     liveness_timeout_s: float
     retry_max_s: float
+    delivery_concurrency: int = 1
 
     @property
     def ingest_url(self) -> str:
@@ -81,6 +82,7 @@ class CollectorConfig:
             liveness_timeout_s=_float(env, "WS_LIVENESS_TIMEOUT_S", adapter.liveness_timeout_s,
                                       1.0, 600.0),
             retry_max_s=_float(env, "DELIVERY_RETRY_MAX_S", 30.0, 0.5, 600.0),
+            delivery_concurrency=_int(env, "DELIVERY_CONCURRENCY", 1, 1, 16),
         )
 
 

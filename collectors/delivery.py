@@ -16,7 +16,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -272,14 +272,25 @@ def encode(record: PriceFeed) -> bytes:
 
 
 class Sender:
-    """The delivery thread: takes due batches from the spool, oldest first, and POSTs them."""
+    """The delivery workers: each takes a due batch from the spool, oldest first, and POSTs it.
 
-    def __init__(self, spool: Spool, poster: Poster, metrics: Metrics, *, batch_size: int,
-                 batch_interval_s: float, stop: threading.Event, writer_finished: threading.Event,
-                 wake: threading.Event, drain_timeout_s: float = 5.0,
-                 backoff: Backoff | None = None, retry_max_s: float = 30.0) -> None:
+    One worker per Poster (`DELIVERY_CONCURRENCY`, 1 by default). With one, batches are stored
+    in spool order. With more, that many POSTs may be in flight at once, so the latency of a
+    remote or slow API costs no throughput; batches may then be stored out of order (every
+    record keeps its own timestamps). The workers share one retry policy: after a failed POST
+    none sends before the retry time, and while the API keeps failing a single request (a probe)
+    is in flight at a time, so N workers do not hit a struggling API N times harder.
+    """
+
+    def __init__(self, spool: Spool, posters: Poster | Sequence[Poster], metrics: Metrics, *,
+                 batch_size: int, batch_interval_s: float, stop: threading.Event,
+                 writer_finished: threading.Event, wake: threading.Event,
+                 drain_timeout_s: float = 5.0, backoff: Backoff | None = None,
+                 retry_max_s: float = 30.0) -> None:
         self._spool = spool
-        self._poster = poster
+        self._posters = [posters] if isinstance(posters, Poster) else list(posters)
+        if not self._posters:
+            raise ValueError("at least one Poster")
         self._metrics = metrics
         self._batch_size = batch_size
         self._interval_s = batch_interval_s
@@ -287,101 +298,190 @@ class Sender:
         self._writer_finished = writer_finished
         self._wake = wake
         self._drain_timeout_s = drain_timeout_s
+        # _lock guards the shared state below; claiming a batch and reserving it happen under it
+        # as one step, so no two workers ever send the same batch at once.
+        self._lock = threading.Lock()
         # Capped (DELIVERY_RETRY_MAX_S, 30 s): after an outage the backlog starts draining soon.
         self._backoff = backoff or Backoff(base_s=0.5, cap_s=retry_max_s)
+        self._resume_at = 0.0  # monotonic time before which no worker POSTs (after a failure)
+        self._probe = threading.Lock()  # held by the one POST allowed while the API is failing
+        self._in_flight: set[str] = set()  # keys of the batches the workers hold
         self._tried: set[str] = set()
         # After a 413 the batch size is halved until batches fit, then grows back on success.
         self._size_cap = batch_size
+        self._drain_deadline: float | None = None
+        self._drained_logged = False
+        self._left_logged = False
         self._gauges_at = 0.0
         self._corrupt_seen = 0
         self.last_success_unix: float | None = None
-        self.beat = time.monotonic()  # last loop turn (watchdog progress)
+        self._beats = [time.monotonic()] * len(self._posters)  # per worker (watchdog progress)
 
-    def run(self) -> None:
-        drain_deadline: float | None = None
+    @property
+    def workers(self) -> int:
+        return len(self._posters)
+
+    @property
+    def beat(self) -> float:
+        """The last loop turn of the slowest worker."""
+        return min(self._beats)
+
+    @property
+    def failing(self) -> bool:
+        """The last POST failed (retry or auth) and none has succeeded since."""
+        with self._lock:
+            return self._backoff.attempt > 0
+
+    def run(self, worker: int = 0) -> None:
+        """Worker `worker`'s loop (one thread each) until stopped and drained."""
+        poster = self._posters[worker]
         while True:
-            self.beat = time.monotonic()
-            stopping = self._stop.is_set()
-            if stopping and drain_deadline is None:
-                drain_deadline = time.monotonic() + self._drain_timeout_s
-            final = stopping and self._writer_finished.is_set()
-            if drain_deadline is not None and time.monotonic() > drain_deadline:
+            now = self._beats[worker] = time.monotonic()
+            drain_deadline = self._drain_deadline_if_stopping()
+            final = drain_deadline is not None and self._writer_finished.is_set()
+            if drain_deadline is not None and now > drain_deadline:
                 self._log_left_behind()
                 return
             try:
-                batch = self._spool.due_batch(self._size_cap, self._interval_s, force=final)
+                with self._lock:
+                    batch = self._spool.due_batch(self._size_cap, self._interval_s, force=final,
+                                                  exclude=self._in_flight)
+                    if batch is not None:
+                        self._in_flight.add(batch.key)
             except SpoolError as exc:
                 self._metrics.spool_errors.inc()
                 log.error("spool_read_failed", extra={"error": str(exc)})
-                if self._pause(1.0, drain_deadline):
+                if not self._sleep(worker, 1.0):
                     return
                 continue
             self._update_spool_gauges()
             if batch is None:
                 if final:
-                    log.info("delivery_drained")
+                    with self._lock:
+                        if not self._in_flight and not self._drained_logged:
+                            self._drained_logged = True
+                            log.info("delivery_drained")
                     return
-                self._wake.wait(0.1 if not stopping else 0.02)
+                self._wake.wait(0.1 if drain_deadline is None else 0.02)
                 self._wake.clear()
                 continue
-            delay = self._deliver(batch)
-            if delay > 0 and self._pause(delay, drain_deadline):
+            try:
+                sent = self._deliver(batch, poster, worker)
+            finally:
+                with self._lock:
+                    self._in_flight.discard(batch.key)
+            if not sent:  # the drain deadline came before the retry time
                 self._log_left_behind()
                 return
 
-    def _pause(self, delay: float, drain_deadline: float | None) -> bool:
-        """Wait before a retry. True when the drain deadline ends delivery instead."""
-        if drain_deadline is not None:
-            remaining = drain_deadline - time.monotonic()
-            if delay >= remaining:
-                return True
-            time.sleep(delay)  # stopping already: nothing else to wait for
-            return False
-        deadline = time.monotonic() + delay
-        while (left := deadline - time.monotonic()) > 0:
-            self.beat = time.monotonic()  # waiting on purpose is progress
-            if self._stop.wait(min(left, 1.0)):
-                break
-        return False
+    # ---- waiting ---------------------------------------------------------------------------
+    def _drain_deadline_if_stopping(self) -> float | None:
+        if self._stop.is_set():
+            with self._lock:
+                if self._drain_deadline is None:
+                    now = time.monotonic()
+                    self._drain_deadline = now + self._drain_timeout_s
+                    # Stopping cuts a retry wait short: one more try within the drain window.
+                    self._resume_at = min(self._resume_at, now)
+        return self._drain_deadline
 
-    def _deliver(self, batch: Batch) -> float:
-        """POST one batch; return how long to wait before the next attempt (0: go on)."""
+    def _sleep(self, worker: int, seconds: float) -> bool:
+        """Wait `seconds` in slices (the beat keeps moving). False when the drain deadline
+        comes first."""
+        until = time.monotonic() + seconds
+        while (now := time.monotonic()) < until:
+            self._beats[worker] = now  # waiting on purpose is progress
+            deadline = self._drain_deadline_if_stopping()
+            if deadline is not None:
+                if until > deadline:
+                    return False
+                time.sleep(min(until - now, 0.25))  # stopping already: nothing else to wait for
+            else:
+                self._stop.wait(min(until - now, 1.0))
+        return True
+
+    def _take_turn(self, worker: int) -> bool | None:
+        """Wait until this worker may POST. Returns True holding the probe lock (the API is
+        failing: one request at a time), False without it (all is well), None when the drain
+        deadline comes first."""
+        while True:
+            with self._lock:
+                wait_s = self._resume_at - time.monotonic()
+                failing = self._backoff.attempt > 0
+            if wait_s > 0:
+                if not self._sleep(worker, wait_s):
+                    return None
+                continue
+            if not failing:
+                return False
+            if self._probe.acquire(timeout=0.25):
+                with self._lock:
+                    due = time.monotonic() >= self._resume_at
+                if due:
+                    return True
+                self._probe.release()  # another probe failed meanwhile: wait again
+            self._beats[worker] = time.monotonic()
+            deadline = self._drain_deadline_if_stopping()
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+
+    # ---- one POST --------------------------------------------------------------------------
+    def _deliver(self, batch: Batch, poster: Poster, worker: int) -> bool:
+        """POST one batch when it is this worker's turn, and act on the answer. False when the
+        drain deadline came first (the batch stays claimed on disk)."""
+        probing = self._take_turn(worker)
+        if probing is None:
+            return False
+        try:
+            self._post(batch, poster)
+        finally:
+            if probing:
+                self._probe.release()
+        return True
+
+    def _post(self, batch: Batch, poster: Poster) -> None:
         n = len(batch.records)
-        if batch.key not in self._tried:
+        with self._lock:
+            first_try_here = batch.key not in self._tried
             self._tried.add(batch.key)
-            if batch.attempts > 0:
-                self._metrics.spool_replayed.inc(n)
-                log.info("batch_replayed", extra={"idempotency_key": batch.key, "records": n,
-                                                  "attempts": batch.attempts})
+        if first_try_here and batch.attempts > 0:
+            self._metrics.spool_replayed.inc(n)
+            log.info("batch_replayed", extra={"idempotency_key": batch.key, "records": n,
+                                              "attempts": batch.attempts})
         self._spool.record_attempt(batch.key)
         self._metrics.flushes.inc()
         started = time.monotonic()
-        result = self._poster.post(batch)
+        result = poster.post(batch)
         self._metrics.flush_duration.observe(time.monotonic() - started)
         if result.outcome is Outcome.STORED:
             self._spool.ack(batch.key)
-            self._tried.discard(batch.key)
             self._metrics.records_delivered.inc(n)
             self.last_success_unix = time.time()
             self._metrics.last_flush_success_ts.set(self.last_success_unix)
-            self._size_cap = min(self._batch_size, self._size_cap * 2)
-            if self._backoff.attempt:
-                log.info("delivery_recovered", extra={"after_attempts": self._backoff.attempt})
-            self._backoff.reset()
+            with self._lock:
+                self._tried.discard(batch.key)
+                self._size_cap = min(self._batch_size, self._size_cap * 2)
+                recovered_after = self._backoff.attempt
+                self._backoff.reset()
+            if recovered_after:
+                log.info("delivery_recovered", extra={"after_attempts": recovered_after})
             log.debug("batch_delivered", extra={"idempotency_key": batch.key, "records": n,
                                                 "status": result.status})
-            return 0.0
+            return
         reason = _failure_reason(result)
         self._metrics.flush_failure(reason)
         if result.outcome is Outcome.REJECT:
             self._reject(batch, result)
-            return 0.0
-        delay = self._backoff.next_delay()
-        if result.retry_after_s is not None:
-            # The server said when: do as it says (a floor keeps a "0" from spinning us).
-            delay = max(result.retry_after_s, RETRY_AFTER_FLOOR_S)
+            return
+        with self._lock:
+            delay = self._backoff.next_delay()
+            if result.retry_after_s is not None:
+                # The server said when: do as it says (a floor keeps a "0" from spinning us).
+                delay = max(result.retry_after_s, RETRY_AFTER_FLOOR_S)
+            if result.outcome is Outcome.AUTH:
+                delay = max(delay, AUTH_RETRY_S)
+            self._resume_at = max(self._resume_at, time.monotonic() + delay)
         if result.outcome is Outcome.AUTH:
-            delay = max(delay, AUTH_RETRY_S)
             log.error("ingest_auth_failed", extra={
                 "status": result.status, "retry_in_s": round(delay, 1),
                 "hint": "the ingest API refused the key; check API_KEY/API_KEY_FILE. Records "
@@ -391,20 +491,22 @@ class Sender:
                                               "status": result.status, "reason": reason,
                                               "detail": result.detail[:200] or None,
                                               "retry_in_s": round(delay, 3)})
-        return delay
 
     def _reject(self, batch: Batch, result: PostResult) -> None:
         """The API refused the batch for good and stored none of it. Keep what was good:
         a 413 splits the batch; a 400/422 naming the bad records dead-letters only those."""
         n = len(batch.records)
         status = result.status or 0
-        self._tried.discard(batch.key)
+        with self._lock:
+            self._tried.discard(batch.key)
         if status == 413 and n > 1:
             self._spool.split(batch.key, (), status, result.detail)
-            self._size_cap = max(1, n // 2)
+            with self._lock:
+                self._size_cap = max(1, min(self._size_cap, n // 2))
+                next_size = self._size_cap
             log.warning("batch_too_large_split", extra={"idempotency_key": batch.key,
                                                         "records": n,
-                                                        "next_batch_size": self._size_cap})
+                                                        "next_batch_size": next_size})
             return
         bad = result.rejected_indexes(n) if status in (400, 422) else None
         if bad is not None and len(bad) < n:
@@ -420,19 +522,26 @@ class Sender:
                                            "status": status, "detail": result.detail[:500]})
 
     def _update_spool_gauges(self) -> None:
-        now = time.monotonic()
-        if now - self._gauges_at < 1.0:  # stats() counts rows: once a second is plenty
-            return
-        self._gauges_at = now
+        with self._lock:
+            now = time.monotonic()
+            if now - self._gauges_at < 1.0:  # stats() counts rows: once a second is plenty
+                return
+            self._gauges_at = now
         stats = self._spool.stats()
         self._metrics.spool_records.set(stats.records)
         self._metrics.spool_bytes.set(stats.payload_bytes)
-        if stats.corrupt_lost_total > self._corrupt_seen:
-            self._metrics.spool_corrupt_lost.inc(stats.corrupt_lost_total - self._corrupt_seen)
-            self._corrupt_seen = stats.corrupt_lost_total
+        with self._lock:
+            lost = stats.corrupt_lost_total - self._corrupt_seen
+            self._corrupt_seen = max(self._corrupt_seen, stats.corrupt_lost_total)
+        if lost > 0:
+            self._metrics.spool_corrupt_lost.inc(lost)
         self._metrics.spool_oldest_ts.set((stats.oldest_record_ns or 0) / 1e9)
 
     def _log_left_behind(self) -> None:
+        with self._lock:
+            if self._left_logged:
+                return
+            self._left_logged = True
         stats = self._spool.stats()
         if stats.records:
             log.warning("delivery_stopped_with_backlog",

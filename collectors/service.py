@@ -6,6 +6,7 @@ Threads (each named, each stopped through an Event, each with a top-level guard)
     parse-<exchange>  Parser: frames -> records, metrics      (the only adapter caller)
     spool-writer      SpoolWriter: records -> spool on disk   (commits every few tens of ms)
     delivery          Sender: spool -> POST batches -> ack / retry / dead letter
+    (delivery-2 ...)  more Sender workers when DELIVERY_CONCURRENCY > 1 (POSTs in flight at once)
 
 Stop order: stop reading, parse what arrived, spool it, then try to deliver the spool within the
 drain timeout; whatever is left waits on disk for the next start. Exit 0.
@@ -13,6 +14,7 @@ drain timeout; whatever is left waits on disk for the next start. Exit 0.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -142,12 +144,15 @@ class CollectorService:
         if install_signals:
             self._install_signals()
 
-        poster = Poster(cfg.ingest_url, cfg.api_key, connect_timeout_s=cfg.http_connect_timeout_s,
-                        read_timeout_s=cfg.http_read_timeout_s)
+        # One Poster (keep-alive session, deadline watchdog) per delivery worker.
+        posters = [Poster(cfg.ingest_url, cfg.api_key,
+                          connect_timeout_s=cfg.http_connect_timeout_s,
+                          read_timeout_s=cfg.http_read_timeout_s)
+                   for _ in range(cfg.delivery_concurrency)]
         wake = threading.Event()
         writer = SpoolWriter(self.records, self.spool, self.metrics, self._parser_finished, wake,
                              mark_of=self.adapter.dedup_mark)
-        self.sender = Sender(self.spool, poster, self.metrics, batch_size=cfg.batch_size,
+        self.sender = Sender(self.spool, posters, self.metrics, batch_size=cfg.batch_size,
                              batch_interval_s=cfg.batch_interval_s, stop=self.stop_event,
                              writer_finished=writer.finished, wake=wake,
                              drain_timeout_s=DRAIN_TIMEOUT_S, retry_max_s=cfg.retry_max_s)
@@ -155,7 +160,9 @@ class CollectorService:
             self._thread(f"ws-{cfg.exchange}", self.connection.run, self._ws_finished),
             self._thread(f"parse-{cfg.exchange}", self.parser.run, self._parser_finished),
             self._thread("spool-writer", writer.run, None),
-            self._thread("delivery", self.sender.run, None),
+            *(self._thread("delivery" if i == 0 else f"delivery-{i + 1}",
+                           functools.partial(self.sender.run, i), None)
+              for i in range(self.sender.workers)),
         ]
         if self.metrics_server:
             self.metrics_server.start()
@@ -165,7 +172,8 @@ class CollectorService:
             "symbols": list(cfg.symbols), "ws_url": cfg.ws_url, "ingest_url": cfg.ingest_url,
             "metrics": f"{cfg.metrics_host}:{self.metrics_server.port}"
             if self.metrics_server else None, "spool_dir": str(cfg.spool_dir),
-            "batch_size": cfg.batch_size, "batch_interval_s": cfg.batch_interval_s})
+            "batch_size": cfg.batch_size, "batch_interval_s": cfg.batch_interval_s,
+            "delivery_concurrency": cfg.delivery_concurrency})
         self._notifier.notify("READY=1")
         self._writer = writer
         self._wait(threads)
@@ -178,7 +186,8 @@ class CollectorService:
         alive = [t.name for t in threads if t.is_alive()]
         if self.metrics_server:
             self.metrics_server.stop()
-        poster.close()
+        for poster in posters:
+            poster.close()
         if not alive:
             self.spool.close()
         stats_left = len(self.records)

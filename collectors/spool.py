@@ -298,10 +298,12 @@ class Spool:
                 raise self._error("reading marks", exc) from exc
         return {str(k): int(v) for k, v in rows}
 
-    def due_batch(self, max_records: int, max_age_s: float, *, force: bool = False) -> Batch | None:
+    def due_batch(self, max_records: int, max_age_s: float, *, force: bool = False,
+                  exclude: Collection[str] = ()) -> Batch | None:
         """The batch to send now, or None.
 
-        1. The oldest claimed but unacknowledged batch, with its original key and records.
+        1. The oldest claimed but unacknowledged batch whose key is not in `exclude` (the
+           batches other delivery workers hold), with its original key and records.
         2. Else a new batch claiming (persisting key and membership) the oldest waiting records,
            up to `max_records`, when at least `max_records` wait, or the oldest waiting one is
            `max_age_s` old, or `force` (the shutdown drain).
@@ -312,7 +314,7 @@ class Spool:
         with self._conn_lock:
             conn = self._require(self._conn)
             while True:
-                batch = self._oldest_claimed(conn)
+                batch = self._oldest_claimed(conn, exclude)
                 if batch is None or batch.records:
                     break
                 self._forget_empty_batch(conn, batch.key)  # cannot happen unless hand-edited
@@ -898,13 +900,16 @@ class Spool:
             conn.execute("DELETE FROM records WHERE batch_id IS NULL AND id <= ?", (upto,))
         return count, freed
 
-    def _oldest_claimed(self, conn: sqlite3.Connection) -> Batch | None:
+    def _oldest_claimed(self, conn: sqlite3.Connection,
+                        exclude: Collection[str] = ()) -> Batch | None:
+        skip = sorted(exclude)
+        where = f" WHERE key NOT IN ({', '.join(['?'] * len(skip))})" if skip else ""
         try:
             conn.execute("BEGIN")  # one snapshot for the batch row and its members
             try:
                 row = conn.execute(
                     "SELECT id, key, first_id, last_id, attempts, created_ns FROM batches"
-                    " ORDER BY first_id, id LIMIT 1"
+                    f"{where} ORDER BY first_id, id LIMIT 1", skip
                 ).fetchone()
                 if row is None:
                     return None

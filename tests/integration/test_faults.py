@@ -85,11 +85,13 @@ def ingest_on_fixed_port(tmp_path: Path) -> Iterator[Ingest]:
         ingest.down()
 
 
+@pytest.mark.parametrize("concurrency", ["1", "3"])
 def test_server_errors_and_throttling_lose_nothing(
-        tmp_path: Path, ingest: IngestServer, coinbase_sim: Simulator) -> None:
+        tmp_path: Path, ingest: IngestServer, coinbase_sim: Simulator, concurrency: str) -> None:
     ingest.faults.respond(500, times=2).respond(429, retry_after=1).respond(
         503, retry_after=1, times=2)
-    with collector_process(tmp_path, coinbase_sim.url, ingest.url, ingest.key) as col:
+    with collector_process(tmp_path, coinbase_sim.url, ingest.url, ingest.key,
+                           DELIVERY_CONCURRENCY=concurrency) as col:
         assert wait_until(lambda: stored_count(ingest) >= 50, 30)
         coinbase_sim.go_silent(True)
         sent = _sent_ids(coinbase_sim)
@@ -115,9 +117,12 @@ def test_api_hanging_past_the_read_timeout_is_retried_and_stored_once(
     assert_exactly_once(ingest, sent)  # the late answers were replays, not second copies
 
 
-def test_api_down_for_a_while_then_back(tmp_path: Path, coinbase_sim: Simulator) -> None:
+@pytest.mark.parametrize("concurrency", ["1", "3"])
+def test_api_down_for_a_while_then_back(tmp_path: Path, coinbase_sim: Simulator,
+                                        concurrency: str) -> None:
     with ingest_on_fixed_port(tmp_path) as ingest, collector_process(
-            tmp_path, coinbase_sim.url, ingest.url, ingest.key, DELIVERY_RETRY_MAX_S="1") as col:
+            tmp_path, coinbase_sim.url, ingest.url, ingest.key, DELIVERY_RETRY_MAX_S="1",
+            DELIVERY_CONCURRENCY=concurrency) as col:
         assert wait_until(lambda: stored_count(ingest) >= 20, 20)  # type: ignore[arg-type]
         ingest.down()
         assert wait_until(lambda: col.metric("chrono_collector_flush_failures_total",

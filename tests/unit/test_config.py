@@ -63,6 +63,9 @@ def test_key_from_file(tmp_path: Path) -> None:
         ({"WORKER_ID": "a b"}, "WORKER_ID", "not allowed"),
         ({"HTTP_READ_TIMEOUT_S": "nan"}, "HTTP_READ_TIMEOUT_S", "out of range"),
         ({"DELIVERY_RETRY_MAX_S": "0"}, "DELIVERY_RETRY_MAX_S", "out of range"),
+        ({"DELIVERY_CONCURRENCY": "0"}, "DELIVERY_CONCURRENCY", "out of range"),
+        ({"DELIVERY_CONCURRENCY": "17"}, "DELIVERY_CONCURRENCY", "out of range"),
+        ({"DELIVERY_CONCURRENCY": "two"}, "DELIVERY_CONCURRENCY", "not a whole number"),
         ({"WS_LIVENESS_TIMEOUT_S": "x"}, "WS_LIVENESS_TIMEOUT_S", "not a number"),
     ],
 )

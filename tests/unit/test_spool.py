@@ -906,3 +906,22 @@ def test_split_dead_letters_the_named_records_and_releases_the_rest(tmp_path: Pa
         assert entry["feeds"] == [{"n": 1}, {"n": 3}] and entry["status"] == 422
     finally:
         spool.close()
+
+
+def test_due_batch_skips_the_batches_other_workers_hold(spool: Spool) -> None:
+    spool.append([b'{"n":%d}' % i for i in range(30)])
+    first = spool.due_batch(10, 0.0)
+    second = spool.due_batch(10, 0.0, exclude={first.key} if first else ())
+    assert first is not None and second is not None
+    assert first.key != second.key
+    assert set(first.records).isdisjoint(second.records)
+    # Without exclusions the oldest claimed batch comes back (a retry after a restart)...
+    again = spool.due_batch(10, 0.0)
+    assert again is not None and again.key == first.key and again.records == first.records
+    # ...and with both held, a third is claimed; with all held and nothing waiting, none.
+    third = spool.due_batch(10, 0.0, exclude={first.key, second.key})
+    assert third is not None and third.key not in (first.key, second.key)
+    assert spool.due_batch(10, 0.0, force=True, exclude={first.key, second.key,
+                                                          third.key}) is None
+    assert sorted(first.records + second.records + third.records) == sorted(
+        b'{"n":%d}' % i for i in range(30))

@@ -1,0 +1,184 @@
+"""Delivery workers (DELIVERY_CONCURRENCY): a real spool, real Posters, a real ingest server.
+
+Several workers keep several POSTs in flight, and every record is stored once; while the API
+fails, they send one request at a time (a probe), never one each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+
+from collectors.delivery import Poster, Sender, encode
+from collectors.ingest.app import IngestApp
+from collectors.ingest.server import start_server
+from collectors.ingest.storage import SQLiteStorage
+from collectors.metrics import Metrics
+from collectors.model import PriceFeed
+from collectors.spool import Spool
+from tests.support.faults import FaultScript
+from tests.support.servers import TEST_API_KEY, iso_ago
+from tests.support.waiting import wait_until
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+
+@dataclass
+class Seen:
+    start: float
+    end: float = 0.0
+    status: str = ""
+
+
+class Timeline:
+    """WSGI middleware: when each POST started and ended, and its status line."""
+
+    def __init__(self, app: WSGIApplication) -> None:
+        self.app = app
+        self._lock = threading.Lock()
+        self.requests: list[Seen] = []
+
+    def __call__(self, environ: WSGIEnvironment,
+                 start_response: StartResponse) -> Iterable[bytes]:
+        seen = Seen(time.monotonic())
+        with self._lock:
+            self.requests.append(seen)
+
+        def recording(status: str, headers: list[tuple[str, str]], exc: object = None) -> object:
+            seen.status = status
+            return start_response(status, headers)
+
+        try:
+            return list(self.app(environ, recording))  # type: ignore[arg-type]
+        finally:
+            seen.end = time.monotonic()
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(getattr(self.app, "max_body_bytes", 8 * 1024 * 1024))
+
+
+@dataclass
+class Rig:
+    spool: Spool
+    storage: SQLiteStorage
+    faults: FaultScript
+    timeline: Timeline
+    url: str
+    db_path: Path
+
+
+@contextmanager
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    db_path = tmp_path / "ingest.db"
+    storage = SQLiteStorage.open(db_path)
+    faults = FaultScript(IngestApp(storage, [TEST_API_KEY], 8 * 1024 * 1024, 10_000))
+    timeline = Timeline(faults)
+    server = start_server(timeline, threads=8)
+    spool = Spool(tmp_path / "spool")
+    try:
+        yield Rig(spool, storage, faults, timeline, server.url + "/internal/ingest", db_path)
+    finally:
+        faults.release()
+        server.stop()
+        spool.close()
+        storage.close()
+
+
+def records(n: int) -> list[bytes]:
+    return [encode(PriceFeed(symbol="BTC/USD", price=100.0 + i, volume=1.0,
+                             timestamp=iso_ago(60), source="coinbase", worker_id="w",
+                             metadata={"received_at": iso_ago(59), "sequence": i}))
+            for i in range(n)]
+
+
+@contextmanager
+def workers(r: Rig, n: int, batch_size: int) -> Iterator[tuple[Sender, threading.Event]]:
+    """`n` delivery workers on threads; on exit they are stopped, drained and joined."""
+    stop, writer_done, wake = threading.Event(), threading.Event(), threading.Event()
+    posters = [Poster(r.url, TEST_API_KEY, connect_timeout_s=2, read_timeout_s=10)
+               for _ in range(n)]
+    sender = Sender(r.spool, posters, Metrics(CollectorRegistry(), "coinbase", "w"),
+                    batch_size=batch_size, batch_interval_s=0.01, stop=stop,
+                    writer_finished=writer_done, wake=wake, drain_timeout_s=5.0,
+                    retry_max_s=1.0)
+    threads = [threading.Thread(target=sender.run, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        yield sender, wake
+    finally:
+        writer_done.set()
+        stop.set()
+        for t in threads:
+            t.join(15)
+        for p in posters:
+            p.close()
+        assert not any(t.is_alive() for t in threads)
+
+
+def stored_sequences(db_path: Path) -> list[int]:
+    """Every stored record's sequence, sorted (duplicates would show twice)."""
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        rows = conn.execute("SELECT json_extract(metadata, '$.sequence') FROM price_feeds")
+        return sorted(int(row[0]) for row in rows)
+
+
+def test_workers_keep_several_posts_in_flight_and_store_everything_once(
+        tmp_path: Path) -> None:
+    with rig(tmp_path) as r:
+        r.faults.hang(10, times=3)  # the first three POSTs wait until released
+        r.spool.append(records(30))
+        with workers(r, 3, batch_size=10):
+            # Three batches in flight at once: one worker would never get past the first.
+            assert r.faults.wait_for_requests(3, timeout_s=10)
+            r.faults.release()
+            assert r.faults.wait_for_completed(3, timeout_s=10)
+        assert r.spool.stats().records == 0
+        assert len(set(r.faults.idempotency_keys)) == 3
+        assert stored_sequences(r.db_path) == list(range(30))
+
+
+def test_a_failing_api_gets_one_request_at_a_time(tmp_path: Path) -> None:
+    with rig(tmp_path) as r:
+        r.faults.respond(503, retry_after=1, times=3)
+        r.spool.append(records(10))
+        with workers(r, 4, batch_size=10) as (sender, wake):
+            # The first batch fails: from now on the API is known to be failing...
+            assert wait_until(lambda: sender.failing, timeout_s=10)
+            known_failing_at = time.monotonic()
+            # ...so the batches that arrive now go out one at a time, each after the wait.
+            r.spool.append(records(40)[10:])
+            wake.set()
+            assert r.faults.wait_for_completed(3 + 4, timeout_s=30)  # 3 failures, 4 stored
+        assert stored_sequences(r.db_path) == list(range(40))
+        seen = sorted(r.timeline.requests, key=lambda s: s.start)
+        first_success_end = min(s.end for s in seen if s.status.startswith("201"))
+        probes = [s for s in seen if known_failing_at <= s.start < first_success_end]
+        t0 = seen[0].start
+        timeline = [(round(x.start - t0, 3), round(x.end - t0, 3), x.status[:3]) for x in seen]
+        assert len(probes) == 3, timeline  # two failures, then the success
+        for a, b in itertools.pairwise(probes):
+            # One at a time, each after the Retry-After (1 s) of the failure before it.
+            assert b.start - a.end >= 0.95, timeline
+
+
+def test_one_worker_stores_batches_in_spool_order(tmp_path: Path) -> None:
+    with rig(tmp_path) as r:
+        r.spool.append(records(50))
+        with workers(r, 1, batch_size=10):
+            assert r.faults.wait_for_completed(5, timeout_s=10)
+        bodies = r.faults.bodies
+        firsts = [int(b.split(b'"sequence":', 1)[1].split(b"}", 1)[0]) for b in bodies]
+        assert firsts == [0, 10, 20, 30, 40]
