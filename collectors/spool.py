@@ -230,6 +230,10 @@ class Spool:
         self._claimed_records = 0
         self._claimed_bytes = 0
         self._batches = 0
+        # Append time of the oldest waiting record, cached for the due check (which runs on
+        # every wake-up of the delivery thread); None: unknown, read it. Appends never add an
+        # older one, so only claims, splits and drops forget it.
+        self._oldest_waiting_ns: int | None = None
         self._dropped_total = 0
         self._corrupt_lost_total = 0
         self._commit_gen = 0  # bumped after each commit; the fsync thread compares it
@@ -313,7 +317,8 @@ class Spool:
             raise ValueError(f"max_records must be >= 1, got {max_records}")
         with self._conn_lock:
             conn = self._require(self._conn)
-            while True:
+            batch: Batch | None = None
+            while self._batches:  # claimed batches exist (else no need to look)
                 batch = self._oldest_claimed(conn, exclude)
                 if batch is None or batch.records:
                     break
@@ -395,6 +400,7 @@ class Spool:
                 conn.execute("UPDATE records SET batch_id = NULL WHERE id BETWEEN ? AND ?"
                              " AND batch_id = ?", span)
                 conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+            self._oldest_waiting_ns = None  # the released records are waiting again
             bad_bytes = sum(len(p) for _, p in bad)
             self._records -= len(bad)
             self._bytes -= bad_bytes
@@ -871,6 +877,7 @@ class Spool:
 
     def _drop_oldest_waiting(self, conn: sqlite3.Connection, excess: int) -> tuple[int, int]:
         """Delete the oldest unclaimed records until `excess` bytes are free (or none are left)."""
+        self._oldest_waiting_ns = None
         waiting = self._records - self._claimed_records
         waiting_bytes = self._bytes - self._claimed_bytes
         if waiting <= 0:
@@ -947,18 +954,25 @@ class Spool:
             return False
         if force or waiting >= max_records:
             return True
-        try:
-            row = conn.execute(
-                "SELECT appended_ns FROM records WHERE batch_id IS NULL ORDER BY id LIMIT 1"
-            ).fetchone()
-        except sqlite3.Error as exc:
-            raise self._error("due check", exc) from exc
-        return row is not None and self._clock_ns() - int(row[0]) >= max_age_s * 1e9
+        oldest_ns = self._oldest_waiting_ns
+        if oldest_ns is None:
+            try:
+                row = conn.execute(
+                    "SELECT appended_ns FROM records WHERE batch_id IS NULL ORDER BY id LIMIT 1"
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise self._error("due check", exc) from exc
+            if row is None:
+                return False
+            # A race with a drop can only leave this too old: _claim checks again.
+            oldest_ns = self._oldest_waiting_ns = int(row[0])
+        return self._clock_ns() - oldest_ns >= max_age_s * 1e9
 
     def _claim(
         self, conn: sqlite3.Connection, max_records: int, max_age_s: float, force: bool
     ) -> Batch | None:
         """Claim the oldest waiting records as a new batch. The caller holds both locks."""
+        self._oldest_waiting_ns = None
         batch: Batch | None = None
         good: list[tuple[int, int, bytes]] = []
         bad: list[tuple[int, bytes]] = []

@@ -925,3 +925,21 @@ def test_due_batch_skips_the_batches_other_workers_hold(spool: Spool) -> None:
                                                           third.key}) is None
     assert sorted(first.records + second.records + third.records) == sorted(
         b'{"n":%d}' % i for i in range(30))
+
+
+def test_the_cached_age_of_the_oldest_waiting_record_follows_claims_and_splits(
+        spool: Spool, clock: FakeClock) -> None:
+    spool.append([rec(1)])
+    clock.advance(5)
+    assert spool.due_batch(100, 10.0) is None      # 5 s old (read, then cached)
+    spool.append([rec(2)])                          # newer: the oldest is still rec(1)
+    clock.advance(5)
+    first = spool.due_batch(100, 10.0)
+    assert first is not None and first.records == (rec(1), rec(2))
+    spool.append([rec(3)])                          # the claim forgot the cached age
+    clock.advance(9)
+    assert spool.due_batch(100, 10.0, exclude={first.key}) is None  # rec(3) is 9 s old
+    assert spool.split(first.key, (), 413, "too large") == (0, 2)
+    # rec(1) and rec(2) wait again and are the oldest (10 s and 9 s past their append).
+    again = spool.due_batch(100, 10.0)
+    assert again is not None and again.records == (rec(1), rec(2), rec(3))
