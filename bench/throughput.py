@@ -59,6 +59,7 @@ class Result:
     recv_span_s: float = 0.0
     e2e_span_s: float = 0.0
     cpu_s: float = 0.0
+    ingest_cpu_s: float = 0.0
     peak_rss_kb: int = 0
     frame_bytes: float = 0.0
     complete: bool = False
@@ -73,15 +74,17 @@ class Result:
 
     def row(self) -> str:
         cpu = self.cpu_s / self.stored * 100_000 if self.stored else float("nan")
+        ingest_cpu = self.ingest_cpu_s / self.stored * 100_000 if self.stored else float("nan")
         note = "" if self.complete else " (incomplete)"
         return (f"| {self.venue}{note} | {self.records:,} | {self.frame_bytes:.0f} "
                 f"| {self.stored:,} | {self.recv_rate:,.0f} | {self.stored_rate:,.0f} "
-                f"| {self.e2e_span_s:.2f} | {cpu:.2f} | {self.peak_rss_kb / 1024:.1f} |")
+                f"| {self.e2e_span_s:.2f} | {cpu:.2f} | {ingest_cpu:.2f} "
+                f"| {self.peak_rss_kb / 1024:.1f} |")
 
 
 HEADER = ("| venue | tickers sent | frame bytes | stored | recv/s | stored/s (end to end) "
-          "| end-to-end s | CPU s/100k | peak RSS MB |\n"
-          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| end-to-end s | CPU s/100k | ingest CPU s/100k | peak RSS MB |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
 
 def subscribed(sim: Simulator) -> bool:
@@ -113,12 +116,13 @@ def run_venue(venue: str, records: int, timeout_s: float,
             time.sleep(0.3)
             baseline = ingest.count()
             with around(collector.pid) if around else nullcontext():
-                cpu0 = cpu_s(collector.pid)
+                cpu0, ingest_cpu0 = cpu_s(collector.pid), cpu_s(ingest.pid)
                 sim.burst(records)
                 result.complete = wait_until(lambda: ingest.count() >= baseline + records,
                                              timeout_s, 0.1)
-                cpu1 = cpu_s(collector.pid)
+                cpu1, ingest_cpu1 = cpu_s(collector.pid), cpu_s(ingest.pid)
             result.cpu_s = cpu1 - cpu0
+            result.ingest_cpu_s = ingest_cpu1 - ingest_cpu0
             result.peak_rss_kb = status_kb(collector.pid, "VmHWM")
             sent = sim.sent_tickers()
             if sent:

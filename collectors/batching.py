@@ -3,13 +3,15 @@
 `Handoff` moves items from one producer thread to one consumer thread in chunks: the consumer
 takes everything waiting in one call, so per-item locking stays off the hot path. The bound is
 on the item count and, optionally, on a cost such as bytes; when full, the policy is explicit:
-`put` refuses the item and the caller counts it (the socket thread must never block, or the
-venue disconnects a slow reader).
+`put` refuses the item and the caller counts it; `put_many_within` waits a bounded time for room
+first (the socket thread may pause briefly, letting TCP slow the sender down, but never for
+long, or the venue disconnects a slow reader); `put_many_waiting` waits until there is room.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -79,6 +81,32 @@ class Handoff(Generic[T]):
             if was_empty and accepted:
                 self._cond.notify()
             return len(items) - len(accepted)
+
+    def put_many_within(self, items: list[T], timeout_s: float) -> int:
+        """Add items in order, waiting up to `timeout_s` in all for room (count and cost) as the
+        consumer takes items; return how many did not fit by then (the newest ones)."""
+        deadline = time.monotonic() + timeout_s
+        rest = items
+        while True:
+            left = self.put_many(rest)
+            if not left:
+                return 0
+            rest = rest[len(rest) - left:]
+            with self._cond:
+                # Room may have come between put_many and here (its notify then went unheard).
+                if not self._has_room_for(rest[0]):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return len(rest)
+                    self._not_full.wait(remaining)
+
+    def _has_room_for(self, item: T) -> bool:
+        """Whether `item` fits now; the caller holds the lock."""
+        if len(self._items) >= self.max_items:
+            return False
+        if self._cost_of is None or not self._items:
+            return True
+        return self._cost + self._cost_of(item) <= self._limit
 
     def get_all(self, timeout_s: float, max_items: int | None = None) -> list[T]:
         """Everything waiting (up to max_items), waiting up to timeout_s for the first item."""

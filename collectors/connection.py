@@ -44,6 +44,10 @@ READ_CHUNK_BYTES = 65536
 #: At most this many buffered frames are handed off per loop turn (liveness, pings and
 #: requests from other threads are looked at between turns).
 FRAMES_PER_TURN = 1000
+#: When the frame queue is full, wait this long for the parser to make room before dropping
+#: frames: meanwhile the socket is not read, so TCP slows the venue down (a burst is absorbed),
+#: while a parser stuck for longer (e.g. the disk is full) costs frames, not the connection.
+FRAME_QUEUE_WAIT_S = 1.0
 
 
 class FrameTooLarge(websocket.WebSocketException):
@@ -186,7 +190,8 @@ class Connection:
                  frames: Handoff[Frame], metrics: Metrics, stop: threading.Event, *,
                  backoff: Backoff | None = None, recv_timeout_s: float = 0.5,
                  connect_timeout_s: float = 5.0, liveness_timeout_s: float | None = None,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 frame_queue_wait_s: float = FRAME_QUEUE_WAIT_S) -> None:
         self.adapter = adapter
         self.base_url = base_url
         self._symbols = list(symbols)
@@ -200,6 +205,7 @@ class Connection:
         self._connect_timeout_s = connect_timeout_s
         self.liveness_timeout_s = liveness_timeout_s or adapter.liveness_timeout_s
         self._max_frame_bytes = max_frame_bytes
+        self._frame_queue_wait_s = frame_queue_wait_s
         self._lock = threading.Lock()  # guards the request fields below (set by other threads)
         self._resubscribe: list[str] | None = None
         self._reconnect_reason: str | None = None
@@ -440,7 +446,7 @@ class Connection:
                     # Frames that were read from the socket with this one: same receive time.
                     batch.extend((payload, received_ns)
                                  for payload in buffer.pop_data_frames(FRAMES_PER_TURN))
-                dropped = frames.put_many(batch)
+                dropped = frames.put_many_within(batch, self._frame_queue_wait_s)
                 if dropped:
                     self._metrics.frames_dropped.inc(dropped)
                     if self.last_frame_monotonic - self._frames_dropped_logged > 10:

@@ -41,8 +41,10 @@ log = logging.getLogger(__name__)
 
 # Memory bounds. A burst beyond what the spool can commit waits as raw frames (compact), not as
 # parsed records (~1 KB of Python objects each): the parser waits for room in the record queue.
-FRAME_QUEUE_MAX = 200_000    # frames waiting for the parser...
-FRAME_QUEUE_MAX_BYTES = 48 * 1024 * 1024  # ...and their bytes (frames may be up to 4 MiB)
+# When the frame queue is full, the ws thread stops reading for up to a second
+# (connection.FRAME_QUEUE_WAIT_S), so TCP holds the rest of a burst at the venue's side.
+FRAME_QUEUE_MAX = 100_000    # frames waiting for the parser (~1 s of a heavy burst)...
+FRAME_QUEUE_MAX_BYTES = 16 * 1024 * 1024  # ...and their bytes (frames may be up to 4 MiB)
 RECORD_QUEUE_MAX = 20_000
 #: The watchdog is fed only while every thread's loop has turned within this long (the slowest
 #: honest turn is an HTTP POST: connect 3 s + read 10 s by default).

@@ -85,3 +85,27 @@ def test_put_many_waiting_gives_up_only_when_stopping() -> None:
     stop.set()
     assert q.put_many_waiting([1, 2, 3, 4], stop) == 2
     assert q.get_all(0) == [1, 2]
+
+
+def test_put_many_within_waits_for_room_by_cost_and_keeps_order() -> None:
+    q: Handoff[bytes] = Handoff(1000, max_cost=100, cost_of=len)
+    frames = [bytes([i]) * 30 for i in range(10)]  # 300 bytes: three times the bound
+    got: list[bytes] = []
+
+    def consume() -> None:
+        while len(got) < len(frames):
+            got.extend(q.get_all(timeout_s=5))
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    assert q.put_many_within(frames, timeout_s=10) == 0  # waited for room, dropped nothing
+    consumer.join(10)
+    assert got == frames
+
+
+def test_put_many_within_drops_the_newest_when_no_room_comes_in_time() -> None:
+    q: Handoff[bytes] = Handoff(1000, max_cost=100, cost_of=len)
+    assert q.put_many_within([b"a" * 60, b"b" * 30], timeout_s=0) == 0
+    # Nobody consumes: after the (short) wait, what does not fit is refused, newest first.
+    assert q.put_many_within([b"c" * 10, b"d" * 10, b"e" * 10], timeout_s=0.05) == 2
+    assert q.get_all(0) == [b"a" * 60, b"b" * 30, b"c" * 10]

@@ -16,6 +16,7 @@ from collectors.connection import Connection, Frame
 from collectors.exchanges.coinbase import CoinbaseAdapter
 from collectors.metrics import Metrics
 from collectors.simulator import Simulator
+from tests.support.waiting import wait_until
 
 SYMBOLS = ["BTC/USD", "ETH/USD"]
 
@@ -45,10 +46,10 @@ class Harness:
 
 @contextmanager
 def running(url: str, adapter: CoinbaseAdapter | None = None,
-            **kw: object) -> Iterator[Harness]:
+            frames: Handoff[Frame] | None = None, **kw: object) -> Iterator[Harness]:
     registry = CollectorRegistry()
     metrics = Metrics(registry, "coinbase", "w")
-    frames: Handoff[Frame] = Handoff(100_000)
+    frames = Handoff(100_000) if frames is None else frames
     stop = threading.Event()
     conn = Connection(adapter or CoinbaseAdapter("w"), url, SYMBOLS, frames, metrics, stop,
                       **kw)  # type: ignore[arg-type]
@@ -159,3 +160,33 @@ def test_unreachable_venue_backs_off() -> None:
                 time.monotonic() < deadline:
             h.stop.wait(0.05)
         assert h.value("chrono_collector_reconnects_total", reason="connect_failed") >= 3
+
+
+def small_queue() -> Handoff[Frame]:
+    return Handoff(200, max_cost=32 * 1024, cost_of=lambda f: len(f[0]))
+
+
+def test_a_burst_beyond_the_frame_queue_waits_for_the_parser_instead_of_dropping() -> None:
+    with Simulator("coinbase", rate_hz=1e-6) as sim, running(sim.url, frames=small_queue()) as h:
+        assert sim.wait_for(lambda: any(sim.subscriptions().values()), 10)
+        sim.burst(5000)  # ~2 MB, sixty times the queue's bound
+        assert sim.wait_for(lambda: sim.bursts_active == 0, 30)
+        assert h.wait_frames(5000)
+        tickers = [m for m in h.messages() if m.get("type") == "ticker"]
+        assert len(tickers) >= 5000
+        assert h.value("chrono_collector_frames_dropped_total") == 0
+        assert sim.connections_total == 1
+
+
+def test_a_stuck_parser_costs_frames_after_the_wait_not_the_connection() -> None:
+    with Simulator("coinbase", rate_hz=1e-6) as sim, running(
+            sim.url, frames=small_queue(), frame_queue_wait_s=0.02) as h:
+        assert sim.wait_for(lambda: any(sim.subscriptions().values()), 10)
+        sim.burst(2000)  # nobody takes frames meanwhile
+        assert sim.wait_for(lambda: sim.bursts_active == 0, 30)
+        assert wait_until(lambda: h.value("chrono_collector_frames_dropped_total") > 0, 10)
+        assert h.frames.cost <= 32 * 1024
+        sim.burst(10)  # the connection still works once the parser takes frames again
+        h.got.clear()
+        assert h.wait_frames(10)
+        assert sim.connections_total == 1
