@@ -224,7 +224,8 @@ class SpoolWriter:
                 parser_done = self._done.is_set()
                 # While the spool refuses writes, hold at most one chunk here: the bounded
                 # queue in front of us (and its counted overflow) limits memory, not this list.
-                chunk = self._records.get_all(timeout_s=0.05, max_items=self._max_chunk) \
+                # The timeout only bounds how late a stop is noticed: a put wakes us at once.
+                chunk = self._records.get_all(timeout_s=0.25, max_items=self._max_chunk) \
                     if len(pending) < self._max_chunk else []
                 if chunk:
                     pending.extend(encode(r) for r in chunk)
@@ -342,6 +343,7 @@ class Sender:
             if drain_deadline is not None and now > drain_deadline:
                 self._log_left_behind()
                 return
+            self._wake.clear()  # before looking: an append from now on ends the wait below
             try:
                 with self._lock:
                     batch = self._spool.due_batch(self._size_cap, self._interval_s, force=final,
@@ -362,8 +364,7 @@ class Sender:
                             self._drained_logged = True
                             log.info("delivery_drained")
                     return
-                self._wake.wait(0.1 if drain_deadline is None else 0.02)
-                self._wake.clear()
+                self._wake.wait(self._idle_wait_s(drain_deadline))
                 continue
             try:
                 sent = self._deliver(batch, poster, worker)
@@ -375,6 +376,17 @@ class Sender:
                 return
 
     # ---- waiting ---------------------------------------------------------------------------
+    def _idle_wait_s(self, drain_deadline: float | None) -> float:
+        """How long to sleep with nothing to send: until the oldest waiting record is due
+        (an append that fills a batch wakes us earlier), at most 1 s."""
+        if drain_deadline is not None:
+            return 0.02
+        try:
+            until = self._spool.seconds_until_due(self._interval_s)
+        except SpoolError:
+            return 0.1  # the next due_batch reports it
+        return 1.0 if until is None else min(1.0, max(0.005, until))
+
     def _drain_deadline_if_stopping(self) -> float | None:
         if self._stop.is_set():
             with self._lock:

@@ -330,6 +330,25 @@ class Spool:
             with self._write_lock:
                 return self._claim(conn, max_records, max_age_s, force)
 
+    def seconds_until_due(self, max_age_s: float) -> float | None:
+        """How long until the oldest waiting record is `max_age_s` old (0: now), or None when
+        nothing waits. For the delivery thread's sleep between checks; raises SpoolError."""
+        if self._records - self._claimed_records <= 0:
+            return None
+        oldest_ns = self._oldest_waiting_ns
+        if oldest_ns is None:
+            with self._conn_lock:
+                conn = self._require(self._conn)
+                try:
+                    row = conn.execute("SELECT appended_ns FROM records WHERE batch_id IS NULL"
+                                       " ORDER BY id LIMIT 1").fetchone()
+                except sqlite3.Error as exc:
+                    raise self._error("due check", exc) from exc
+            if row is None:
+                return None
+            oldest_ns = int(row[0])
+        return max(0.0, oldest_ns / 1e9 + max_age_s - self._clock_ns() / 1e9)
+
     def record_attempt(self, key: str) -> None:
         """Count one delivery attempt of the claimed batch `key` (persisted).
 

@@ -406,7 +406,8 @@ def test_kill_minus_9_loses_no_committed_record(spool_dir: Path) -> None:
         proc.send_signal(signal.SIGKILL)  # mid-loop, wherever it is
         proc.wait(timeout=30)
         for line in proc.stdout:  # lines printed before the kill but not read yet
-            committed = max(committed, int(line.split()[1]))
+            if line.endswith("\n"):  # (the kill may cut the last one short)
+                committed = max(committed, int(line.split()[1]))
     finally:
         proc.kill()
         proc.wait(timeout=30)
@@ -943,3 +944,17 @@ def test_the_cached_age_of_the_oldest_waiting_record_follows_claims_and_splits(
     # rec(1) and rec(2) wait again and are the oldest (10 s and 9 s past their append).
     again = spool.due_batch(100, 10.0)
     assert again is not None and again.records == (rec(1), rec(2), rec(3))
+
+
+def test_seconds_until_due_follows_the_oldest_waiting_record(
+        spool: Spool, clock: FakeClock) -> None:
+    assert spool.seconds_until_due(5.0) is None  # nothing waits
+    spool.append([rec(1)])
+    clock.advance(2)
+    spool.append([rec(2)])
+    assert spool.seconds_until_due(5.0) == pytest.approx(3.0)
+    clock.advance(4)
+    assert spool.seconds_until_due(5.0) == 0.0
+    batch = spool.due_batch(100, 5.0)
+    assert batch is not None
+    assert spool.seconds_until_due(5.0) is None  # all claimed
