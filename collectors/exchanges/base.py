@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 from typing import Protocol
 
 from collectors.errors import ParseError
@@ -224,5 +225,8 @@ def integer(obj: dict[str, object], key: str) -> int | None:
     return raw
 
 
+@lru_cache(maxsize=8)
 def received_iso(received_ns: int) -> str:
+    """The receive time as `metadata.received_at` writes it (µs). Cached: every frame cut from
+    one socket read carries the same receive time."""
     return iso_from_ns(received_ns, digits=6)

@@ -36,6 +36,7 @@ from collectors.model import Metadata, PriceFeed, canonical_symbol_ok, parse_iso
 
 _PRODUCT_RE = re.compile(r"^([A-Z0-9]{1,20})-([A-Z0-9]{1,20})$")
 _INVALID_PRODUCT_RE = re.compile(r"^\s*(\S*)\s+is not a valid product", re.IGNORECASE)
+_SYMBOL_CACHE_MAX = 4096
 #: (metadata key, ticker field) of the optional decimal-string fields, in output order.
 _META_NUMBERS = (("bid", "best_bid"), ("bid_size", "best_bid_size"), ("ask", "best_ask"),
                  ("ask_size", "best_ask_size"), ("open_24h", "open_24h"),
@@ -75,6 +76,9 @@ class CoinbaseAdapter:
         self._worker_id = worker_id
         self.decode = decode
         self._last_sequence: dict[str, int] = {}
+        # product id -> canonical symbol, for ids already validated (bounded: hostile input
+        # cannot grow it without limit; past the bound ids are simply validated every time).
+        self._symbols: dict[str, str] = {}
 
     def check_symbols(self, symbols: Sequence[str]) -> None:
         """Coinbase validates products itself (error reply naming the product)."""
@@ -123,9 +127,13 @@ class CoinbaseAdapter:
 
     def _ticker(self, msg: dict[str, object], received_ns: int) -> Parsed:
         product = string(msg, "product_id", max_len=41)
-        symbol = from_product(product)
-        if not canonical_symbol_ok(symbol):
-            raise ParseError(f"bad product id {product!r}")
+        symbol = self._symbols.get(product)
+        if symbol is None:
+            symbol = from_product(product)
+            if not canonical_symbol_ok(symbol):
+                raise ParseError(f"bad product id {product!r}")
+            if len(self._symbols) < _SYMBOL_CACHE_MAX:
+                self._symbols[product] = symbol
         price = number(msg, "price", positive=True)
         assert price is not None  # required=True
         volume = number(msg, "volume_24h", required=False)

@@ -65,6 +65,7 @@ from collectors.model import Metadata, PriceFeed, parse_iso, plausible_event_ns
 ASSET_ALIASES: dict[str, str] = {"XBT": "BTC", "XDG": "DOGE"}
 
 _PAIR_RE = re.compile(r"^([A-Z0-9]{1,20})/([A-Z0-9]{1,20})$")
+_SYMBOL_CACHE_MAX = 4096
 #: (metadata key, ticker item field) of the optional numbers >= 0, in output order.
 _META_NUMBERS = (("bid", "bid"), ("bid_size", "bid_qty"), ("ask", "ask"), ("ask_size", "ask_qty"),
                  ("vwap", "vwap"), ("high_24h", "high"), ("low_24h", "low"))
@@ -108,6 +109,8 @@ class KrakenAdapter:
         # symbol -> (exchange ns, content) of the newest item; content None after a restore.
         # (The mark persisted across restarts is the newest time, see dedup_mark.)
         self._last: dict[str, tuple[int, tuple[object, ...] | None]] = {}
+        # pair -> canonical symbol, for pairs already validated (bounded, like Coinbase's).
+        self._symbols: dict[str, str] = {}
 
     def check_symbols(self, symbols: Sequence[str]) -> None:
         """Raises ConfigError("SYMBOLS", ...) for a symbol v2 would refuse by its spelling.
@@ -208,7 +211,11 @@ class KrakenAdapter:
         if not isinstance(item, dict):
             raise ParseError(f"ticker item is a {type(item).__name__}, not an object")
         pair = string(item, "symbol", max_len=41)
-        symbol = from_pair(pair)
+        symbol = self._symbols.get(pair)
+        if symbol is None:
+            symbol = from_pair(pair)
+            if len(self._symbols) < _SYMBOL_CACHE_MAX:
+                self._symbols[pair] = symbol
         try:
             price = number(item, "last", positive=True)
             volume = number(item, "volume", required=False)
