@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "variables: API_BASE_URL, API_KEY or API_KEY_FILE, WORKER_ID, SYMBOLS, "
                          "BATCH_SIZE, BATCH_INTERVAL_MS, LOG_LEVEL, WS_URL, METRICS_HOST, "
                          "METRICS_PORT, SPOOL_DIR, SPOOL_MAX_BYTES, SPOOL_FSYNC_INTERVAL_MS, "
-                         "HTTP_CONNECT_TIMEOUT_S, HTTP_READ_TIMEOUT_S (see README).")
+                         "HTTP_CONNECT_TIMEOUT_S, HTTP_READ_TIMEOUT_S, WS_LIVENESS_TIMEOUT_S, "
+                         "DELIVERY_RETRY_MAX_S, DELIVERY_CONCURRENCY (see README).")
     run.add_argument("exchange", metavar="EXCHANGE",
                      help="one of: " + ", ".join(exchanges.known()))
 
