@@ -41,8 +41,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.harness import postgres_schema
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "bench-key-" + secrets.token_hex(8)
@@ -248,18 +251,6 @@ def count_stored(url: str) -> int:
         doc = http.get(url + "/api/v1/summary", params={"minutes": 10080}, timeout=60,
                        headers={"Authorization": f"Bearer {API_KEY}"}).json()
     return sum(int(s["count"]) for s in doc["sources"])
-
-
-@contextmanager
-def postgres_schema(base_url: str) -> Iterator[str]:
-    schema = f"chrono_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(base_url, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-        try:
-            sep = "&" if "?" in base_url else "?"
-            yield f"{base_url}{sep}options=-csearch_path%3D{schema}"
-        finally:
-            admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def bench_backend(backend: str, database_url: str, args: argparse.Namespace) -> list[Result]:

@@ -41,6 +41,8 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cryptofeed import FeedHandler
@@ -81,6 +83,22 @@ def make_feed_class(url: str) -> type[Binance]:
     return LocalBinance
 
 
+@contextmanager
+def burst_simulator(args: argparse.Namespace) -> Iterator[str]:
+    """`chrono-collector simulate binance --burst N` as a subprocess; yields its ws:// URL, with
+    cryptofeed's Binance symbol table pre-filled (instead of a REST call to Binance)."""
+    sim = subprocess.Popen([args.simulate, "simulate", "binance", "--rate", "0.000001",
+                            "--burst", str(args.records)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert sim.stdout is not None
+        doc = json.loads(sim.stdout.readline())
+        Symbols.set(BINANCE, dict(PAIRS), {"tick_size": {}, "instrument_type": {}})
+        yield f"ws://127.0.0.1:{doc['port']}"
+    finally:
+        sim.terminate()
+        sim.wait(10)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--records", type=int, default=60_000)
@@ -92,14 +110,7 @@ def main() -> int:
     if args.backend == "postgres":
         return run_postgres(args)
 
-    sim = subprocess.Popen([args.simulate, "simulate", "binance", "--rate", "0.000001",
-                            "--burst", str(args.records)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert sim.stdout is not None
-        doc = json.loads(sim.stdout.readline())
-        url = f"ws://127.0.0.1:{doc['port']}"
-        Symbols.set(BINANCE, dict(PAIRS), {"tick_size": {}, "instrument_type": {}})
-
+    with burst_simulator(args) as url:
         state = {"n": 0, "first": 0.0, "last": 0.0}
         fh = FeedHandler(config={"log": {"disabled": True}, "uvloop": False})
 
@@ -121,9 +132,6 @@ def main() -> int:
         fh.run(start_loop=False)
         loop.run_forever()
         usage1 = resource.getrusage(resource.RUSAGE_SELF)
-    finally:
-        sim.terminate()
-        sim.wait(10)
     n = int(state["n"])
     seconds = state["last"] - state["first"]
     cpu = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
@@ -161,13 +169,7 @@ def run_postgres(args: argparse.Namespace) -> int:
                       "id serial PRIMARY KEY, timestamp TIMESTAMP, receipt_timestamp TIMESTAMP,"
                       " exchange VARCHAR(32), symbol VARCHAR(32), bid NUMERIC(64, 32),"
                       " ask NUMERIC(64, 32), stored_at TIMESTAMPTZ DEFAULT clock_timestamp())"))
-    sim = subprocess.Popen([args.simulate, "simulate", "binance", "--rate", "0.000001",
-                            "--burst", str(args.records)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert sim.stdout is not None
-        doc = json.loads(sim.stdout.readline())
-        url = f"ws://127.0.0.1:{doc['port']}"
-        Symbols.set(BINANCE, dict(PAIRS), {"tick_size": {}, "instrument_type": {}})
+    with burst_simulator(args) as url:
         fh = FeedHandler(config={"log": {"disabled": True}, "uvloop": False})
         backend = TickerPostgres(host="127.0.0.1", user="postgres", db="test", port=5432,
                                  table=f"{schema}.ticker")
@@ -197,9 +199,6 @@ def run_postgres(args: argparse.Namespace) -> int:
         loop.run_forever()
         watcher.cancel()
         usage1 = resource.getrusage(resource.RUSAGE_SELF)
-    finally:
-        sim.terminate()
-        sim.wait(10)
 
     async def spans() -> list[object]:
         conn = await asyncpg.connect(args.postgres)

@@ -286,6 +286,33 @@ def _fast_body(raw: bytes, max_feeds: int, now_ns: int) -> list[ValidFeed] | Non
     return out
 
 
+def _fast_timestamp(stamp: str, seconds: dict[str, int]) -> tuple[str, int] | None:
+    """(canonical text, epoch ns) of a record's timestamp for the fast paths, or None (then the
+    reference path decides). `seconds` caches whole-second prefixes -> epoch ns, only for
+    prefixes the pattern matched: the records of a batch share seconds."""
+    # What venues send, `2026-11-29T10:38:02.672020Z`, is canonical already: once its second
+    # has been matched, only the fraction needs a look.
+    base = seconds.get(stamp[:19]) if stamp[-1:] == "Z" and stamp[19:20] == "." else None
+    frac = stamp[20:-1]
+    if base is not None and 0 < len(frac) <= 9 and frac.isascii() and frac.isdigit():
+        return stamp, base + int(frac) * _FRACTION_SCALE[len(frac)]
+    m = _FAST_ISO_RE.fullmatch(stamp)
+    if m is None:
+        return None
+    whole, frac = m.group(1, 2)
+    base = seconds.get(whole)
+    if base is None:
+        try:
+            base = parse_iso(whole + "Z")[1]
+        except ValueError:
+            return None
+        seconds[whole] = base
+    if frac:
+        return (stamp if stamp[-1] == "Z" else f"{whole}.{frac}Z",
+                base + int(frac) * _FRACTION_SCALE[len(frac)])
+    return (stamp if stamp[-1] == "Z" else whole + "Z"), base
+
+
 def _fast_records(feeds: list[_FastRecord], now_ns: int) -> tuple[list[ValidFeed], int] | None:
     """The records of `_fast_body` and the number of `"` its strings take as JSON, or None.
 
@@ -296,9 +323,7 @@ def _fast_records(feeds: list[_FastRecord], now_ns: int) -> tuple[list[ValidFeed
     append = out.append
     symbol_ok = _SYMBOL_RE.fullmatch
     name_ok = _NAME_RE.fullmatch
-    iso = _FAST_ISO_RE.fullmatch
     encode = _MSGSPEC_ENCODE
-    scale = _FRACTION_SCALE
     latest_ns = now_ns + MAX_FUTURE_SKEW_NS
     unset = msgspec.UNSET
     inf, plain_min, plain_max = math.inf, _PLAIN_FLOAT_MIN, _PLAIN_FLOAT_MAX
@@ -357,31 +382,10 @@ def _fast_records(feeds: list[_FastRecord], now_ns: int) -> tuple[list[ValidFeed
                 if not 0.0 <= float(volume) < inf:
                     return None
         stamp = item.timestamp
-        # What venues send, `2026-11-29T10:38:02.672020Z`, is canonical already: once its
-        # second has been matched, only the fraction needs a look.
-        base = seconds.get(stamp[:19]) if stamp[-1:] == "Z" and stamp[19:20] == "." else None
-        frac = stamp[20:-1]
-        if base is not None and 0 < len(frac) <= 9 and frac.isascii() and frac.isdigit():
-            ns = base + int(frac) * scale[len(frac)]
-            canon = stamp
-        else:
-            m = iso(stamp)
-            if m is None:
-                return None
-            whole, frac = m.group(1, 2)
-            base = seconds.get(whole)
-            if base is None:
-                try:
-                    base = parse_iso(whole + "Z")[1]
-                except ValueError:
-                    return None
-                seconds[whole] = base
-            if frac:
-                ns = base + int(frac) * scale[len(frac)]
-                canon = stamp if stamp[-1] == "Z" else f"{whole}.{frac}Z"
-            else:
-                ns = base
-                canon = stamp if stamp[-1] == "Z" else whole + "Z"
+        when = _fast_timestamp(stamp, seconds)
+        if when is None:
+            return None
+        canon, ns = when
         if ns < MIN_EVENT_NS or ns > latest_ns:
             return None
         meta = item.metadata
@@ -454,7 +458,6 @@ def _fast_feeds(feeds: list[object], now_ns: int) -> list[ValidFeed] | None:
     append = out.append
     symbol_ok = _SYMBOL_RE.fullmatch
     name_ok = _NAME_RE.fullmatch
-    iso = _FAST_ISO_RE.fullmatch
     latest_ns = now_ns + MAX_FUTURE_SKEW_NS
     seconds: dict[str, int] = {}  # whole-second prefix -> epoch ns: records share seconds
     # Records of a batch share a few symbols and names: each distinct one is matched once.
@@ -505,23 +508,10 @@ def _fast_feeds(feeds: list[object], now_ns: int) -> list[ValidFeed] | None:
             if len(volume.as_tuple().digits) > MAX_NUMBER_DIGITS \
                     or not 0.0 <= float(volume) < inf:
                 return None
-        m = iso(stamp)
-        if m is None:
+        when = _fast_timestamp(stamp, seconds)
+        if when is None:
             return None
-        whole, frac = m.group(1, 2)
-        base = seconds.get(whole)
-        if base is None:
-            try:
-                base = parse_iso(whole + "Z")[1]
-            except ValueError:
-                return None
-            seconds[whole] = base
-        if frac:
-            ns = base + int(frac.ljust(9, "0"))
-            canon = stamp if stamp[-1] == "Z" else f"{whole}.{frac}Z"
-        else:
-            ns = base
-            canon = stamp if stamp[-1] == "Z" else whole + "Z"
+        canon, ns = when
         if ns < MIN_EVENT_NS or ns > latest_ns:
             return None
         meta = _fast_metadata(item.get("metadata"))
