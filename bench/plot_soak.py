@@ -33,9 +33,10 @@ def main() -> None:
     backlog = [r["sent"] - r["stored"] for r in rows]
 
     fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
-    axes[0].plot(minutes, [r["rss_mb"] for r in rows], color="tab:blue")
+    rss = [r["rss_mb"] for r in rows]
+    axes[0].plot(minutes, rss, color="tab:blue")
     axes[0].set_ylabel("RSS (MB)")
-    axes[0].set_ylim(bottom=0)
+    axes[0].set_ylim(0, max(rss) * 1.25)  # a flat line at the top edge would be hidden
     axes[1].plot(minutes, cpu_pct, color="tab:orange", linewidth=0.8)
     axes[1].set_ylabel("CPU (% of a core)")
     axes[1].set_ylim(bottom=0)
