@@ -82,9 +82,11 @@ check-db: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/ceiling.py --throughput bench/results/throughput.md
+	$(BIN)/python bench/parse_bench.py
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/footprint.py
 	$(BIN)/python bench/outage.py
+	$(BIN)/python bench/remote_api.py
 	$(BIN)/python bench/ingest_bench.py
 
 clean:
