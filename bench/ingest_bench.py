@@ -26,17 +26,12 @@ import itertools
 import json
 import os
 import platform
-import queue
-import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,10 +40,9 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import postgres_schema
+from bench.harness import API_KEY, ingest_process, postgres_schema
 
 REPO = Path(__file__).resolve().parents[1]
-API_KEY = "bench-key-" + secrets.token_hex(8)
 
 
 @dataclass
@@ -155,51 +149,6 @@ class Bodies:
         return self._body.replace(self._prefix, later.strftime("%Y-%m-%dT%H:%M:%S").encode())
 
 
-@contextmanager
-def server_process(database_url: str, threads: int) -> Iterator[tuple[str, int]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("API_KEY", "INGEST_"))}
-    env.update({"API_KEY": API_KEY, "INGEST_PORT": "0", "DATABASE_URL": database_url,
-                "INGEST_THREADS": str(threads), "LOG_LEVEL": "info",
-                "PYTHONPATH": str(REPO)})
-    with subprocess.Popen([sys.executable, "-m", "collectors.ingest"], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        lines: queue.Queue[str] = queue.Queue()
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.put(line)
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        try:
-            url = _wait_started(lines)  # the port comes from the `ingest_started` log line
-            yield url, proc.pid
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(30)
-            reader.join(10)
-
-
-def _wait_started(lines: queue.Queue[str]) -> str:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if doc.get("event") == "ingest_started":
-            return str(doc["url"])
-        if doc.get("level") == "ERROR":
-            raise RuntimeError(f"ingest server failed to start: {line.strip()}")
-    raise RuntimeError("ingest server did not start within 30 s")
-
-
 def run_scenario(url: str, backend: str, batch: int, clients: int,
                  duration_s: float, *, fresh: bool = False) -> Result:
     bodies = Bodies(batch, fresh)
@@ -255,7 +204,9 @@ def count_stored(url: str) -> int:
 
 def bench_backend(backend: str, database_url: str, args: argparse.Namespace) -> list[Result]:
     results = []
-    with server_process(database_url, args.threads) as (url, pid):
+    with tempfile.TemporaryDirectory(prefix="chrono-ingest-bench-") as tmp, \
+            ingest_process(Path(tmp), threads=args.threads, database_url=database_url) as ingest:
+        url, pid = ingest.url, ingest.pid
         run_scenario(url, backend, 10, 1, 0.5)  # warm-up: connections, page cache, JIT-less
         before = count_stored(url)
         for batch in args.batch_sizes:

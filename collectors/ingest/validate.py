@@ -286,6 +286,25 @@ def _fast_body(raw: bytes, max_feeds: int, now_ns: int) -> list[ValidFeed] | Non
     return out
 
 
+def _fast_number(value: object, *, positive: bool) -> Decimal | None:
+    """A price (`positive`: > 0) or volume (>= 0) for the fast paths, by the rules of `_number`:
+    an int or a Decimal, at most MAX_NUMBER_DIGITS digits, finite as a float (the chained
+    comparisons also refuse NaN). None: the reference path decides."""
+    if type(value) is int:
+        number = Decimal(value)
+    elif type(value) is Decimal:
+        number = value
+    else:
+        return None
+    # str() shows every digit of the coefficient, so a short text needs no count.
+    if len(str(number)) > MAX_NUMBER_DIGITS and len(number.as_tuple().digits) > MAX_NUMBER_DIGITS:
+        return None
+    as_float = float(number)
+    if not (0.0 < as_float < math.inf if positive else 0.0 <= as_float < math.inf):
+        return None
+    return number
+
+
 def _fast_timestamp(stamp: str, seconds: dict[str, int]) -> tuple[str, int] | None:
     """(canonical text, epoch ns) of a record's timestamp for the fast paths, or None (then the
     reference path decides). `seconds` caches whole-second prefixes -> epoch ns, only for
@@ -326,8 +345,8 @@ def _fast_records(feeds: list[_FastRecord], now_ns: int) -> tuple[list[ValidFeed
     encode = _MSGSPEC_ENCODE
     latest_ns = now_ns + MAX_FUTURE_SKEW_NS
     unset = msgspec.UNSET
-    inf, plain_min, plain_max = math.inf, _PLAIN_FLOAT_MIN, _PLAIN_FLOAT_MAX
-    max_digits, max_meta_bytes = MAX_NUMBER_DIGITS, MAX_METADATA_JSON_BYTES
+    plain_min, plain_max = _PLAIN_FLOAT_MIN, _PLAIN_FLOAT_MAX
+    max_meta_bytes = MAX_METADATA_JSON_BYTES
     # whole-second prefix -> epoch ns, only for prefixes `iso` matched: records share seconds
     seconds: dict[str, int] = {}
     # Records of a batch share a few symbols and names: each distinct one is matched once.
@@ -352,34 +371,15 @@ def _fast_records(feeds: list[_FastRecord], now_ns: int) -> tuple[list[ValidFeed
             if name_ok(worker_id) is None:
                 return None
             good_names.add(worker_id)
-        # the rules of _number: int or Decimal, at most MAX_NUMBER_DIGITS digits (str() shows
-        # every digit of the coefficient, so a short text needs no count), finite as a float
-        # (the chained comparisons also refuse NaN), > 0 for price, >= 0 for volume
-        price: Any = item.price
-        kind = type(price)
-        if kind is int:
-            price = Decimal(price)
-        elif kind is not Decimal:
+        price = _fast_number(item.price, positive=True)
+        if price is None:
             return None
-        if len(str(price)) > max_digits and len(price.as_tuple().digits) > max_digits:
-            return None
-        if not 0.0 < float(price) < inf:
-            return None
-        volume: Any = item.volume
-        if volume is unset:
-            volume = None
-        else:
+        volume: Decimal | None = None
+        if item.volume is not unset:
             quotes += 2
-            if volume is not None:
-                kind = type(volume)
-                if kind is int:
-                    volume = Decimal(volume)
-                elif kind is not Decimal:
-                    return None
-                if len(str(volume)) > max_digits \
-                        and len(volume.as_tuple().digits) > max_digits:
-                    return None
-                if not 0.0 <= float(volume) < inf:
+            if item.volume is not None:
+                volume = _fast_number(item.volume, positive=False)
+                if volume is None:
                     return None
         stamp = item.timestamp
         when = _fast_timestamp(stamp, seconds)
@@ -464,7 +464,6 @@ def _fast_feeds(feeds: list[object], now_ns: int) -> list[ValidFeed] | None:
     good_symbols: set[str] = set()
     good_names: set[str] = set()
     known = FEED_FIELDS
-    inf = math.inf
     for item in feeds:
         if type(item) is not dict or not item.keys() <= known:
             return None
@@ -487,26 +486,13 @@ def _fast_feeds(feeds: list[object], now_ns: int) -> list[ValidFeed] | None:
             if name_ok(worker_id) is None:
                 return None
             good_names.add(worker_id)
-        # the rules of _number, inlined: int or Decimal, at most MAX_NUMBER_DIGITS digits, finite
-        # as a float (the chained comparisons also refuse NaN), > 0 for price, >= 0 for volume
-        price: Any = item.get("price")
-        kind = type(price)
-        if kind is int:
-            price = Decimal(price)
-        elif kind is not Decimal:
+        price = _fast_number(item.get("price"), positive=True)
+        if price is None:
             return None
-        if len(price.as_tuple().digits) > MAX_NUMBER_DIGITS \
-                or not 0.0 < float(price) < inf:
-            return None
-        volume: Any = item.get("volume")
-        if volume is not None:
-            kind = type(volume)
-            if kind is int:
-                volume = Decimal(volume)
-            elif kind is not Decimal:
-                return None
-            if len(volume.as_tuple().digits) > MAX_NUMBER_DIGITS \
-                    or not 0.0 <= float(volume) < inf:
+        volume: Decimal | None = None
+        if item.get("volume") is not None:
+            volume = _fast_number(item.get("volume"), positive=False)
+            if volume is None:
                 return None
         when = _fast_timestamp(stamp, seconds)
         if when is None:
