@@ -123,7 +123,12 @@ def main() -> int:
             parsed[(str(symbol).replace("/", "-"), int(sequence))] = int(ns)
         conn = sqlite3.connect(f"file:{collector.spool_dir / 'spool.db'}?mode=ro", uri=True)
         try:
-            rows = conn.execute("SELECT appended_ns, payload FROM records").fetchall()
+            # The API is never up here, so records wait in the spool: a chunk per row, joined
+            # by newlines, all appended at the row's time. (The few in a claimed batch carry
+            # only their batch's oldest time, so they are left out.)
+            rows = [(ns, record) for ns, payload in conn.execute(
+                "SELECT appended_ns, payload FROM waiting").fetchall()
+                    for record in bytes(payload).split(b"\n")]
         finally:
             conn.close()
 

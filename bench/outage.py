@@ -37,7 +37,8 @@ def spool_records(spool: Path) -> int:
         return 0
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return int(conn.execute("SELECT count(*) FROM records").fetchone()[0])
+        return int(conn.execute("SELECT (SELECT coalesce(sum(n), 0) FROM waiting)"
+                                " + (SELECT coalesce(sum(n), 0) FROM claimed)").fetchone()[0])
     finally:
         conn.close()
 

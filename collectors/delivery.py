@@ -452,7 +452,7 @@ class Sender:
         return True
 
     def _post(self, batch: Batch, poster: Poster) -> None:
-        n = len(batch.records)
+        n = batch.size
         with self._lock:
             first_try_here = batch.key not in self._tried
             self._tried.add(batch.key)
@@ -507,7 +507,7 @@ class Sender:
     def _reject(self, batch: Batch, result: PostResult) -> None:
         """The API refused the batch for good and stored none of it. Keep what was good:
         a 413 splits the batch; a 400/422 naming the bad records dead-letters only those."""
-        n = len(batch.records)
+        n = batch.size
         status = result.status or 0
         with self._lock:
             self._tried.discard(batch.key)

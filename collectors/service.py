@@ -124,8 +124,11 @@ class CollectorService:
         the operator must fix (unusable spool directory, metrics port taken)."""
         cfg = self.config
         try:
+            # A waiting row holds at most a batch's worth of records, so a claim rewrites at
+            # most one row's remainder.
             self.spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes,
-                               fsync_interval_s=cfg.spool_fsync_interval_s)
+                               fsync_interval_s=cfg.spool_fsync_interval_s,
+                               chunk_records=cfg.batch_size)
         except SpoolError as exc:
             raise ConfigError("SPOOL_DIR", str(exc), "a writable directory") from None
         self.metrics.spool_max_bytes.set(cfg.spool_max_bytes)

@@ -13,15 +13,31 @@ Files in the spool directory (created 0700)::
     dead-letter.jsonl                      batches the API refused for good, one JSON line each
     spool.db.corrupt-<UTC time>[-wal]      a damaged database set aside (kept for forensics)
 
-Schema (``PRAGMA user_version`` = 1): ``records(id, appended_ns, batch_id, crc32, payload BLOB)``
-in append order, ``batch_id`` NULL while waiting; ``batches(id, key, first_id, last_id,
-n_records, attempts, created_ns, claimed_ns)``, one row per claimed, unacknowledged batch;
-``marks(key, value)``, per-key dedup high-water marks written with the records that set them. A
-batch's members are the rows with its ``batch_id`` inside ``[first_id, last_id]`` (a rowid
-range scan, no extra index). ``crc32`` guards each payload against damage SQLite cannot see (the
-main database file has no page checksums).
+Schema (``PRAGMA user_version`` = 2). Records are stored a chunk per row, so the cost of the
+database is paid per append, per batch and per acknowledgement, not per record:
 
-Threads: the spool-writer thread calls ``append``; the delivery thread calls everything else.
+* ``waiting(id, appended_ns, n, crcs, payload)``: records not yet in a batch, oldest first. A
+  row holds the ``n`` records of one append (at most ``chunk_records``), ``payload`` is their
+  JSON joined by ``\\n`` and ``crcs`` their CRC-32s (4 bytes each, little-endian). ``id`` is the
+  sequence number of the row's first record and the row holds ``id .. id + n - 1``, so a gap in
+  ids counts lost records exactly. Records put back in front of the others (a split batch) get
+  ids below the smallest, negative if need be.
+* ``claimed(id, key, n, attempts, created_ns, claimed_ns, crcs, payload)``: one row per claimed,
+  unacknowledged batch (its Idempotency-Key, the same layout of records), in claim order.
+* ``marks(key, value)``: per-key dedup high-water marks written with the records that set them.
+
+A claim turns the oldest waiting rows into one ``claimed`` row: whole rows are deleted, a row
+only partly taken keeps its newer records (rewritten once; rows are at most ``chunk_records``,
+which the service sets to the batch size, so a claim rewrites at most one batch's worth). An
+acknowledgement deletes one row. Records never contain a raw newline: they are compact JSON,
+whose strings escape control characters (``append`` refuses anything else). The per-record
+CRCs guard each record against damage SQLite cannot see (the database file has no page
+checksums): a record is sent only if its own checksum verifies.
+
+Version 1 spools (a row per record) are converted in one transaction when opened: claimed
+batches keep their keys, bodies and attempts; waiting records keep their order.
+
+Threads: the spool-writer thread calls ``append``; the delivery threads call everything else.
 There are two connections: the append connection (used only by ``append``) and the delivery
 connection, each behind its own lock so even a caller that mixes threads stays safe. Every write
 transaction also holds ``_write_lock``: SQLite admits one writer at a time anyway, and
@@ -45,13 +61,13 @@ cut, ``fsync_interval_s`` is the bound:
   recovery keeps a prefix of commits). The thread exists because the bound must hold when no
   call arrives at all (an idle market, a stalled API).
 
-Size bound and full policy: ``max_bytes`` bounds the payload bytes. When an append would exceed
-it, the oldest *unclaimed* records are dropped first (for a price oracle the newest prices matter
-most); if that is not enough (claimed batches fill the bound) the oldest of the incoming records
-are dropped, so a single append larger than the whole bound keeps its newest records that fit.
-Records of a claimed batch are never dropped: the API may already have stored them and their
-batch must be re-sent with identical bytes. Drops are returned by ``append`` and counted in
-``stats().dropped_total``.
+Size bound and full policy: ``max_bytes`` bounds the payload bytes (the records' own bytes,
+separators not counted). When an append would exceed it, the oldest *waiting* records are
+dropped first (for a price oracle the newest prices matter most); if that is not enough
+(claimed batches fill the bound) the oldest of the incoming records are dropped, so a single
+append larger than the whole bound keeps its newest records that fit. Records of a claimed
+batch are never dropped: the API may already have stored them and their batch must be re-sent
+with identical bytes. Drops are returned by ``append`` and counted in ``stats().dropped_total``.
 
 Corruption: SQLite replays a WAL only up to the first frame that fails its checksum chain, and
 not at all when the WAL header is bad, silently. So at open a damaged WAL (bad header, or a bad
@@ -60,15 +76,15 @@ frame followed by more frames of the same generation) is moved aside as
 verifies, re-signed. Then ``PRAGMA quick_check`` runs. A database that fails it, or raises
 SQLite's CORRUPT/NOTADB errors, or is zero-length, is moved aside as ``spool.db.corrupt-<time>``
 (its WAL with it), a fresh spool is created, and every row still readable by SELECT is copied
-over in one transaction, skipping unreadable regions row by row. Claimed batches whose members
-all survived keep their key and attempts (so the re-send dedups at the API); the survivors of
-incomplete batches go back to waiting under a new key (the API may then store some twice:
-at-least-once beats loss). Rows that read back but fail their checksum go to the dead-letter file.
-What could not be read is counted in ``stats().corrupt_lost_total`` and logged at ERROR as
-``spool_corrupt``; when it cannot be counted (an unreadable header, dropped WAL frames, which
-hold pages rather than records) ``lost_unknown`` says so. The process always goes on: a damaged
-spool never causes a crash loop. Environmental failures (unwritable directory, disk full) raise
-:class:`SpoolError` instead; the caller decides.
+over in one transaction, skipping unreadable regions row by row. Claimed batches whose records
+all verify keep their key and attempts (so the re-send dedups at the API); the verified records
+of damaged batches go back to waiting, in front, to be sent under a new key (the API may then
+store some twice: at-least-once beats loss). Records that read back but fail their checksum go
+to the dead-letter file. What could not be read is counted in ``stats().corrupt_lost_total`` and
+logged at ERROR as ``spool_corrupt``; when it cannot be counted (an unreadable header, dropped
+WAL frames, which hold pages rather than records) ``lost_unknown`` says so. The process always
+goes on: a damaged spool never causes a crash loop. Environmental failures (unwritable directory,
+disk full) raise :class:`SpoolError` instead; the caller decides.
 """
 
 from __future__ import annotations
@@ -79,49 +95,51 @@ import json
 import logging
 import os
 import sqlite3
-import struct
+import sys
 import threading
 import time
 import uuid
 import zlib
+from array import array
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import quote
 
+from collectors import spool_repair
 from collectors.errors import SpoolError
 from collectors.model import iso_from_ns
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "spool.db"
 LOCK_NAME = "spool.lock"
 DEAD_LETTER_NAME = "dead-letter.jsonl"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # about 600k records of 400 bytes: hours of API outage
+DEFAULT_CHUNK_RECORDS = 1000
 
 _SCHEMA = (
-    """CREATE TABLE records (
+    """CREATE TABLE waiting (
         id INTEGER PRIMARY KEY,
         appended_ns INTEGER NOT NULL,
-        batch_id INTEGER,
-        crc32 INTEGER NOT NULL,
+        n INTEGER NOT NULL,
+        crcs BLOB NOT NULL,
         payload BLOB NOT NULL
     )""",
-    """CREATE TABLE batches (
+    """CREATE TABLE claimed (
         id INTEGER PRIMARY KEY,
         key TEXT NOT NULL UNIQUE,
-        first_id INTEGER NOT NULL,
-        last_id INTEGER NOT NULL,
-        n_records INTEGER NOT NULL,
+        n INTEGER NOT NULL,
         attempts INTEGER NOT NULL DEFAULT 0,
         created_ns INTEGER NOT NULL,
-        claimed_ns INTEGER NOT NULL
+        claimed_ns INTEGER NOT NULL,
+        crcs BLOB NOT NULL,
+        payload BLOB NOT NULL
     )""",
     # Per-key high-water marks (e.g. the last exchange sequence per product) of the records
     # committed here, so a restarted collector drops the venue's replay of what it already has.
-    """CREATE TABLE marks (
+    """CREATE TABLE IF NOT EXISTS marks (
         key TEXT PRIMARY KEY,
         value INTEGER NOT NULL
     )""",
@@ -132,13 +150,65 @@ _SCHEMA = (
 _BUSY_TIMEOUT_S = 10.0
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
-_MAX_ROWID = 2**63 - 1
-_WAL_MAGICS = (0x377F0682, 0x377F0683)
-_WAL_VERSION = 3007000
 _WAL_SCAN_LIMIT_BYTES = 64 * 1024 * 1024  # larger WALs are left to SQLite's own recovery
 _WAL_SIZE_LIMIT_BYTES = 8 * 1024 * 1024  # journal_size_limit: a reset WAL is cut back to this
 _VACUUM_MIN_FREE_PAGES = 1024  # 4 MiB of free pages are kept for reuse
 _VACUUM_STEP_PAGES = 1024  # bounded so one ack never holds the write lock for long
+_NL = b"\n"
+
+if array("I").itemsize != 4:  # pragma: no cover - every platform CPython supports today
+    raise ImportError("collectors.spool needs a 4-byte array('I')")
+
+
+def _crcs(records: Sequence[bytes]) -> bytes:
+    """The records' CRC-32s, 4 bytes each, little-endian (the on-disk `crcs` column)."""
+    out = array("I", map(zlib.crc32, records))
+    if sys.byteorder != "little":  # pragma: no cover
+        out.byteswap()
+    return out.tobytes()
+
+
+def _crc_list(blob: bytes) -> list[int]:
+    out = array("I")
+    out.frombytes(blob[: len(blob) - len(blob) % 4])
+    if sys.byteorder != "little":  # pragma: no cover
+        out.byteswap()
+    return out.tolist()
+
+
+def _verify(payload: bytes, n: int, crcs: bytes) -> tuple[list[bytes], list[bytes]]:
+    """(records that verify, records that do not) of one stored row, in order.
+
+    A record passes only when its own CRC-32 is the stored one. When the row's framing is
+    damaged too (the count of records, of newlines or of CRCs disagree), a piece passes when
+    its CRC is one of the row's stored CRCs, each used once.
+    """
+    parts = payload.split(_NL)
+    if len(parts) == n and len(crcs) == 4 * n and _crcs(parts) == crcs:
+        return parts, []  # the common case: one comparison of two byte strings
+    stored = _crc_list(crcs)
+    good: list[bytes] = []
+    bad: list[bytes] = []
+    if len(parts) == len(stored):
+        for part, crc in zip(parts, stored, strict=True):
+            (good if zlib.crc32(part) == crc else bad).append(part)
+        return good, bad
+    remaining: dict[int, int] = {}
+    for crc in stored:
+        remaining[crc] = remaining.get(crc, 0) + 1
+    for part in parts:
+        crc = zlib.crc32(part)
+        if remaining.get(crc, 0) > 0:
+            remaining[crc] -= 1
+            good.append(part)
+        else:
+            bad.append(part)
+    return good, bad
+
+
+def _size(payload: bytes, n: int) -> int:
+    """The records' own bytes in a stored payload (what max_bytes bounds)."""
+    return len(payload) - (n - 1) if n > 0 else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,15 +216,25 @@ class Batch:
     """A claimed batch: what one POST sends, identical on every retry and after a restart."""
 
     key: str  # Idempotency-Key (uuid4 hex), persisted with the batch
-    records: tuple[bytes, ...]  # each record's compact JSON, exactly as appended
-    first_id: int
-    last_id: int
+    payload: bytes  # the records' compact JSON exactly as appended, joined by b"\n"
+    size: int  # how many records
     attempts: int  # delivery attempts recorded so far (persisted)
     created_ns: int  # epoch ns when the oldest record was appended
 
+    @classmethod
+    def of(cls, key: str, records: Sequence[bytes], attempts: int = 0,
+           created_ns: int = 0) -> Batch:
+        """A batch of these records (for tests and tools; the spool builds its own)."""
+        return cls(key, _NL.join(records), len(records), attempts, created_ns)
+
+    @property
+    def records(self) -> tuple[bytes, ...]:
+        """Each record's bytes, in order."""
+        return tuple(self.payload.split(_NL)) if self.size else ()
+
     def body(self) -> bytes:
         """The request body, byte for byte the same for the same batch."""
-        return b'{"feeds":[' + b",".join(self.records) + b"]}"
+        return b'{"feeds":[' + self.payload.replace(_NL, b",") + b"]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,23 +251,19 @@ class SpoolStats:
     corrupt_lost_total: int  # lost to file damage since open (salvage + checksum failures)
 
 
-_Row = tuple[int, int, int | None, int, bytes]  # id, appended_ns, batch_id, crc32, payload
-_SALVAGE_CHUNK = 5000
-
-
 @dataclass(slots=True)
 class _Salvage:
-    """What could be read out of a damaged database."""
+    """What was copied out of a damaged database."""
 
-    sink: Callable[[list[_Row]], None]  # receives the good rows, a chunk at a time
-    salvaged: int = 0
-    members: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # count, first, last
-    batches: dict[int, tuple[str, int, int, int, int, int, int]] = field(default_factory=dict)
-    bad_payloads: list[bytes] = field(default_factory=list)  # read, but failed the checksum
-    count: int | None = None  # count(*) of the damaged table, when readable
-    skipped_ids: int = 0  # ids jumped over in unreadable regions (an upper bound)
-    tail_unknown: bool = False  # the end of the table could not be reached
-    batches_complete: bool = True
+    salvaged: int = 0  # records copied over (waiting, claimed or put back)
+    total: int | None = 0  # records the damaged file says it held (None: unreadable)
+    skipped: int = 0  # records in rows that could not be read at all (lower bound)
+    unknown: bool = False  # some loss could not be counted
+    bad: list[bytes] = field(default_factory=list)  # read, but failed their checksum
+    put_back: list[bytes] = field(default_factory=list)  # verified records of damaged batches
+    put_back_ns: int | None = None
+    kept: int = 0  # claimed batches kept whole, with their key
+    rekeyed: int = 0  # claimed batches whose verified records wait again
 
 
 class Spool:
@@ -202,12 +278,15 @@ class Spool:
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
         fsync_interval_s: float = 1.0,
+        chunk_records: int = DEFAULT_CHUNK_RECORDS,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         if not fsync_interval_s >= 0:  # also rejects NaN
             raise ValueError(f"fsync_interval_s must be >= 0, got {fsync_interval_s}")
+        if chunk_records < 1:
+            raise ValueError(f"chunk_records must be >= 1, got {chunk_records}")
         self._dir = Path(directory)
         self._db_path = self._dir / DB_NAME
         self._wal_path = self._dir / (DB_NAME + "-wal")
@@ -215,6 +294,7 @@ class Spool:
         self._dead_letter_path = self._dir / DEAD_LETTER_NAME
         self._max_bytes = max_bytes
         self._fsync_interval_s = fsync_interval_s
+        self._chunk_records = chunk_records
         # Epoch time, not monotonic: append times are persisted and compared after a restart.
         self._clock_ns = clock_ns
 
@@ -230,6 +310,7 @@ class Spool:
         self._claimed_records = 0
         self._claimed_bytes = 0
         self._batches = 0
+        self._next_id = 1  # the sequence number of the next appended record
         # Append time of the oldest waiting record, cached for the due check (which runs on
         # every wake-up of the delivery thread); None: unknown, read it. Appends never add an
         # older one, so only claims, splits and drops forget it.
@@ -256,38 +337,49 @@ class Spool:
         a mark is on disk exactly when the records that set it are.
 
         Returns how many records the full policy dropped (old waiting ones or, when claimed
-        batches fill the bound, the oldest of `records`). Raises SpoolError if the write fails
-        (for example "database or disk is full"); nothing is stored then.
+        batches fill the bound, the oldest of `records`). Raises ValueError for a record that
+        holds a newline byte (records are compact JSON) and SpoolError if the write fails (for
+        example "database or disk is full"); nothing is stored then.
         """
         if not records:
             return 0
+        joined = _NL.join(records)
+        if joined.count(_NL) != len(records) - 1:
+            raise ValueError("a spool record must not contain a newline byte (compact JSON)")
+        total = len(joined) - (len(records) - 1)
         now_ns = self._clock_ns()
-        sizes = [len(r) for r in records]
         with self._write_lock:
             conn = self._require(self._append_conn)
             freed_records = freed_bytes = skip = 0
             with self._txn(conn, f"append of {len(records)} records"):
                 # Claimed bytes count against the bound but cannot be freed (see the docstring).
-                excess = self._bytes + sum(sizes) - self._max_bytes
+                excess = self._bytes + total - self._max_bytes
                 if excess > 0:
                     freed_records, freed_bytes = self._drop_oldest_waiting(conn, excess)
                     excess -= freed_bytes
-                while excess > 0 and skip < len(records):
-                    excess -= sizes[skip]
-                    skip += 1
-                rows = [
-                    (now_ns, zlib.crc32(records[i]), records[i]) for i in range(skip, len(records))
-                ]
+                    while excess > 0 and skip < len(records):
+                        excess -= len(records[skip])
+                        skip += 1
+                kept = records[skip:] if skip else records
+                step = self._chunk_records
+                next_id = self._next_id
+                rows = []
+                for start in range(0, len(kept), step):
+                    part = kept[start:start + step]
+                    payload = joined if len(part) == len(records) else _NL.join(part)
+                    rows.append((next_id, now_ns, len(part), _crcs(part), payload))
+                    next_id += len(part)
                 if rows:
-                    conn.executemany(
-                        "INSERT INTO records (appended_ns, crc32, payload) VALUES (?, ?, ?)", rows
-                    )
+                    conn.executemany("INSERT INTO waiting (id, appended_ns, n, crcs, payload)"
+                                     " VALUES (?, ?, ?, ?, ?)", rows)
                 if marks:
                     conn.executemany(
                         "INSERT INTO marks (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE"
                         " SET value = max(value, excluded.value)", list(marks.items()))
-            self._records += len(rows) - freed_records
-            self._bytes += sum(sizes[skip:]) - freed_bytes
+            self._next_id = next_id
+            kept_bytes = total - sum(len(r) for r in records[:skip])
+            self._records += len(kept) - freed_records
+            self._bytes += kept_bytes - freed_bytes
             dropped = freed_records + skip
             self._dropped_total += dropped
         return dropped  # the caller counts and logs drops (one place, one metric)
@@ -317,14 +409,10 @@ class Spool:
             raise ValueError(f"max_records must be >= 1, got {max_records}")
         with self._conn_lock:
             conn = self._require(self._conn)
-            batch: Batch | None = None
-            while self._batches:  # claimed batches exist (else no need to look)
+            if self._batches:  # claimed batches exist (else no need to look)
                 batch = self._oldest_claimed(conn, exclude)
-                if batch is None or batch.records:
-                    break
-                self._forget_empty_batch(conn, batch.key)  # cannot happen unless hand-edited
-            if batch is not None:
-                return batch
+                if batch is not None:
+                    return batch
             if not self._looks_due(conn, max_records, max_age_s, force):
                 return None
             with self._write_lock:
@@ -339,14 +427,9 @@ class Spool:
         if oldest_ns is None:
             with self._conn_lock:
                 conn = self._require(self._conn)
-                try:
-                    row = conn.execute("SELECT appended_ns FROM records WHERE batch_id IS NULL"
-                                       " ORDER BY id LIMIT 1").fetchone()
-                except sqlite3.Error as exc:
-                    raise self._error("due check", exc) from exc
-            if row is None:
+                oldest_ns = self._read_oldest_waiting(conn)
+            if oldest_ns is None:
                 return None
-            oldest_ns = int(row[0])
         return max(0.0, oldest_ns / 1e9 + max_age_s - self._clock_ns() / 1e9)
 
     def record_attempt(self, key: str) -> None:
@@ -358,13 +441,13 @@ class Spool:
             conn = self._require(self._conn)
             with self._txn(conn, "record_attempt"):
                 cur = conn.execute(
-                    "UPDATE batches SET attempts = attempts + 1 WHERE key = ?", (key,)
+                    "UPDATE claimed SET attempts = attempts + 1 WHERE key = ?", (key,)
                 )
                 if cur.rowcount != 1:
                     raise SpoolError(f"spool {self._db_path}: no claimed batch with key {key!r}")
 
     def ack(self, key: str) -> int:
-        """The API stored batch `key`: delete its records. Returns how many (0 if unknown key).
+        """The API stored batch `key`: delete it. Returns how many records (0 if unknown key).
 
         Raises SpoolError if the database fails (the batch then stays claimed).
         """
@@ -380,10 +463,10 @@ class Spool:
         """Move batch `key` to dead-letter.jsonl with the API's status and reason.
 
         Appends one JSON line {"dead_lettered_at", "idempotency_key", "status", "reason",
-        "feeds": [records]} and fsyncs it, then deletes the records. Returns how many (0 if
-        unknown key). A crash between the two steps writes the line again on the next attempt:
-        the file may hold a batch twice, never lose one. Raises SpoolError if the file or the
-        database cannot be written (the batch then stays claimed).
+        "feeds": [records]} and fsyncs it, then deletes the batch. Returns how many records (0
+        if unknown key). A crash between the two steps writes the line again on the next
+        attempt: the file may hold a batch twice, never lose one. Raises SpoolError if the file
+        or the database cannot be written (the batch then stays claimed).
         """
         with self._conn_lock:
             conn = self._require(self._conn)
@@ -396,44 +479,44 @@ class Spool:
     def split(self, key: str, reject: Collection[int], status: int, reason: str) -> tuple[int, int]:
         """Break up batch `key` that the API refused as a whole (it stored none of it): the
         records at positions `reject` (0-based, batch order) go to the dead-letter file, the
-        others back to waiting, in their original order, to be claimed into new batches under
-        new keys. Returns (dead-lettered, released); (0, 0) for an unknown key. Raises SpoolError.
+        others back to waiting, in front of every waiting record and in their original order,
+        to be claimed into new batches under new keys. Returns (dead-lettered, released);
+        (0, 0) for an unknown key. Raises SpoolError.
         """
         with self._conn_lock:
             conn = self._require(self._conn)
             with self._write_lock, self._txn(conn, "split"):
-                row = conn.execute(
-                    "SELECT id, first_id, last_id FROM batches WHERE key = ?", (key,)
-                ).fetchone()
+                row = conn.execute("SELECT id, n, created_ns, payload FROM claimed WHERE key = ?",
+                                   (key,)).fetchone()
                 if row is None:
                     return 0, 0
-                batch_id, first_id, last_id = (int(v) for v in row)
-                span = (first_id, last_id, batch_id)
-                members = [(int(r[0]), bytes(r[1])) for r in conn.execute(
-                    "SELECT id, payload FROM records WHERE id BETWEEN ? AND ? AND batch_id = ?"
-                    " ORDER BY id", span)]
-                bad = [members[i] for i in sorted(set(reject)) if 0 <= i < len(members)]
+                batch_id, n, created_ns, payload = int(row[0]), int(row[1]), int(row[2]), row[3]
+                members = bytes(payload).split(_NL)
+                drop = {i for i in reject if 0 <= i < len(members)}
+                bad = [members[i] for i in sorted(drop)]
+                good = [m for i, m in enumerate(members) if i not in drop]
                 if bad:
-                    self._write_dead_letter(key, status, reason, [p for _, p in bad])
-                    conn.executemany("DELETE FROM records WHERE id = ?", [(i,) for i, _ in bad])
-                conn.execute("UPDATE records SET batch_id = NULL WHERE id BETWEEN ? AND ?"
-                             " AND batch_id = ?", span)
-                conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+                    self._write_dead_letter(key, status, reason, bad)
+                self._put_back(conn, good, created_ns)
+                conn.execute("DELETE FROM claimed WHERE id = ?", (batch_id,))
             self._oldest_waiting_ns = None  # the released records are waiting again
-            bad_bytes = sum(len(p) for _, p in bad)
+            size = _size(bytes(payload), n)
+            bad_bytes = sum(len(p) for p in bad)
             self._records -= len(bad)
             self._bytes -= bad_bytes
-            self._claimed_records -= len(members)
-            self._claimed_bytes -= sum(len(p) for _, p in members)
+            self._claimed_records -= n
+            self._claimed_bytes -= size
             self._batches -= 1
-            return len(bad), len(members) - len(bad)
+            return len(bad), len(good)
 
     def stats(self) -> SpoolStats:
         """Counts for metrics. Raises SpoolError if the spool is closed or the database fails."""
         with self._conn_lock:
             conn = self._require(self._conn)
             try:
-                row = conn.execute("SELECT appended_ns FROM records ORDER BY id LIMIT 1").fetchone()
+                claimed = conn.execute("SELECT min(created_ns) FROM claimed").fetchone()
+                waiting = conn.execute(
+                    "SELECT appended_ns FROM waiting ORDER BY id LIMIT 1").fetchone()
             except sqlite3.Error as exc:
                 raise self._error("stats", exc) from exc
             with self._write_lock:
@@ -445,6 +528,7 @@ class Spool:
                     self._dropped_total,
                     self._corrupt_lost_total,
                 )
+        times = [int(r[0]) for r in (claimed, waiting) if r is not None and r[0] is not None]
         file_bytes = 0
         for path in (self._db_path, self._wal_path):
             with contextlib.suppress(OSError):
@@ -454,7 +538,7 @@ class Spool:
             claimed_records=counts[1],
             payload_bytes=counts[2],
             file_bytes=file_bytes,
-            oldest_record_ns=None if row is None else int(row[0]),
+            oldest_record_ns=min(times) if times else None,
             batches_claimed=counts[3],
             dropped_total=counts[4],
             corrupt_lost_total=counts[5],
@@ -626,6 +710,8 @@ class Spool:
                 if result != ["ok"]:
                     conn.close()
                     return "quick_check: " + "; ".join(result[:3])
+                if version == 1:
+                    self._migrate_v1(conn)
         except sqlite3.DatabaseError as exc:
             if conn is not None:
                 conn.close()
@@ -650,22 +736,99 @@ class Spool:
             _rollback(conn)
             raise
 
+    def _migrate_v1(self, conn: sqlite3.Connection) -> None:
+        """Convert a version 1 spool (a row per record) in one transaction.
+
+        Claimed batches whose records all verify keep key, attempts and body; the records of
+        the others, and every waiting record, wait in their original order. Records failing
+        their checksum go to the dead-letter file, as a claim would have sent them there.
+        """
+        migrated = kept = 0
+        bad: list[bytes] = []
+        with self._write_lock, self._txn(conn, "conversion of a version 1 spool"):
+            conn.execute("ALTER TABLE records RENAME TO records_v1")
+            conn.execute("ALTER TABLE batches RENAME TO batches_v1")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            whole: set[int] = set()
+            for bid, key, first_id, last_id, n_records, attempts, created_ns, claimed_ns in (
+                    conn.execute("SELECT id, key, first_id, last_id, n_records, attempts,"
+                                 " created_ns, claimed_ns FROM batches_v1 ORDER BY first_id, id"
+                                 ).fetchall()):
+                rows = conn.execute(
+                    "SELECT crc32, payload FROM records_v1 WHERE id BETWEEN ? AND ?"
+                    " AND batch_id = ? ORDER BY id", (first_id, last_id, bid)).fetchall()
+                members = [bytes(p) for _, p in rows]
+                if (len(members) == n_records and members and all(
+                        zlib.crc32(p) == int(c) and _NL not in p for c, p in rows)):
+                    conn.execute(
+                        "INSERT INTO claimed (key, n, attempts, created_ns, claimed_ns, crcs,"
+                        " payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (key, len(members), attempts, created_ns, claimed_ns, _crcs(members),
+                         _NL.join(members)))
+                    whole.add(int(bid))
+                    kept += 1
+                    migrated += len(members)
+            cur = conn.execute("SELECT appended_ns, batch_id, crc32, payload FROM records_v1"
+                               " ORDER BY id")
+            chunk: list[bytes] = []
+            chunk_ns = 0
+            while rows := cur.fetchmany(1000):
+                for appended_ns, batch_id, crc, payload in rows:
+                    if batch_id is not None and int(batch_id) in whole:
+                        continue
+                    record = bytes(payload)
+                    if zlib.crc32(record) != int(crc) or _NL in record:
+                        bad.append(record)
+                        continue
+                    if not chunk:
+                        chunk_ns = int(appended_ns)
+                    chunk.append(record)
+                    if len(chunk) >= self._chunk_records:
+                        self._insert_waiting(conn, chunk, chunk_ns)
+                        migrated += len(chunk)
+                        chunk = []
+            if chunk:
+                self._insert_waiting(conn, chunk, chunk_ns)
+                migrated += len(chunk)
+            if bad:
+                self._write_dead_letter(None, 0, "spool_corrupt: record failed its checksum"
+                                        " (version 1 spool)", bad)
+            conn.execute("DROP TABLE records_v1")
+            conn.execute("DROP TABLE batches_v1")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._corrupt_lost_total += len(bad)
+        log.info("spool_converted", extra={"spool_path": str(self._db_path), "from_version": 1,
+                                           "to_version": SCHEMA_VERSION, "records": migrated,
+                                           "batches_kept": kept,
+                                           "dead_lettered_records": len(bad)})
+
+    def _insert_waiting(self, conn: sqlite3.Connection, records: list[bytes],
+                        appended_ns: int) -> None:
+        """Append one waiting row at the end (the caller holds the write lock, in a txn)."""
+        conn.execute("INSERT INTO waiting (id, appended_ns, n, crcs, payload) VALUES"
+                     " (?, ?, ?, ?, ?)", (self._next_id, appended_ns, len(records),
+                                          _crcs(records), _NL.join(records)))
+        self._next_id += len(records)
+
     def _load_counters(self) -> None:
         conn = self._require(self._conn)
         try:
-            total = conn.execute(
-                "SELECT count(*), coalesce(sum(length(payload)), 0) FROM records"
+            waiting = conn.execute(
+                "SELECT coalesce(sum(n), 0), coalesce(sum(length(payload) - n + 1), 0),"
+                " coalesce(max(id + n), 1) FROM waiting"
             ).fetchone()
             claimed = conn.execute(
-                "SELECT count(*), coalesce(sum(length(payload)), 0) FROM records"
-                " WHERE batch_id IS NOT NULL"
+                "SELECT coalesce(sum(n), 0), coalesce(sum(length(payload) - n + 1), 0),"
+                " count(*) FROM claimed"
             ).fetchone()
-            batches = conn.execute("SELECT count(*) FROM batches").fetchone()
         except sqlite3.Error as exc:
             raise self._error("reading counters", exc) from exc
-        self._records, self._bytes = int(total[0]), int(total[1])
         self._claimed_records, self._claimed_bytes = int(claimed[0]), int(claimed[1])
-        self._batches = int(batches[0])
+        self._records = int(waiting[0]) + self._claimed_records
+        self._bytes = int(waiting[1]) + self._claimed_bytes
+        self._batches = int(claimed[2])
+        self._next_id = max(1, int(waiting[2]))
 
     # ------------------------------------------------------------------ damaged files
 
@@ -696,9 +859,9 @@ class Spool:
             data = self._wal_path.read_bytes()
         except OSError as exc:
             raise SpoolError(f"spool WAL {self._wal_path}: cannot read: {exc.strerror}") from exc
-        problem = _wal_problem(data)
+        problem = spool_repair.wal_problem(data)
         if problem is not None:
-            self._set_aside_wal(problem, size, _wal_rebuild(data, self._db_page_size()))
+            self._set_aside_wal(problem, size, spool_repair.wal_rebuild(data, self._db_page_size()))
 
     def _db_page_size(self) -> int | None:
         try:
@@ -789,41 +952,23 @@ class Spool:
             raise SpoolError(f"spool database {self._db_path}: cannot create: {exc}") from exc
         self._conn = conn
 
-        def insert(rows: list[_Row]) -> None:
-            conn.executemany(
-                "INSERT INTO records (id, appended_ns, batch_id, crc32, payload)"
-                " VALUES (?, ?, ?, ?, ?)",
-                rows,
-            )
-
-        # One transaction, streamed in chunks (a full spool need not fit in memory): the
-        # salvage lands whole or not at all.
+        found = _Salvage()
+        # One transaction: the salvage lands whole or not at all.
         with self._write_lock, self._txn(conn, "salvage"):
-            found = _read_salvage(aside, insert)
-            # Only whole batches keep their key (same key, same body); the members of the
-            # others go back to waiting and will be sent under a new key.
-            kept = {
-                bid: info
-                for bid, info in found.batches.items()
-                if found.members.get(bid) == (info[3], info[1], info[2])
-            }
-            conn.executemany(
-                "INSERT INTO batches (id, key, first_id, last_id, n_records, attempts,"
-                " created_ns, claimed_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(bid, *info) for bid, info in kept.items()],
-            )
-            conn.execute(
-                "UPDATE records SET batch_id = NULL WHERE batch_id IS NOT NULL"
-                " AND batch_id NOT IN (SELECT id FROM batches)"
-            )
-            if found.bad_payloads:
+            src = spool_repair.open_damaged(aside, _BUSY_TIMEOUT_S)
+            if src is None:
+                found.total, found.unknown = None, True
+            else:
+                try:
+                    self._copy_damaged(src, conn, found)
+                finally:
+                    src.close()
+            if found.put_back:
+                self._put_back(conn, found.put_back, found.put_back_ns or self._clock_ns())
+            if found.bad:
                 self._write_dead_letter(
-                    None,
-                    0,
-                    f"spool_corrupt: checksum mismatch while salvaging {aside.name}",
-                    found.bad_payloads,
-                )
-        rekeyed = len([b for b in found.members if b not in kept])
+                    None, 0, f"spool_corrupt: checksum mismatch while salvaging {aside.name}",
+                    found.bad)
         # The read-only connection leaves an index and maybe an empty WAL behind: not evidence.
         with contextlib.suppress(FileNotFoundError):
             Path(str(aside) + "-shm").unlink()
@@ -832,11 +977,10 @@ class Spool:
             if aside_wal.stat().st_size == 0:
                 aside_wal.unlink()
 
-        if found.count is not None:
-            lost = max(0, found.count - found.salvaged)
+        if found.total is not None:
+            lost = max(0, found.total - found.salvaged)
         else:
-            lost = found.skipped_ids + len(found.bad_payloads)
-        lost_unknown = found.tail_unknown and found.count is None
+            lost = found.skipped + len(found.bad)
         self._corrupt_lost_total += lost
         log.error(
             "spool_corrupt",
@@ -846,13 +990,126 @@ class Spool:
                 "problem": problem,
                 "salvaged_records": found.salvaged,
                 "lost_records": lost,
-                "lost_unknown": lost_unknown,
-                "dead_lettered_records": len(found.bad_payloads),
-                "batches_kept": len(kept),
-                "batches_rekeyed": rekeyed,
-                "batches_table_complete": found.batches_complete,
+                "lost_unknown": found.unknown and found.total is None,
+                "dead_lettered_records": len(found.bad),
+                "batches_kept": found.kept,
+                "batches_rekeyed": found.rekeyed,
             },
         )
+
+    def _copy_damaged(self, src: sqlite3.Connection, dst: sqlite3.Connection,
+                      found: _Salvage) -> None:
+        """Copy every verifiable record of the damaged database `src` into `dst`."""
+        tables = spool_repair.table_names(src)
+        if tables is None or not tables & {"waiting", "claimed", "records"}:
+            found.total, found.unknown = None, True
+            return
+
+        def add_total(sql: str) -> None:
+            ok, value = spool_repair.query_int(src, sql)
+            if not ok or value is None:
+                found.total = None
+            elif found.total is not None:
+                found.total += value
+
+        if "claimed" in tables:
+            add_total("SELECT coalesce(sum(n), 0) FROM claimed")
+
+            def claimed_row(row: tuple[object, ...]) -> None:
+                rid, key, n, attempts, created_ns, claimed_ns, crcs, payload = row
+                ints = (rid, n, attempts, created_ns, claimed_ns)
+                if not (all(isinstance(v, int) for v in ints) and isinstance(key, str)
+                        and isinstance(crcs, bytes) and isinstance(payload, bytes)):
+                    found.unknown = True
+                    return
+                assert isinstance(n, int) and isinstance(created_ns, int)
+                good, bad = _verify(payload, n, crcs)
+                found.bad += bad
+                found.salvaged += len(good)
+                if not bad and len(good) == n:
+                    dst.execute("INSERT INTO claimed (id, key, n, attempts, created_ns,"
+                                " claimed_ns, crcs, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                (rid, key, n, attempts, created_ns, claimed_ns, crcs, payload))
+                    found.kept += 1
+                else:
+                    found.put_back += good
+                    found.rekeyed += 1
+                    found.put_back_ns = min(created_ns, found.put_back_ns or created_ns)
+
+            read = spool_repair.read_table(
+                src, "claimed", "id, key, n, attempts, created_ns, claimed_ns, crcs, payload",
+                claimed_row)
+            if read.skipped_ids or read.tail_unknown:
+                found.unknown = True  # claimed ids count batches, not records
+        if "waiting" in tables:
+            add_total("SELECT coalesce(sum(n), 0) FROM waiting")
+            # Row ids are record sequence numbers: a gap between the end of one row read and
+            # the next row read is exactly the records of the rows that could not be read.
+            ok, expected = spool_repair.query_int(src, "SELECT min(id) FROM waiting")
+            ok_max, last_id = spool_repair.query_int(src, "SELECT max(id) FROM waiting")
+            found.unknown |= not (ok and ok_max)
+            end: int | None = expected
+
+            def waiting_row(row: tuple[object, ...]) -> None:
+                nonlocal end
+                rid, appended_ns, n, crcs, payload = row
+                if not (isinstance(rid, int) and isinstance(appended_ns, int)
+                        and isinstance(n, int) and n > 0 and isinstance(crcs, bytes)
+                        and isinstance(payload, bytes)):
+                    found.unknown = True
+                    return
+                if end is not None and rid > end:
+                    found.skipped += rid - end
+                end = rid + n
+                good, bad = _verify(payload, n, crcs)
+                found.bad += bad
+                found.salvaged += len(good)
+                if good:
+                    dst.execute("INSERT INTO waiting (id, appended_ns, n, crcs, payload)"
+                                " VALUES (?, ?, ?, ?, ?)",
+                                (rid, appended_ns, len(good), _crcs(good), _NL.join(good)))
+
+            read = spool_repair.read_table(src, "waiting", "id, appended_ns, n, crcs, payload",
+                                           waiting_row)
+            if last_id is not None and end is not None and last_id >= end:
+                found.skipped += last_id - end + 1  # the last row alone counts at least one
+                found.unknown = True  # the last rows' own sizes could not be read
+            elif last_id is None or read.tail_unknown:
+                # The end of the table is out of reach: the ids the reader jumped over are
+                # all the estimate there is.
+                found.skipped = max(found.skipped, read.skipped_ids)
+                found.unknown = True
+        if "records" in tables:  # a damaged version 1 spool: a row per record
+            add_total("SELECT count(*) FROM records")
+            batch_ids: set[int] = set()
+
+            def v1_row(row: tuple[object, ...]) -> None:
+                rid, appended_ns, batch_id, crc, payload = row
+                if not (isinstance(rid, int) and isinstance(appended_ns, int)
+                        and isinstance(crc, int) and isinstance(payload, bytes)):
+                    found.skipped += 1
+                    return
+                if isinstance(batch_id, int):
+                    batch_ids.add(batch_id)
+                if zlib.crc32(payload) != crc or _NL in payload:
+                    found.bad.append(payload)
+                    return
+                found.salvaged += 1
+                dst.execute("INSERT INTO waiting (id, appended_ns, n, crcs, payload)"
+                            " VALUES (?, ?, 1, ?, ?)", (rid, appended_ns, _crcs([payload]),
+                                                        payload))
+
+            read = spool_repair.read_table(
+                src, "records", "id, appended_ns, batch_id, crc32, payload", v1_row)
+            found.skipped += read.skipped_ids
+            found.unknown |= read.tail_unknown
+            found.rekeyed += len(batch_ids)  # version 1 batches are re-sent under new keys
+        if "marks" in tables:
+            with contextlib.suppress(sqlite3.DatabaseError):
+                dst.executemany(
+                    "INSERT OR IGNORE INTO marks (key, value) VALUES (?, ?)",
+                    [(k, v) for k, v in src.execute("SELECT key, value FROM marks")
+                     if isinstance(k, str) and isinstance(v, int)])
 
     # ------------------------------------------------------------------ transactions
 
@@ -894,75 +1151,125 @@ class Spool:
 
     # ------------------------------------------------------------------ the work
 
+    def _read_oldest_waiting(self, conn: sqlite3.Connection) -> int | None:
+        try:
+            row = conn.execute(
+                "SELECT appended_ns FROM waiting ORDER BY id LIMIT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise self._error("due check", exc) from exc
+        return None if row is None else int(row[0])
+
     def _drop_oldest_waiting(self, conn: sqlite3.Connection, excess: int) -> tuple[int, int]:
-        """Delete the oldest unclaimed records until `excess` bytes are free (or none are left)."""
+        """Delete the oldest waiting records until `excess` bytes are free (or none are left).
+        The row that crosses the line keeps its newest records."""
         self._oldest_waiting_ns = None
         waiting = self._records - self._claimed_records
         waiting_bytes = self._bytes - self._claimed_bytes
         if waiting <= 0:
             return 0, 0
         if excess >= waiting_bytes:
-            conn.execute("DELETE FROM records WHERE batch_id IS NULL")
+            conn.execute("DELETE FROM waiting")
             return waiting, waiting_bytes
         freed = count = 0
-        upto = None
-        cur = conn.execute(
-            "SELECT id, length(payload) FROM records WHERE batch_id IS NULL ORDER BY id"
-        )
+        upto: int | None = None  # rows up to this id go whole
+        trim: tuple[int, list[bytes]] | None = None  # (id, records) of the row cut in two
+        cur = conn.execute("SELECT id, n, length(payload) FROM waiting ORDER BY id")
         try:
             while freed < excess:
-                chunk = cur.fetchmany(256)
-                if not chunk:
+                row = cur.fetchone()
+                if row is None:
                     break
-                for rid, size in chunk:
-                    upto = int(rid)
-                    freed += int(size)
-                    count += 1
-                    if freed >= excess:
-                        break
+                rid, n, length = int(row[0]), int(row[1]), int(row[2])
+                size = length - (n - 1)
+                if freed + size <= excess:
+                    upto, freed, count = rid, freed + size, count + n
+                    continue
+                trim = (rid, [])
+                break
         finally:
             cur.close()
         if upto is not None:
-            conn.execute("DELETE FROM records WHERE batch_id IS NULL AND id <= ?", (upto,))
+            conn.execute("DELETE FROM waiting WHERE id <= ?", (upto,))
+        if trim is not None:
+            rid = trim[0]
+            (payload,) = conn.execute("SELECT payload FROM waiting WHERE id = ?",
+                                      (rid,)).fetchone()
+            members = bytes(payload).split(_NL)
+            k = 0
+            while freed < excess and k < len(members):
+                freed += len(members[k])
+                k += 1
+            count += k
+            rest = members[k:]
+            if rest:
+                conn.execute("UPDATE waiting SET id = ?, n = ?, crcs = ?, payload = ?"
+                             " WHERE id = ?", (rid + k, len(rest), _crcs(rest), _NL.join(rest),
+                                               rid))
+            else:
+                conn.execute("DELETE FROM waiting WHERE id = ?", (rid,))
         return count, freed
 
     def _oldest_claimed(self, conn: sqlite3.Connection,
                         exclude: Collection[str] = ()) -> Batch | None:
+        """The oldest claimed batch not in `exclude`. A batch whose records no longer verify
+        (damage SQLite cannot see) is taken apart: its verified records wait again, in front,
+        and the others go to the dead-letter file."""
         skip = sorted(exclude)
         where = f" WHERE key NOT IN ({', '.join(['?'] * len(skip))})" if skip else ""
-        try:
-            conn.execute("BEGIN")  # one snapshot for the batch row and its members
+        while True:
             try:
                 row = conn.execute(
-                    "SELECT id, key, first_id, last_id, attempts, created_ns FROM batches"
-                    f"{where} ORDER BY first_id, id LIMIT 1", skip
-                ).fetchone()
-                if row is None:
-                    return None
-                batch_id, key, first_id, last_id, attempts, created_ns = row
-                payloads = conn.execute(
-                    "SELECT payload FROM records WHERE id BETWEEN ? AND ? AND batch_id = ?"
-                    " ORDER BY id",
-                    (first_id, last_id, batch_id),
-                ).fetchall()
-            finally:
-                conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            _rollback(conn)
-            raise self._error("reading the claimed batch", exc) from exc
-        return Batch(
-            key=str(key),
-            records=tuple(bytes(p[0]) for p in payloads),
-            first_id=int(first_id),
-            last_id=int(last_id),
-            attempts=int(attempts),
-            created_ns=int(created_ns),
-        )
+                    "SELECT key, n, attempts, created_ns, crcs, payload FROM claimed"
+                    f"{where} ORDER BY id LIMIT 1", skip).fetchone()
+            except sqlite3.Error as exc:
+                raise self._error("reading the claimed batch", exc) from exc
+            if row is None:
+                return None
+            key, n, attempts, created_ns, crcs, payload = row
+            payload, n = bytes(payload), int(n)
+            good, bad = _verify(payload, n, bytes(crcs))
+            if not bad and len(good) == n and n > 0:
+                return Batch(str(key), payload, n, int(attempts), int(created_ns))
+            with self._write_lock:
+                self._take_apart(conn, str(key), good, bad)
 
-    def _forget_empty_batch(self, conn: sqlite3.Connection, key: str) -> None:
-        with self._write_lock, self._txn(conn, "forget an empty batch"):
-            if conn.execute("DELETE FROM batches WHERE key = ?", (key,)).rowcount:
-                self._batches -= 1
+    def _take_apart(self, conn: sqlite3.Connection, key: str, good: list[bytes],
+                    bad: list[bytes]) -> None:
+        with self._txn(conn, "taking apart a damaged batch"):
+            row = conn.execute("SELECT id, n, created_ns, payload FROM claimed WHERE key = ?",
+                               (key,)).fetchone()
+            if row is None:
+                return
+            if bad:
+                self._write_dead_letter(key, 0, "spool_corrupt: record failed its checksum", bad)
+            self._put_back(conn, good, int(row[2]))
+            conn.execute("DELETE FROM claimed WHERE id = ?", (int(row[0]),))
+        n, size = int(row[1]), _size(bytes(row[3]), int(row[1]))
+        lost = n - len(good)
+        self._oldest_waiting_ns = None
+        self._claimed_records -= n
+        self._claimed_bytes -= size
+        self._records -= lost
+        self._bytes -= size - sum(len(g) for g in good)
+        self._batches -= 1
+        self._corrupt_lost_total += lost
+        log.error("spool_corrupt", extra={
+            "spool_path": str(self._db_path), "problem": "claimed batch failed its checksum",
+            "idempotency_key": key, "lost_records": lost, "dead_lettered_records": len(bad),
+            "records_waiting_again": len(good)})
+
+    def _put_back(self, conn: sqlite3.Connection, records: list[bytes],
+                  appended_ns: int) -> None:
+        """Insert `records` as one waiting row in front of every waiting record."""
+        if not records:
+            return
+        row = conn.execute("SELECT min(id) FROM waiting").fetchone()
+        if row is None or row[0] is None:
+            self._insert_waiting(conn, records, appended_ns)
+            return
+        conn.execute("INSERT INTO waiting (id, appended_ns, n, crcs, payload) VALUES"
+                     " (?, ?, ?, ?, ?)", (int(row[0]) - len(records), appended_ns, len(records),
+                                          _crcs(records), _NL.join(records)))
 
     def _looks_due(
         self, conn: sqlite3.Connection, max_records: int, max_age_s: float, force: bool
@@ -975,16 +1282,11 @@ class Spool:
             return True
         oldest_ns = self._oldest_waiting_ns
         if oldest_ns is None:
-            try:
-                row = conn.execute(
-                    "SELECT appended_ns FROM records WHERE batch_id IS NULL ORDER BY id LIMIT 1"
-                ).fetchone()
-            except sqlite3.Error as exc:
-                raise self._error("due check", exc) from exc
-            if row is None:
+            oldest_ns = self._read_oldest_waiting(conn)
+            if oldest_ns is None:
                 return False
             # A race with a drop can only leave this too old: _claim checks again.
-            oldest_ns = self._oldest_waiting_ns = int(row[0])
+            self._oldest_waiting_ns = oldest_ns
         return self._clock_ns() - oldest_ns >= max_age_s * 1e9
 
     def _claim(
@@ -993,50 +1295,58 @@ class Spool:
         """Claim the oldest waiting records as a new batch. The caller holds both locks."""
         self._oldest_waiting_ns = None
         batch: Batch | None = None
-        good: list[tuple[int, int, bytes]] = []
-        bad: list[tuple[int, bytes]] = []
+        taken: list[bytes] = []
+        bad: list[bytes] = []
         with self._txn(conn, "claim a batch"):
-            rows = conn.execute(
-                "SELECT id, appended_ns, crc32, payload FROM records WHERE batch_id IS NULL"
-                " ORDER BY id LIMIT ?",
-                (max_records,),
-            ).fetchall()
+            rows: list[tuple[int, int, int, bytes, bytes]] = []
+            count = 0
+            cur = conn.execute("SELECT id, appended_ns, n, crcs, payload FROM waiting"
+                               " ORDER BY id")
+            try:
+                while count < max_records and (row := cur.fetchone()) is not None:
+                    rows.append((int(row[0]), int(row[1]), int(row[2]), bytes(row[3]),
+                                 bytes(row[4])))
+                    count += int(row[2])
+            finally:
+                cur.close()
             if not rows:
                 return None
-            age_ns = self._clock_ns() - int(rows[0][1])
-            if not (force or len(rows) >= max_records or age_ns >= max_age_s * 1e9):
+            age_ns = self._clock_ns() - rows[0][1]
+            if not (force or count >= max_records or age_ns >= max_age_s * 1e9):
                 return None
-            for rid, appended_ns, crc, payload in rows:
-                data = bytes(payload)
-                if zlib.crc32(data) == int(crc):
-                    good.append((int(rid), int(appended_ns), data))
+            first_ns = rows[0][1]
+            whole_upto: int | None = None
+            rest: tuple[int, int, list[bytes]] | None = None
+            for rid, _ns, n, crcs, payload in rows:
+                good, damaged = _verify(payload, n, crcs)
+                bad += damaged
+                room = max_records - len(taken)
+                if len(good) <= room:
+                    taken += good
+                    whole_upto = rid
                 else:
-                    bad.append((int(rid), data))
+                    taken += good[:room]
+                    rest = (rid, n, good[room:])
+            if whole_upto is not None:
+                conn.execute("DELETE FROM waiting WHERE id <= ?", (whole_upto,))
+            if rest is not None:
+                rid, n, left = rest
+                conn.execute("UPDATE waiting SET id = ?, n = ?, crcs = ?, payload = ?"
+                             " WHERE id = ?", (rid + n - len(left), len(left), _crcs(left),
+                                               _NL.join(left), rid))
             if bad:
                 self._write_dead_letter(
-                    None, 0, "spool_corrupt: record failed its checksum", [b[1] for b in bad]
-                )
-                conn.executemany("DELETE FROM records WHERE id = ?", [(b[0],) for b in bad])
-            if good:
+                    None, 0, "spool_corrupt: record failed its checksum", bad)
+            if taken:
                 key = uuid.uuid4().hex
-                first_id, last_id = good[0][0], good[-1][0]
-                cur = conn.execute(
-                    "INSERT INTO batches (key, first_id, last_id, n_records, attempts,"
-                    " created_ns, claimed_ns) VALUES (?, ?, ?, ?, 0, ?, ?)",
-                    (key, first_id, last_id, len(good), good[0][1], self._clock_ns()),
+                payload = _NL.join(taken)
+                conn.execute(
+                    "INSERT INTO claimed (key, n, attempts, created_ns, claimed_ns, crcs,"
+                    " payload) VALUES (?, ?, 0, ?, ?, ?, ?)",
+                    (key, len(taken), first_ns, self._clock_ns(), _crcs(taken), payload),
                 )
-                updated = conn.execute(
-                    "UPDATE records SET batch_id = ? WHERE id BETWEEN ? AND ? AND batch_id IS NULL",
-                    (cur.lastrowid, first_id, last_id),
-                ).rowcount
-                if updated != len(good):
-                    raise SpoolError(
-                        f"spool {self._db_path}: claim marked {updated} records, expected "
-                        f"{len(good)}"
-                    )
-                batch = Batch(key, tuple(g[2] for g in good), first_id, last_id, 0, good[0][1])
-        good_bytes = sum(len(g[2]) for g in good)
-        bad_bytes = sum(len(b[1]) for b in bad)
+                batch = Batch(key, payload, len(taken), 0, first_ns)
+        bad_bytes = sum(len(b) for b in bad)
         self._records -= len(bad)
         self._bytes -= bad_bytes
         self._corrupt_lost_total += len(bad)
@@ -1051,43 +1361,31 @@ class Spool:
                 },
             )
         if batch is not None:
-            self._claimed_records += len(good)
-            self._claimed_bytes += good_bytes
+            self._claimed_records += batch.size
+            self._claimed_bytes += len(batch.payload) - (batch.size - 1)
             self._batches += 1
         return batch
 
     def _remove_batch(
         self, conn: sqlite3.Connection, key: str, what: str, dead: tuple[int, str] | None
     ) -> int:
-        """Delete batch `key` and its records (writing them to the dead-letter file first)."""
+        """Delete batch `key` (writing its records to the dead-letter file first)."""
         with self._txn(conn, what):
-            row = conn.execute(
-                "SELECT id, first_id, last_id FROM batches WHERE key = ?", (key,)
-            ).fetchone()
-            if row is None:
-                return 0
-            batch_id, first_id, last_id = (int(v) for v in row)
-            span = (first_id, last_id, batch_id)
-            if dead is not None:
-                payloads = [
-                    bytes(p[0])
-                    for p in conn.execute(
-                        "SELECT payload FROM records WHERE id BETWEEN ? AND ? AND batch_id = ?"
-                        " ORDER BY id",
-                        span,
-                    )
-                ]
-                count, size = len(payloads), sum(len(p) for p in payloads)
-                self._write_dead_letter(key, dead[0], dead[1], payloads)
+            if dead is None:
+                row = conn.execute("SELECT id, n, length(payload) FROM claimed WHERE key = ?",
+                                   (key,)).fetchone()
+                if row is None:
+                    return 0
+                count, size = int(row[1]), int(row[2]) - (int(row[1]) - 1)
             else:
-                count_row = conn.execute(
-                    "SELECT count(*), coalesce(sum(length(payload)), 0) FROM records"
-                    " WHERE id BETWEEN ? AND ? AND batch_id = ?",
-                    span,
-                ).fetchone()
-                count, size = int(count_row[0]), int(count_row[1])
-            conn.execute("DELETE FROM records WHERE id BETWEEN ? AND ? AND batch_id = ?", span)
-            conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+                row = conn.execute("SELECT id, n, payload FROM claimed WHERE key = ?",
+                                   (key,)).fetchone()
+                if row is None:
+                    return 0
+                payload = bytes(row[2])
+                count, size = int(row[1]), _size(payload, int(row[1]))
+                self._write_dead_letter(key, dead[0], dead[1], payload.split(_NL))
+            conn.execute("DELETE FROM claimed WHERE id = ?", (int(row[0]),))
         self._records -= count
         self._bytes -= size
         self._claimed_records -= count
@@ -1185,7 +1483,6 @@ class Spool:
         finally:
             os.close(fd)
 
-
 # ---------------------------------------------------------------------- helpers
 
 
@@ -1219,298 +1516,3 @@ def _json_value(payload: bytes) -> bytes:
         if b"\n" not in payload and b"\r" not in payload:
             return payload
     return json.dumps(payload.decode("utf-8", "replace")).encode()
-
-
-def _wal_checksum(data: bytes, big_endian: bool, s0: int, s1: int) -> tuple[int, int]:
-    """SQLite's WAL checksum (a Fletcher-like sum over 32-bit words), continued from (s0, s1)."""
-    for x0, x1 in struct.iter_unpack(">II" if big_endian else "<II", data):
-        s0 = (s0 + x0 + s1) & 0xFFFFFFFF
-        s1 = (s1 + x1 + s0) & 0xFFFFFFFF
-    return s0, s1
-
-
-def _wal_header(data: bytes) -> tuple[int, int, bytes] | None:
-    """(magic, page size, salts) of a valid WAL header, else None."""
-    if len(data) < 32:
-        return None
-    magic, version, page_size, _seq, _s1, _s2, ck1, ck2 = struct.unpack(">8I", data[:32])
-    if (
-        magic not in _WAL_MAGICS
-        or version != _WAL_VERSION
-        or page_size < 512
-        or page_size & (page_size - 1)
-    ):
-        return None
-    if _wal_checksum(data[:24], bool(magic & 1), 0, 0) != (ck1, ck2):
-        return None
-    return magic, page_size, data[16:24]
-
-
-def _frame_checksum(
-    data: bytes, offset: int, frame_size: int, big_endian: bool, prev: tuple[int, int]
-) -> tuple[int, int]:
-    s = _wal_checksum(data[offset : offset + 8], big_endian, *prev)
-    return _wal_checksum(data[offset + 24 : offset + frame_size], big_endian, *s)
-
-
-def _u32_pair(data: bytes, offset: int) -> tuple[int, int]:
-    first, second = struct.unpack_from(">II", data, offset)
-    return int(first), int(second)
-
-
-def _frame_ck(data: bytes, offset: int) -> tuple[int, int]:
-    """The running checksum stored in the header of the frame at `offset`."""
-    return _u32_pair(data, offset + 16)
-
-
-def _wal_problem(data: bytes) -> str | None:
-    """Why this WAL content is damaged, or None.
-
-    A torn tail (the last frames of a commit that never finished) and stale frames of an earlier
-    WAL generation (other salts) are normal and SQLite ignores them. Damage is a bad header, or a
-    frame failing its checksum that is followed by more frames of the same generation.
-    """
-    header = _wal_header(data)
-    if header is None:
-        return "WAL header is not valid" if len(data) >= 32 else "WAL header truncated"
-    magic, page_size, salts = header
-    big_endian = bool(magic & 1)
-    frame_size = 24 + page_size
-    prev = _u32_pair(data, 24)
-    bad_frame: int | None = None
-    offset, index = 32, 0
-    while offset + frame_size <= len(data) and data[offset + 8 : offset + 16] == salts:
-        if bad_frame is not None:
-            return f"WAL frame {bad_frame} is damaged and frames after it were discarded"
-        if _frame_checksum(data, offset, frame_size, big_endian, prev) != _frame_ck(data, offset):
-            bad_frame = index
-        prev = _frame_ck(data, offset)
-        offset += frame_size
-        index += 1
-    return None
-
-
-def _wal_guess(data: bytes, page_size_hint: int | None) -> tuple[int, int, bytes, int] | None:
-    """For a WAL with a damaged header: (magic, page size, salts, first frame index).
-
-    The first frame index is the first of two consecutive frames with the same salts where the
-    second verifies against the first's stored checksum; that settles page size and byte order.
-    """
-    sizes = [page_size_hint] if page_size_hint else []
-    sizes += [4096, 1024, 2048, 8192, 16384, 32768, 65536, 512]
-    for page_size in dict.fromkeys(sizes):
-        frame_size = 24 + page_size
-        frames = (len(data) - 32) // frame_size
-        for j in range(frames - 1):
-            a = 32 + j * frame_size
-            b = a + frame_size
-            salts = data[a + 8 : a + 16]
-            if data[b + 8 : b + 16] != salts:
-                continue
-            for magic in _WAL_MAGICS:
-                ck = _frame_checksum(data, b, frame_size, bool(magic & 1), _frame_ck(data, a))
-                if ck == _frame_ck(data, b):
-                    return magic, page_size, salts, j
-    return None
-
-
-def _wal_rebuild(data: bytes, page_size_hint: int | None) -> tuple[bytes, int, int] | None:
-    """A valid WAL with every verifiable frame of the current generation: (bytes, kept, dropped).
-
-    With a damaged header, the first frame found by _wal_guess cannot be verified (its checksum
-    chains from the lost header) and is trusted; quick_check and the record checksums back it.
-    None when nothing can be rebuilt.
-    """
-    header = _wal_header(data)
-    if header is not None:
-        magic, page_size, salts = header
-        first = 0
-        prev: tuple[int, int] | None = _u32_pair(data, 24)
-        head = bytearray(data[:32])
-    else:
-        guess = _wal_guess(data, page_size_hint)
-        if guess is None:
-            return None
-        magic, page_size, salts, first = guess
-        prev = None
-        head = bytearray(struct.pack(">6I", magic, _WAL_VERSION, page_size, 0, 0, 0))
-        head[16:24] = salts
-        head += struct.pack(">II", *_wal_checksum(bytes(head), bool(magic & 1), 0, 0))
-    big_endian = bool(magic & 1)
-    frame_size = 24 + page_size
-    kept: list[int] = []
-    dropped = first
-    offset = 32 + first * frame_size
-    while offset + frame_size <= len(data) and data[offset + 8 : offset + 16] == salts:
-        stored = _frame_ck(data, offset)
-        if prev is None or _frame_checksum(data, offset, frame_size, big_endian, prev) == stored:
-            kept.append(offset)
-        else:
-            dropped += 1
-        prev = stored
-        offset += frame_size
-    out = bytearray(head)
-    chain = _u32_pair(bytes(head), 24)
-    for offset in kept:
-        frame = bytearray(data[offset : offset + frame_size])
-        chain = _frame_checksum(bytes(frame), 0, frame_size, big_endian, chain)
-        struct.pack_into(">II", frame, 16, *chain)
-        out += frame
-    return bytes(out), len(kept), dropped
-
-
-def _query_int(
-    conn: sqlite3.Connection, sql: str, args: tuple[int, ...] = ()
-) -> tuple[bool, int | None]:
-    """(ok, value) of a one-integer query on a damaged database."""
-    try:
-        row = conn.execute(sql, args).fetchone()
-    except sqlite3.DatabaseError:
-        return False, None
-    return True, _int_or_none(row)
-
-
-def _next_readable(
-    conn: sqlite3.Connection, after: int, max_id: int | None
-) -> tuple[int, int | None] | None:
-    """After a read error past id `after`: the smallest probe p whose `id >= p` seek works.
-
-    Returns (p, first id >= p or None at the end); ids in (after, p) are unreadable. Probes
-    double, then bisect, so a damaged page costs O(log n) seeks. None when no seek past `after`
-    works at all (the end of the table is unreachable).
-    """
-    sql = "SELECT min(id) FROM records WHERE id >= ?"
-    last_fail, step = 0, 1
-    found: tuple[int, int | None] | None = None
-    while after + step <= _MAX_ROWID:
-        ok, value = _query_int(conn, sql, (after + step,))
-        if ok:
-            found = (step, value)
-            break
-        last_fail = step
-        if max_id is not None and after + step > max_id:
-            return None
-        step *= 2
-    if found is None:
-        return None
-    good_step, value = found
-    while good_step - last_fail > 1:
-        mid = (last_fail + good_step) // 2
-        ok, mid_value = _query_int(conn, sql, (after + mid,))
-        if ok:
-            good_step, value = mid, mid_value
-        else:
-            last_fail = mid
-    return after + good_step, value
-
-
-def _read_salvage(path: Path, sink: Callable[[list[_Row]], None]) -> _Salvage:
-    """Read every row still readable from the damaged database at `path` (read-only).
-
-    Good rows go to `sink` in id order, a chunk at a time.
-    """
-    found = _Salvage(sink)
-    uri = f"file:{quote(str(path))}?mode=ro"
-    try:
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=_BUSY_TIMEOUT_S)
-    except sqlite3.Error:
-        found.tail_unknown = True
-        return found
-    try:
-        # Read past what a normal open refuses: a file shorter than its header says (a
-        # truncated database) and cells whose sizes do not add up.
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("PRAGMA writable_schema=ON")
-            conn.execute("PRAGMA cell_size_check=ON")
-        _salvage_batches(conn, found)
-        ok, count = _query_int(conn, "SELECT count(*) FROM records")
-        found.count = count if ok else None
-        ok, max_id = _query_int(conn, "SELECT max(id) FROM records")
-        max_id = max_id if ok else None
-        chunk: list[_Row] = []
-        _salvage_records(conn, found, max_id, chunk)
-        if chunk:
-            sink(chunk)
-    finally:
-        conn.close()
-    return found
-
-
-def _salvage_batches(conn: sqlite3.Connection, found: _Salvage) -> None:
-    try:
-        for row in conn.execute(
-            "SELECT id, key, first_id, last_id, n_records, attempts, created_ns, claimed_ns"
-            " FROM batches ORDER BY id"
-        ):
-            bid, key, first_id, last_id, n_records, attempts, created_ns, claimed_ns = row
-            ints = (bid, first_id, last_id, n_records, attempts, created_ns, claimed_ns)
-            if isinstance(key, str) and all(isinstance(v, int) for v in ints):
-                found.batches[bid] = (
-                    key,
-                    first_id,
-                    last_id,
-                    n_records,
-                    attempts,
-                    created_ns,
-                    claimed_ns,
-                )
-            else:
-                found.batches_complete = False
-    except sqlite3.DatabaseError:
-        found.batches_complete = False
-
-
-def _salvage_records(
-    conn: sqlite3.Connection, found: _Salvage, max_id: int | None, chunk: list[_Row]
-) -> None:
-    after = 0  # rowids we assign start at 1
-    failed_at: int | None = None  # `after` at the previous read error
-    while True:
-        start = after
-        try:
-            for rid, appended_ns, batch_id, crc, payload in conn.execute(
-                "SELECT id, appended_ns, batch_id, crc32, payload FROM records WHERE id > ?"
-                " ORDER BY id",
-                (after,),
-            ):
-                after = int(rid)
-                if (
-                    isinstance(payload, bytes)
-                    and isinstance(appended_ns, int)
-                    and isinstance(crc, int)
-                    and (batch_id is None or isinstance(batch_id, int))
-                    and zlib.crc32(payload) == crc
-                ):
-                    chunk.append((after, appended_ns, batch_id, crc, payload))
-                    found.salvaged += 1
-                    if batch_id is not None:
-                        count, first, _last = found.members.get(batch_id, (0, after, after))
-                        found.members[batch_id] = (count + 1, first, after)
-                    if len(chunk) >= _SALVAGE_CHUNK:
-                        found.sink(chunk)
-                        chunk.clear()
-                elif isinstance(payload, (bytes, str)):
-                    raw = payload if isinstance(payload, bytes) else payload.encode()
-                    found.bad_payloads.append(raw)
-                else:
-                    found.skipped_ids += 1
-            return
-        except sqlite3.DatabaseError:
-            pass
-        nxt = _next_readable(conn, after, max_id)
-        if nxt is None:
-            found.tail_unknown = True
-            return
-        probe, next_id = nxt
-        if next_id is None:
-            end = probe if max_id is None else min(probe, max_id + 1)
-            found.skipped_ids += max(0, end - after - 1)
-            return
-        if next_id == after + 1 and failed_at == after and start == after:
-            # Its key is readable but its content is not: skip this one row.
-            found.skipped_ids += 1
-            after = next_id
-            continue
-        failed_at = after
-        found.skipped_ids += probe - after - 1
-        after = next_id - 1

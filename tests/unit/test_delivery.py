@@ -17,8 +17,7 @@ from collectors.delivery import MAX_RESPONSE_BYTES, Poster, PostResult
 from collectors.spool import Batch
 from tests.support.waiting import free_port
 
-BATCH = Batch(key="k-123", records=(b'{"a":1}',), first_id=1, last_id=1, attempts=0,
-              created_ns=0)
+BATCH = Batch.of("k-123", [b'{"a":1}'])
 
 
 class Script:
