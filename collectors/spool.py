@@ -16,23 +16,27 @@ Files in the spool directory (created 0700)::
 Schema (``PRAGMA user_version`` = 2). Records are stored a chunk per row, so the cost of the
 database is paid per append, per batch and per acknowledgement, not per record:
 
-* ``waiting(id, appended_ns, n, crcs, payload)``: records not yet in a batch, oldest first. A
-  row holds the ``n`` records of one append (at most ``chunk_records``), ``payload`` is their
-  JSON joined by ``\\n`` and ``crcs`` their CRC-32s (4 bytes each, little-endian). ``id`` is the
+* ``waiting(id, appended_ns, n, crc32, crcs, payload)``: records not yet in a batch, oldest
+  first. A row holds the ``n`` records of one append (at most ``chunk_records``), ``payload`` is
+  their JSON joined by ``\\n``, ``crc32`` the payload's CRC-32 and ``crcs`` each record's own
+  (4 bytes each, little-endian). ``id`` is the
   sequence number of the row's first record and the row holds ``id .. id + n - 1``, so a gap in
   ids counts lost records exactly. Records put back in front of the others (a split batch) get
   ids below the smallest, negative if need be.
-* ``claimed(id, key, n, attempts, created_ns, claimed_ns, crcs, payload)``: one row per claimed,
-  unacknowledged batch (its Idempotency-Key, the same layout of records), in claim order.
+* ``claimed(id, key, n, attempts, created_ns, claimed_ns, crc32, crcs, payload)``: one row per
+  claimed, unacknowledged batch (its Idempotency-Key, the same layout of records), in claim
+  order.
 * ``marks(key, value)``: per-key dedup high-water marks written with the records that set them.
 
 A claim turns the oldest waiting rows into one ``claimed`` row: whole rows are deleted, a row
 only partly taken keeps its newer records (rewritten once; rows are at most ``chunk_records``,
 which the service sets to the batch size, so a claim rewrites at most one batch's worth). An
 acknowledgement deletes one row. Records never contain a raw newline: they are compact JSON,
-whose strings escape control characters (``append`` refuses anything else). The per-record
-CRCs guard each record against damage SQLite cannot see (the database file has no page
-checksums): a record is sent only if its own checksum verifies.
+whose strings escape control characters (``append`` refuses anything else). The checksums guard
+against damage SQLite cannot see (the database file has no page checksums): a row is read with
+one CRC over its payload; only when that fails are its records checked one by one, and a record
+is sent only if its own checksum verifies. A claim copies the per-record CRCs, it does not
+recompute them.
 
 Version 1 spools (a row per record) are converted in one transaction when opened: claimed
 batches keep their keys, bodies and attempts; waiting records keep their order.
@@ -124,6 +128,7 @@ _SCHEMA = (
         id INTEGER PRIMARY KEY,
         appended_ns INTEGER NOT NULL,
         n INTEGER NOT NULL,
+        crc32 INTEGER NOT NULL,
         crcs BLOB NOT NULL,
         payload BLOB NOT NULL
     )""",
@@ -134,6 +139,7 @@ _SCHEMA = (
         attempts INTEGER NOT NULL DEFAULT 0,
         created_ns INTEGER NOT NULL,
         claimed_ns INTEGER NOT NULL,
+        crc32 INTEGER NOT NULL,
         crcs BLOB NOT NULL,
         payload BLOB NOT NULL
     )""",
@@ -174,6 +180,19 @@ def _crc_list(blob: bytes) -> list[int]:
     if sys.byteorder != "little":  # pragma: no cover
         out.byteswap()
     return out.tolist()
+
+
+def _intact(payload: bytes, n: int, crc: object, crcs: bytes) -> bool:
+    """Whether a stored row reads back as written: one CRC over the payload, and its framing."""
+    return (crc == zlib.crc32(payload) and len(crcs) == 4 * n
+            and payload.count(_NL) == n - 1)
+
+
+def _cut(payload: bytes, k: int) -> tuple[bytes, bytes]:
+    """(the first `k` records, the rest) of a stored payload holding more than `k`."""
+    parts = payload.split(_NL, k)
+    head = sum(map(len, parts[:k])) + k - 1
+    return payload[:head], parts[k]
 
 
 def _verify(payload: bytes, n: int, crcs: bytes) -> tuple[list[bytes], list[bytes]]:
@@ -367,11 +386,12 @@ class Spool:
                 for start in range(0, len(kept), step):
                     part = kept[start:start + step]
                     payload = joined if len(part) == len(records) else _NL.join(part)
-                    rows.append((next_id, now_ns, len(part), _crcs(part), payload))
+                    rows.append((next_id, now_ns, len(part), zlib.crc32(payload), _crcs(part),
+                                 payload))
                     next_id += len(part)
                 if rows:
-                    conn.executemany("INSERT INTO waiting (id, appended_ns, n, crcs, payload)"
-                                     " VALUES (?, ?, ?, ?, ?)", rows)
+                    conn.executemany("INSERT INTO waiting (id, appended_ns, n, crc32, crcs,"
+                                     " payload) VALUES (?, ?, ?, ?, ?, ?)", rows)
                 if marks:
                     conn.executemany(
                         "INSERT INTO marks (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE"
@@ -761,11 +781,12 @@ class Spool:
                 members = [bytes(p) for _, p in rows]
                 if (len(members) == n_records and members and all(
                         zlib.crc32(p) == int(c) and _NL not in p for c, p in rows)):
+                    payload = _NL.join(members)
                     conn.execute(
-                        "INSERT INTO claimed (key, n, attempts, created_ns, claimed_ns, crcs,"
-                        " payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (key, len(members), attempts, created_ns, claimed_ns, _crcs(members),
-                         _NL.join(members)))
+                        "INSERT INTO claimed (key, n, attempts, created_ns, claimed_ns, crc32,"
+                        " crcs, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (key, len(members), attempts, created_ns, claimed_ns,
+                         zlib.crc32(payload), _crcs(members), payload))
                     whole.add(int(bid))
                     kept += 1
                     migrated += len(members)
@@ -806,10 +827,16 @@ class Spool:
     def _insert_waiting(self, conn: sqlite3.Connection, records: list[bytes],
                         appended_ns: int) -> None:
         """Append one waiting row at the end (the caller holds the write lock, in a txn)."""
-        conn.execute("INSERT INTO waiting (id, appended_ns, n, crcs, payload) VALUES"
-                     " (?, ?, ?, ?, ?)", (self._next_id, appended_ns, len(records),
-                                          _crcs(records), _NL.join(records)))
+        self._insert_row(conn, self._next_id, appended_ns, records)
         self._next_id += len(records)
+
+    @staticmethod
+    def _insert_row(conn: sqlite3.Connection, rid: int, appended_ns: int,
+                    records: Sequence[bytes]) -> None:
+        payload = _NL.join(records)
+        conn.execute("INSERT INTO waiting (id, appended_ns, n, crc32, crcs, payload) VALUES"
+                     " (?, ?, ?, ?, ?, ?)", (rid, appended_ns, len(records), zlib.crc32(payload),
+                                             _crcs(records), payload))
 
     def _load_counters(self) -> None:
         conn = self._require(self._conn)
@@ -1016,28 +1043,32 @@ class Spool:
             add_total("SELECT coalesce(sum(n), 0) FROM claimed")
 
             def claimed_row(row: tuple[object, ...]) -> None:
-                rid, key, n, attempts, created_ns, claimed_ns, crcs, payload = row
+                rid, key, n, attempts, created_ns, claimed_ns, crc, crcs, payload = row
                 ints = (rid, n, attempts, created_ns, claimed_ns)
                 if not (all(isinstance(v, int) for v in ints) and isinstance(key, str)
                         and isinstance(crcs, bytes) and isinstance(payload, bytes)):
                     found.unknown = True
                     return
                 assert isinstance(n, int) and isinstance(created_ns, int)
+                if _intact(payload, n, crc, crcs):
+                    found.salvaged += n
+                    dst.execute("INSERT INTO claimed (id, key, n, attempts, created_ns,"
+                                " claimed_ns, crc32, crcs, payload)"
+                                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                (rid, key, n, attempts, created_ns, claimed_ns, crc, crcs,
+                                 payload))
+                    found.kept += 1
+                    return
                 good, bad = _verify(payload, n, crcs)
                 found.bad += bad
                 found.salvaged += len(good)
-                if not bad and len(good) == n:
-                    dst.execute("INSERT INTO claimed (id, key, n, attempts, created_ns,"
-                                " claimed_ns, crcs, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                (rid, key, n, attempts, created_ns, claimed_ns, crcs, payload))
-                    found.kept += 1
-                else:
-                    found.put_back += good
-                    found.rekeyed += 1
-                    found.put_back_ns = min(created_ns, found.put_back_ns or created_ns)
+                found.put_back += good
+                found.rekeyed += 1
+                found.put_back_ns = min(created_ns, found.put_back_ns or created_ns)
 
             read = spool_repair.read_table(
-                src, "claimed", "id, key, n, attempts, created_ns, claimed_ns, crcs, payload",
+                src, "claimed",
+                "id, key, n, attempts, created_ns, claimed_ns, crc32, crcs, payload",
                 claimed_row)
             if read.skipped_ids or read.tail_unknown:
                 found.unknown = True  # claimed ids count batches, not records
@@ -1052,7 +1083,7 @@ class Spool:
 
             def waiting_row(row: tuple[object, ...]) -> None:
                 nonlocal end
-                rid, appended_ns, n, crcs, payload = row
+                rid, appended_ns, n, crc, crcs, payload = row
                 if not (isinstance(rid, int) and isinstance(appended_ns, int)
                         and isinstance(n, int) and n > 0 and isinstance(crcs, bytes)
                         and isinstance(payload, bytes)):
@@ -1061,16 +1092,20 @@ class Spool:
                 if end is not None and rid > end:
                     found.skipped += rid - end
                 end = rid + n
+                if _intact(payload, n, crc, crcs):
+                    found.salvaged += n
+                    dst.execute("INSERT INTO waiting (id, appended_ns, n, crc32, crcs, payload)"
+                                " VALUES (?, ?, ?, ?, ?, ?)", (rid, appended_ns, n, crc, crcs,
+                                                               payload))
+                    return
                 good, bad = _verify(payload, n, crcs)
                 found.bad += bad
                 found.salvaged += len(good)
                 if good:
-                    dst.execute("INSERT INTO waiting (id, appended_ns, n, crcs, payload)"
-                                " VALUES (?, ?, ?, ?, ?)",
-                                (rid, appended_ns, len(good), _crcs(good), _NL.join(good)))
+                    self._insert_row(dst, rid, appended_ns, good)
 
-            read = spool_repair.read_table(src, "waiting", "id, appended_ns, n, crcs, payload",
-                                           waiting_row)
+            read = spool_repair.read_table(
+                src, "waiting", "id, appended_ns, n, crc32, crcs, payload", waiting_row)
             if last_id is not None and end is not None and last_id >= end:
                 found.skipped += last_id - end + 1  # the last row alone counts at least one
                 found.unknown = True  # the last rows' own sizes could not be read
@@ -1095,9 +1130,7 @@ class Spool:
                     found.bad.append(payload)
                     return
                 found.salvaged += 1
-                dst.execute("INSERT INTO waiting (id, appended_ns, n, crcs, payload)"
-                            " VALUES (?, ?, 1, ?, ?)", (rid, appended_ns, _crcs([payload]),
-                                                        payload))
+                self._insert_row(dst, rid, appended_ns, [payload])
 
             read = spool_repair.read_table(
                 src, "records", "id, appended_ns, batch_id, crc32, payload", v1_row)
@@ -1192,8 +1225,8 @@ class Spool:
             conn.execute("DELETE FROM waiting WHERE id <= ?", (upto,))
         if trim is not None:
             rid = trim[0]
-            (payload,) = conn.execute("SELECT payload FROM waiting WHERE id = ?",
-                                      (rid,)).fetchone()
+            appended_ns, payload = conn.execute(
+                "SELECT appended_ns, payload FROM waiting WHERE id = ?", (rid,)).fetchone()
             members = bytes(payload).split(_NL)
             k = 0
             while freed < excess and k < len(members):
@@ -1201,12 +1234,9 @@ class Spool:
                 k += 1
             count += k
             rest = members[k:]
+            conn.execute("DELETE FROM waiting WHERE id = ?", (rid,))
             if rest:
-                conn.execute("UPDATE waiting SET id = ?, n = ?, crcs = ?, payload = ?"
-                             " WHERE id = ?", (rid + k, len(rest), _crcs(rest), _NL.join(rest),
-                                               rid))
-            else:
-                conn.execute("DELETE FROM waiting WHERE id = ?", (rid,))
+                self._insert_row(conn, rid + k, int(appended_ns), rest)
         return count, freed
 
     def _oldest_claimed(self, conn: sqlite3.Connection,
@@ -1219,17 +1249,17 @@ class Spool:
         while True:
             try:
                 row = conn.execute(
-                    "SELECT key, n, attempts, created_ns, crcs, payload FROM claimed"
+                    "SELECT key, n, attempts, created_ns, crc32, crcs, payload FROM claimed"
                     f"{where} ORDER BY id LIMIT 1", skip).fetchone()
             except sqlite3.Error as exc:
                 raise self._error("reading the claimed batch", exc) from exc
             if row is None:
                 return None
-            key, n, attempts, created_ns, crcs, payload = row
-            payload, n = bytes(payload), int(n)
-            good, bad = _verify(payload, n, bytes(crcs))
-            if not bad and len(good) == n and n > 0:
+            key, n, attempts, created_ns, crc, crcs, payload = row
+            payload, n, crcs = bytes(payload), int(n), bytes(crcs)
+            if n > 0 and _intact(payload, n, crc, crcs):
                 return Batch(str(key), payload, n, int(attempts), int(created_ns))
+            good, bad = _verify(payload, n, crcs)
             with self._write_lock:
                 self._take_apart(conn, str(key), good, bad)
 
@@ -1267,9 +1297,7 @@ class Spool:
         if row is None or row[0] is None:
             self._insert_waiting(conn, records, appended_ns)
             return
-        conn.execute("INSERT INTO waiting (id, appended_ns, n, crcs, payload) VALUES"
-                     " (?, ?, ?, ?, ?)", (int(row[0]) - len(records), appended_ns, len(records),
-                                          _crcs(records), _NL.join(records)))
+        self._insert_row(conn, int(row[0]) - len(records), appended_ns, records)
 
     def _looks_due(
         self, conn: sqlite3.Connection, max_records: int, max_age_s: float, force: bool
@@ -1295,17 +1323,16 @@ class Spool:
         """Claim the oldest waiting records as a new batch. The caller holds both locks."""
         self._oldest_waiting_ns = None
         batch: Batch | None = None
-        taken: list[bytes] = []
         bad: list[bytes] = []
         with self._txn(conn, "claim a batch"):
-            rows: list[tuple[int, int, int, bytes, bytes]] = []
+            rows: list[tuple[int, int, int, object, bytes, bytes]] = []
             count = 0
-            cur = conn.execute("SELECT id, appended_ns, n, crcs, payload FROM waiting"
+            cur = conn.execute("SELECT id, appended_ns, n, crc32, crcs, payload FROM waiting"
                                " ORDER BY id")
             try:
                 while count < max_records and (row := cur.fetchone()) is not None:
-                    rows.append((int(row[0]), int(row[1]), int(row[2]), bytes(row[3]),
-                                 bytes(row[4])))
+                    rows.append((int(row[0]), int(row[1]), int(row[2]), row[3], bytes(row[4]),
+                                 bytes(row[5])))
                     count += int(row[2])
             finally:
                 cur.close()
@@ -1315,37 +1342,50 @@ class Spool:
             if not (force or count >= max_records or age_ns >= max_age_s * 1e9):
                 return None
             first_ns = rows[0][1]
+            # Whole rows go into the batch as they are (payload and CRCs copied, not split);
+            # only the last row read may be cut in two.
+            payloads: list[bytes] = []
+            crc_parts: list[bytes] = []
+            taken = 0
             whole_upto: int | None = None
-            rest: tuple[int, int, list[bytes]] | None = None
-            for rid, _ns, n, crcs, payload in rows:
-                good, damaged = _verify(payload, n, crcs)
-                bad += damaged
-                room = max_records - len(taken)
-                if len(good) <= room:
-                    taken += good
+            for rid, row_ns, stored_n, crc, stored_crcs, stored in rows:
+                payload, crcs, n = stored, stored_crcs, stored_n
+                if not _intact(payload, n, crc, crcs):
+                    good, damaged = _verify(payload, n, crcs)
+                    bad += damaged
+                    payload, crcs, n = _NL.join(good), _crcs(good), len(good)
+                room = max_records - taken
+                if n <= room:
+                    if n:
+                        payloads.append(payload)
+                        crc_parts.append(crcs)
+                        taken += n
                     whole_upto = rid
-                else:
-                    taken += good[:room]
-                    rest = (rid, n, good[room:])
+                    continue
+                head, tail = _cut(payload, room)
+                payloads.append(head)
+                crc_parts.append(crcs[: 4 * room])
+                taken += room
+                conn.execute("DELETE FROM waiting WHERE id = ?", (rid,))
+                conn.execute("INSERT INTO waiting (id, appended_ns, n, crc32, crcs, payload)"
+                             " VALUES (?, ?, ?, ?, ?, ?)",
+                             (rid + stored_n - (n - room), row_ns, n - room, zlib.crc32(tail),
+                              crcs[4 * room:], tail))
             if whole_upto is not None:
                 conn.execute("DELETE FROM waiting WHERE id <= ?", (whole_upto,))
-            if rest is not None:
-                rid, n, left = rest
-                conn.execute("UPDATE waiting SET id = ?, n = ?, crcs = ?, payload = ?"
-                             " WHERE id = ?", (rid + n - len(left), len(left), _crcs(left),
-                                               _NL.join(left), rid))
             if bad:
                 self._write_dead_letter(
                     None, 0, "spool_corrupt: record failed its checksum", bad)
             if taken:
                 key = uuid.uuid4().hex
-                payload = _NL.join(taken)
+                payload = _NL.join(payloads)
                 conn.execute(
-                    "INSERT INTO claimed (key, n, attempts, created_ns, claimed_ns, crcs,"
-                    " payload) VALUES (?, ?, 0, ?, ?, ?, ?)",
-                    (key, len(taken), first_ns, self._clock_ns(), _crcs(taken), payload),
+                    "INSERT INTO claimed (key, n, attempts, created_ns, claimed_ns, crc32, crcs,"
+                    " payload) VALUES (?, ?, 0, ?, ?, ?, ?, ?)",
+                    (key, taken, first_ns, self._clock_ns(), zlib.crc32(payload),
+                     b"".join(crc_parts), payload),
                 )
-                batch = Batch(key, payload, len(taken), 0, first_ns)
+                batch = Batch(key, payload, taken, 0, first_ns)
         bad_bytes = sum(len(b) for b in bad)
         self._records -= len(bad)
         self._bytes -= bad_bytes
