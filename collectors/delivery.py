@@ -224,8 +224,9 @@ class SpoolWriter:
                 parser_done = self._done.is_set()
                 # While the spool refuses writes, hold at most one chunk here: the bounded
                 # queue in front of us (and its counted overflow) limits memory, not this list.
-                # The timeout only bounds how late a stop is noticed: a put wakes us at once.
-                chunk = self._records.get_all(timeout_s=0.25, max_items=self._max_chunk) \
+                # A put wakes us at once, and so does the parser's end (the service closes the
+                # queue): the timeout only paces the queue gauge of an idle collector.
+                chunk = self._records.get_all(timeout_s=1.0, max_items=self._max_chunk) \
                     if len(pending) < self._max_chunk else []
                 if chunk:
                     pending.extend(encode(r) for r in chunk)

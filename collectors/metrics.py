@@ -10,9 +10,12 @@ the `exchange` label, so scrape configs must not add one.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
@@ -245,15 +248,29 @@ class MetricsServer:
         self._server = make_server(host, port, self._app, server_class=_ThreadingWSGIServer,
                                    handler_class=_QuietHandler)
         self.port = self._server.server_port
+        # serve_forever wakes every poll_interval only to look for a shutdown request; an idle
+        # collector should not wake up more often than it must, and stop() nudges it instead.
         self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.25},
+                                        kwargs={"poll_interval": 1.0},
                                         name="metrics-http", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        stopper = threading.Thread(target=self._server.shutdown, name="metrics-stop",
+                                   daemon=True)
+        stopper.start()
+        # Wake the serving loop's select() now rather than at its next poll, with a connection
+        # that carries no request; again until the loop has seen the shutdown request (the
+        # first nudge may come before shutdown() has made it).
+        host = str(self._server.server_address[0])
+        deadline = time.monotonic() + 2.0
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                socket.create_connection((host, self.port), timeout=0.5).close()
+            self._thread.join(timeout=0.05)
+        stopper.join(timeout=2)
         self._server.server_close()
         self._thread.join(timeout=2)
 

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 FIRST_DATA_TIMEOUT_S = 30.0
 PARSE_ERROR_LOG_INTERVAL_S = 10.0
 PARSE_CHUNK_MAX = 2000
+#: How long the parser sleeps with no frames: a frame wakes it at once, and so does the end of
+#: the connection thread (the service closes the frame queue), so this only paces the per-second
+#: freshness check of a silent feed.
+IDLE_WAIT_S = 1.0
 
 
 class Freshness:
@@ -113,7 +117,7 @@ class Parser:
             ws_done = self._ws_finished.is_set()
             # Bounded chunks: a backlog of frames is parsed a slice at a time, so parsed records
             # (far bigger than their frames) never pile up beyond the record queue's bound.
-            chunk = self._frames.get_all(timeout_s=0.25, max_items=PARSE_CHUNK_MAX)
+            chunk = self._frames.get_all(timeout_s=IDLE_WAIT_S, max_items=PARSE_CHUNK_MAX)
             if chunk:
                 self._handle(chunk)
             now = time.monotonic()

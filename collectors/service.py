@@ -162,8 +162,11 @@ class CollectorService:
                              writer_finished=writer.finished, wake=wake,
                              drain_timeout_s=DRAIN_TIMEOUT_S, retry_max_s=cfg.retry_max_s)
         threads = [
-            self._thread(f"ws-{cfg.exchange}", self.connection.run, self._ws_finished),
-            self._thread(f"parse-{cfg.exchange}", self.parser.run, self._parser_finished),
+            # A finished stage closes the queue it fed, which wakes its consumer at once.
+            self._thread(f"ws-{cfg.exchange}", self.connection.run, self._ws_finished,
+                         then=self.frames.close),
+            self._thread(f"parse-{cfg.exchange}", self.parser.run, self._parser_finished,
+                         then=self.records.close),
             self._thread("spool-writer", writer.run, None),
             *(self._thread("delivery" if i == 0 else f"delivery-{i + 1}",
                            functools.partial(self.sender.run, i), None)
@@ -203,7 +206,9 @@ class CollectorService:
     def _wait(self, threads: list[threading.Thread]) -> None:
         interval = self._notifier.watchdog_interval_s
         last_ping = 0.0
-        while not self.stop_event.wait(0.25):
+        # A stop request or a crashed thread (which requests a stop) ends the wait at once;
+        # the timeout only paces the watchdog pings.
+        while not self.stop_event.wait(min(1.0, interval or 1.0)):
             if self._failed:
                 return
             if interval and time.monotonic() - last_ping >= interval and self.progressing(
@@ -222,7 +227,8 @@ class CollectorService:
             now - beat < PROGRESS_WINDOW_S for beat in beats)
 
     def _thread(self, name: str, target: Callable[[], None],
-                finished: threading.Event | None) -> threading.Thread:
+                finished: threading.Event | None,
+                then: Callable[[], None] | None = None) -> threading.Thread:
         def guarded() -> None:
             try:
                 target()
@@ -234,6 +240,8 @@ class CollectorService:
             finally:
                 if finished is not None:
                     finished.set()
+                if then is not None:
+                    then()
 
         return threading.Thread(target=guarded, name=name, daemon=True)
 

@@ -338,6 +338,7 @@ class Spool:
         self._corrupt_lost_total = 0
         self._commit_gen = 0  # bumped after each commit; the fsync thread compares it
         self._synced_gen = 0
+        self._committed = threading.Event()  # set by each commit: the fsync thread has work
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
 
@@ -580,6 +581,7 @@ class Spool:
         Idempotent. Later calls to other methods raise SpoolError.
         """
         self._stop.set()
+        self._committed.set()  # wakes the fsync thread
         if self._syncer is not None:
             self._syncer.join(timeout=max(10.0, 2 * self._fsync_interval_s))
             self._syncer = None
@@ -1160,6 +1162,7 @@ class Spool:
             _rollback(conn)
             raise
         self._commit_gen += 1
+        self._committed.set()
 
     def _error(self, what: str, exc: sqlite3.Error) -> SpoolError:
         name = getattr(exc, "sqlite_errorname", "")
@@ -1445,6 +1448,7 @@ class Spool:
                 # frees a single page; in autocommit mode it runs as one transaction of its own.
                 conn.executescript(f"PRAGMA incremental_vacuum({_VACUUM_STEP_PAGES});")
                 self._commit_gen += 1
+                self._committed.set()
         except (sqlite3.Error, SpoolError) as exc:
             # Only disk space is at stake and the next ack tries again.
             log.warning("spool_vacuum_failed", extra={"error": str(exc)})
@@ -1490,7 +1494,13 @@ class Spool:
 
     def _sync_loop(self) -> None:
         # The power-cut bound must hold even when nobody calls us, hence a thread of our own.
-        while not self._stop.wait(self._fsync_interval_s):
+        # It sleeps until something is committed (an idle collector commits nothing), then
+        # fsyncs at most fsync_interval_s later, covering every commit made until then.
+        while True:
+            self._committed.wait()
+            if self._stop.wait(self._fsync_interval_s):
+                return  # close() syncs once more itself
+            self._committed.clear()  # before the fsync: a commit after it sets it again
             try:
                 self._sync_wal()
             except OSError as exc:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import time
+import urllib.request
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from collectors.metrics import LAG_BUCKETS_S, ChunkHistogram, Metrics
+from collectors.metrics import LAG_BUCKETS_S, ChunkHistogram, Health, Metrics, MetricsServer
 
 
 def _lines(registry: CollectorRegistry) -> list[str]:
@@ -45,3 +51,18 @@ def test_lag_histogram_is_registered_with_the_exchange_label() -> None:
                                      {"exchange": "kraken", "le": "0.001"}) == 1
     assert registry.get_sample_value("chrono_collector_lag_seconds_bucket",
                                      {"exchange": "kraken", "le": "+Inf"}) == 3
+
+
+def test_metrics_server_serves_and_stops_without_waiting_for_its_poll() -> None:
+    registry = CollectorRegistry()
+    Metrics(registry, "coinbase", "w-1")
+    server = MetricsServer(registry, lambda: Health(True, {"status": "ok"}), "127.0.0.1", 0)
+    server.start()
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as resp:
+        assert json.loads(resp.read()) == {"status": "ok"}
+    started = time.monotonic()
+    server.stop()
+    # The serving loop polls once a second; stop() wakes it instead of waiting for the poll.
+    assert time.monotonic() - started < 0.9
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=1).close()

@@ -268,6 +268,24 @@ def test_fsync_thread_runs_only_with_an_interval(spool_dir: Path) -> None:
         assert numbers(drain_all(spool)) == [1]
 
 
+def test_fsync_thread_sleeps_until_a_commit_then_syncs_it(spool_dir: Path) -> None:
+    synced = threading.Event()
+    with Spool(spool_dir, fsync_interval_s=0.02) as spool:
+        real_sync = spool._sync_wal
+
+        def sync() -> None:
+            real_sync()
+            synced.set()
+
+        spool._sync_wal = sync  # type: ignore[method-assign]
+        assert not synced.wait(0.3)  # nothing committed: nothing to sync, no wake-ups
+        spool.append([rec(1)])
+        assert synced.wait(10)
+        assert spool._synced_gen == spool._commit_gen  # that commit is on stable storage
+        synced.clear()
+        assert not synced.wait(0.3)  # and it goes back to sleep
+
+
 def test_batch_body_is_deterministic() -> None:
     batch = Batch.of("k", [b'{"a":1}', b'{"b":2}'], 0, T0)
     assert batch.body() == b'{"feeds":[{"a":1},{"b":2}]}'
