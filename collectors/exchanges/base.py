@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
-from typing import Protocol
+from typing import Generic, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from collectors.errors import ParseError
 from collectors.model import Metadata, PriceFeed, iso_from_ns
@@ -35,7 +35,76 @@ class Kind(StrEnum):
 #: Frame text -> JSON value; raises ParseError, and only ParseError, for bad input. Adapters
 #: take one in their constructor: `load_json` (standard library) unless the service passes a
 #: faster one (collectors/decoding.py), so adapters themselves import nothing but the stdlib.
+#: When it is also a `ShapedDecoder` (the service's is), adapters decode their tickers with it.
 Decoder = Callable[[str | bytes], object]
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Rule(StrEnum):
+    """What a typed decoder checks a field of a `Shape` for (see `ShapedDecoder`)."""
+
+    #: Any JSON value, unchecked and unconverted: the adapter checks it.
+    ANY = "any"
+    #: A string (of any length: the adapter checks lengths).
+    TEXT = "text"
+    #: A finite number > 0, as a float.
+    POSITIVE = "positive"
+    #: A finite number >= 0, as a float.
+    NON_NEGATIVE = "non_negative"
+    #: A finite number, as a float.
+    SIGNED = "signed"
+
+
+class Field(NamedTuple):
+    """One key of a `Shape`: absent (or, for an optional ANY field, null) reads as None."""
+
+    key: str
+    rule: Rule | Shape[object] | Items
+    required: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Shape(Generic[T_co]):
+    """The one common data frame of a venue (its ticker), described for a typed decoder.
+
+    `T_co` is the adapter's Protocol for the decoded object: one attribute per field, named by its
+    key. A frame matches when it is a JSON object that carries `tag` (key, value), every required
+    field, and values that follow their rules; `closed` shapes allow no other keys (they change
+    the frame's meaning). A field may itself be an object (a nested `Shape`) or a list of them.
+    """
+
+    fields: tuple[Field, ...]
+    tag: tuple[str, str] | None = None
+    closed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Items:
+    """A field that is a JSON list of objects of one shape."""
+
+    shape: Shape[object]
+
+
+@runtime_checkable
+class ShapedDecoder(Protocol):
+    """A `Decoder` that can also decode a frame straight into a venue's `Shape`, checking and
+    converting its numbers in C (collectors/decoding.py). Adapters use it for their ticker and
+    decode every frame that does not match (`None`) as before, so nothing else changes."""
+
+    def __call__(self, frame: str | bytes) -> object: ...
+
+    def shaped(self, shape: Shape[T], *,
+               decimal_strings: bool = False) -> Callable[[str | bytes], T | None]:
+        """A function: frame -> the decoded `T`, or None when the frame does not match `shape`
+        exactly (invalid JSON included: the adapter's generic path then says what is wrong).
+
+        Numbers are JSON numbers, or with `decimal_strings` also strings that `float()` reads
+        to the same value. A matched frame's numbers have exactly the values the generic path
+        would compute, so that both paths build identical records.
+        """
+        ...
 
 
 # Slotted but not frozen: a frozen dataclass sets each field through object.__setattr__, which
@@ -207,21 +276,35 @@ def optional_number(obj: dict[str, object], key: str, *, signed: bool = False) -
         return None
 
 
+def signed_or_none(raw: object) -> float | None:
+    """`optional_number(obj, key, signed=True)` of the value `obj.get(key)`: a finite number, or
+    None when absent or invalid."""
+    if type(raw) is str:  # the common case first: venues send decimal strings
+        try:
+            value = float(raw)
+        except ValueError:
+            return None
+    elif isinstance(raw, int | float) and not isinstance(raw, bool):
+        try:
+            value = float(raw)
+        except OverflowError:  # a JSON integer beyond the float range
+            return None
+    else:
+        return None
+    return value if -math.inf < value < math.inf else None  # NaN fails both tests
+
+
 def string(obj: dict[str, object], key: str, *, max_len: int = 64) -> str:
-    raw = obj.get(key)
+    return checked_string(obj.get(key), key, max_len=max_len)
+
+
+def checked_string(raw: object, key: str, *, max_len: int = 64) -> str:
+    """`raw`, the value of field `key`, when it is a non-empty string of at most `max_len`
+    characters. Raises ParseError."""
     if not isinstance(raw, str) or not raw:
         raise ParseError(f"field {key!r} must be a non-empty string")
     if len(raw) > max_len:
         raise ParseError(f"field {key!r} is longer than {max_len} characters")
-    return raw
-
-
-def integer(obj: dict[str, object], key: str) -> int | None:
-    raw = obj.get(key)
-    if raw is None:
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, int):
-        raise ParseError(f"field {key!r} must be an integer")
     return raw
 
 

@@ -194,6 +194,71 @@ def test_every_field_of_every_real_frame_deleted_or_replaced_by_edge_values(venu
                                                 (json.dumps(doc), received_ns)])
 
 
+# ---- shaped decoding -----------------------------------------------------------------------------
+# With the service's decoder, adapters decode their tickers straight into a typed shape. It must
+# change nothing: same records (byte for byte), same Parsed, same ParseError text as the generic
+# path, which an adapter takes when its decoder is a plain function.
+
+def _generic_msgspec(frame: str | bytes) -> object:
+    """The service's decoder without its shapes."""
+    return decode_frame(frame)
+
+
+def _outcomes(venue: str, decode: Any, frames: list[tuple[str, int]]) -> list[object]:
+    adapter = make_adapter(venue, "w", decode)
+    out: list[object] = []
+    for frame, received_ns in frames:
+        try:
+            parsed = adapter.parse(frame, received_ns)
+        except ParseError as exc:
+            out.append(("ParseError", str(exc)))
+            continue
+        records = [(json.dumps(r.to_json_dict()), r.exchange_ns, r.received_ns)
+                   for r in parsed.records]
+        out.append((parsed.kind, records, parsed.duplicates, parsed.rejected, parsed.error,
+                    parsed.reconnect, parsed.subscribed, parsed.invalid))
+    return out
+
+
+def _same_with_and_without_shapes(venue: str, frames: list[tuple[str, int]]) -> None:
+    assert (_outcomes(venue, decode_frame, frames)
+            == _outcomes(venue, _generic_msgspec, frames)), frames
+
+
+# Decimal strings that msgspec and float() might read differently, and other number edges.
+NUMBER_EDGE: list[object] = ["-0", "-0.0", "0.0", "0.00000000", "-0e3", "00", "1.", ".5", "+1",
+                             "1E5", "null", "true", "1e-400", "-1e-400", "4.9e-324",
+                             "18446744073709551617", -0.0, 5e-324, 2**64 + 1, 10**30, *EDGE]
+
+
+@pytest.mark.parametrize("venue", sorted(REGISTRY))
+@SETTINGS
+@given(data=st.data())
+def test_shaped_decoding_changes_nothing_on_mutated_frames(venue: str,
+                                                          data: st.DataObject) -> None:
+    frames = data.draw(st.lists(mutated(_fixture_cases(venue)), min_size=1, max_size=3))
+    _same_with_and_without_shapes(venue, frames)
+
+
+@pytest.mark.parametrize("venue", sorted(REGISTRY))
+def test_shaped_decoding_changes_nothing_on_single_field_edits(venue: str) -> None:
+    for frame, received_ns in _fixture_cases(venue):
+        real = (json.dumps(frame), received_ns)
+        for path in _paths(frame):
+            for value in [*NUMBER_EDGE, _DELETE] if path else EDGE:
+                _same_with_and_without_shapes(
+                    venue, [real, (json.dumps(_mutate(frame, path, value)), received_ns)])
+
+
+@pytest.mark.parametrize("venue", sorted(REGISTRY))
+def test_real_tickers_take_the_shaped_path(venue: str) -> None:
+    """The equivalence above is about the path the service's tickers really take."""
+    adapter: Any = make_adapter(venue, "w", decode_frame)
+    shaped = [frame for frame, _ in _fixture_cases(venue)
+              if adapter._typed(json.dumps(frame)) is not None]
+    assert len(shaped) >= 2
+
+
 # ---- dependency rule -----------------------------------------------------------------------------
 
 ALLOWED_PREFIXES = ("collectors.model", "collectors.errors", "collectors.exchanges")
