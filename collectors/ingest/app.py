@@ -27,7 +27,7 @@ from collectors.ingest.validate import (
     Problem,
     valid_name,
     valid_symbol,
-    validate_body,
+    validate_batch,
 )
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ class IngestApp:
         if isinstance(body, Response):
             return body
         try:
-            verdict = validate_body(body, max_feeds=self.max_feeds, now_ns=self._clock_ns())
+            verdict = validate_batch(body, max_feeds=self.max_feeds, now_ns=self._clock_ns())
         except BodyError as exc:
             slug = "too-many-records" if exc.status == 413 else "malformed-json"
             return problem(exc.status, slug, exc.detail, title=exc.title,

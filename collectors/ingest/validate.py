@@ -15,9 +15,13 @@ import json
 import math
 import re
 import sys
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Annotated, Any, TypedDict
+from itertools import accumulate, repeat
+from operator import add, attrgetter, itemgetter, mul
+from typing import Annotated, Any, TypedDict, overload
 
 import msgspec
 
@@ -80,9 +84,12 @@ class BodyError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Validation:
-    """The verdict on one batch: valid records, or the problems (first MAX_PROBLEMS of them)."""
+    """The verdict on one batch: valid records, or the problems (first MAX_PROBLEMS of them).
 
-    feeds: list[ValidFeed]
+    `feeds` is a list, or (from `validate_batch` only) a `FeedBatch`.
+    """
+
+    feeds: Sequence[ValidFeed]
     problems: list[Problem]
     invalid_records: int = 0
 
@@ -147,7 +154,19 @@ def parse_body(raw: bytes) -> object:
 
 
 def validate_body(raw: bytes, *, max_feeds: int, now_ns: int) -> Validation:
-    """Parse and validate a whole request body. Raises BodyError (400 or 413)."""
+    """Parse and validate a whole request body. Raises BodyError (400 or 413).
+
+    The valid records come as a list of ValidFeed dicts."""
+    verdict = validate_batch(raw, max_feeds=max_feeds, now_ns=now_ns)
+    if isinstance(verdict.feeds, FeedBatch):
+        return Validation(list(verdict.feeds), [], 0)
+    return verdict
+
+
+def validate_batch(raw: bytes, *, max_feeds: int, now_ns: int) -> Validation:
+    """`validate_body`, except that the valid records of an ordinary batch come as a
+    `FeedBatch` (the same records, held by column, which the storage backends read without
+    building a dict per record). Raises BodyError (400 or 413)."""
     fast = _fast_body(raw, max_feeds, now_ns)
     if fast is not None:
         return Validation(fast, [], 0)
@@ -198,9 +217,9 @@ def validate_document(doc: object, *, max_feeds: int, now_ns: int) -> Validation
 # and explains. So the fast path may only ever be stricter than `_validate_feed`, never looser,
 # and the records it returns are identical to the ones `_validate_feed` builds.
 
-_FAST_ISO_RE = re.compile(
-    r"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]{1,9}))?(?:Z|[+-]00:?00)"
-)
+_SECOND_PATTERN = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
+_FAST_ISO_RE = re.compile(f"({_SECOND_PATTERN})" + r"(?:\.([0-9]{1,9}))?(?:Z|[+-]00:?00)")
+_SECOND_RE = re.compile(_SECOND_PATTERN)
 _META_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
                               allow_nan=False).encode  # exactly json.dumps(..) with these args
 _MAX_FAST_META_CHARS = MAX_METADATA_JSON_BYTES // 4  # 4 UTF-8 bytes per character at most
@@ -208,8 +227,8 @@ _MAX_FAST_META_CHARS = MAX_METADATA_JSON_BYTES // 4  # 4 UTF-8 bytes per charact
 
 # The fast parser. msgspec decodes the common body several times faster than the stdlib, and
 # checks most rules in C while it does: it decodes into `_FastDocument`, whose types say what an
-# ordinary valid record looks like (`price` and `volume` stay untyped, so `float_hook` makes
-# every float literal an exact Decimal of its text). But it keeps the last of two duplicate keys
+# ordinary valid record looks like (`price` and `volume` stay untyped, so `float_hook` keeps
+# every float literal's exact text, a `_Literal`). But it keeps the last of two duplicate keys
 # where `parse_body` refuses the body, and its errors read differently. So it is used only for
 # bodies that cannot hide a difference, and any doubt sends the body to `parse_body` +
 # `validate_document`, which decide and explain exactly as before:
@@ -225,33 +244,47 @@ _MAX_FAST_META_CHARS = MAX_METADATA_JSON_BYTES // 4  # 4 UTF-8 bytes per charact
 #     data, BOMs, leading zeros, deep nesting, unknown fields, a missing required field, a
 #     value of another JSON type, and metadata breaking the size rules: all of those take the
 #     stdlib path);
-#   * the records must pass `_fast_records`, which applies the remaining rules.
+#   * the records must pass `_fast_columns` (the ordinary batch, a column at a time) or
+#     `_fast_records` (record by record), which apply the remaining rules.
 
 _MSGSPEC_ENCODE = msgspec.json.Encoder().encode
 # msgspec writes the same shortest float digits as repr(), but exponents as `1e16`, not `1e+16`,
-# and 1e-5 <= |x| < 1e-4 without one: floats that repr() writes with an exponent take json.dumps.
+# and 1e-5 <= |x| < 1e-4 without one (`0.00001234`): floats that repr() writes with an exponent
+# are written by repr() instead (`_json_floats`), which is what json.dumps writes.
 _PLAIN_FLOAT_MIN = 1e-4
 _PLAIN_FLOAT_MAX = 1e16
+# What msgspec writes for the floats it writes differently from repr(): an exponent (`1e16`,
+# `1.5e-7`: `e`, then a digit or `-`) or, for 1e-5 <= |x| < 1e-4, `0.0000...`.
+_EXPONENT_RE = re.compile(rb"e[-0-9]")
 _FRACTION_SCALE = tuple(10 ** (9 - n) for n in range(10))  # ns per unit of an n-digit fraction
 
 # The metadata rules of `_metadata` and `_meta_scalar`, as types msgspec checks while decoding:
-# keys of 1-64 characters (msgspec counts characters, as len() does), strings of at most 256,
-# finite floats (msgspec refuses a literal beyond the float range itself; the bounds say so
-# explicitly, so no change of msgspec can let an infinity through), at most 64 keys. A float
-# literal becomes the float nearest to it, which is what float(Decimal(literal)) gives on the
-# reference path; integer literals stay exact ints.
-_MetaKey = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_METADATA_KEY_CHARS)]
+# strings of at most 256 characters (msgspec counts characters, as len() does), finite floats
+# (msgspec refuses a literal beyond the float range itself; the bounds say so explicitly, so no
+# change of msgspec can let an infinity through), at most 64 keys. A float literal becomes the
+# float nearest to it, which is what float(Decimal(literal)) gives on the reference path;
+# integer literals stay exact ints. Keys of 1-64 characters are checked after decoding, once
+# per distinct key of the batch (`_metadata_keys_ok`): a length constraint on the key type
+# costs msgspec a fifth of the decoding (its cache of key strings no longer applies).
 _MetaText = Annotated[str, msgspec.Meta(max_length=MAX_METADATA_STRING_CHARS)]
 _MetaFloat = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
-_FastMetadata = Annotated[dict[_MetaKey, _MetaText | int | _MetaFloat | bool | None],
+_FastMetadata = Annotated[dict[str, _MetaText | int | _MetaFloat | bool | None],
                           msgspec.Meta(max_length=MAX_METADATA_KEYS)]
+
+
+class _Literal(str):
+    """The text of a JSON float literal, as msgspec's `float_hook` hands it over: what
+    `parse_body` makes a Decimal of (`Decimal(literal)` is that Decimal), and a type of its own,
+    which no JSON string decodes to."""
+
+    __slots__ = ()
 
 
 class _FastRecord(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """One record as `_fast_body` decodes it (never a cycle, so not tracked by the GC)."""
 
     symbol: str
-    price: Any  # Decimal (float literal), int, or anything else: then the stdlib path
+    price: Any  # _Literal (float literal), int, or anything else: then the stdlib path
     timestamp: Annotated[str, msgspec.Meta(max_length=MAX_TIMESTAMP_CHARS)]
     source: str
     worker_id: str
@@ -263,11 +296,14 @@ class _FastDocument(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     feeds: list[_FastRecord]
 
 
-_FAST_DECODE = msgspec.json.Decoder(_FastDocument, float_hook=Decimal).decode
+# The literal's text, not yet a Decimal: the usual batch needs only its float (SQLite) and its
+# text (PostgreSQL), and a record's Decimal is made from it when one is asked for.
+_FAST_DECODE = msgspec.json.Decoder(_FastDocument, float_hook=_Literal).decode
 
 
-def _fast_body(raw: bytes, max_feeds: int, now_ns: int) -> list[ValidFeed] | None:
-    """Every record of an ordinary all-valid body, or None: then the stdlib path decides."""
+def _fast_body(raw: bytes, max_feeds: int, now_ns: int) -> Sequence[ValidFeed] | None:
+    """Every record of an ordinary all-valid body (a FeedBatch, or a list when the columns do
+    not fit `_fast_columns`), or None: then the stdlib path decides."""
     if type(raw) is not bytes or b"\\" in raw:
         return None
     try:
@@ -277,20 +313,30 @@ def _fast_body(raw: bytes, max_feeds: int, now_ns: int) -> list[ValidFeed] | Non
         return None
     if not 0 < len(feeds) <= max_feeds:
         return None
-    found = _fast_records(feeds, now_ns)
+    found: tuple[Sequence[ValidFeed], int] | None = _fast_columns(feeds, now_ns)
     if found is None:
-        return None
+        found = _fast_records(feeds, now_ns)
+        if found is None:
+            return None
     out, quotes = found
     if quotes != raw.count(b'"'):
         return None  # a duplicate key: let parse_body say
     return out
 
 
+def _metadata_keys_ok(metas: list[dict[str, MetaScalar]]) -> bool:
+    """Whether every key of these metadata objects has 1-64 characters (the decoder's type
+    leaves that to this check: a batch's records share a few keys)."""
+    keys: set[str] = set().union(*metas)
+    return not keys or (min(map(len, keys)) > 0
+                        and max(map(len, keys)) <= MAX_METADATA_KEY_CHARS)
+
+
 def _fast_number(value: object, *, positive: bool) -> Decimal | None:
     """A price (`positive`: > 0) or volume (>= 0) for the fast paths, by the rules of `_number`:
-    an int or a Decimal, at most MAX_NUMBER_DIGITS digits, finite as a float (the chained
-    comparisons also refuse NaN). None: the reference path decides."""
-    if type(value) is int:
+    an int or a Decimal (or a float literal's text), at most MAX_NUMBER_DIGITS digits, finite as
+    a float (the chained comparisons also refuse NaN). None: the reference path decides."""
+    if type(value) is _Literal or type(value) is int:
         number = Decimal(value)
     elif type(value) is Decimal:
         number = value
@@ -332,6 +378,215 @@ def _fast_timestamp(stamp: str, seconds: dict[str, int]) -> tuple[str, int] | No
     return (stamp if stamp[-1] == "Z" else whole + "Z"), base
 
 
+def _json_floats(meta: dict[str, Any]) -> bytes:
+    """The JSON of `meta` exactly as json.dumps writes it (compact, ensure_ascii=False), for
+    metadata from a backslash-free body: msgspec's, except that each float repr() writes with an
+    exponent is written by repr(), as json.dumps writes every float."""
+    fixed = dict(meta)
+    for key, value in meta.items():
+        if type(value) is float and not _PLAIN_FLOAT_MIN <= abs(value) < _PLAIN_FLOAT_MAX \
+                and value != 0.0:
+            fixed[key] = msgspec.Raw(float.__repr__(value).encode("ascii"))
+    return _MSGSPEC_ENCODE(fixed)
+
+
+def _json_may_differ(data: bytes) -> list[int]:
+    """Where msgspec's JSON of metadata objects may hold a float that json.dumps writes
+    differently (see _EXPONENT_RE): offsets into `data`. Other text may look alike (a string
+    `e-1`, a number `1.00001`), which only costs a closer look."""
+    found = [m.start() for m in _EXPONENT_RE.finditer(data)]
+    at = data.find(b".0000")
+    while at >= 0:
+        found.append(at)
+        at = data.find(b".0000", at + 5)
+    return found
+
+
+class FeedBatch(Sequence[ValidFeed]):
+    """The records of an all-valid batch, held by column (as `_fast_columns` builds them).
+
+    `batch[i]` is the ValidFeed every other path builds for record i; the storage backends read
+    the columns instead (SQLite the floats, PostgreSQL the decimal text), so that no dict (nor
+    Decimal) is made per record. Every record has a volume and a metadata object.
+    """
+
+    __slots__ = ("metadata", "metadata_json", "metadata_plain", "price_floats", "price_texts",
+                 "sources", "symbols", "timestamps", "timestamps_ns", "volume_floats",
+                 "volume_texts", "worker_ids")
+
+    def __init__(self, *, symbols: list[str], price_floats: list[float],
+                 price_texts: list[str], volume_floats: list[float], volume_texts: list[str],
+                 timestamps: list[str], timestamps_ns: list[int], sources: list[str],
+                 worker_ids: list[str], metadata: list[dict[str, MetaScalar]],
+                 metadata_json: list[str], metadata_plain: bool) -> None:
+        self.symbols = symbols
+        # str(price) of the record's Decimal price (which is Decimal(text): exact both ways),
+        # as PostgreSQL's COPY reads it, and float(price), as SQLite stores it
+        self.price_texts = price_texts
+        self.price_floats = price_floats
+        self.volume_texts = volume_texts
+        self.volume_floats = volume_floats
+        self.timestamps = timestamps
+        self.timestamps_ns = timestamps_ns
+        self.sources = sources
+        self.worker_ids = worker_ids
+        self.metadata = metadata
+        self.metadata_json = metadata_json
+        # whether no metadata text holds a tab, newline, carriage return or backslash (the
+        # other columns never do: they match strict patterns)
+        self.metadata_plain = metadata_plain
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    @overload
+    def __getitem__(self, index: int) -> ValidFeed: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[ValidFeed]: ...
+
+    def __getitem__(self, index: int | slice) -> ValidFeed | list[ValidFeed]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return {"symbol": self.symbols[index], "price": Decimal(self.price_texts[index]),
+                "volume": Decimal(self.volume_texts[index]), "timestamp": self.timestamps[index],
+                "timestamp_ns": self.timestamps_ns[index], "source": self.sources[index],
+                "worker_id": self.worker_ids[index], "metadata": self.metadata[index],
+                "metadata_json": self.metadata_json[index]}
+
+    def __iter__(self) -> Iterator[ValidFeed]:
+        for index in range(len(self.symbols)):
+            yield self[index]
+
+    def __repr__(self) -> str:
+        return f"<FeedBatch of {len(self)} records>"
+
+
+_GET_SYMBOL = attrgetter("symbol")
+_GET_PRICE = attrgetter("price")
+_GET_VOLUME = attrgetter("volume")
+_GET_TIMESTAMP = attrgetter("timestamp")
+_GET_SOURCE = attrgetter("source")
+_GET_WORKER_ID = attrgetter("worker_id")
+_GET_METADATA = attrgetter("metadata")
+_SECOND_OF = itemgetter(slice(0, 19))  # slices: a short string gives "", never IndexError
+_CHAR_19_OF = itemgetter(slice(19, 20))
+_FRACTION_OF = itemgetter(slice(20, -1))
+_LAST_CHAR_OF = itemgetter(slice(-1, None))
+_ONLY_LITERAL = {_Literal}
+_ONLY_DICT = {dict}
+_ONLY_DOT = {"."}
+_ONLY_Z = {"Z"}
+
+
+def _decimal_texts(literals: list[_Literal]) -> list[str]:
+    """str(Decimal(literal)) of each float literal. That is the literal itself unless it has an
+    exponent or its first significant digit comes 7 or more places after the point (then str()
+    writes an exponent: `0.0000001` -> `1E-7`); a literal holding `0.000000` anywhere is
+    converted, which is only slower."""
+    every = "".join(literals)
+    if "e" in every or "E" in every or "0.000000" in every:
+        return list(map(str, map(Decimal, literals)))
+    return list(literals)  # (str subclasses: as good as str to join, and not copied)
+
+
+def _fast_columns(feeds: list[_FastRecord], now_ns: int) -> tuple[FeedBatch, int] | None:
+    """`_fast_records` for the ordinary batch, a column at a time in C loops (map, set, min,
+    max, join), or None: then `_fast_records` decides. Ordinary means: every price and volume a
+    float literal, every timestamp `YYYY-MM-DDTHH:MM:SS.<1-9 digits>Z`, every metadata an object.
+    The rules, the records and the quote count are `_fast_records`'s.
+    """
+    n = len(feeds)
+    symbols = list(map(_GET_SYMBOL, feeds))
+    sources = list(map(_GET_SOURCE, feeds))
+    worker_ids = list(map(_GET_WORKER_ID, feeds))
+    for symbol in {*symbols}:  # records of a batch share a few symbols and names
+        if _SYMBOL_RE.fullmatch(symbol) is None:
+            return None
+    for name in {*sources, *worker_ids}:
+        if _NAME_RE.fullmatch(name) is None:
+            return None
+
+    # Numbers: `_fast_number`'s rules, on float literals' text. A literal has at least as many
+    # characters as digits: one of at most MAX_NUMBER_DIGITS characters is short enough (longer:
+    # `_fast_records` counts). float(text) is float(Decimal(text)): both are the double nearest
+    # to the literal's exact value (and never NaN).
+    prices: list[_Literal] = list(map(_GET_PRICE, feeds))
+    volumes: list[_Literal] = list(map(_GET_VOLUME, feeds))
+    if {*map(type, prices)} != _ONLY_LITERAL or {*map(type, volumes)} != _ONLY_LITERAL:
+        return None
+    if max(map(len, prices)) > MAX_NUMBER_DIGITS or max(map(len, volumes)) > MAX_NUMBER_DIGITS:
+        return None
+    price_floats = list(map(float, prices))
+    volume_floats = list(map(float, volumes))
+    if not (min(price_floats) > 0.0 and max(price_floats) < math.inf
+            and min(volume_floats) >= 0.0 and max(volume_floats) < math.inf):
+        return None
+
+    # Timestamps: what `_fast_timestamp` accepts as canonical already, `<second>.<fraction>Z`
+    # (the second matched once per distinct second, the fraction 1-9 ASCII digits), read the
+    # same way: epoch ns of the second + the fraction in ns.
+    stamps: list[str] = list(map(_GET_TIMESTAMP, feeds))
+    if {*map(_LAST_CHAR_OF, stamps)} != _ONLY_Z or {*map(_CHAR_19_OF, stamps)} != _ONLY_DOT:
+        return None
+    fractions = list(map(_FRACTION_OF, stamps))
+    digits = list(map(len, fractions))
+    if min(digits) < 1 or max(digits) > 9:
+        return None
+    every_fraction = "".join(fractions)
+    if not (every_fraction.isascii() and every_fraction.isdigit()):
+        return None
+    seconds = list(map(_SECOND_OF, stamps))
+    second_ns: dict[str, int] = {}
+    for second in {*seconds}:
+        if _SECOND_RE.fullmatch(second) is None:
+            return None
+        try:
+            second_ns[second] = parse_iso(second + "Z")[1]
+        except ValueError:
+            return None
+    # (one length of fraction, one second: the usual batch, and the cheaper loops)
+    scales = (repeat(_FRACTION_SCALE[digits[0]]) if min(digits) == max(digits)
+              else map(_FRACTION_SCALE.__getitem__, digits))
+    bases = repeat(second_ns[seconds[0]]) if len(second_ns) == 1 \
+        else map(second_ns.__getitem__, seconds)
+    stamps_ns = list(map(add, bases, map(mul, map(int, fractions), scales)))
+    if min(stamps_ns) < MIN_EVENT_NS or max(stamps_ns) > now_ns + MAX_FUTURE_SKEW_NS:
+        return None
+
+    # Metadata: msgspec's JSON, measured as `_fast_records` measures it; json.dumps's where a
+    # float needs it (rare: the whole batch is looked at once, then only records that may).
+    metas: list[dict[str, MetaScalar]] = list(map(_GET_METADATA, feeds))
+    if {*map(type, metas)} != _ONLY_DICT or not _metadata_keys_ok(metas):
+        return None
+    blobs = list(map(_MSGSPEC_ENCODE, metas))
+    if max(map(len, blobs)) > MAX_METADATA_JSON_BYTES:
+        return None
+    # One text to scan (no pattern below can span two objects: they touch at `}{`).
+    joined = b"".join(blobs)
+    # the body's "feeds"; per record 18 (as `_fast_records`), "volume" and "metadata" keys, and
+    # the metadata's own
+    quotes = 2 + 22 * n + joined.count(b'"')
+    suspects = _json_may_differ(joined)
+    if suspects:
+        # record i's text ends just before offset ends[i]
+        ends = list(accumulate(map(len, blobs)))
+        for index in {bisect_right(ends, at) for at in suspects}:
+            data = _json_floats(metas[index])
+            if len(data) > MAX_METADATA_JSON_BYTES:
+                return None
+            blobs[index] = data
+    # (before any float was rewritten above: that changes digits only)
+    plain = not (b"\\" in joined or b"\t" in joined or b"\n" in joined or b"\r" in joined)
+    batch = FeedBatch(symbols=symbols, price_floats=price_floats,
+                      price_texts=_decimal_texts(prices), volume_floats=volume_floats,
+                      volume_texts=_decimal_texts(volumes), timestamps=stamps,
+                      timestamps_ns=stamps_ns, sources=sources, worker_ids=worker_ids,
+                      metadata=metas, metadata_json=list(map(bytes.decode, blobs)),
+                      metadata_plain=plain)
+    return batch, quotes
+
+
 def _fast_records(feeds: list[_FastRecord], now_ns: int) -> tuple[list[ValidFeed], int] | None:
     """The records of `_fast_body` and the number of `"` its strings take as JSON, or None.
 
@@ -355,6 +610,7 @@ def _fast_records(feeds: list[_FastRecord], now_ns: int) -> tuple[list[ValidFeed
     # The body's "feeds"; each record's five required keys and four string values (a price
     # or volume that is a string is refused below). Metadata counts itself as msgspec writes it.
     quotes = 2 + 18 * len(feeds)
+    metas: list[dict[str, MetaScalar]] = []  # for `_metadata_keys_ok`
     for item in feeds:
         symbol = item.symbol
         source = item.source
@@ -395,22 +651,25 @@ def _fast_records(feeds: list[_FastRecord], now_ns: int) -> tuple[list[ValidFeed
             meta = {}
             text = "{}"
         else:
+            metas.append(meta)
             data = encode(meta)
             quotes += 2 + data.count(b'"')
             if len(data) > max_meta_bytes:
                 return None  # (json.dumps may write it shorter: let the stdlib path measure)
-            text = data.decode("utf-8")
             for value in meta.values():
                 if type(value) is float and not plain_min <= abs(value) < plain_max \
                         and value != 0.0:
-                    text = _META_JSON(meta)
-                    if len(text.encode("utf-8")) > max_meta_bytes:
+                    data = _json_floats(meta)
+                    if len(data) > max_meta_bytes:
                         return None
                     break
+            text = data.decode("utf-8")
         feed: ValidFeed = {"symbol": symbol, "price": price, "volume": volume, "timestamp": canon,
                            "timestamp_ns": ns, "source": source, "worker_id": worker_id,
                            "metadata": meta, "metadata_json": text}
         append(feed)
+    if not _metadata_keys_ok(metas):
+        return None
     return out, quotes
 
 

@@ -27,7 +27,7 @@ from psycopg_pool import ConnectionPool
 
 from collectors.errors import StorageError
 from collectors.ingest.storage.base import LatestRow, Outcome, SourceSummary, StoreResult
-from collectors.ingest.validate import MetaScalar, ValidFeed
+from collectors.ingest.validate import FeedBatch, MetaScalar, ValidFeed
 
 CONNECT_TIMEOUT_S = 5  # a database that does not answer in 5 s is down: fail, let callers retry
 STATEMENT_TIMEOUT_MS = 15_000  # under the collectors' POST timeout, so they see a 503, not a hang
@@ -270,6 +270,16 @@ def _copy_payload(feeds: Sequence[ValidFeed]) -> str | None:
     the timestamp is canonical ASCII), Decimals and compact JSON whose only COPY-special
     character can be a backslash (JSON escapes tabs and newlines itself).
     """
+    if isinstance(feeds, FeedBatch) and feeds.metadata_plain:
+        # The same lines from its columns: its texts are str() of the records' Decimals, which
+        # is what the f-string below writes, and every volume is present. (A metadata text with
+        # a COPY-special character takes the record path; a FeedBatch comes from a body without
+        # backslashes, so there is none.)
+        rows = zip(feeds.symbols, feeds.price_texts, feeds.volume_texts, feeds.timestamps,
+                   feeds.sources, feeds.worker_ids, feeds.metadata_json, strict=True)
+        lines = list(map("\t".join, rows))
+        lines.append("")  # the last line's newline
+        return "\n".join(lines)
     try:
         plain = "".join([f["symbol"] + f["timestamp"] + f["source"] + f["worker_id"]
                          for f in feeds])
