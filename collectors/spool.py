@@ -225,6 +225,22 @@ def _verify(payload: bytes, n: int, crcs: bytes) -> tuple[list[bytes], list[byte
     return good, bad
 
 
+def _last_record_id(row: tuple[object, ...]) -> int:
+    """The last record id a waiting row read as (id, appended_ns, n, ...) covers."""
+    rid, n, crcs, payload = row[0], row[2], row[4], row[5]
+    if not isinstance(rid, int):
+        return 0
+    if isinstance(n, int) and isinstance(crcs, bytes) and isinstance(payload, bytes) and _framed(
+            payload, n, crcs):
+        return rid + n - 1
+    return rid  # a size that does not agree with itself is not trusted
+
+
+def _framed(payload: bytes, n: int, crcs: bytes) -> bool:
+    """Whether a stored row's parts agree on its size: `n` records, `n` CRCs, `n` pieces."""
+    return n > 0 and len(crcs) == 4 * n and payload.count(_NL) == n - 1
+
+
 def _size(payload: bytes, n: int) -> int:
     """The records' own bytes in a stored payload (what max_bytes bounds)."""
     return len(payload) - (n - 1) if n > 0 else 0
@@ -275,10 +291,9 @@ class _Salvage:
     """What was copied out of a damaged database."""
 
     salvaged: int = 0  # records copied over (waiting, claimed or put back)
-    total: int | None = 0  # records the damaged file says it held (None: unreadable)
-    skipped: int = 0  # records in rows that could not be read at all (lower bound)
-    unknown: bool = False  # some loss could not be counted
-    bad: list[bytes] = field(default_factory=list)  # read, but failed their checksum
+    lost: int = 0  # records counted lost: unreadable, or failing their checksum
+    unknown: bool = False  # some loss could not be counted (`lost` is then a lower bound)
+    bad: list[bytes] = field(default_factory=list)  # pieces read that failed their checksum
     put_back: list[bytes] = field(default_factory=list)  # verified records of damaged batches
     put_back_ns: int | None = None
     kept: int = 0  # claimed batches kept whole, with their key
@@ -986,7 +1001,7 @@ class Spool:
         with self._write_lock, self._txn(conn, "salvage"):
             src = spool_repair.open_damaged(aside, _BUSY_TIMEOUT_S)
             if src is None:
-                found.total, found.unknown = None, True
+                found.unknown = True
             else:
                 try:
                     self._copy_damaged(src, conn, found)
@@ -1006,10 +1021,7 @@ class Spool:
             if aside_wal.stat().st_size == 0:
                 aside_wal.unlink()
 
-        if found.total is not None:
-            lost = max(0, found.total - found.salvaged)
-        else:
-            lost = found.skipped + len(found.bad)
+        lost = found.lost
         self._corrupt_lost_total += lost
         log.error(
             "spool_corrupt",
@@ -1019,7 +1031,7 @@ class Spool:
                 "problem": problem,
                 "salvaged_records": found.salvaged,
                 "lost_records": lost,
-                "lost_unknown": found.unknown and found.total is None,
+                "lost_unknown": found.unknown,
                 "dead_lettered_records": len(found.bad),
                 "batches_kept": found.kept,
                 "batches_rekeyed": found.rekeyed,
@@ -1028,123 +1040,166 @@ class Spool:
 
     def _copy_damaged(self, src: sqlite3.Connection, dst: sqlite3.Connection,
                       found: _Salvage) -> None:
-        """Copy every verifiable record of the damaged database `src` into `dst`."""
+        """Copy every verifiable record of the damaged database `src` into `dst`, and count
+        what is lost.
+
+        Sizes read from a damaged row are not trusted: garbage can parse as a row. A row's `n`
+        counts only when its framing agrees with it (as many CRCs and newline-separated pieces
+        as `n`). Waiting rows' ids are record sequence numbers without gaps, so what lies
+        between two trusted rows is counted exactly by their ids; the copy renumbers the rows it
+        keeps, so the new spool has no gaps either.
+        """
         tables = spool_repair.table_names(src)
         if tables is None or not tables & {"waiting", "claimed", "records"}:
-            found.total, found.unknown = None, True
+            found.unknown = True
             return
-
-        def add_total(sql: str) -> None:
-            ok, value = spool_repair.query_int(src, sql)
-            if not ok or value is None:
-                found.total = None
-            elif found.total is not None:
-                found.total += value
-
         if "claimed" in tables:
-            add_total("SELECT coalesce(sum(n), 0) FROM claimed")
-
-            def claimed_row(row: tuple[object, ...]) -> None:
-                rid, key, n, attempts, created_ns, claimed_ns, crc, crcs, payload = row
-                ints = (rid, n, attempts, created_ns, claimed_ns)
-                if not (all(isinstance(v, int) for v in ints) and isinstance(key, str)
-                        and isinstance(crcs, bytes) and isinstance(payload, bytes)):
-                    found.unknown = True
-                    return
-                assert isinstance(n, int) and isinstance(created_ns, int)
-                if _intact(payload, n, crc, crcs):
-                    found.salvaged += n
-                    dst.execute("INSERT INTO claimed (id, key, n, attempts, created_ns,"
-                                " claimed_ns, crc32, crcs, payload)"
-                                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                (rid, key, n, attempts, created_ns, claimed_ns, crc, crcs,
-                                 payload))
-                    found.kept += 1
-                    return
-                good, bad = _verify(payload, n, crcs)
-                found.bad += bad
-                found.salvaged += len(good)
-                found.put_back += good
-                found.rekeyed += 1
-                found.put_back_ns = min(created_ns, found.put_back_ns or created_ns)
-
-            read = spool_repair.read_table(
-                src, "claimed",
-                "id, key, n, attempts, created_ns, claimed_ns, crc32, crcs, payload",
-                claimed_row)
-            if read.skipped_ids or read.tail_unknown:
-                found.unknown = True  # claimed ids count batches, not records
+            self._copy_damaged_claimed(src, dst, found)
         if "waiting" in tables:
-            add_total("SELECT coalesce(sum(n), 0) FROM waiting")
-            # Row ids are record sequence numbers: a gap between the end of one row read and
-            # the next row read is exactly the records of the rows that could not be read.
-            ok, expected = spool_repair.query_int(src, "SELECT min(id) FROM waiting")
-            ok_max, last_id = spool_repair.query_int(src, "SELECT max(id) FROM waiting")
-            found.unknown |= not (ok and ok_max)
-            end: int | None = expected
-
-            def waiting_row(row: tuple[object, ...]) -> None:
-                nonlocal end
-                rid, appended_ns, n, crc, crcs, payload = row
-                if not (isinstance(rid, int) and isinstance(appended_ns, int)
-                        and isinstance(n, int) and n > 0 and isinstance(crcs, bytes)
-                        and isinstance(payload, bytes)):
-                    found.unknown = True
-                    return
-                if end is not None and rid > end:
-                    found.skipped += rid - end
-                end = rid + n
-                if _intact(payload, n, crc, crcs):
-                    found.salvaged += n
-                    dst.execute("INSERT INTO waiting (id, appended_ns, n, crc32, crcs, payload)"
-                                " VALUES (?, ?, ?, ?, ?, ?)", (rid, appended_ns, n, crc, crcs,
-                                                               payload))
-                    return
-                good, bad = _verify(payload, n, crcs)
-                found.bad += bad
-                found.salvaged += len(good)
-                if good:
-                    self._insert_row(dst, rid, appended_ns, good)
-
-            read = spool_repair.read_table(
-                src, "waiting", "id, appended_ns, n, crc32, crcs, payload", waiting_row)
-            if last_id is not None and end is not None and last_id >= end:
-                found.skipped += last_id - end + 1  # the last row alone counts at least one
-                found.unknown = True  # the last rows' own sizes could not be read
-            elif last_id is None or read.tail_unknown:
-                # The end of the table is out of reach: the ids the reader jumped over are
-                # all the estimate there is.
-                found.skipped = max(found.skipped, read.skipped_ids)
-                found.unknown = True
-        if "records" in tables:  # a damaged version 1 spool: a row per record
-            add_total("SELECT count(*) FROM records")
-            batch_ids: set[int] = set()
-
-            def v1_row(row: tuple[object, ...]) -> None:
-                rid, appended_ns, batch_id, crc, payload = row
-                if not (isinstance(rid, int) and isinstance(appended_ns, int)
-                        and isinstance(crc, int) and isinstance(payload, bytes)):
-                    found.skipped += 1
-                    return
-                if isinstance(batch_id, int):
-                    batch_ids.add(batch_id)
-                if zlib.crc32(payload) != crc or _NL in payload:
-                    found.bad.append(payload)
-                    return
-                found.salvaged += 1
-                self._insert_row(dst, rid, appended_ns, [payload])
-
-            read = spool_repair.read_table(
-                src, "records", "id, appended_ns, batch_id, crc32, payload", v1_row)
-            found.skipped += read.skipped_ids
-            found.unknown |= read.tail_unknown
-            found.rekeyed += len(batch_ids)  # version 1 batches are re-sent under new keys
+            self._copy_damaged_waiting(src, dst, found)
+        if "records" in tables:
+            self._copy_damaged_v1(src, dst, found)
         if "marks" in tables:
             with contextlib.suppress(sqlite3.DatabaseError):
                 dst.executemany(
                     "INSERT OR IGNORE INTO marks (key, value) VALUES (?, ?)",
                     [(k, v) for k, v in src.execute("SELECT key, value FROM marks")
                      if isinstance(k, str) and isinstance(v, int)])
+
+    def _copy_damaged_claimed(self, src: sqlite3.Connection, dst: sqlite3.Connection,
+                              found: _Salvage) -> None:
+        handled: set[int] = set()
+
+        def claimed_row(row: tuple[object, ...]) -> None:
+            rid, key, n, attempts, created_ns, claimed_ns, crc, crcs, payload = row
+            ints = (rid, n, attempts, created_ns, claimed_ns)
+            if not (all(isinstance(v, int) for v in ints) and isinstance(key, str)
+                    and isinstance(crcs, bytes) and isinstance(payload, bytes)):
+                return  # counted below, from its header if that still reads
+            assert isinstance(rid, int) and isinstance(n, int) and isinstance(created_ns, int)
+            handled.add(rid)
+            if _intact(payload, n, crc, crcs):
+                found.salvaged += n
+                dst.execute("INSERT INTO claimed (id, key, n, attempts, created_ns, claimed_ns,"
+                            " crc32, crcs, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (rid, key, n, attempts, created_ns, claimed_ns, crc, crcs, payload))
+                found.kept += 1
+                return
+            good, bad = _verify(payload, n, crcs)
+            found.bad += bad
+            found.salvaged += len(good)
+            if _framed(payload, n, crcs):
+                found.lost += len(bad)
+            else:
+                found.unknown = True
+            found.put_back += good
+            found.rekeyed += 1
+            found.put_back_ns = min(created_ns, found.put_back_ns or created_ns)
+
+        spool_repair.read_table(
+            src, "claimed", "id, key, n, attempts, created_ns, claimed_ns, crc32, crcs, payload",
+            claimed_row)
+        # A batch whose row cannot be read whole is lost as a whole: its size counts when its
+        # header still reads and agrees with itself.
+        try:
+            ids = [r[0] for r in src.execute("SELECT id FROM claimed")]
+        except sqlite3.DatabaseError:
+            found.unknown = True
+            ids = []
+        for rid in ids:
+            if not isinstance(rid, int) or rid in handled:
+                continue
+            try:
+                row = src.execute("SELECT n, length(crcs) FROM claimed WHERE id = ?",
+                                  (rid,)).fetchone()
+            except sqlite3.DatabaseError:
+                row = None
+            if row is not None and isinstance(row[0], int) and row[0] > 0 and row[1] == 4 * row[0]:
+                found.lost += row[0]
+            else:
+                found.unknown = True
+
+    def _copy_damaged_waiting(self, src: sqlite3.Connection, dst: sqlite3.Connection,
+                              found: _Salvage) -> None:
+        ok_min, first_id = spool_repair.query_int(src, "SELECT min(id) FROM waiting")
+        ok_max, last_id = spool_repair.query_int(src, "SELECT max(id) FROM waiting")
+        found.unknown |= not (ok_min and ok_max)
+        end: int | None = first_id  # the id after the last trusted row
+        between = 0  # records salvaged from untrusted rows since the last trusted one
+        gaps = 0  # records missing between trusted rows
+        next_id = first_id if first_id is not None else 1  # the copy's own numbering
+
+        def waiting_row(row: tuple[object, ...]) -> None:
+            nonlocal end, between, next_id, gaps
+            rid, appended_ns, n, crc, crcs, payload = row
+            if not (isinstance(rid, int) and isinstance(appended_ns, int)
+                    and isinstance(n, int) and isinstance(crcs, bytes)
+                    and isinstance(payload, bytes)):
+                return
+            good: list[bytes]
+            bad: list[bytes] = []
+            if _intact(payload, n, crc, crcs):
+                good = payload.split(_NL)
+            else:
+                good, bad = _verify(payload, n, crcs)
+                found.bad += bad
+            if good:
+                self._insert_row(dst, next_id, appended_ns, good)
+                next_id += len(good)
+                found.salvaged += len(good)
+            if not _framed(payload, n, crcs) or (end is not None and rid < end):
+                between += len(good)  # its size is not trusted: the ids around it count
+                return
+            if end is not None:
+                gaps += max(0, rid - end - between)
+            found.lost += len(bad)
+            between = 0
+            end = rid + n
+
+        read = spool_repair.read_table(
+            src, "waiting", "id, appended_ns, n, crc32, crcs, payload", waiting_row,
+            last_id_of=_last_record_id)
+        if last_id is not None and end is not None and last_id >= end:
+            gaps += max(0, last_id - end + 1 - between)  # the last rows: 1 record at least
+            found.unknown = True
+        # The reader's count of the ids it jumped over is a lower bound as well (it misses the
+        # size of the last row before a damaged region); it is all there is when the table's
+        # end cannot be read.
+        found.lost += max(gaps, read.skipped_ids)
+        found.unknown |= read.tail_unknown or read.head_unknown
+
+    def _copy_damaged_v1(self, src: sqlite3.Connection, dst: sqlite3.Connection,
+                         found: _Salvage) -> None:
+        """A damaged version 1 spool: a row per record, each record's checksum beside it. Its
+        batches are re-sent under new keys."""
+        ok, count = spool_repair.query_int(src, "SELECT count(*) FROM records")
+        batch_ids: set[int] = set()
+        salvaged = bad_records = 0
+
+        def v1_row(row: tuple[object, ...]) -> None:
+            nonlocal salvaged, bad_records
+            rid, appended_ns, batch_id, crc, payload = row
+            if not (isinstance(rid, int) and isinstance(appended_ns, int)
+                    and isinstance(crc, int) and isinstance(payload, bytes)):
+                return
+            if isinstance(batch_id, int):
+                batch_ids.add(batch_id)
+            if zlib.crc32(payload) != crc or _NL in payload:
+                found.bad.append(payload)
+                bad_records += 1
+                return
+            salvaged += 1
+            self._insert_waiting(dst, [payload], appended_ns)
+
+        read = spool_repair.read_table(
+            src, "records", "id, appended_ns, batch_id, crc32, payload", v1_row)
+        found.salvaged += salvaged
+        if ok and count is not None:
+            found.lost += max(0, count - salvaged)
+        else:
+            found.lost += read.skipped_ids + bad_records
+            found.unknown |= read.tail_unknown or read.head_unknown
+        found.rekeyed += len(batch_ids)  # version 1 batches are re-sent under new keys
 
     # ------------------------------------------------------------------ transactions
 

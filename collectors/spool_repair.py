@@ -206,18 +206,27 @@ class TableRead:
     """What `read_table` could reach."""
 
     rows: int = 0               # rows handed to the callback
-    skipped_ids: int = 0        # ids jumped over in unreadable regions (an upper bound)
+    skipped_ids: int = 0        # ids jumped over in unreadable regions (a lower bound)
     tail_unknown: bool = False  # the end of the table could not be reached
+    head_unknown: bool = False  # the start of the table could not be read (not counted)
 
 
 def read_table(conn: sqlite3.Connection, table: str, columns: str,
-               on_row: Callable[[tuple[object, ...]], None]) -> TableRead:
+               on_row: Callable[[tuple[object, ...]], None],
+               last_id_of: Callable[[tuple[object, ...]], int] | None = None) -> TableRead:
     """Hand every row of `table` still readable to `on_row`, in id order (`columns` starts
-    with `id`). Unreadable regions are skipped with O(log n) probes and counted in ids."""
+    with `id`). Unreadable regions are skipped with O(log n) probes and counted in ids.
+
+    `last_id_of(row)` is the last id a row covers when a row stands for a range of ids (a
+    chunk of records numbered from its id); by default a row covers its own id.
+    """
     read = TableRead()
     ok, max_id = query_int(conn, f"SELECT max(id) FROM {table}")
     max_id = max_id if ok else None
-    after = _MIN_ROWID  # ids may be negative (records put back in front of the others)
+    ok, min_id = query_int(conn, f"SELECT min(id) FROM {table}")
+    # Ids may be negative (records put back in front of the others). When the first id cannot
+    # be read, the gap before the first readable row cannot be counted.
+    after = min_id - 1 if ok and min_id is not None else _MIN_ROWID
     failed_at: int | None = None  # `after` at the previous read error
     while True:
         start = after
@@ -226,7 +235,7 @@ def read_table(conn: sqlite3.Connection, table: str, columns: str,
                     f"SELECT {columns} FROM {table} WHERE id > ? ORDER BY id", (after,)):
                 rid = row[0]
                 if isinstance(rid, int):
-                    after = rid
+                    after = rid if last_id_of is None else max(rid, last_id_of(row))
                 on_row(tuple(row))
                 read.rows += 1
             return read
@@ -237,17 +246,21 @@ def read_table(conn: sqlite3.Connection, table: str, columns: str,
             read.tail_unknown = True
             return read
         probe, next_id = nxt
-        if next_id is None:
+        if after == _MIN_ROWID:
+            read.head_unknown = True  # how many ids precede the first readable one is unknown
+        elif next_id is None:
             end = probe if max_id is None else min(probe, max_id + 1)
             read.skipped_ids += max(0, end - after - 1)
-            return read
-        if next_id == after + 1 and failed_at == after and start == after:
+        elif next_id == after + 1 and failed_at == after and start == after:
             # Its key is readable but its content is not: skip this one row.
             read.skipped_ids += 1
             after = next_id
             continue
+        else:
+            read.skipped_ids += probe - after - 1
+        if next_id is None:
+            return read
         failed_at = after
-        read.skipped_ids += probe - after - 1
         after = next_id - 1
 
 
