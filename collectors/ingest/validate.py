@@ -6,7 +6,10 @@ other defect is a `Problem` (record index, field, what is wrong) and the whole b
 Numbers are parsed as `Decimal`, so a price is stored exactly as the collector wrote it where the
 backend can hold that (PostgreSQL `numeric`). JSON's non-standard `NaN`/`Infinity` literals never
 become floats: they parse to a marker that validation reports against the record and field that
-carried it (a 422 naming the field is more useful to the sender than a bare 400).
+carried it (a 422 naming the field is more useful to the sender than a bare 400). So do float
+literals that no Decimal holds (an exponent beyond the decimal module's range, such as
+`1e999999999999999999999`): they are judged by the float they denote, an infinity or a zero, as
+`1e400` and `1e-400` are.
 """
 
 from __future__ import annotations
@@ -107,6 +110,36 @@ class _NonFinite:
         self.literal = literal
 
 
+class _Unholdable:
+    """What a JSON float literal parses to when `Decimal(literal)` fails (InvalidOperation: an
+    exponent beyond the decimal module's range, e.g. `1e999999999999999999999`): never a
+    Decimal. `float()` of it is the float the literal denotes, an infinity or a (signed) zero,
+    which validation judges it by, as it judges `1e400` and `1e-400`."""
+
+    __slots__ = ("literal",)
+
+    def __init__(self, literal: str) -> None:
+        self.literal = literal
+
+    def __float__(self) -> float:
+        return float(self.literal)
+
+    @property
+    def digits(self) -> int:
+        """How many digits `Decimal(literal).as_tuple().digits` would have."""
+        coefficient = self.literal.lower().lstrip("-").partition("e")[0].replace(".", "")
+        return len(coefficient.lstrip("0")) or 1
+
+
+def _decimal_or_unholdable(literal: str) -> Decimal | _Unholdable:
+    """json's `parse_float`: the literal's exact Decimal, or an `_Unholdable` (a 422 naming the
+    record and field, never an exception out of `parse_body`)."""
+    try:
+        return Decimal(literal)
+    except (ArithmeticError, ValueError):  # InvalidOperation (and OverflowError)
+        return _Unholdable(literal)
+
+
 class _DuplicateKeyError(ValueError):
     pass
 
@@ -140,7 +173,7 @@ def parse_body(raw: bytes) -> object:
     except UnicodeDecodeError:
         raise BodyError(400, "Malformed JSON", "the body is not valid UTF-8") from None
     try:
-        return json.loads(text, parse_float=Decimal, parse_constant=_NonFinite,
+        return json.loads(text, parse_float=_decimal_or_unholdable, parse_constant=_NonFinite,
                           object_pairs_hook=_pairs_to_dict)
     except _DuplicateKeyError as exc:
         raise BodyError(400, "Malformed JSON", str(exc)) from None
@@ -337,7 +370,10 @@ def _fast_number(value: object, *, positive: bool) -> Decimal | None:
     an int or a Decimal (or a float literal's text), at most MAX_NUMBER_DIGITS digits, finite as
     a float (the chained comparisons also refuse NaN). None: the reference path decides."""
     if type(value) is _Literal or type(value) is int:
-        number = Decimal(value)
+        try:
+            number = Decimal(value)
+        except (ArithmeticError, ValueError):  # a literal no Decimal holds: `_number` says
+            return None
     elif type(value) is Decimal:
         number = value
     else:
@@ -479,14 +515,22 @@ _ONLY_DOT = {"."}
 _ONLY_Z = {"Z"}
 
 
-def _decimal_texts(literals: list[_Literal]) -> list[str]:
+def _decimal_texts(literals: list[_Literal]) -> list[str] | None:
     """str(Decimal(literal)) of each float literal. That is the literal itself unless it has an
     exponent or its first significant digit comes 7 or more places after the point (then str()
     writes an exponent: `0.0000001` -> `1E-7`); a literal holding `0.000000` anywhere is
-    converted, which is only slower."""
+    converted, which is only slower. None if a literal has no Decimal (an exponent beyond the
+    decimal module's range, such as `1e-999999999999999999999`, whose float is a mere 0.0)."""
     every = "".join(literals)
     if "e" in every or "E" in every or "0.000000" in every:
-        return list(map(str, map(Decimal, literals)))
+        try:
+            numbers = list(map(Decimal, literals))
+        except (ArithmeticError, ValueError):
+            return None
+        # (a context not trapping InvalidOperation makes such a literal NaN instead)
+        if not all(map(Decimal.is_finite, numbers)):
+            return None
+        return list(map(str, numbers))
     return list(literals)  # (str subclasses: as good as str to join, and not copied)
 
 
@@ -521,6 +565,10 @@ def _fast_columns(feeds: list[_FastRecord], now_ns: int) -> tuple[FeedBatch, int
     volume_floats = list(map(float, volumes))
     if not (min(price_floats) > 0.0 and max(price_floats) < math.inf
             and min(volume_floats) >= 0.0 and max(volume_floats) < math.inf):
+        return None
+    price_texts = _decimal_texts(prices)
+    volume_texts = _decimal_texts(volumes)
+    if price_texts is None or volume_texts is None:
         return None
 
     # Timestamps: what `_fast_timestamp` accepts as canonical already, `<second>.<fraction>Z`
@@ -579,8 +627,8 @@ def _fast_columns(feeds: list[_FastRecord], now_ns: int) -> tuple[FeedBatch, int
     # (before any float was rewritten above: that changes digits only)
     plain = not (b"\\" in joined or b"\t" in joined or b"\n" in joined or b"\r" in joined)
     batch = FeedBatch(symbols=symbols, price_floats=price_floats,
-                      price_texts=_decimal_texts(prices), volume_floats=volume_floats,
-                      volume_texts=_decimal_texts(volumes), timestamps=stamps,
+                      price_texts=price_texts, volume_floats=volume_floats,
+                      volume_texts=volume_texts, timestamps=stamps,
                       timestamps_ns=stamps_ns, sources=sources, worker_ids=worker_ids,
                       metadata=metas, metadata_json=list(map(bytes.decode, blobs)),
                       metadata_plain=plain)
@@ -814,6 +862,9 @@ def _number(index: int, field: str, value: object, out: list[Problem], *, requir
     if isinstance(value, _NonFinite):
         out.append(Problem(index, field, f"{value.literal} is not a finite number"))
         return None
+    if isinstance(value, _Unholdable):
+        out.append(Problem(index, field, _unholdable_problem(value, positive=positive)))
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
         out.append(Problem(index, field, f"must be a JSON number, not {_kind(value)}"))
         return None
@@ -832,6 +883,24 @@ def _number(index: int, field: str, value: object, out: list[Problem], *, requir
         out.append(Problem(index, field, f"must not be negative, got {_short(number)}"))
         return None
     return number
+
+
+def _unholdable_problem(value: _Unholdable, *, positive: bool) -> str:
+    """What `_number` says of a price or volume literal no Decimal holds: the rule it breaks,
+    checked in `_number`'s order, by the float it denotes (an infinity or a zero), as for
+    `1e400` and `1e-400`. A volume such as `1e-999999999999999999999` (a zero as a float, but
+    not a zero) breaks no other rule; it is refused too, since the exact decimal the sender
+    wrote cannot be stored."""
+    if value.digits > MAX_NUMBER_DIGITS:
+        return f"more than {MAX_NUMBER_DIGITS} significant digits"
+    as_float = float(value)
+    if not math.isfinite(as_float):
+        return "is not a finite 64-bit number"
+    if positive and not as_float > 0:
+        return f"must be greater than 0, got {_short(value.literal)}"
+    if not positive and as_float < 0:
+        return f"must not be negative, got {_short(value.literal)}"
+    return f"{_short(value.literal)} has an exponent beyond what can be stored exactly"
 
 
 def _timestamp(index: int, value: object, now_ns: int,
@@ -927,7 +996,8 @@ def _meta_scalar(index: int, field: str, item: object,
             out.append(Problem(index, field, "string contains NUL or unpaired surrogates"))
             return _INVALID
         return item
-    if isinstance(item, Decimal):
+    if isinstance(item, (Decimal, _Unholdable)):
+        # (an _Unholdable is judged by its float too: an infinity is refused, a zero kept)
         as_float = float(item)
         if not math.isfinite(as_float):
             out.append(Problem(index, field, "is not a finite 64-bit number"))
@@ -957,7 +1027,7 @@ def _kind(value: object) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
-    if isinstance(value, (int, Decimal, _NonFinite)):
+    if isinstance(value, (int, Decimal, _NonFinite, _Unholdable)):
         return "a number"
     if isinstance(value, str):
         return "a string"
@@ -979,6 +1049,6 @@ def _show_key(key: str) -> str:
     return key if len(key) <= 64 and key.isprintable() else _show(key)
 
 
-def _short(number: Decimal) -> str:
+def _short(number: Decimal | str) -> str:
     text = str(number)
     return text if len(text) <= 40 else text[:37] + "..."

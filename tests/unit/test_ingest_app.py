@@ -500,6 +500,48 @@ def test_wsgi_length_rules(tmp_path: Path) -> None:
         storage.close()
 
 
+def _with_raw_value(field: str, literal: str) -> bytes:
+    """[valid, valid with `literal` as the raw JSON of `field` (a price, volume or metadata
+    value)], written as the collectors write JSON (compact) or as json.dumps does."""
+    key = field.partition(".")[2]
+    bad = make_feed(**({"metadata": {key: "@n@"}} if key else {field: "@n@"}))
+    text = json.dumps({"feeds": [make_feed(), bad]}).replace('"@n@"', literal)
+    return text.encode()
+
+
+@pytest.mark.parametrize("literal", [
+    "1e999999999999999999999", "-1e999999999999999999999", "1E+999999999999999999999",
+    "1e-999999999999999999999", "-1e-999999999999999999999", "1" + "0" * 400,
+])
+@pytest.mark.parametrize("field", ["price", "volume", "metadata.bid"])
+def test_wsgi_numbers_beyond_decimal_range_are_422(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                   field: str, literal: str) -> None:
+    # Decimal(literal) raises InvalidOperation for the exponents: that was an unhandled 500.
+    caplog.set_level(logging.DEBUG)
+    body = _with_raw_value(field, literal)
+    for raw in (body, body.replace(b": ", b":").replace(b", ", b",")):
+        storage = SQLiteStorage.open(tmp_path / f"{len(raw)}.db")
+        try:
+            app = IngestApp(storage, [TEST_API_KEY], max_body_bytes=MAX_BODY, max_feeds=10)
+            status, headers, answer = _call(app, _environ(raw, CONTENT_LENGTH=str(len(raw))))
+            stored = sum(s["count"] for s in storage.summary(7 * 24 * 60))
+        finally:
+            storage.close()
+        exponent = literal.lower().partition("e")[2]
+        if field.startswith("metadata") and (not exponent or exponent.startswith("-")):
+            # metadata keeps a float literal's float (0.0, as for 1e-400) and an exact int
+            assert status.startswith("201"), answer
+            assert stored == 2
+            continue
+        assert status.startswith("422"), answer
+        assert headers["Content-Type"] == PROBLEM
+        doc = json.loads(answer)
+        assert doc["status"] == 422
+        assert [(e["index"], e["field"]) for e in doc["errors"]] == [(1, field)]
+        assert stored == 0
+    assert not any(r.exc_info or r.getMessage() == "request_failed" for r in caplog.records)
+
+
 # --- the original design's check queries, verbatim ---------------------------------------------
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import time
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +17,7 @@ from collectors.ingest.validate import (
     Validation,
     parse_body,
     validate_body,
+    validate_document,
 )
 from tests.support.servers import make_feed
 
@@ -238,3 +240,103 @@ def test_validation_never_crashes(feeds: list[object]) -> None:
     assert verdict.ok == (len(verdict.feeds) == len(feeds) and bool(feeds))
     for problem in verdict.problems:
         assert problem.index is None or 0 <= problem.index < len(feeds)
+
+
+# --- number literals of any magnitude -----------------------------------------------------------
+#
+# `Decimal("1e999999999999999999999")` raises InvalidOperation: its exponent is beyond the
+# decimal module's range. Such a literal is judged like any other, by the float it denotes (an
+# infinity or a zero, as `1e400` and `1e-400` are): never an exception out of validation.
+
+_PLACEHOLDER = "@number@"
+_exponent = st.integers(-500, 500) | st.integers(-(10**24), 10**24)
+_any_literal = st.builds(
+    lambda sign, mantissa, exponent: f"{sign}{mantissa}{exponent}",
+    st.sampled_from(["", "-"]),
+    st.from_regex(r"(0|[1-9][0-9]{0,5})(\.[0-9]{1,5})?", fullmatch=True),
+    st.sampled_from(["e", "E", "e+", "E-"]).flatmap(
+        lambda mark: _exponent.map(lambda n: f"{mark}{n}" if n >= 0 else f"{mark[0]}{n}")),
+)
+
+
+def _with_literal(field: str, literal: str) -> bytes:
+    """[valid, valid with `literal` as the raw JSON of `field` (or of metadata key `m`)]."""
+    value = {_PLACEHOLDER: 0} if field == "metadata" else _PLACEHOLDER
+    text = json.dumps({"feeds": [make_feed(), make_feed(**{field: value})]})
+    placeholder = f'{{"{_PLACEHOLDER}": 0}}' if field == "metadata" else f'"{_PLACEHOLDER}"'
+    return text.replace(placeholder, f'{{"m": {literal}}}' if field == "metadata"
+                        else literal).encode()
+
+
+def _both_paths(raw: bytes) -> Validation:
+    fast = validate_body(raw, max_feeds=10, now_ns=NOW_NS)
+    reference = validate_document(parse_body(raw), max_feeds=10, now_ns=NOW_NS)
+    assert repr(fast) == repr(reference)
+    return fast
+
+
+def _decimal_holds(literal: str) -> bool:
+    try:
+        Decimal(literal)
+    except InvalidOperation:
+        return False
+    return True
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(["price", "volume", "metadata"]), _any_literal)
+def test_any_number_literal_is_judged_by_its_float(field: str, literal: str) -> None:
+    verdict = _both_paths(_with_literal(field, literal))
+    as_float = float(literal)
+    if field == "price":
+        ok = math.isfinite(as_float) and as_float > 0
+    elif field == "volume":  # a tiny volume must also be stored exactly, as a Decimal
+        ok = math.isfinite(as_float) and as_float >= 0 and _decimal_holds(literal)
+    else:
+        ok = math.isfinite(as_float)
+    assert verdict.ok == ok, (verdict.problems, literal)
+    if not ok:
+        want = "metadata.m" if field == "metadata" else field
+        assert [(p.index, p.field) for p in verdict.problems] == [(1, want)]
+    elif field == "metadata":
+        assert verdict.feeds[1]["metadata"] == {"m": as_float}
+        assert verdict.feeds[1]["metadata_json"] == json.dumps({"m": as_float},
+                                                               separators=(",", ":"))
+    else:
+        assert repr(verdict.feeds[1][field]) == repr(Decimal(literal))  # type: ignore[literal-required]
+
+
+@pytest.mark.parametrize(("field", "literal", "fragment"), [
+    ("price", "1e999999999999999999999", "not a finite 64-bit number"),
+    ("price", "-1E+999999999999999999999", "not a finite 64-bit number"),
+    ("price", "1e-999999999999999999999", "greater than 0"),
+    ("price", "-1e-999999999999999999999", "greater than 0"),
+    ("volume", "1e999999999999999999999", "not a finite 64-bit number"),
+    ("volume", "-1e999999999999999999999", "not a finite 64-bit number"),
+    ("volume", "1e-999999999999999999999", "stored exactly"),
+    ("volume", "-0.0e-999999999999999999999", "stored exactly"),
+    ("price", "1" * 41 + "e-999999999999999999999", "significant digits"),
+    ("metadata", "1e999999999999999999999", "not a finite 64-bit number"),
+    ("metadata", "-1E999999999999999999999", "not a finite 64-bit number"),
+    ("price", "1" + "0" * 400, "significant digits"),  # 10**400 as an integer literal
+    ("volume", "-1" + "0" * 400, "significant digits"),
+])
+def test_numbers_no_decimal_or_float_holds_name_the_field(field: str, literal: str,
+                                                          fragment: str) -> None:
+    verdict = _both_paths(_with_literal(field, literal))
+    want = "metadata.m" if field == "metadata" else field
+    index, got_field, problem = only_problem(verdict)
+    assert (index, got_field) == (1, want)
+    assert fragment in problem and len(problem) < 200
+    assert verdict.feeds == []
+
+
+@pytest.mark.parametrize(("literal", "value"), [
+    ("1e-999999999999999999999", 0.0),  # its float, as for 1e-400
+    ("-1e-999999999999999999999", -0.0),
+    ("1" + "0" * 400, 10**400),  # integer literals stay exact ints in metadata
+])
+def test_metadata_numbers_out_of_decimal_or_float_range_kept(literal: str, value: object) -> None:
+    verdict = _both_paths(_with_literal("metadata", literal))
+    assert verdict.ok
+    assert repr(verdict.feeds[1]["metadata"]["m"]) == repr(value)
