@@ -53,10 +53,13 @@ def main() -> int:
         down_port = free_port()  # nothing listens here until the API comes up below
         with collector_process(tmp, "coinbase", sim.url, f"http://127.0.0.1:{down_port}",
                                BATCH_SIZE="1000", BATCH_INTERVAL_MS="1000") as col:
-            assert sim.wait_for(lambda: sim.active_connections == 1, 20)
+            # Subscribed, not merely connected: a burst finds no subscriber otherwise, and the
+            # run would wait out its deadline measuring nothing.
+            assert sim.wait_for(lambda: any(sim.subscriptions().values()), 20)
             time.sleep(2)  # settle: the idle baseline
             rss_idle = status_kb(col.proc.pid, "VmRSS") / 1024
-            sim.burst(args.records)
+            if sim.burst(args.records) != 1:
+                raise RuntimeError("the burst found no subscribed connection")
             peak = rss_idle
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
