@@ -1263,7 +1263,7 @@ class Spool:
             return waiting, waiting_bytes
         freed = count = 0
         upto: int | None = None  # rows up to this id go whole
-        trim: tuple[int, list[bytes]] | None = None  # (id, records) of the row cut in two
+        trim_id: int | None = None  # the row cut in two
         cur = conn.execute("SELECT id, n, length(payload) FROM waiting ORDER BY id")
         try:
             while freed < excess:
@@ -1275,14 +1275,14 @@ class Spool:
                 if freed + size <= excess:
                     upto, freed, count = rid, freed + size, count + n
                     continue
-                trim = (rid, [])
+                trim_id = rid
                 break
         finally:
             cur.close()
         if upto is not None:
             conn.execute("DELETE FROM waiting WHERE id <= ?", (upto,))
-        if trim is not None:
-            rid = trim[0]
+        if trim_id is not None:
+            rid = trim_id
             appended_ns, payload = conn.execute(
                 "SELECT appended_ns, payload FROM waiting WHERE id = ?", (rid,)).fetchone()
             members = bytes(payload).split(_NL)

@@ -205,7 +205,6 @@ def table_names(conn: sqlite3.Connection) -> set[str] | None:
 class TableRead:
     """What `read_table` could reach."""
 
-    rows: int = 0               # rows handed to the callback
     skipped_ids: int = 0        # ids jumped over in unreadable regions (a lower bound)
     tail_unknown: bool = False  # the end of the table could not be reached
     head_unknown: bool = False  # the start of the table could not be read (not counted)
@@ -237,7 +236,6 @@ def read_table(conn: sqlite3.Connection, table: str, columns: str,
                 if isinstance(rid, int):
                     after = rid if last_id_of is None else max(rid, last_id_of(row))
                 on_row(tuple(row))
-                read.rows += 1
             return read
         except sqlite3.DatabaseError:
             pass
