@@ -94,11 +94,11 @@ class Metrics:
         self.lag = ChunkHistogram(f"{PREFIX}_lag_seconds",
                                   "Exchange event time to local receive time.", exchange,
                                   LAG_BUCKETS_S, registry=r)
-        self.queue_records = gauge("queue_records",
-                                   "Records held in memory waiting for the spool.").labels(
-                                       exchange)
+        self.queue_records = gauge(
+            "queue_records", "Messages held in memory waiting to be parsed and spooled."
+        ).labels(exchange)
         self.queue_dropped = counter("queue_dropped_records_total", "Records dropped because "
-                                     "the in-memory queue was full (spool unwritable)."
+                                     "the spool refused writes while stopping."
                                      ).labels(exchange)
         self.flushes = counter("flushes_total", "Batch POST attempts to the ingest API.").labels(
             exchange)

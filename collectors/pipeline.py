@@ -1,7 +1,11 @@
-"""The parser thread: frames -> adapter -> records, metrics, subscription control, freshness.
+"""The parser thread: frames -> adapter -> records -> spool, metrics, subscription control,
+freshness.
 
-It is the only caller of the adapter. Metric updates are aggregated per chunk of frames taken
-from the hand-off queue, so per-message cost stays low at high rates.
+It is the only caller of the adapter. It takes every frame waiting in the hand-off queue at once,
+parses the chunk and hands its records to a sink in one call: in the service the spool writer,
+which commits them on this thread before the next chunk is taken (so a busy feed is committed
+in bigger chunks, and no parsed record waits in memory). Metric updates are aggregated per
+chunk, so per-message cost stays low at high rates.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import time
 from collections import Counter as TallyCounter
 from collections import deque
 from collections.abc import Sequence
+from typing import Protocol
 
 from collectors.batching import Handoff
 from collectors.connection import Connection, Frame
@@ -31,6 +36,15 @@ PARSE_CHUNK_MAX = 2000
 #: the connection thread (the service closes the frame queue), so this only paces the per-second
 #: freshness check of a silent feed.
 IDLE_WAIT_S = 1.0
+
+
+class RecordSink(Protocol):
+    """Where the parser puts each chunk's records: the spool writer, or a `Handoff` queue."""
+
+    def put_many_waiting(self, items: list[PriceFeed], stop: threading.Event) -> int:
+        """Take `items`, waiting as long as needed; how many were not taken (only once `stop`
+        is set)."""
+        ...
 
 
 class Freshness:
@@ -81,7 +95,7 @@ class Parser:
     """Runs on the `parse-<exchange>` thread until the connection thread has stopped and the
     frame queue is empty."""
 
-    def __init__(self, adapter: Adapter, frames: Handoff[Frame], records: Handoff[PriceFeed],
+    def __init__(self, adapter: Adapter, frames: Handoff[Frame], records: RecordSink,
                  connection: Connection, metrics: Metrics, ws_finished: threading.Event,
                  stop: threading.Event | None = None) -> None:
         self._adapter = adapter
@@ -115,14 +129,16 @@ class Parser:
         while True:
             self.beat = time.monotonic()
             ws_done = self._ws_finished.is_set()
-            # Bounded chunks: a backlog of frames is parsed a slice at a time, so parsed records
-            # (far bigger than their frames) never pile up beyond the record queue's bound.
+            # Bounded chunks: a backlog of frames is parsed and spooled a slice at a time, so
+            # parsed records (far bigger than their frames) never pile up in memory.
             chunk = self._frames.get_all(timeout_s=IDLE_WAIT_S, max_items=PARSE_CHUNK_MAX)
             if chunk:
                 self._handle(chunk)
+                self._metrics.queue_records.set(len(self._frames))
             now = time.monotonic()
             if now - last_check >= 1.0:
                 last_check = now
+                self._metrics.queue_records.set(len(self._frames))
                 self._periodic(now)
             if ws_done and not chunk and not len(self._frames):
                 return
@@ -158,12 +174,13 @@ class Parser:
                 self._conn.request_reconnect("server_shutdown")
         if out:
             self._conn.data_seen()
-            # Backpressure: wait for the spool writer rather than drop. Frames queue up in front
-            # of us meanwhile (bounded in bytes, counted when full).
+            # Backpressure: wait for the spool rather than drop. Frames queue up in front of us
+            # meanwhile (bounded in bytes; the ws thread pauses reading when they fill it).
             not_taken = self._records.put_many_waiting(out, self._stop)
-            if not_taken:  # stopping while the spool writer is stuck (e.g. disk full)
+            if not_taken:  # stopping while the spool refuses writes (e.g. disk full)
                 metrics.queue_dropped.inc(not_taken)
-                log.error("records_dropped_memory_full", extra={"dropped": not_taken})
+                log.error("records_dropped_unspooled", extra={
+                    "dropped": not_taken, "reason": "stopping while the spool refuses writes"})
             self._record_metrics(out)
         for kind, n in kinds.items():
             self._kind_counters[kind].inc(n)

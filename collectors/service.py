@@ -3,8 +3,8 @@
 Threads (each named, each stopped through an Event, each with a top-level guard):
 
     ws-<exchange>     Connection: socket -> frames            (no parsing, no disk, no HTTP)
-    parse-<exchange>  Parser: frames -> records, metrics      (the only adapter caller)
-    spool-writer      SpoolWriter: records -> spool on disk   (commits every few tens of ms)
+    parse-<exchange>  Parser: frames -> records, metrics, and SpoolWriter: records -> spool on
+                      disk, a transaction per chunk of frames (the only adapter caller)
     delivery          Sender: spool -> POST batches -> ack / retry / dead letter
     (delivery-2 ...)  more Sender workers when DELIVERY_CONCURRENCY > 1 (POSTs in flight at once)
 
@@ -32,20 +32,19 @@ from collectors.decoding import decode_frame
 from collectors.delivery import Poster, Sender, SpoolWriter
 from collectors.errors import ConfigError, SpoolError
 from collectors.metrics import Health, Metrics, MetricsServer
-from collectors.model import PriceFeed
 from collectors.pipeline import Parser
 from collectors.sdnotify import Notifier
 from collectors.spool import Spool
 
 log = logging.getLogger(__name__)
 
-# Memory bounds. A burst beyond what the spool can commit waits as raw frames (compact), not as
-# parsed records (~1 KB of Python objects each): the parser waits for room in the record queue.
-# When the frame queue is full, the ws thread stops reading for up to a second
-# (connection.FRAME_QUEUE_WAIT_S), so TCP holds the rest of a burst at the venue's side.
+# Memory bound. A burst beyond what the parser and the spool can take waits as raw frames
+# (compact), never as parsed records (~1 KB of Python objects each): the parser commits a chunk's
+# records before it takes the next chunk. When the frame queue is full, the ws thread stops
+# reading for up to a second (connection.FRAME_QUEUE_WAIT_S), so TCP holds the rest of a burst
+# at the venue's side.
 FRAME_QUEUE_MAX = 100_000    # frames waiting for the parser (~1 s of a heavy burst)...
 FRAME_QUEUE_MAX_BYTES = 16 * 1024 * 1024  # ...and their bytes (frames may be up to 4 MiB)
-RECORD_QUEUE_MAX = 20_000
 #: The watchdog is fed only while every thread's loop has turned within this long (the slowest
 #: honest turn is an HTTP POST: connect 3 s + read 10 s by default).
 PROGRESS_WINDOW_S = 25.0
@@ -72,18 +71,20 @@ class CollectorService:
         self._failed: list[str] = []
         self.frames: Handoff[Frame] = Handoff(FRAME_QUEUE_MAX, max_cost=FRAME_QUEUE_MAX_BYTES,
                                               cost_of=_frame_bytes)
-        self.records: Handoff[PriceFeed] = Handoff(RECORD_QUEUE_MAX)
         self.connection = Connection(self.adapter, config.ws_url, config.symbols, self.frames,
                                      self.metrics, self.stop_event,
                                      liveness_timeout_s=config.liveness_timeout_s)
         self._ws_finished = threading.Event()
         self._parser_finished = threading.Event()
-        self.parser = Parser(self.adapter, self.frames, self.records, self.connection,
+        self._wake_delivery = threading.Event()  # set by each spool write
+        # The spool is opened in run(), which attaches it before any thread starts.
+        self._writer = SpoolWriter(None, self.metrics, self._wake_delivery,
+                                   mark_of=self.adapter.dedup_mark)
+        self.parser = Parser(self.adapter, self.frames, self._writer, self.connection,
                              self.metrics, self._ws_finished, self.stop_event)
         self.spool: Spool | None = None
         self.sender: Sender | None = None
         self.metrics_server: MetricsServer | None = None
-        self._writer: SpoolWriter | None = None
 
     # ---- health ------------------------------------------------------------------------------
     def health(self) -> Health:
@@ -104,7 +105,7 @@ class CollectorService:
             "connected": connected,
             "last_message_age_s": round(now - last_msg, 3) if last_msg else None,
             "records_per_s": round(self.parser.records_per_s(), 2),
-            "queue_records": len(self.records),
+            "queue_records": len(self.frames),
             "spool_records": spool_stats.records if spool_stats else None,
             "last_flush_age_s": round(now - last_flush, 3) if last_flush else None,
             "symbols": self.connection.symbols,
@@ -154,20 +155,18 @@ class CollectorService:
                           connect_timeout_s=cfg.http_connect_timeout_s,
                           read_timeout_s=cfg.http_read_timeout_s)
                    for _ in range(cfg.delivery_concurrency)]
-        wake = threading.Event()
-        writer = SpoolWriter(self.records, self.spool, self.metrics, self._parser_finished, wake,
-                             mark_of=self.adapter.dedup_mark)
+        self._writer.attach(self.spool)
         self.sender = Sender(self.spool, posters, self.metrics, batch_size=cfg.batch_size,
                              batch_interval_s=cfg.batch_interval_s, stop=self.stop_event,
-                             writer_finished=writer.finished, wake=wake,
+                             writer_finished=self._parser_finished,
+                             wake=self._wake_delivery,
                              drain_timeout_s=DRAIN_TIMEOUT_S, retry_max_s=cfg.retry_max_s)
         threads = [
             # A finished stage closes the queue it fed, which wakes its consumer at once.
             self._thread(f"ws-{cfg.exchange}", self.connection.run, self._ws_finished,
                          then=self.frames.close),
             self._thread(f"parse-{cfg.exchange}", self.parser.run, self._parser_finished,
-                         then=self.records.close),
-            self._thread("spool-writer", writer.run, None),
+                         then=self._wake_delivery.set),
             *(self._thread("delivery" if i == 0 else f"delivery-{i + 1}",
                            functools.partial(self.sender.run, i), None)
               for i in range(self.sender.workers)),
@@ -183,7 +182,6 @@ class CollectorService:
             "batch_size": cfg.batch_size, "batch_interval_s": cfg.batch_interval_s,
             "delivery_concurrency": cfg.delivery_concurrency})
         self._notifier.notify("READY=1")
-        self._writer = writer
         self._wait(threads)
 
         # Ordered shutdown: each stage finishes once the one before it has.
@@ -198,9 +196,9 @@ class CollectorService:
             poster.close()
         if not alive:
             self.spool.close()
-        stats_left = len(self.records)
+        left = len(self.frames)
         log.info("collector_stopped", extra={"threads_still_running": alive or None,
-                                             "unspooled_records": stats_left or None})
+                                             "unspooled_messages": left or None})
         return 1 if self._failed or alive else 0
 
     def _wait(self, threads: list[threading.Thread]) -> None:
@@ -220,8 +218,9 @@ class CollectorService:
     def progressing(self, threads: list[threading.Thread]) -> bool:
         """Every thread alive and its loop turned recently (what the watchdog vouches for)."""
         now = time.monotonic()
-        beats = [self.connection.beat, self.parser.beat,
-                 self._writer.beat if self._writer else now,
+        # A parser waiting for the spool to take a write again (disk full) retries every half
+        # second: that is progress too, so the later of the two beats counts.
+        beats = [self.connection.beat, max(self.parser.beat, self._writer.beat),
                  self.sender.beat if self.sender else now]
         return all(t.is_alive() for t in threads) and all(
             now - beat < PROGRESS_WINDOW_S for beat in beats)

@@ -204,9 +204,10 @@ def test_full_spool_drops_oldest_and_counts_them(tmp_path: Path) -> None:
         ingest.faults.respond(503, times=1_000_000)
         with collector_process(tmp_path, sim.url, ingest.url, ingest.key,
                                SPOOL_MAX_BYTES=str(1024 * 1024), DELIVERY_RETRY_MAX_S="1") as col:
-            assert sim.wait_for(lambda: sim.active_connections == 1, 10)
+            # Subscribed, not just connected: a burst goes only to subscribed connections.
+            assert sim.wait_for(lambda: any(sim.subscriptions().values()), 10)
             [conn_id] = sim.connection_ids()
-            sim.burst(6000)
+            assert sim.burst(6000) == 1
             assert sim.wait_for(lambda: sim.sent_count >= 6000, 30)
             assert wait_until(lambda: col.metric("chrono_collector_spool_dropped_records_total")
                               > 0, 30)

@@ -1,20 +1,30 @@
 """The parser thread: per-symbol freshness (stale is reported once, recovery is reported,
-nothing reconnects) and the records and metrics one chunk of frames produces."""
+nothing reconnects), the records and metrics one chunk of frames produces, and the spool writer
+that commits each chunk's records on the parser's thread (a real spool in a temporary
+directory)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from collectors.batching import Handoff
 from collectors.connection import Connection, Frame
 from collectors.decoding import decode_frame
+from collectors.delivery import SpoolWriter
+from collectors.errors import SpoolError
 from collectors.exchanges import create
 from collectors.metrics import Metrics
 from collectors.model import PriceFeed
 from collectors.pipeline import FIRST_DATA_TIMEOUT_S, Freshness, Parser
+from collectors.spool import Spool
 
 
 def test_quiet_symbol_goes_stale_once_and_recovers() -> None:
@@ -105,3 +115,98 @@ def test_a_chunk_updates_records_and_metrics_once_per_symbol() -> None:
     assert sample("lag_seconds_bucket", le="0.005") == 3
     assert parser.records_total == 3
     assert parser.freshness.last["BTC/USD"] is not None
+
+
+# ---- the spool writer, on the parser's thread --------------------------------------------------
+
+def _parser_into_spool(spool: Spool, wake: threading.Event,
+                       stop: threading.Event) -> tuple[Parser, SpoolWriter, CollectorRegistry]:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, "coinbase", "w1")
+    adapter = create("coinbase", "w1", decode_frame)
+    frames: Handoff[Frame] = Handoff(10)
+    writer = SpoolWriter(spool, metrics, wake, mark_of=adapter.dedup_mark, retry_wait_s=0.01)
+    conn = Connection(adapter, "ws://127.0.0.1:9", ["BTC/USD", "ETH/USD"], frames, metrics,
+                      threading.Event())
+    return Parser(adapter, frames, writer, conn, metrics, threading.Event(), stop), writer, registry
+
+
+def _chunk(t0: int) -> list[Frame]:
+    return [(_ticker("BTC-USD", 10, "100.5", "2026-11-29T10:38:02.000000Z"), t0),
+            (_ticker("ETH-USD", 20, "10.25", "2026-11-29T10:38:02.001000Z"), t0 + 1000),
+            (_ticker("BTC-USD", 12, "101", "2026-11-29T10:38:02.002000Z"), t0 + 2000)]
+
+
+def test_a_chunk_is_committed_with_its_marks_before_the_parser_goes_on(tmp_path: Path) -> None:
+    wake, stop = threading.Event(), threading.Event()
+    with Spool(tmp_path / "spool", fsync_interval_s=0) as spool:
+        parser, _writer, _ = _parser_into_spool(spool, wake, stop)
+        parser._handle(_chunk(1_795_948_682_000_000_000))
+        # Committed when _handle returns: a claim sees every record, in order.
+        assert wake.is_set()
+        assert spool.stats().records == 3
+        batch = spool.due_batch(10, 0.0, force=True)
+        assert batch is not None
+        stored = [json.loads(r) for r in batch.records]
+        assert [(r["symbol"], r["metadata"]["sequence"]) for r in stored] == [
+            ("BTC/USD", 10), ("ETH/USD", 20), ("BTC/USD", 12)]
+        # The highest sequence per product, stored with the records (the restart dedup).
+        assert spool.marks() == {"BTC-USD": 12, "ETH-USD": 20}
+
+
+class _RefusingSpool(Spool):
+    """A real spool whose first `refusals` appends fail as a full disk would."""
+
+    def __init__(self, directory: Path, refusals: int) -> None:
+        super().__init__(directory, fsync_interval_s=0)
+        self.refusals = refusals
+        self.attempts = 0
+
+    def append(self, records: Sequence[bytes], marks: Mapping[str, int] | None = None) -> int:
+        self.attempts += 1
+        if self.attempts <= self.refusals:
+            raise SpoolError(f"spool {self._db_path}: append failed: database or disk is full")
+        return super().append(records, marks)
+
+
+def test_a_refused_write_is_retried_until_the_spool_takes_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    wake, stop = threading.Event(), threading.Event()
+    with _RefusingSpool(tmp_path / "spool", refusals=3) as spool, \
+            caplog.at_level(logging.ERROR, logger="collectors.delivery"):
+        parser, writer, registry = _parser_into_spool(spool, wake, stop)
+        started = time.monotonic()
+        parser._handle(_chunk(1_795_948_682_000_000_000))
+        assert spool.attempts == 4
+        assert writer.beat >= started  # retrying is progress for the watchdog
+        assert spool.stats().records == 3  # nothing lost, nothing twice
+        assert registry.get_sample_value("chrono_collector_spool_errors_total",
+                                         {"exchange": "coinbase"}) == 3
+        assert registry.get_sample_value("chrono_collector_queue_dropped_records_total",
+                                         {"exchange": "coinbase"}) == 0
+        # One line for the outage, not one per retry; it names the problem.
+        failures = [r for r in caplog.records if r.getMessage() == "spool_write_failed"]
+        assert len(failures) == 1
+        assert "disk is full" in str(getattr(failures[0], "error", ""))
+
+
+def test_stopping_while_the_spool_refuses_counts_the_records_it_could_not_keep(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    wake, stop = threading.Event(), threading.Event()
+    with _RefusingSpool(tmp_path / "spool", refusals=1_000_000) as spool, \
+            caplog.at_level(logging.ERROR):
+        parser, _writer, registry = _parser_into_spool(spool, wake, stop)
+        stop.set()
+        parser._handle(_chunk(1_795_948_682_000_000_000))
+        assert spool.attempts == 1  # one try once stopping, no retry loop
+        assert registry.get_sample_value("chrono_collector_queue_dropped_records_total",
+                                         {"exchange": "coinbase"}) == 3
+        assert [r.getMessage() for r in caplog.records].count("records_dropped_unspooled") == 1
+        assert not wake.is_set()
+
+
+def test_the_writer_needs_a_spool() -> None:
+    writer = SpoolWriter(None, Metrics(CollectorRegistry(), "coinbase", "w1"), threading.Event())
+    assert writer.put_many_waiting([], threading.Event()) == 0
+    with pytest.raises(RuntimeError, match="before attach"):
+        writer.put_many_waiting([PriceFeed.__new__(PriceFeed)], threading.Event())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import logging
@@ -26,12 +28,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import collectors
 from collectors.errors import SpoolError
-from collectors.spool import DEAD_LETTER_NAME, Batch, Spool
+from collectors.spool import DEAD_LETTER_NAME, PAGE_SIZE, Batch, Spool
 
 REPO_ROOT = Path(collectors.__file__).resolve().parents[1]
 T0 = 1_764_403_200_000_000_000  # 2025-11-29T08:00:00Z
 SECOND = 1_000_000_000
-PAGE = 4096
+PAGE = PAGE_SIZE  # a new spool's page size
 
 
 class FakeClock:
@@ -817,9 +819,10 @@ def test_a_damaged_version_1_spool_is_salvaged_record_by_record(
     with sqlite3.connect(spool_dir / "spool.db") as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
+    v1_page = 4096  # build_v1_spool makes its database as version 1 did, with 4 KiB pages
     with (spool_dir / "spool.db").open("r+b") as f:
-        f.seek(40 * PAGE)
-        f.write(b"\xa5" * PAGE)
+        f.seek(40 * v1_page)
+        f.write(b"\xa5" * v1_page)
     found, lost, _ = reopen_and_read(spool_dir)
     assert 0 < lost < 100 and len(found) + lost == 2500
     assert found == sorted(found)
@@ -905,18 +908,26 @@ def test_disk_full_on_append_raises_and_keeps_the_spool_usable(spool: Spool) -> 
     assert numbers(drain_all(spool)) == [0, 1]
 
 
+def checkpoint(directory: Path) -> None:
+    """Copy the WAL into spool.db now (SQLite does it by itself once the WAL holds 1000 pages,
+    which these tests would have to wait for)."""
+    with contextlib.closing(sqlite3.connect(directory / "spool.db")) as conn:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+
 def test_file_shrinks_after_a_backlog_drains(spool_dir: Path) -> None:
     db = spool_dir / "spool.db"
     with Spool(spool_dir) as spool:
         for start in range(0, 40_000, 1000):
             spool.append([rec(i, pad=300) for i in range(start, start + 1000)])
-        spool.due_batch(10, 0.0)  # checkpoints happen on commits; make one happen
+        checkpoint(spool_dir)
         peak = db.stat().st_size
         assert peak > 10_000_000
         assert len(drain_all(spool)) == 40_000
         for _ in range(5):  # each ack returns at most a bounded step of free pages
             spool.append([rec(0)])
             drain_all(spool)
+        checkpoint(spool_dir)
         assert db.stat().st_size < peak // 2
         assert spool.stats().file_bytes < peak
 
