@@ -1,23 +1,31 @@
-"""Latency at a steady 2,000 tickers/s: simulator send -> collector receive -> parser output ->
-spool, per record, p50/p99/p99.9.
+"""Latency at a steady 2,000 tickers/s, from the simulator's socket write to the record leaving
+the collector, the deliberate batch wait excluded; and the same bytes into a bare
+websocket-client loop, for the floor this machine sets.
 
 The Coinbase simulator runs in this process at 400 tickers/s for each of the five default
-symbols (2,000/s) and notes `time.time_ns()` just before it writes each ticker to the socket,
-keyed by (product, sequence). One collector runs as a subprocess through
-bench/stamped_collector.py (the real `chrono-collector run coinbase` plus one hook that notes
-when the parser hands each record to the records queue). Three points per record, all on the
-same machine's wall clock (`time.time_ns()`, so the clocks agree):
+symbols and notes `time.time_ns()` just before it writes each ticker to a socket, keyed by
+(product, sequence). Two phases, one after the other, at the same rate:
 
-- receive: `metadata.received_at` (µs), stamped by the ws thread right after the frame was read
-- parsed: the parser's `put_many` of the chunk holding the record (the hook)
-- spooled: the spool's `appended_ns`, taken by the spool writer when it starts the transaction
-  that makes the record durable (the commit itself follows; fsync is every 1 s by default)
+1. **floor**: a bare `websocket.create_connection(url, skip_utf8_validation=True)` loop in its own
+   process notes `time.time_ns()` when `recv()` returns each ticker (then `json.loads` it).
+2. **collector**: `chrono-collector run coinbase` through bench/stamped_collector.py (the real
+   collector plus timing hooks), with the production batch settings (`BATCH_SIZE=100`,
+   `BATCH_INTERVAL_MS=5000`) and the reference ingest API (SQLite) as a subprocess.
 
-The deliberate batch wait is excluded by construction: API_BASE_URL points at a closed local
-port, so every record stays in the spool (the delivery thread retries with backoff), and after a
-clean stop the spool is read back. The first `--warmup` seconds are not counted.
+Per record, all on this machine's wall clock:
 
-    .venv/bin/python bench/latency.py                    # 20 s at 2,000/s, ~35 s in all
+- received: `metadata.received_at`, stamped by the ws thread right after the frame was read
+- parsed: the parser hands the record's chunk to the spool writer
+- spooled: that chunk is committed to the spool (durable against `kill -9`; claimable)
+- left: the POST carrying the record starts (`Poster.post`), **minus the batch wait**: a batch
+  is due when its last record is spooled (a full batch) or when its oldest has waited
+  `BATCH_INTERVAL_MS`, whichever is first; `left = spooled + (POST start - due)`. The wait for a
+  batch to fill is deliberate; what is counted is the pipeline before the spool and the claim
+  and wake-up after the batch is due.
+
+The first `--warmup` seconds of each phase are not counted.
+
+    .venv/bin/python bench/latency.py                    # 20 s per phase, about 1 minute
     .venv/bin/python bench/latency.py --rate 4000 --duration 30
 """
 
@@ -25,7 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -37,8 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.harness import (
     collector_process,
     cpu_s,
-    free_port,
-    iso_to_ns,
+    ingest_process,
     machine,
     percentile,
     write_results,
@@ -49,6 +56,27 @@ from collectors.simulator.market import Tick
 
 STAMPED = Path(__file__).resolve().parent / "stamped_collector.py"
 SYMBOLS = 5
+BATCH_INTERVAL_S = 5.0  # the collector's default BATCH_INTERVAL_MS
+
+# The floor: a bare websocket-client receive loop, in its own process.
+BARE_LOOP = r"""
+import json, sys, time, websocket
+url, seconds, out_path = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+ws = websocket.create_connection(url, skip_utf8_validation=True, timeout=5)
+ws.send(json.dumps({"type": "subscribe", "channels": ["ticker", "heartbeat"],
+                    "product_ids": ["BTC-USD", "ETH-USD", "SOL-USD", "XRP-USD", "DOGE-USD"]}))
+got = []
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    raw = ws.recv()
+    ns = time.time_ns()
+    doc = json.loads(raw)
+    if doc.get("type") == "ticker":
+        got.append((doc["product_id"], doc["sequence"], ns))
+ws.close()
+with open(out_path, "w") as f:
+    json.dump(got, f)
+"""
 
 
 class StampingSimulator(Simulator):
@@ -67,17 +95,105 @@ class StampingSimulator(Simulator):
 
     def _send_ticker(self, session: Session, tick: Tick, rendered: Rendered) -> bool:
         sent_ns = time.time_ns()
-        ok = super()._send_ticker(session, tick, rendered)  # type: ignore[misc]
+        ok = super()._send_ticker(session, tick, rendered)
         if ok and len(self.stamps) < self._max_stamps:
             with self._stamps_lock:
                 self.stamps[(tick.symbol, tick.sequence)] = sent_ns
         return ok
 
 
-def summarize(name: str, values_us: list[float]) -> str:
+def row(name: str, values_us: list[float]) -> str:
     v = sorted(values_us)
+    if not v:
+        return f"| {name} | 0 | - | - | - | - |"
     return (f"| {name} | {len(v):,} | {percentile(v, 50):,.0f} | {percentile(v, 99):,.0f} "
-            f"| {percentile(v, 99.9):,.0f} | {v[-1] if v else float('nan'):,.0f} |")
+            f"| {percentile(v, 99.9):,.0f} | {v[-1]:,.0f} |")
+
+
+def floor_phase(rate: float, warmup: float, duration: float) -> list[float]:
+    """µs from the simulator's write to a bare loop's recv() return, per ticker."""
+    sim = StampingSimulator("coinbase", rate_hz=rate / SYMBOLS, seed=2, keep_sent=1,
+                            max_stamps=int(rate * (warmup + duration + 10)))
+    with tempfile.TemporaryDirectory(prefix="chrono-bench-floor-") as tmp, sim:
+        out = Path(tmp) / "got.json"
+        subprocess.run([sys.executable, "-c", BARE_LOOP, sim.url, str(warmup + duration),
+                        str(out)], check=True, timeout=warmup + duration + 60)
+        sends = dict(sim.stamps)
+        got = json.loads(out.read_text())
+    if not sends:
+        raise RuntimeError("no send stamps: has Simulator._send_ticker been renamed?")
+    start = min(sends.values()) + int(warmup * 1e9)
+    return [(ns - sends[(p, s)]) / 1000 for p, s, ns in got
+            if (p, s) in sends and sends[(p, s)] >= start]
+
+
+def collector_phase(rate: float, warmup: float, duration: float
+                    ) -> tuple[dict[str, list[float]], float, int, int]:
+    """Per point, µs from the simulator's write; the collector's CPU share; records counted;
+    records sent in the window that never left."""
+    with tempfile.TemporaryDirectory(prefix="chrono-bench-latency-") as tmp_name:
+        tmp = Path(tmp_name)
+        stamps_path = tmp / "stamps.jsonl"
+        budget = int(rate * (duration + warmup + 10))
+        sim = StampingSimulator("coinbase", rate_hz=rate / SYMBOLS, seed=2, keep_sent=1,
+                                max_stamps=budget)
+        with ingest_process(tmp) as ingest, sim:
+            with collector_process(tmp, "coinbase", sim.url, ingest.url,
+                                   argv=[sys.executable, str(STAMPED), "run", "coinbase"],
+                                   BENCH_STAMPS_PATH=str(stamps_path)) as collector:
+                if not sim.wait_for(lambda: any(sim.subscriptions().values()), 30):
+                    raise RuntimeError(f"collector did not subscribe; see {collector.log_path}")
+                time.sleep(warmup)
+                start_ns = time.time_ns()
+                cpu0 = cpu_s(collector.pid)
+                time.sleep(duration)
+                end_ns = time.time_ns()
+                cpu = cpu_s(collector.pid) - cpu0
+                # Batches holding the window's last records fill within a batch interval.
+                time.sleep(BATCH_INTERVAL_S + 1)
+                code = collector.stop()
+            sends = dict(sim.stamps)
+        if not sends:
+            raise RuntimeError("no send stamps: has Simulator._send_ticker been renamed?")
+        if code != 0:
+            raise RuntimeError(f"collector exited {code}; see {collector.log_path}")
+
+        received: dict[tuple[str, int], int] = {}
+        parsed: dict[tuple[str, int], int] = {}
+        spooled: dict[tuple[str, int], int] = {}
+        batches: list[tuple[int, list[tuple[str, int]]]] = []
+        for line in stamps_path.read_text().splitlines():
+            point, ns, keys = json.loads(line)
+            ids = [(str(k[0]).replace("/", "-"), int(k[1])) for k in keys]
+            if point == "parsed":
+                for key, k in zip(ids, keys, strict=True):
+                    parsed[key] = ns
+                    received[key] = int(k[2])
+            elif point == "spooled":
+                spooled.update(dict.fromkeys(ids, ns))
+            elif point == "posted":
+                batches.append((ns, ids))
+
+    left: dict[tuple[str, int], int] = {}
+    for posted_ns, ids in batches:
+        times = [spooled[k] for k in ids if k in spooled]
+        if len(times) != len(ids):
+            continue  # records spooled before the window's stamps (none after warm-up)
+        due_ns = min(max(times), min(times) + int(BATCH_INTERVAL_S * 1e9))
+        for key in ids:
+            # A re-sent batch (a retry) keeps its first POST.
+            left.setdefault(key, spooled[key] + max(0, posted_ns - due_ns))
+
+    window = [k for k, ns in sends.items() if start_ns <= ns < end_ns]
+    points: dict[str, list[float]] = {"received": [], "parsed": [], "spooled": [], "left": []}
+    for key in window:
+        sent_ns = sends[key]
+        for name, table in (("received", received), ("parsed", parsed), ("spooled", spooled),
+                            ("left", left)):
+            if key in table:
+                points[name].append((table[key] - sent_ns) / 1000)
+    missing = sum(1 for k in window if k not in left)
+    return points, cpu / duration, len(window), missing
 
 
 def main() -> int:
@@ -88,78 +204,24 @@ def main() -> int:
     parser.add_argument("--name", default="latency")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="chrono-bench-latency-") as tmp_name:
-        tmp = Path(tmp_name)
-        stamps_path = tmp / "stamps.jsonl"
-        closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: records stay spooled
-        budget = int(args.rate * (args.duration + args.warmup + 10))
-        with StampingSimulator("coinbase", rate_hz=args.rate / SYMBOLS, seed=2, keep_sent=1,
-                               max_stamps=budget) as sim:
-            with collector_process(
-                    tmp, "coinbase", sim.url, closed,
-                    argv=[sys.executable, str(STAMPED), "run", "coinbase"],
-                    BENCH_STAMPS_PATH=str(stamps_path), BATCH_SIZE="10000",
-                    BATCH_INTERVAL_MS="600000") as collector:
-                if not sim.wait_for(lambda: any(sim.subscriptions().values()), 30):
-                    raise RuntimeError(f"collector did not subscribe; see {collector.log_path}")
-                time.sleep(args.warmup)
-                start_ns = time.time_ns()
-                sent0 = sim.sent_count
-                cpu0 = cpu_s(collector.pid)
-                time.sleep(args.duration)
-                end_ns = time.time_ns()
-                sent = sim.sent_count - sent0
-                cpu = cpu_s(collector.pid) - cpu0
-                code = collector.stop()
-            sends = dict(sim.stamps)
-        if not sends:
-            raise RuntimeError("no send stamps: has Simulator._send_ticker been renamed?")
-        if code != 0:
-            raise RuntimeError(f"collector exited {code}; see {collector.log_path}")
-
-        parsed: dict[tuple[str, int], int] = {}
-        for line in stamps_path.read_text().splitlines():
-            symbol, sequence, ns = json.loads(line)
-            parsed[(str(symbol).replace("/", "-"), int(sequence))] = int(ns)
-        conn = sqlite3.connect(f"file:{collector.spool_dir / 'spool.db'}?mode=ro", uri=True)
-        try:
-            # The API is never up here, so records wait in the spool: a chunk per row, joined
-            # by newlines, all appended at the row's time. (The few in a claimed batch carry
-            # only their batch's oldest time, so they are left out.)
-            rows = [(ns, record) for ns, payload in conn.execute(
-                "SELECT appended_ns, payload FROM waiting").fetchall()
-                    for record in bytes(payload).split(b"\n")]
-        finally:
-            conn.close()
-
-    recv_us: list[float] = []
-    parse_us: list[float] = []
-    spool_us: list[float] = []
-    unmatched = 0
-    for appended_ns, payload in rows:
-        rec = json.loads(payload)
-        meta = rec["metadata"]
-        key = (rec["symbol"].replace("/", "-"), int(meta["sequence"]))
-        sent_ns = sends.get(key)
-        if sent_ns is None or not start_ns <= sent_ns < end_ns:
-            unmatched += sent_ns is None
-            continue
-        recv_us.append((iso_to_ns(meta["received_at"]) - sent_ns) / 1000)
-        if key in parsed:
-            parse_us.append((parsed[key] - sent_ns) / 1000)
-        spool_us.append((int(appended_ns) - sent_ns) / 1000)
-
-    rate = sent / ((end_ns - start_ns) / 1e9)
-    text = (f"### Latency at {rate:,.0f} tickers/s (Coinbase, 5 symbols)\n\n{machine()}; "
-            f"{args.duration:g} s measured after {args.warmup:g} s warm-up; collector CPU "
-            f"{cpu / args.duration:.1%} of one core; µs from the simulator's socket write.\n\n"
+    floor = floor_phase(args.rate, args.warmup, args.duration)
+    points, cpu_share, counted, missing = collector_phase(args.rate, args.warmup,
+                                                          args.duration)
+    text = (f"### Latency at {args.rate:,.0f} tickers/s (Coinbase, 5 symbols)\n\n{machine()}; "
+            f"{args.duration:g} s measured per phase after {args.warmup:g} s warm-up; "
+            f"collector CPU {cpu_share:.1%} of one core (with delivery to the ingest API); "
+            "µs from the simulator's socket write.\n\n"
             "| point | records | p50 µs | p99 µs | p99.9 µs | max µs |\n"
             "| --- | ---: | ---: | ---: | ---: | ---: |\n"
-            + "\n".join([summarize("received (ws thread, `metadata.received_at`)", recv_us),
-                         summarize("parsed (record handed to the records queue)", parse_us),
-                         summarize("spooled (spool-writer transaction start)", spool_us)])
-            + f"\n\n{len(rows):,} records in the spool, {unmatched} without a send stamp "
-              f"(the tickers sent on subscribe).\n")
+            + "\n".join([
+                row("floor: bare websocket-client `recv()` returns", floor),
+                row("received (ws thread, `metadata.received_at`)", points["received"]),
+                row("parsed (chunk handed to the spool writer)", points["parsed"]),
+                row("spooled (chunk committed)", points["spooled"]),
+                row("**left: POST starts, batch wait excluded**", points["left"]),
+            ])
+            + f"\n\n{counted:,} tickers sent in the collector's window; {missing} of them not "
+              "seen leaving (should be 0).\n")
     write_results(args.name, text)
     return 0
 

@@ -7,8 +7,9 @@ runs over those same bytes, single-threaded, best of `--repeat` runs:
 - decode: the JSON decoder the collector uses, frames -> objects;
 - adapter: `Adapter.parse` (decode included), frames -> records;
 - parser: the parser thread's `_handle` over chunks of 2000 frames (adapter, lag histogram,
-  per-symbol counters, freshness, hand-off to the record queue), i.e. the parse thread's work;
-- encode: the spool writer's record -> JSON bytes.
+  per-symbol counters, freshness, hand-off to an in-memory queue), i.e. the parse thread's
+  work without the spool commit (bench/spool_bench.py measures that);
+- encode: the spool writer's record -> JSON bytes (on the parse thread too).
 
     .venv/bin/python bench/parse_bench.py                     # 3 venues x 50k, ~20 s
     .venv/bin/python bench/parse_bench.py --venues coinbase --records 100000

@@ -1,10 +1,18 @@
-"""`chrono-collector run EXCHANGE` with one measuring hook, for bench/latency.py only.
+"""`chrono-collector run EXCHANGE` with three timing hooks, for bench/latency.py only.
 
-The hook wraps `Handoff.put_many`, which only the parser calls (to hand its records to the
-spool writer): it notes `time.time_ns()` once per call and, per record, the (symbol,
-metadata.sequence) pair, in a preallocated list. At exit (SIGTERM stops the collector cleanly)
-the stamps are written as JSON lines to $BENCH_STAMPS_PATH. Cost: one clock read per chunk and
-one tuple per record, on the parser thread. Nothing else in the collector changes.
+Each hook notes `time.time_ns()` once per call and, per record, its (symbol, sequence) key, in
+memory; at exit (SIGTERM stops the collector cleanly) the stamps are written as JSON lines to
+$BENCH_STAMPS_PATH: `[point, ns, [[symbol, sequence(, received ns)], ...]]`. Nothing else in the collector
+changes.
+
+- `parsed`: `SpoolWriter.put_many_waiting` is entered (the parser hands a chunk's records on)
+- `spooled`: that call returns (the chunk is committed to the spool: it survives `kill -9`,
+  and it may be claimed into a batch)
+- `posted`: `Poster.post` is entered with a batch (the record starts leaving the process);
+  the keys come from the batch's own bytes
+
+Cost: two clock reads per chunk and a tuple per record on the parser thread; decoding a
+batch's records (about 100) on the delivery thread.
 
     BENCH_STAMPS_PATH=/tmp/stamps.jsonl python bench/stamped_collector.py run coinbase
 """
@@ -17,25 +25,50 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from collectors.batching import Handoff
 from collectors.cli import main
+from collectors.delivery import Poster, PostResult, SpoolWriter
+from collectors.model import PriceFeed
+from collectors.spool import Batch
 
-MAX_STAMPS = 2_000_000  # bounded: ~17 minutes at 2,000 records/s
-_stamps: list[tuple[str, object, int]] = []
-_original = Handoff.put_many
+MAX_CALLS = 2_000_000  # bounded: far more than a benchmark's minutes make
+_stamps: list[tuple[str, int, list[tuple[Any, ...]]]] = []
+_put_many_waiting = SpoolWriter.put_many_waiting
+_post = Poster.post
 
 
-def _put_many(self: Handoff[object], items: list[object]) -> int:
-    now_ns = time.time_ns()
-    if len(_stamps) < MAX_STAMPS:
-        for rec in items:
-            meta = getattr(rec, "metadata", None)
-            if isinstance(meta, dict):
-                _stamps.append((getattr(rec, "symbol", ""), meta.get("sequence"), now_ns))
-    return _original(self, items)
+def _note(point: str, ns: int, keys: list[tuple[Any, ...]]) -> None:
+    if len(_stamps) < MAX_CALLS:
+        _stamps.append((point, ns, keys))
+
+
+def _key_of_record(rec: PriceFeed) -> tuple[str, object, int]:
+    meta = rec.metadata if isinstance(rec.metadata, dict) else {}
+    return rec.symbol, meta.get("sequence"), rec.received_ns
+
+
+def _key_of_json(raw: bytes) -> tuple[str, object]:
+    doc: dict[str, Any] = json.loads(raw)
+    return str(doc.get("symbol")), (doc.get("metadata") or {}).get("sequence")
+
+
+def put_many_waiting(self: SpoolWriter, records: list[PriceFeed], stop: Any) -> int:
+    parsed_ns = time.time_ns()
+    not_taken = _put_many_waiting(self, records, stop)
+    spooled_ns = time.time_ns()
+    keys = [_key_of_record(r) for r in records]
+    _note("parsed", parsed_ns, keys)
+    if not not_taken:
+        _note("spooled", spooled_ns, keys)
+    return not_taken
+
+
+def post(self: Poster, batch: Batch) -> PostResult:
+    _note("posted", time.time_ns(), [_key_of_json(r) for r in batch.records])
+    return _post(self, batch)
 
 
 def _dump() -> None:
@@ -43,11 +76,12 @@ def _dump() -> None:
     if not path:
         return
     with open(path, "w", encoding="utf-8") as f:
-        for symbol, sequence, ns in _stamps:
-            f.write(json.dumps([symbol, sequence, ns]) + "\n")
+        for point, ns, keys in _stamps:
+            f.write(json.dumps([point, ns, keys]) + "\n")
 
 
-Handoff.put_many = _put_many  # type: ignore[method-assign]
+SpoolWriter.put_many_waiting = put_many_waiting  # type: ignore[method-assign]
+Poster.post = post  # type: ignore[method-assign]
 atexit.register(_dump)
 
 if __name__ == "__main__":
