@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
 import logging
