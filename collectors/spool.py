@@ -161,13 +161,13 @@ _WAL_SIZE_LIMIT_BYTES = 8 * 1024 * 1024  # journal_size_limit: a reset WAL is cu
 _VACUUM_MIN_FREE_BYTES = 4 * 1024 * 1024  # this much free space is kept for reuse
 _VACUUM_STEP_BYTES = 4 * 1024 * 1024  # bounded so one ack never holds the write lock for long
 _NL = b"\n"
-#: Page size of a new spool database. A batch's row is a blob of tens to hundreds of KiB that
-#: SQLite keeps in a chain of overflow pages; 16 KiB pages make that chain a quarter as long as
-#: SQLite's default 4 KiB: appends and drains of 1000-record batches ran 1.4-1.7x faster
-#: (bench/spool_bench.py), with no change for small appends (64 KiB pages made those 2.5x
-#: slower: each commit writes whole pages to the WAL). A spool created with another page size
-#: keeps it.
-PAGE_SIZE = 16384
+#: Page size of a new spool database: SQLite's default, chosen by measurement. 16 KiB pages made
+#: 1000-record appends and drains 1.4-1.7x faster in bench/spool_bench.py (a batch row's chain
+#: of overflow pages is a quarter as long) but the collector's commonest write, a few records
+#: and their dedup marks, 25 % dearer in CPU and 50 % in time (each commit writes whole pages to
+#: the WAL), with no gain end to end (bench/throughput.py). A spool keeps the page size it was
+#: created with.
+PAGE_SIZE = 4096
 
 if array("I").itemsize != 4:  # pragma: no cover - every platform CPython supports today
     raise ImportError("collectors.spool needs a 4-byte array('I')")
