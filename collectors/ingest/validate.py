@@ -9,7 +9,9 @@ become floats: they parse to a marker that validation reports against the record
 carried it (a 422 naming the field is more useful to the sender than a bare 400). So do float
 literals that no Decimal holds (an exponent beyond the decimal module's range, such as
 `1e999999999999999999999`): they are judged by the float they denote, an infinity or a zero, as
-`1e400` and `1e-400` are.
+`1e400` and `1e-400` are. A price or volume needing more than MAX_NUMBER_SCALE (16383) digits
+after the point is refused too, whatever the backend: PostgreSQL would refuse to store it, every
+time the collector retried.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_STRING_CHARS = 256
 MAX_METADATA_JSON_BYTES = 4096
 MAX_NUMBER_DIGITS = 40
+#: Digits after the decimal point a price or volume may need (PostgreSQL `numeric` holds up to
+#: 16383; `1e-16384` would fail to store, and a batch the database always refuses would be
+#: retried by the collector forever). Both backends apply the same rule.
+MAX_NUMBER_SCALE = 16383
 MAX_TIMESTAMP_CHARS = 40
 
 FEED_FIELDS = frozenset(
@@ -365,6 +371,12 @@ def _metadata_keys_ok(metas: list[dict[str, MetaScalar]]) -> bool:
                         and max(map(len, keys)) <= MAX_METADATA_KEY_CHARS)
 
 
+def _scale(number: Decimal) -> int:
+    """Digits after the decimal point of a finite Decimal (`1E-7`: 7; `1.50`: 2; `12E+3`: 0)."""
+    exponent = number.as_tuple().exponent
+    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
+
+
 def _fast_number(value: object, *, positive: bool) -> Decimal | None:
     """A price (`positive`: > 0) or volume (>= 0) for the fast paths, by the rules of `_number`:
     an int or a Decimal (or a float literal's text), at most MAX_NUMBER_DIGITS digits, finite as
@@ -378,8 +390,12 @@ def _fast_number(value: object, *, positive: bool) -> Decimal | None:
         number = value
     else:
         return None
-    # str() shows every digit of the coefficient, so a short text needs no count.
-    if len(str(number)) > MAX_NUMBER_DIGITS and len(number.as_tuple().digits) > MAX_NUMBER_DIGITS:
+    # str() shows every digit of the coefficient, so a short text needs no count; and it
+    # writes an exponent whenever the scale is over 6 or so, so only then is it looked at.
+    text = str(number)
+    if len(text) > MAX_NUMBER_DIGITS and len(number.as_tuple().digits) > MAX_NUMBER_DIGITS:
+        return None
+    if "E" in text and _scale(number) > MAX_NUMBER_SCALE:
         return None
     as_float = float(number)
     if not (0.0 < as_float < math.inf if positive else 0.0 <= as_float < math.inf):
@@ -520,7 +536,8 @@ def _decimal_texts(literals: list[_Literal]) -> list[str] | None:
     exponent or its first significant digit comes 7 or more places after the point (then str()
     writes an exponent: `0.0000001` -> `1E-7`); a literal holding `0.000000` anywhere is
     converted, which is only slower. None if a literal has no Decimal (an exponent beyond the
-    decimal module's range, such as `1e-999999999999999999999`, whose float is a mere 0.0)."""
+    decimal module's range, such as `1e-999999999999999999999`, whose float is a mere 0.0) or
+    needs more than MAX_NUMBER_SCALE digits after the point."""
     every = "".join(literals)
     if "e" in every or "E" in every or "0.000000" in every:
         try:
@@ -530,6 +547,8 @@ def _decimal_texts(literals: list[_Literal]) -> list[str] | None:
         # (a context not trapping InvalidOperation makes such a literal NaN instead)
         if not all(map(Decimal.is_finite, numbers)):
             return None
+        if max(map(_scale, numbers)) > MAX_NUMBER_SCALE:
+            return None  # `_number` names the record and the field
         return list(map(str, numbers))
     return list(literals)  # (str subclasses: as good as str to join, and not copied)
 
@@ -871,6 +890,10 @@ def _number(index: int, field: str, value: object, out: list[Problem], *, requir
     number = Decimal(value)
     if len(number.as_tuple().digits) > MAX_NUMBER_DIGITS:
         out.append(Problem(index, field, f"more than {MAX_NUMBER_DIGITS} significant digits"))
+        return None
+    if _scale(number) > MAX_NUMBER_SCALE:
+        out.append(Problem(index, field,
+                           f"more than {MAX_NUMBER_SCALE} digits after the decimal point"))
         return None
     as_float = float(number)
     if not math.isfinite(as_float):

@@ -205,6 +205,30 @@ def test_literals_no_decimal_holds_are_422_on_both_paths(fields: dict[str, str],
         assert fragment in got.problems[0].problem
 
 
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"volume": "1e-16384"}, "volume"), ({"price": "1e-20000"}, "price"),
+    ({"volume": "0." + "0" * 20000 + "1"}, "volume"), ({"price": "1.5E-16383"}, "price"),
+])
+def test_numbers_postgresql_cannot_hold_are_422_on_both_paths(fields: dict[str, str],
+                                                              field: str) -> None:
+    # PostgreSQL's numeric keeps at most 16383 digits after the point: such a batch would fail
+    # to store every time, and the collector would retry it forever (a 503 each time).
+    for raw in (_raw(_record(), _record(**fields)), _raw(_record(), _record(), _record(**fields))):
+        got = _same(raw)
+        assert isinstance(got, Validation) and not got.feeds
+        index = raw.count(b'"symbol"') - 1
+        assert [(p.index, p.field, p.problem) for p in got.problems] == [
+            (index, field, "more than 16383 digits after the decimal point")]
+
+
+def test_the_finest_number_postgresql_holds_is_valid_on_both_paths() -> None:
+    for raw in (_raw(_record(volume="1e-16383")), _raw(_record(), _record(volume="1e-16383")),
+                _raw(_record(), _record(), _record(volume="1e-16383"))):
+        got = _same(raw)
+        assert isinstance(got, Validation) and got.ok
+        assert str(got.feeds[-1]["volume"]) == "1E-16383"
+
+
 def test_tiny_metadata_literal_no_decimal_holds_is_its_float() -> None:
     raw = _raw(_record(metadata='{"a":1e-999999999999999999999,"b":-1E-999999999999999999999}'))
     got = _same(raw)
@@ -215,7 +239,10 @@ def test_tiny_metadata_literal_no_decimal_holds_is_its_float() -> None:
 def test_decimal_texts_refuses_literals_no_decimal_holds() -> None:
     for bad in ("1e-999999999999999999999", "1E+999999999999999999999"):
         assert _decimal_texts([_Literal("1.5"), _Literal(bad)]) is None
-    assert _decimal_texts([_Literal("1e-999999999999999999")]) == ["1E-999999999999999999"]
+    # A Decimal holds this one, but PostgreSQL could not store it (over 16383 digits after the
+    # point): the reference path names the field.
+    assert _decimal_texts([_Literal("1e-999999999999999999")]) is None
+    assert _decimal_texts([_Literal("1e-16383")]) == ["1E-16383"]
 
 
 def test_metadata_floats_fixed_only_where_json_dumps_differs() -> None:

@@ -268,6 +268,23 @@ def test_postgres_schema_types_and_exact_numeric() -> None:
 
 
 @pytest.mark.postgres
+def test_postgres_stores_the_finest_number_validation_accepts() -> None:
+    """Validation's scale limit is PostgreSQL's: what passes it is stored, digit for digit."""
+    body = batch_body([make_feed()]).replace(b'"volume": 1234.56', b'"volume": 1e-16383')
+    verdict = validate_body(body, max_feeds=10, now_ns=time.time_ns())
+    assert verdict.ok and verdict.feeds[0]["volume"] == Decimal("1E-16383")
+    with postgres.postgres_schema() as url:
+        store = open_storage(url, max_connections=1)
+        try:
+            store.store_batch("finest", sha("finest"), verdict.feeds)
+        finally:
+            store.close()
+        with postgres.connect(url) as conn:
+            [(volume,)] = conn.execute("SELECT volume FROM price_feeds").fetchall()
+        assert volume == Decimal("1E-16383")
+
+
+@pytest.mark.postgres
 def test_postgres_in_flight_key_across_sessions() -> None:
     """Another session (another ingest process) holding the key's lock means 409, not a wait."""
     with postgres.postgres_schema() as url:

@@ -275,12 +275,14 @@ def _both_paths(raw: bytes) -> Validation:
     return fast
 
 
-def _decimal_holds(literal: str) -> bool:
+def _storable(literal: str) -> bool:
+    """A Decimal holds it, and PostgreSQL's numeric too (at most 16383 digits after the point,
+    zeros included: PostgreSQL refuses `0e-16384` as well)."""
     try:
-        Decimal(literal)
+        exponent = Decimal(literal).as_tuple().exponent
     except InvalidOperation:
         return False
-    return True
+    return not isinstance(exponent, int) or exponent >= -16383
 
 
 @settings(max_examples=400, deadline=None)
@@ -288,10 +290,11 @@ def _decimal_holds(literal: str) -> bool:
 def test_any_number_literal_is_judged_by_its_float(field: str, literal: str) -> None:
     verdict = _both_paths(_with_literal(field, literal))
     as_float = float(literal)
+    # Prices and volumes are stored exactly, as Decimals: they must also be storable.
     if field == "price":
-        ok = math.isfinite(as_float) and as_float > 0
-    elif field == "volume":  # a tiny volume must also be stored exactly, as a Decimal
-        ok = math.isfinite(as_float) and as_float >= 0 and _decimal_holds(literal)
+        ok = math.isfinite(as_float) and as_float > 0 and _storable(literal)
+    elif field == "volume":
+        ok = math.isfinite(as_float) and as_float >= 0 and _storable(literal)
     else:
         ok = math.isfinite(as_float)
     assert verdict.ok == ok, (verdict.problems, literal)
