@@ -11,6 +11,7 @@ Files in the spool directory (created 0700)::
     spool.db, spool.db-wal, spool.db-shm   the database; nothing else may open it while we run
     spool.lock                             flock held while open: one process per spool
     dead-letter.jsonl                      batches the API refused for good, one JSON line each
+    dead-letter.jsonl.1                    the previous one, once that reached 64 MiB
     spool.db.corrupt-<UTC time>[-wal]      a damaged database set aside (kept for forensics)
 
 Schema (``PRAGMA user_version`` = 2). Records are stored a chunk per row, so the cost of the
@@ -120,6 +121,10 @@ SCHEMA_VERSION = 2
 DB_NAME = "spool.db"
 LOCK_NAME = "spool.lock"
 DEAD_LETTER_NAME = "dead-letter.jsonl"
+#: When a dead letter would take dead-letter.jsonl past this size, the file becomes
+#: dead-letter.jsonl.1 (replacing the one before) and a new one starts: an API that refuses
+#: everything for weeks fills at most twice this, not the disk the spool needs.
+DEAD_LETTER_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # about 600k records of 400 bytes: hours of API outage
 DEFAULT_CHUNK_RECORDS = 1000
 
@@ -321,6 +326,7 @@ class Spool:
         fsync_interval_s: float = 1.0,
         chunk_records: int = DEFAULT_CHUNK_RECORDS,
         clock_ns: Callable[[], int] = time.time_ns,
+        dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES,
     ) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
@@ -333,6 +339,7 @@ class Spool:
         self._wal_path = self._dir / (DB_NAME + "-wal")
         self._shm_path = self._dir / (DB_NAME + "-shm")
         self._dead_letter_path = self._dir / DEAD_LETTER_NAME
+        self._dead_letter_max_bytes = dead_letter_max_bytes
         self._max_bytes = max_bytes
         self._fsync_interval_s = fsync_interval_s
         self._chunk_records = chunk_records
@@ -1538,7 +1545,23 @@ class Spool:
         ).encode()
         line = head[:-1] + b',"feeds":[' + b",".join(_json_value(p) for p in payloads) + b"]}\n"
         path = self._dead_letter_path
-        created = not path.exists()
+        try:
+            size: int | None = path.stat().st_size
+        except FileNotFoundError:
+            size = None
+        except OSError as exc:
+            raise SpoolError(f"dead-letter file {path}: cannot stat: {exc.strerror}") from exc
+        if size and size + len(line) > self._dead_letter_max_bytes:
+            rotated = path.with_name(path.name + ".1")
+            try:
+                os.replace(path, rotated)
+            except OSError as exc:
+                raise SpoolError(f"dead-letter file {path}: cannot rotate to {rotated.name}:"
+                                 f" {exc.strerror}") from exc
+            log.warning("dead_letter_rotated", extra={
+                "spool_path": str(path), "rotated_to": str(rotated), "bytes": size})
+            size = None
+        created = size is None
         try:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:

@@ -221,6 +221,38 @@ def test_dead_letter_writes_one_json_line(spool_dir: Path, spool: Spool, clock: 
     assert (stats.records, stats.batches_claimed) == (0, 0)
 
 
+def test_dead_letter_file_is_rotated_at_its_bound(
+    spool_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = spool_dir / DEAD_LETTER_NAME
+    rotated = spool_dir / (DEAD_LETTER_NAME + ".1")
+
+    def dead_letter_one(spool: Spool, n: int) -> None:
+        spool.append([rec(n, pad=400)])
+        batch = spool.due_batch(10, 0.0, force=True)
+        assert batch is not None
+        assert spool.dead_letter(batch.key, 422, "bad") == 1
+
+    caplog.set_level(logging.WARNING, logger="collectors.spool")
+    with Spool(spool_dir, dead_letter_max_bytes=1500) as spool:
+        for n in range(3):  # about 600 bytes a line: two fit, the third rotates
+            dead_letter_one(spool, n)
+        assert [numbers_of_lines(rotated), numbers_of_lines(path)] == [[0, 1], [2]]
+        for n in range(3, 5):
+            dead_letter_one(spool, n)
+        # The older file is replaced: at most two files, each under the bound.
+        assert [numbers_of_lines(rotated), numbers_of_lines(path)] == [[2, 3], [4]]
+        assert rotated.stat().st_size <= 1500 and path.stat().st_size <= 1500
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    events = [r for r in caplog.records if r.getMessage() == "dead_letter_rotated"]
+    assert len(events) == 2 and getattr(events[0], "rotated_to") == str(rotated)
+
+
+def numbers_of_lines(path: Path) -> list[int]:
+    return [int(feed["n"]) for line in path.read_bytes().splitlines()
+            for feed in json.loads(line)["feeds"]]
+
+
 def test_dead_letter_keeps_a_non_json_record_as_a_string(spool_dir: Path, spool: Spool) -> None:
     spool.append([b"not json", b'{"a":\r1}', rec(1)])
     batch = spool.due_batch(10, 0.0, force=True)
