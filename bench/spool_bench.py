@@ -90,7 +90,7 @@ def main() -> int:
         "--append-size",
         type=int,
         default=500,
-        help="records per append transaction (the spool-writer sends 100-1000)",
+        help="records per append transaction (the parser commits a chunk of 1-2000 frames)",
     )
     parser.add_argument("--batch", type=int, default=500, help="records per delivery batch")
     parser.add_argument(
