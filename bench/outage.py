@@ -51,8 +51,13 @@ def main() -> int:
                                                            keep_sent=0) as sim:
         tmp = Path(tmp_s)
         down_port = free_port()  # nothing listens here until the API comes up below
+        # The simulator encodes a whole burst before its first byte and sends no heartbeat
+        # meanwhile (a newer heartbeat would make the burst's tickers look late): 200,000
+        # tickers take ~10 s here, the collector's default liveness timeout, which would then
+        # replace the connection and the burst would go nowhere. Hence a longer one.
         with collector_process(tmp, "coinbase", sim.url, f"http://127.0.0.1:{down_port}",
-                               BATCH_SIZE="1000", BATCH_INTERVAL_MS="1000") as col:
+                               BATCH_SIZE="1000", BATCH_INTERVAL_MS="1000",
+                               WS_LIVENESS_TIMEOUT_S="60") as col:
             # Subscribed, not merely connected: a burst finds no subscriber otherwise, and the
             # run would wait out its deadline measuring nothing.
             assert sim.wait_for(lambda: any(sim.subscriptions().values()), 20)
@@ -68,6 +73,9 @@ def main() -> int:
                     break
                 time.sleep(0.25)  # sampling another process's memory
             spooled = spool_records(col.spool_dir)
+            if spooled < args.records:
+                raise RuntimeError(f"only {spooled:,} of {args.records:,} tickers reached the "
+                                   f"spool; see {col.log_path}")
             rss_backlog = status_kb(col.proc.pid, "VmRSS") / 1024
             files = sum(p.stat().st_size for p in col.spool_dir.glob("spool.db*"))
             with ingest_process(tmp, port=down_port) as ingest:  # the API is back
