@@ -210,3 +210,22 @@ def test_the_writer_needs_a_spool() -> None:
     assert writer.put_many_waiting([], threading.Event()) == 0
     with pytest.raises(RuntimeError, match="before attach"):
         writer.put_many_waiting([PriceFeed.__new__(PriceFeed)], threading.Event())
+
+
+# ---- the service's threads ---------------------------------------------------------------------
+
+def test_service_threads_carry_their_names_to_the_os() -> None:
+    # `top -H` and /proc show which thread uses the CPU (CPython 3.11 does not name them).
+    from collectors.service import name_native_thread
+
+    seen: dict[str, object] = {}
+
+    def run() -> None:
+        seen["named"] = name_native_thread("parse-coinbase-and-more")
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", encoding="utf-8") as f:
+            seen["comm"] = f.read().strip()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert seen == {"named": True, "comm": "parse-coinbase-"}  # the kernel keeps 15 bytes
