@@ -94,7 +94,8 @@ class CollectorService:
         self._wake_delivery = threading.Event()  # set by each spool write
         # The spool is opened in run(), which attaches it before any thread starts.
         self._writer = SpoolWriter(None, self.metrics, self._wake_delivery,
-                                   mark_of=self.adapter.dedup_mark)
+                                   mark_of=self.adapter.dedup_mark,
+                                   due_size=lambda: self.sender.due_size if self.sender else 1)
         self.parser = Parser(self.adapter, self.frames, self._writer, self.connection,
                              self.metrics, self._ws_finished, self.stop_event)
         self.spool: Spool | None = None

@@ -469,6 +469,11 @@ class Spool:
             with self._write_lock:
                 return self._claim(conn, max_records, max_age_s, force)
 
+    @property
+    def waiting_records(self) -> int:
+        """Records not yet in a batch (from the in-memory counters: no database read)."""
+        return self._records - self._claimed_records
+
     def seconds_until_due(self, max_age_s: float) -> float | None:
         """How long until the oldest waiting record is `max_age_s` old (0: now), or None when
         nothing waits. For the delivery thread's sleep between checks; raises SpoolError."""

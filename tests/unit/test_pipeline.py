@@ -229,3 +229,27 @@ def test_service_threads_carry_their_names_to_the_os() -> None:
     thread.start()
     thread.join()
     assert seen == {"named": True, "comm": "parse-coinbase-"}  # the kernel keeps 15 bytes
+
+
+def test_the_writer_wakes_delivery_only_when_its_plan_changes(tmp_path: Path) -> None:
+    # A wake-up per commit cost more CPU than the POSTs: the delivery thread sleeps until the
+    # oldest record is due, and is woken for the first record after none, or a full batch.
+    wake, stop = threading.Event(), threading.Event()
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, "coinbase", "w1")
+    adapter = create("coinbase", "w1", decode_frame)
+    t0 = 1_795_948_682_000_000_000
+    records = adapter.parse(_ticker("BTC-USD", 10, "100.5", "2026-11-29T10:38:02.000000Z"),
+                            t0).records
+    more = [adapter.parse(_ticker("BTC-USD", 11 + i, "101", "2026-11-29T10:38:02.001000Z"),
+                          t0 + 1 + i).records[0] for i in range(3)]
+    with Spool(tmp_path / "spool", fsync_interval_s=0) as spool:
+        writer = SpoolWriter(spool, metrics, wake, due_size=lambda: 3)
+        assert writer.put_many_waiting(list(records), stop) == 0
+        assert wake.is_set()  # the first record after none: the sleeper needs its due time
+        wake.clear()
+        assert writer.put_many_waiting(more[:1], stop) == 0
+        assert not wake.is_set()  # two waiting, a batch is three: nothing changed
+        assert writer.put_many_waiting(more[1:], stop) == 0
+        assert wake.is_set()  # four waiting: a full batch is due now
+        assert spool.waiting_records == 4
