@@ -166,6 +166,10 @@ _WAL_SIZE_LIMIT_BYTES = 8 * 1024 * 1024  # journal_size_limit: a reset WAL is cu
 _VACUUM_MIN_FREE_BYTES = 4 * 1024 * 1024  # this much free space is kept for reuse
 _VACUUM_STEP_BYTES = 4 * 1024 * 1024  # bounded so one ack never holds the write lock for long
 _NL = b"\n"
+_INSERT_WAITING = ("INSERT INTO waiting (id, appended_ns, n, crc32, crcs, payload)"
+                   " VALUES (?, ?, ?, ?, ?, ?)")
+_UPSERT_MARK = ("INSERT INTO marks (key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)")
 #: Page size of a new spool database: SQLite's default, chosen by measurement. 16 KiB pages made
 #: 1000-record appends and drains 1.4-1.7x faster in bench/spool_bench.py (a batch row's chain
 #: of overflow pages is a quarter as long) but the collector's commonest write, a few records
@@ -420,13 +424,17 @@ class Spool:
                     rows.append((next_id, now_ns, len(part), zlib.crc32(payload), _crcs(part),
                                  payload))
                     next_id += len(part)
-                if rows:
-                    conn.executemany("INSERT INTO waiting (id, appended_ns, n, crc32, crcs,"
-                                     " payload) VALUES (?, ?, ?, ?, ?, ?)", rows)
+                # execute() for one row: executemany() costs ~7 µs more a call, and most
+                # appends are one row (a chunk of a few frames) with a mark or two.
+                if len(rows) == 1:
+                    conn.execute(_INSERT_WAITING, rows[0])
+                elif rows:
+                    conn.executemany(_INSERT_WAITING, rows)
                 if marks:
-                    conn.executemany(
-                        "INSERT INTO marks (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE"
-                        " SET value = max(value, excluded.value)", list(marks.items()))
+                    if len(marks) == 1:
+                        conn.execute(_UPSERT_MARK, next(iter(marks.items())))
+                    else:
+                        conn.executemany(_UPSERT_MARK, list(marks.items()))
             self._next_id = next_id
             kept_bytes = total - sum(len(r) for r in records[:skip])
             self._records += len(kept) - freed_records
