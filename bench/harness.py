@@ -225,6 +225,34 @@ def ingest_process(tmp: Path, threads: int = 4, port: int = 0,
             log.close()
 
 
+# ---------------------------------------------------------------- the bare loop
+
+#: `python -c BARE_COINBASE_LOOP URL SECONDS [OUT]`: a bare websocket-client receive loop on the
+#: Coinbase simulator's five default products that only `json.loads` each message, for
+#: SECONDS; with OUT, it also writes [product, sequence, time_ns when recv() returned] of each
+#: ticker there as JSON. What receiving alone costs, and how late, on this machine.
+BARE_COINBASE_LOOP = r"""
+import json, sys, time, websocket
+url, seconds = sys.argv[1], float(sys.argv[2])
+out_path = sys.argv[3] if len(sys.argv) > 3 else None
+ws = websocket.create_connection(url, skip_utf8_validation=True, timeout=5)
+ws.send(json.dumps({"type": "subscribe", "channels": ["ticker", "heartbeat"],
+                    "product_ids": ["BTC-USD", "ETH-USD", "SOL-USD", "XRP-USD", "DOGE-USD"]}))
+got = []
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    raw = ws.recv()
+    ns = time.time_ns()
+    doc = json.loads(raw)
+    if out_path and doc.get("type") == "ticker":
+        got.append((doc["product_id"], doc["sequence"], ns))
+ws.close()
+if out_path:
+    with open(out_path, "w") as f:
+        json.dump(got, f)
+"""
+
+
 # ---------------------------------------------------------------- collector
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import (
+    BARE_COINBASE_LOOP,
     collector_process,
     cpu_s,
     ingest_process,
@@ -57,27 +58,6 @@ from collectors.simulator.market import Tick
 STAMPED = Path(__file__).resolve().parent / "stamped_collector.py"
 SYMBOLS = 5
 BATCH_INTERVAL_S = 5.0  # the collector's default BATCH_INTERVAL_MS
-
-# The floor: a bare websocket-client receive loop, in its own process.
-BARE_LOOP = r"""
-import json, sys, time, websocket
-url, seconds, out_path = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-ws = websocket.create_connection(url, skip_utf8_validation=True, timeout=5)
-ws.send(json.dumps({"type": "subscribe", "channels": ["ticker", "heartbeat"],
-                    "product_ids": ["BTC-USD", "ETH-USD", "SOL-USD", "XRP-USD", "DOGE-USD"]}))
-got = []
-end = time.monotonic() + seconds
-while time.monotonic() < end:
-    raw = ws.recv()
-    ns = time.time_ns()
-    doc = json.loads(raw)
-    if doc.get("type") == "ticker":
-        got.append((doc["product_id"], doc["sequence"], ns))
-ws.close()
-with open(out_path, "w") as f:
-    json.dump(got, f)
-"""
-
 
 class StampingSimulator(Simulator):
     """Notes the wall-clock time just before each ticker is written to a socket.
@@ -116,8 +96,9 @@ def floor_phase(rate: float, warmup: float, duration: float) -> list[float]:
                             max_stamps=int(rate * (warmup + duration + 10)))
     with tempfile.TemporaryDirectory(prefix="chrono-bench-floor-") as tmp, sim:
         out = Path(tmp) / "got.json"
-        subprocess.run([sys.executable, "-c", BARE_LOOP, sim.url, str(warmup + duration),
-                        str(out)], check=True, timeout=warmup + duration + 60)
+        subprocess.run([sys.executable, "-c", BARE_COINBASE_LOOP, sim.url,
+                        str(warmup + duration), str(out)],
+                       check=True, timeout=warmup + duration + 60)
         sends = dict(sim.stamps)
         got = json.loads(out.read_text())
     if not sends:

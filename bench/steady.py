@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import (
+    BARE_COINBASE_LOOP,
     CLK_TCK,
     collector_process,
     cpu_s,
@@ -37,16 +38,6 @@ from bench.harness import (
 from collectors.simulator import Simulator
 
 SYMBOLS = 5
-
-BARE_LOOP = r"""
-import json, sys, time, websocket
-ws = websocket.create_connection(sys.argv[1], skip_utf8_validation=True, timeout=5)
-ws.send(json.dumps({"type": "subscribe", "channels": ["ticker", "heartbeat"],
-                    "product_ids": ["BTC-USD", "ETH-USD", "SOL-USD", "XRP-USD", "DOGE-USD"]}))
-end = time.monotonic() + float(sys.argv[2])
-while time.monotonic() < end:
-    json.loads(ws.recv())
-"""
 
 
 def threads(pid: int) -> dict[int, tuple[str, float]]:
@@ -115,7 +106,7 @@ def main() -> int:
 def bare_loop(args: argparse.Namespace) -> tuple[float, int]:
     """CPU seconds of the bare loop over `duration`, and the tickers sent meanwhile."""
     with Simulator("coinbase", rate_hz=args.rate / SYMBOLS, seed=2) as sim:
-        proc = subprocess.Popen([sys.executable, "-c", BARE_LOOP, sim.url,
+        proc = subprocess.Popen([sys.executable, "-c", BARE_COINBASE_LOOP, sim.url,
                                  str(args.warmup + args.duration + 1)])
         try:
             if not sim.wait_for(lambda: any(sim.subscriptions().values()), 30):
