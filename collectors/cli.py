@@ -78,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
 
 
+#: The GIL switch interval of a collector process (CPython's default is 5 ms).
+SWITCH_INTERVAL_S = 0.001
+
+
 def _run(exchange: str) -> int:
     if exchange not in exchanges.REGISTRY:
         print(f"{PROG}: error: unknown exchange {exchange!r} (known: "
@@ -92,6 +96,11 @@ def _run(exchange: str) -> int:
     # `*_created` series double the series count and no dashboard or alert here uses them.
     disable_created_metrics()  # type: ignore[no-untyped-call]
 
+    # The parse thread is busy Python while the delivery threads mostly wait on sockets and
+    # SQLite; each of their many short steps needs the GIL back, and with CPython's default
+    # 5 ms switch interval a burst kept a claim or a POST waiting tens of ms for it. 1 ms:
+    # +14 % stored/s in bench/throughput.py (docs/benchmarks.md, session 5).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     config = CollectorConfig.from_env(exchange)
     setup_logging(config.log_level, static={"exchange": config.exchange,
                                             "worker_id": config.worker_id},

@@ -13,11 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import requests
@@ -280,6 +283,50 @@ def encode(record: PriceFeed) -> bytes:
     return _ENCODER.encode(record.to_json_dict())
 
 
+class _Bookkeeper:
+    """One thread that runs the delivery workers' spool writes in the order they are handed in:
+    the next batch's claim and the last one's acknowledgement run while a POST is on the wire,
+    instead of between POSTs. Jobs run in submission order, so an acknowledgement always
+    commits before a later claim looks for the oldest batch. Started on first use; a daemon
+    that idles on its queue (the service calls `close`)."""
+
+    def __init__(self, thread_init: Callable[[], object] | None) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
+                                      | None] = queue.SimpleQueue()
+        self._thread_init = thread_init
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="delivery-spool",
+                                                daemon=True)
+                self._thread.start()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def close(self) -> None:
+        """Let the thread end once the jobs already handed in have run."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._jobs.put(None)
+            thread.join(timeout=10)
+
+    def _run(self) -> None:
+        if self._thread_init is not None:
+            self._thread_init()
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except Exception as exc:  # noqa: BLE001 (the waiting worker gets it)
+                    future.set_exception(exc)
+
+
 class Sender:
     """The delivery workers: each takes a due batch from the spool, oldest first, and POSTs it.
 
@@ -289,13 +336,23 @@ class Sender:
     record keeps its own timestamps). The workers share one retry policy: after a failed POST
     none sends before the retry time, and while the API keeps failing a single request (a probe)
     is in flight at a time, so N workers do not hit a struggling API N times harder.
+
+    A worker's spool writes run on one bookkeeping thread (`delivery-spool`) while its POST is
+    on the wire: the attempt count of the batch being sent, the claim of the next batch, and
+    after a success the acknowledgement. POSTs still go one after the other, in spool order,
+    but a batch no longer waits for its predecessor's acknowledgement and its own claim (a
+    third of a burst's delivery time before). A batch claimed ahead stays claimed when the POST
+    before it fails, and is sent after it (the oldest claimed batch goes first). The attempt
+    count is persisted while the POST runs, not before it: a `kill -9` in that instant loses
+    only the count (the batch is re-sent under its key, so the API still stores it once).
     """
 
     def __init__(self, spool: Spool, posters: Poster | Sequence[Poster], metrics: Metrics, *,
                  batch_size: int, batch_interval_s: float, stop: threading.Event,
                  writer_finished: threading.Event, wake: threading.Event,
                  drain_timeout_s: float = 5.0, backoff: Backoff | None = None,
-                 retry_max_s: float = 30.0) -> None:
+                 retry_max_s: float = 30.0,
+                 thread_init: Callable[[], object] | None = None) -> None:
         self._spool = spool
         self._posters = [posters] if isinstance(posters, Poster) else list(posters)
         if not self._posters:
@@ -315,6 +372,11 @@ class Sender:
         self._resume_at = 0.0  # monotonic time before which no worker POSTs (after a failure)
         self._probe = threading.Lock()  # held by the one POST allowed while the API is failing
         self._in_flight: set[str] = set()  # keys of the batches the workers hold
+        self._acking: set[str] = set()  # keys of stored batches whose acknowledgement is queued
+        # The spool writes of every worker, in order, on one thread (`thread_init` names it).
+        self._bookkeeper = _Bookkeeper(thread_init)
+        self._ahead: list[Future[Batch | None] | None] = [None] * len(self._posters)
+        self._acks: list[list[Future[None]]] = [[] for _ in self._posters]
         self._tried: set[str] = set()
         # After a 413 the batch size is halved until batches fit, then grows back on success.
         self._size_cap = batch_size
@@ -348,8 +410,21 @@ class Sender:
 
     def run(self, worker: int = 0) -> None:
         """Worker `worker`'s loop (one thread each) until stopped and drained."""
+        try:
+            self._loop(worker)
+        finally:
+            # The acknowledgements of stored batches commit before the thread ends (the service
+            # closes the spool once every worker has).
+            self._settle(worker, raise_errors=False)
+
+    def close(self) -> None:
+        """End the bookkeeping thread (after the workers have returned)."""
+        self._bookkeeper.close()
+
+    def _loop(self, worker: int) -> None:
         poster = self._posters[worker]
         while True:
+            self._check_acks(worker)  # a failed acknowledgement fails this thread, as before
             now = self._beats[worker] = time.monotonic()
             drain_deadline = self._drain_deadline_if_stopping()
             final = drain_deadline is not None and self._writer_finished.is_set()
@@ -358,11 +433,10 @@ class Sender:
                 return
             self._wake.clear()  # before looking: an append from now on ends the wait below
             try:
-                with self._lock:
-                    batch = self._spool.due_batch(self._size_cap, self._interval_s, force=final,
-                                                  exclude=self._in_flight)
-                    if batch is not None:
-                        self._in_flight.add(batch.key)
+                ahead, self._ahead[worker] = self._ahead[worker], None
+                if ahead is None:  # nothing claimed during the last POST: claim now
+                    ahead = self._bookkeeper.submit(self._claim, final)
+                batch = ahead.result()
             except SpoolError as exc:
                 self._metrics.spool_errors.inc()
                 log.error("spool_read_failed", extra={"error": str(exc)})
@@ -372,21 +446,87 @@ class Sender:
             self._update_spool_gauges()
             if batch is None:
                 if final:
+                    self._settle(worker, raise_errors=True)
                     with self._lock:
-                        if not self._in_flight and not self._drained_logged:
+                        if not self._in_flight and not self._acking and not self._drained_logged:
                             self._drained_logged = True
                             log.info("delivery_drained")
                     return
                 self._wake.wait(self._idle_wait_s(drain_deadline))
                 continue
             try:
-                sent = self._deliver(batch, poster, worker)
+                sent = self._deliver(batch, poster, worker, final)
             finally:
                 with self._lock:
                     self._in_flight.discard(batch.key)
             if not sent:  # the drain deadline came before the retry time
                 self._log_left_behind()
                 return
+
+    # ---- spool bookkeeping (on the bookkeeping thread) ---------------------------------------
+    def _claim(self, final: bool) -> Batch | None:
+        """The next batch to send (see Spool.due_batch), reserved for the caller. Claims run
+        only on the bookkeeping thread, one at a time, so the keys read under the lock are
+        still the ones to skip when the claim commits (keys only leave the sets meanwhile)."""
+        with self._lock:
+            exclude = self._in_flight | self._acking
+            size = self._size_cap
+        batch = self._spool.due_batch(size, self._interval_s, force=final, exclude=exclude)
+        if batch is not None:
+            with self._lock:
+                self._in_flight.add(batch.key)
+        return batch
+
+    def _acknowledge(self, key: str, n: int) -> None:
+        """The API stored batch `key`: delete it from the spool, then count it delivered."""
+        try:
+            self._spool.ack(key)
+        finally:
+            with self._lock:
+                self._acking.discard(key)
+        self._metrics.records_delivered.inc(n)
+        self.last_success_unix = time.time()
+        self._metrics.last_flush_success_ts.set(self.last_success_unix)
+
+    def _check_acks(self, worker: int) -> None:
+        pending = self._acks[worker]
+        while pending and pending[0].done():
+            pending.pop(0).result()  # raises what the acknowledgement raised
+
+    def _put_back_ahead(self, worker: int, *, unclaim: bool) -> None:
+        """The POST before the batch claimed ahead failed. To be retried: the batch stays
+        claimed on disk, free for any worker, and goes after the failed one (the oldest claimed
+        batch is sent first). Refused for good (`unclaim`): a batch claimed by that very claim
+        goes back to waiting first, so the refused batch's records that go back in front of it
+        (a 413 split, a partial rejection) keep their place, and a smaller batch size after a
+        413 applies to it too."""
+        ahead, self._ahead[worker] = self._ahead[worker], None
+        if ahead is None:
+            return
+        with contextlib.suppress(SpoolError):  # the next claim meets and reports it
+            batch = ahead.result()
+            if batch is not None:
+                try:
+                    if unclaim and batch.fresh:
+                        self._spool.release(batch.key)
+                finally:
+                    with self._lock:
+                        self._in_flight.discard(batch.key)
+
+    def _settle(self, worker: int, *, raise_errors: bool) -> None:
+        """Wait for this worker's queued spool writes."""
+        ahead, self._ahead[worker] = self._ahead[worker], None
+        if ahead is not None:
+            with contextlib.suppress(Exception):
+                ahead.result(timeout=60)
+        pending, self._acks[worker] = self._acks[worker], []
+        for future in pending:
+            try:
+                future.result(timeout=60)
+            except Exception as exc:
+                if raise_errors:
+                    raise
+                log.error("spool_ack_failed", extra={"error": str(exc)})
 
     # ---- waiting ---------------------------------------------------------------------------
     def _idle_wait_s(self, drain_deadline: float | None) -> float:
@@ -451,48 +591,53 @@ class Sender:
                 return None
 
     # ---- one POST --------------------------------------------------------------------------
-    def _deliver(self, batch: Batch, poster: Poster, worker: int) -> bool:
+    def _deliver(self, batch: Batch, poster: Poster, worker: int, final: bool) -> bool:
         """POST one batch when it is this worker's turn, and act on the answer. False when the
         drain deadline came first (the batch stays claimed on disk)."""
         probing = self._take_turn(worker)
         if probing is None:
             return False
         try:
-            self._post(batch, poster)
+            self._post(batch, poster, worker, final and not probing)
         finally:
             if probing:
                 self._probe.release()
         return True
 
-    def _post(self, batch: Batch, poster: Poster) -> None:
+    def _post(self, batch: Batch, poster: Poster, worker: int, final: bool) -> None:
         n = batch.size
         with self._lock:
             first_try_here = batch.key not in self._tried
             self._tried.add(batch.key)
+            # While the API fails, one batch at a time: nothing is claimed ahead.
+            look_ahead = self._backoff.attempt == 0
         if first_try_here and batch.attempts > 0:
             self._metrics.spool_replayed.inc(n)
             log.info("batch_replayed", extra={"idempotency_key": batch.key, "records": n,
                                               "attempts": batch.attempts})
-        self._spool.record_attempt(batch.key)
+        # Both run on the bookkeeping thread while the POST is on the wire.
+        attempt = self._bookkeeper.submit(self._spool.record_attempt, batch.key)
+        if look_ahead:
+            self._ahead[worker] = self._bookkeeper.submit(self._claim, final)
         self._metrics.flushes.inc()
         started = time.monotonic()
         result = poster.post(batch)
         self._metrics.flush_duration.observe(time.monotonic() - started)
+        attempt.result()  # a spool that cannot count the attempt fails the thread, as before
         if result.outcome is Outcome.STORED:
-            self._spool.ack(batch.key)
-            self._metrics.records_delivered.inc(n)
-            self.last_success_unix = time.time()
-            self._metrics.last_flush_success_ts.set(self.last_success_unix)
             with self._lock:
+                self._acking.add(batch.key)  # skipped by claims until the deletion commits
                 self._tried.discard(batch.key)
                 self._size_cap = min(self._batch_size, self._size_cap * 2)
                 recovered_after = self._backoff.attempt
                 self._backoff.reset()
+            self._acks[worker].append(self._bookkeeper.submit(self._acknowledge, batch.key, n))
             if recovered_after:
                 log.info("delivery_recovered", extra={"after_attempts": recovered_after})
             log.debug("batch_delivered", extra={"idempotency_key": batch.key, "records": n,
                                                 "status": result.status})
             return
+        self._put_back_ahead(worker, unclaim=result.outcome is Outcome.REJECT)
         reason = _failure_reason(result)
         self._metrics.flush_failure(reason)
         if result.outcome is Outcome.REJECT:

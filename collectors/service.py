@@ -7,6 +7,8 @@ Threads (each named, each stopped through an Event, each with a top-level guard)
                       disk, a transaction per chunk of frames (the only adapter caller)
     delivery          Sender: spool -> POST batches -> ack / retry / dead letter
     (delivery-2 ...)  more Sender workers when DELIVERY_CONCURRENCY > 1 (POSTs in flight at once)
+    delivery-spool    the workers' spool writes (claim the next batch, count the attempt,
+                      acknowledge the last) while their POSTs are on the wire
 
 Stop order: stop reading, parse what arrived, spool it, then try to deliver the spool within the
 drain timeout; whatever is left waits on disk for the next start. Exit 0.
@@ -176,7 +178,8 @@ class CollectorService:
                              batch_interval_s=cfg.batch_interval_s, stop=self.stop_event,
                              writer_finished=self._parser_finished,
                              wake=self._wake_delivery,
-                             drain_timeout_s=DRAIN_TIMEOUT_S, retry_max_s=cfg.retry_max_s)
+                             drain_timeout_s=DRAIN_TIMEOUT_S, retry_max_s=cfg.retry_max_s,
+                             thread_init=lambda: name_native_thread("delivery-spool"))
         threads = [
             # A finished stage closes the queue it fed, which wakes its consumer at once.
             self._thread(f"ws-{cfg.exchange}", self.connection.run, self._ws_finished,
@@ -211,6 +214,7 @@ class CollectorService:
         for poster in posters:
             poster.close()
         if not alive:
+            self.sender.close()
             self.spool.close()
         left = len(self.frames)
         log.info("collector_stopped", extra={"threads_still_running": alive or None,

@@ -271,6 +271,9 @@ class Batch:
     size: int  # how many records
     attempts: int  # delivery attempts recorded so far (persisted)
     created_ns: int  # epoch ns when the oldest record was appended
+    # Claimed by the call that returned it, so never sent (see `release`); not part of the
+    # batch's identity: read back later, the same batch compares equal.
+    fresh: bool = field(default=False, compare=False)
 
     @classmethod
     def of(cls, key: str, records: Sequence[bytes], attempts: int = 0,
@@ -572,6 +575,13 @@ class Spool:
             self._claimed_bytes -= size
             self._batches -= 1
             return len(bad), len(good)
+
+    def release(self, key: str) -> int:
+        """Put claimed batch `key` back in front of every waiting record, in order, as if it
+        had never been claimed; its key is dropped. Only for a batch that was never sent (a
+        `fresh` one claimed ahead of need): a batch the API may have stored must be re-sent
+        under its key. Returns how many records (0 for an unknown key). Raises SpoolError."""
+        return self.split(key, (), 0, "")[1]
 
     def stats(self) -> SpoolStats:
         """Counts for metrics. Raises SpoolError if the spool is closed or the database fails."""
@@ -1473,7 +1483,7 @@ class Spool:
                     (key, taken, first_ns, self._clock_ns(), zlib.crc32(payload),
                      b"".join(crc_parts), payload),
                 )
-                batch = Batch(key, payload, taken, 0, first_ns)
+                batch = Batch(key, payload, taken, 0, first_ns, fresh=True)
         bad_bytes = sum(len(b) for b in bad)
         self._records -= len(bad)
         self._bytes -= bad_bytes

@@ -182,3 +182,37 @@ def test_one_worker_stores_batches_in_spool_order(tmp_path: Path) -> None:
         bodies = r.faults.bodies
         firsts = [int(b.split(b'"sequence":', 1)[1].split(b"}", 1)[0]) for b in bodies]
         assert firsts == [0, 10, 20, 30, 40]
+
+
+def first_sequences(bodies: list[bytes]) -> list[int]:
+    return [int(b.split(b'"sequence":', 1)[1].split(b"}", 1)[0]) for b in bodies]
+
+
+def test_the_next_batch_is_claimed_while_a_post_is_on_the_wire(tmp_path: Path) -> None:
+    with rig(tmp_path) as r:
+        r.faults.hang(10, times=1)  # the first POST waits until released
+        r.spool.append(records(30))
+        with workers(r, 1, batch_size=10):
+            assert r.faults.wait_for_requests(1, timeout_s=10)
+            # The bookkeeping thread claims the second batch while the first is on the wire.
+            assert wait_until(lambda: r.spool.stats().batches_claimed == 2, timeout_s=10)
+            assert r.faults.requests_seen == 1  # ...but does not send it before its turn
+            r.faults.release()
+            assert r.faults.wait_for_completed(3, timeout_s=10)
+        assert first_sequences(r.faults.bodies) == [0, 10, 20]
+        assert r.spool.stats().records == 0  # every acknowledgement committed before the end
+        assert stored_sequences(r.db_path) == list(range(30))
+
+
+def test_a_batch_claimed_ahead_goes_after_the_failed_one(tmp_path: Path) -> None:
+    with rig(tmp_path) as r:
+        r.faults.respond(503, retry_after=0.3, times=1)
+        r.spool.append(records(30))
+        with workers(r, 1, batch_size=10):
+            assert r.faults.wait_for_completed(4, timeout_s=10)  # one failure, three stored
+        keys = r.faults.idempotency_keys
+        # The failed batch is re-sent first, under its key; the one claimed meanwhile follows.
+        assert first_sequences(r.faults.bodies) == [0, 0, 10, 20]
+        assert keys[0] == keys[1] and len(set(keys)) == 3
+        assert stored_sequences(r.db_path) == list(range(30))
+        assert r.spool.stats().records == 0

@@ -1165,6 +1165,30 @@ def test_split_dead_letters_the_named_records_and_releases_the_rest(tmp_path: Pa
         spool.close()
 
 
+def test_a_batch_claimed_ahead_and_released_goes_back_in_order(spool: Spool) -> None:
+    records = [b'{"n":%d}' % i for i in range(30)]
+    spool.append(records)
+    sent = spool.due_batch(10, 0.0)
+    ahead = spool.due_batch(10, 0.0, exclude={sent.key} if sent else ())
+    assert sent is not None and ahead is not None and sent.fresh and ahead.fresh
+    # A claimed batch read back (a retry) is not fresh: it may have been sent.
+    again = spool.due_batch(10, 0.0)
+    assert again is not None and again.key == sent.key and not again.fresh
+    # The batch claimed ahead goes back first, then the refused one is split in front of it:
+    # the original order holds, and smaller batches take them.
+    assert spool.release(ahead.key) == 10
+    assert spool.release(ahead.key) == 0  # unknown now
+    assert spool.split(sent.key, (), 413, "too large") == (0, 10)
+    stats = spool.stats()
+    assert (stats.records, stats.claimed_records, stats.batches_claimed) == (30, 0, 0)
+    order: list[bytes] = []
+    while (batch := spool.due_batch(5, 0.0, force=True)) is not None:
+        assert batch.size == 5 and batch.key not in (sent.key, ahead.key)
+        order += batch.records
+        spool.ack(batch.key)
+    assert order == records
+
+
 def test_due_batch_skips_the_batches_other_workers_hold(spool: Spool) -> None:
     spool.append([b'{"n":%d}' % i for i in range(30)])
     first = spool.due_batch(10, 0.0)
