@@ -4,6 +4,7 @@ configuration (one line on stderr, no traceback), 1 anything else."""
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Sequence
 
@@ -105,7 +106,13 @@ def _run(exchange: str) -> int:
     setup_logging(config.log_level, static={"exchange": config.exchange,
                                             "worker_id": config.worker_id},
                   secrets=[config.api_key])
-    return CollectorService(config).run()
+    service = CollectorService(config)
+    # Everything made so far (modules, the service) lives as long as the process: moved out of
+    # the cyclic GC's sight, so an occasional full collection has only the recent objects to
+    # walk (a 16-36 ms pause with every thread stopped before: the p99.9 of bench/latency.py).
+    gc.collect()
+    gc.freeze()
+    return service.run()
 
 
 def _ingest_arguments(parser: argparse.ArgumentParser) -> None:

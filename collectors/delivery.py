@@ -286,9 +286,9 @@ def encode(record: PriceFeed) -> bytes:
 class _Bookkeeper:
     """One thread that runs the delivery workers' spool writes in the order they are handed in:
     the next batch's claim and the last one's acknowledgement run while a POST is on the wire,
-    instead of between POSTs. Jobs run in submission order, so an acknowledgement always
-    commits before a later claim looks for the oldest batch. Started on first use; a daemon
-    that idles on its queue (the service calls `close`)."""
+    instead of between POSTs. Jobs run in submission order (a batch's attempt is counted
+    before it can be acknowledged). Started on first use; a daemon that idles on its queue
+    (the service calls `close`)."""
 
     def __init__(self, thread_init: Callable[[], object] | None) -> None:
         self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
@@ -364,9 +364,11 @@ class Sender:
         self._writer_finished = writer_finished
         self._wake = wake
         self._drain_timeout_s = drain_timeout_s
-        # _lock guards the shared state below; claiming a batch and reserving it happen under it
-        # as one step, so no two workers ever send the same batch at once.
+        # _lock guards the shared state below. Claiming a batch and reserving it (in
+        # _in_flight) happen under _claim_lock as one step, so no two workers ever send the
+        # same batch at once.
         self._lock = threading.Lock()
+        self._claim_lock = threading.Lock()
         # Capped (DELIVERY_RETRY_MAX_S, 30 s): after an outage the backlog starts draining soon.
         self._backoff = backoff or Backoff(base_s=0.5, cap_s=retry_max_s)
         self._resume_at = 0.0  # monotonic time before which no worker POSTs (after a failure)
@@ -434,9 +436,8 @@ class Sender:
             self._wake.clear()  # before looking: an append from now on ends the wait below
             try:
                 ahead, self._ahead[worker] = self._ahead[worker], None
-                if ahead is None:  # nothing claimed during the last POST: claim now
-                    ahead = self._bookkeeper.submit(self._claim, final)
-                batch = ahead.result()
+                # The batch claimed during the last POST, or (none was due then) one now.
+                batch = self._claim(final) if ahead is None else ahead.result()
             except SpoolError as exc:
                 self._metrics.spool_errors.inc()
                 log.error("spool_read_failed", extra={"error": str(exc)})
@@ -463,19 +464,23 @@ class Sender:
                 self._log_left_behind()
                 return
 
-    # ---- spool bookkeeping (on the bookkeeping thread) ---------------------------------------
+    # ---- spool bookkeeping (mostly on the bookkeeping thread) --------------------------------
     def _claim(self, final: bool) -> Batch | None:
-        """The next batch to send (see Spool.due_batch), reserved for the caller. Claims run
-        only on the bookkeeping thread, one at a time, so the keys read under the lock are
-        still the ones to skip when the claim commits (keys only leave the sets meanwhile)."""
-        with self._lock:
-            exclude = self._in_flight | self._acking
-            size = self._size_cap
-        batch = self._spool.due_batch(size, self._interval_s, force=final, exclude=exclude)
-        if batch is not None:
+        """The next batch to send (see Spool.due_batch), reserved for the caller. One claim at
+        a time (`_claim_lock`), so the keys read under `_lock` are still the ones to skip when
+        the claim commits (keys only leave the sets meanwhile), without holding `_lock`, which
+        the workers need between POSTs, for the length of a claim. A claimed batch whose
+        acknowledgement is still queued is skipped (`_acking`), so a claim need not wait for
+        the bookkeeping thread."""
+        with self._claim_lock:
             with self._lock:
-                self._in_flight.add(batch.key)
-        return batch
+                exclude = self._in_flight | self._acking
+                size = self._size_cap
+            batch = self._spool.due_batch(size, self._interval_s, force=final, exclude=exclude)
+            if batch is not None:
+                with self._lock:
+                    self._in_flight.add(batch.key)
+            return batch
 
     def _acknowledge(self, key: str, n: int) -> None:
         """The API stored batch `key`: delete it from the spool, then count it delivered."""
