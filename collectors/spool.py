@@ -1532,7 +1532,14 @@ class Spool:
         return count
 
     def _maybe_vacuum(self, conn: sqlite3.Connection) -> None:
-        """Give free pages back to the file system a step at a time after a backlog drained."""
+        """Give free pages back to the file system a step at a time after a backlog drained.
+
+        Not while more than `_VACUUM_MIN_FREE_BYTES` of records are still on disk: the pages a
+        draining backlog frees are reused by the appends meanwhile, and a vacuum step moves
+        the live pages behind them (10-30 ms an acknowledgement in a burst's drain, holding
+        the write lock the parser needs)."""
+        if self._bytes > _VACUUM_MIN_FREE_BYTES:
+            return
         try:
             free = _int_or_none(conn.execute("PRAGMA freelist_count").fetchone()) or 0
             pages = _int_or_none(conn.execute("PRAGMA page_count").fetchone()) or 0
