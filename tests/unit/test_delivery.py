@@ -11,6 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from collectors.backoff import Outcome
 from collectors.delivery import MAX_RESPONSE_BYTES, Poster, PostResult
@@ -171,3 +173,28 @@ def test_a_record_encodes_to_the_contract_json() -> None:
         "source": "coinbase", "worker_id": "worker-coinbase",
         "metadata": {"bid": 45123.4, "sequence": 7, "timestamp_source": "exchange"}}
     assert b" " not in encode(record)  # compact
+
+
+_finite = st.floats(allow_nan=False, allow_infinity=False)
+_meta_value = st.one_of(_finite, st.integers(-(2**63), 2**63 - 1), st.text(max_size=20),
+                        st.booleans())
+
+
+@settings(max_examples=300, deadline=None)
+@given(symbol=st.text(max_size=12), price=_finite, volume=st.none() | _finite,
+       timestamp=st.text(max_size=30), source=st.text(max_size=10),
+       worker_id=st.text(max_size=10),
+       metadata=st.dictionaries(st.text(max_size=12), _meta_value, max_size=16))
+def test_encode_writes_the_bytes_of_the_records_json_dict(
+        symbol: str, price: float, volume: float | None, timestamp: str, source: str,
+        worker_id: str, metadata: dict[str, float | int | str | bool]) -> None:
+    # encode() builds Structs instead of a dict per record: the bytes must not change (they
+    # are what the spool keeps and the API stores, and a retry must send the same body).
+    import msgspec
+
+    from collectors.delivery import encode
+    from collectors.model import PriceFeed
+
+    record = PriceFeed(symbol=symbol, price=price, volume=volume, timestamp=timestamp,
+                       source=source, worker_id=worker_id, metadata=metadata)
+    assert encode(record) == msgspec.json.encode(record.to_json_dict())
