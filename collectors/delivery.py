@@ -369,8 +369,8 @@ class Sender:
     on the wire: the attempt count of the batch being sent, the claim of the next batch, and
     after a success the acknowledgement. POSTs still go one after the other, in spool order,
     but a batch no longer waits for its predecessor's acknowledgement and its own claim (a
-    third of a burst's delivery time before). A batch claimed ahead stays claimed when the POST
-    before it fails, and is sent after it (the oldest claimed batch goes first). The attempt
+    third of a burst's delivery time before). A batch claimed ahead goes back to waiting when
+    the POST before it fails, so the failed batch, retried or split, keeps its place. The attempt
     count is persisted while the POST runs, not before it: a `kill -9` in that instant loses
     only the count (the batch is re-sent under its key, so the API still stores it once).
     """
@@ -526,13 +526,13 @@ class Sender:
         while pending and pending[0].done():
             pending.pop(0).result()  # raises what the acknowledgement raised
 
-    def _put_back_ahead(self, worker: int, *, unclaim: bool) -> None:
-        """The POST before the batch claimed ahead failed. To be retried: the batch stays
-        claimed on disk, free for any worker, and goes after the failed one (the oldest claimed
-        batch is sent first). Refused for good (`unclaim`): a batch claimed by that very claim
-        goes back to waiting first, so the refused batch's records that go back in front of it
-        (a 413 split, a partial rejection) keep their place, and a smaller batch size after a
-        413 applies to it too."""
+    def _put_back_ahead(self, worker: int) -> None:
+        """The POST before the batch claimed ahead did not store its batch. A batch this claim
+        made (never sent) goes back to waiting, in front, as if never claimed: the failed
+        batch stays the oldest claimed one and goes first, and should it later be split (a
+        413, a partial rejection: its records go back in front of the waiting ones) the
+        records behind it keep their place, and a smaller batch size applies to them too. A
+        batch claimed before (it may have been sent) stays claimed, free for any worker."""
         ahead, self._ahead[worker] = self._ahead[worker], None
         if ahead is None:
             return
@@ -540,7 +540,7 @@ class Sender:
             batch = ahead.result()
             if batch is not None:
                 try:
-                    if unclaim and batch.fresh:
+                    if batch.fresh:
                         self._spool.release(batch.key)
                 finally:
                     with self._lock:
@@ -670,7 +670,7 @@ class Sender:
             log.debug("batch_delivered", extra={"idempotency_key": batch.key, "records": n,
                                                 "status": result.status})
             return
-        self._put_back_ahead(worker, unclaim=result.outcome is Outcome.REJECT)
+        self._put_back_ahead(worker)
         reason = _failure_reason(result)
         self._metrics.flush_failure(reason)
         if result.outcome is Outcome.REJECT:

@@ -204,14 +204,15 @@ def test_the_next_batch_is_claimed_while_a_post_is_on_the_wire(tmp_path: Path) -
         assert stored_sequences(r.db_path) == list(range(30))
 
 
-def test_a_batch_claimed_ahead_goes_after_the_failed_one(tmp_path: Path) -> None:
+def test_a_batch_claimed_ahead_goes_back_behind_the_failed_one(tmp_path: Path) -> None:
     with rig(tmp_path) as r:
         r.faults.respond(503, retry_after=0.3, times=1)
         r.spool.append(records(30))
         with workers(r, 1, batch_size=10):
             assert r.faults.wait_for_completed(4, timeout_s=10)  # one failure, three stored
         keys = r.faults.idempotency_keys
-        # The failed batch is re-sent first, under its key; the one claimed meanwhile follows.
+        # The failed batch is re-sent first, under its key; the one claimed meanwhile went
+        # back to waiting (never sent) and follows, under a key of its own.
         assert first_sequences(r.faults.bodies) == [0, 0, 10, 20]
         assert keys[0] == keys[1] and len(set(keys)) == 3
         assert stored_sequences(r.db_path) == list(range(30))
