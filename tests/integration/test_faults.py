@@ -319,13 +319,14 @@ def test_a_422_naming_records_dead_letters_only_those(
     assert_exactly_once(ingest, sent - dead)
 
 
-@pytest.mark.parametrize("seed", [11, 12])
+@pytest.mark.parametrize(("seed", "concurrency"), [(11, "1"), (12, "1"), (13, "3")])
 def test_a_chaotic_api_gets_everything_once_and_in_order(
-        tmp_path: Path, ingest: IngestServer, coinbase_sim: Simulator, seed: int) -> None:
+        tmp_path: Path, ingest: IngestServer, coinbase_sim: Simulator, seed: int,
+        concurrency: str) -> None:
     # A random mix of retryable failures, slow answers and 413s between successes, while
-    # batches are claimed ahead during POSTs: nothing is lost or stored twice, and with one
-    # POST in flight every symbol's updates are stored in the order the venue sent them (a
-    # 413's halves and a batch claimed ahead keep their places).
+    # batches are claimed ahead during POSTs: nothing is lost or stored twice (with one POST
+    # in flight or three), and with one every symbol's updates are stored in the order the
+    # venue sent them (a 413's halves and a batch claimed ahead keep their places).
     rng = random.Random(seed)
     for _ in range(24):
         kind = rng.choice(["pass", "pass", "pass", "503", "429", "close", "hang", "413"])
@@ -347,7 +348,8 @@ def test_a_chaotic_api_gets_everything_once_and_in_order(
             ingest.faults.respond(413)
     with collector_process(tmp_path, coinbase_sim.url, ingest.url, ingest.key,
                            BATCH_SIZE="10", HTTP_READ_TIMEOUT_S="1",
-                           DELIVERY_RETRY_MAX_S="0.5") as col:
+                           DELIVERY_RETRY_MAX_S="0.5",
+                           DELIVERY_CONCURRENCY=concurrency) as col:
         assert wait_until(lambda: ingest.faults.pending == 0, 60), ingest.faults.applied
         assert wait_until(lambda: stored_count(ingest) >= 100, 30)
         coinbase_sim.go_silent(True)
@@ -367,6 +369,8 @@ def test_a_chaotic_api_gets_everything_once_and_in_order(
         assert col.stop() == 0
     assert not dead() & {tuple(i) for i in _ids(stored_rows(ingest))}
     assert_exactly_once(ingest, sent - dead())
+    if concurrency != "1":
+        return  # several POSTs in flight: batches may be stored out of order (documented)
     by_symbol: dict[object, list[int]] = {}
     for symbol, sequence in _ids(stored_rows(ingest)):
         by_symbol.setdefault(symbol, []).append(int(str(sequence)))
