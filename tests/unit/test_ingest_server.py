@@ -48,6 +48,24 @@ def test_start_server_from_config_and_stop(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "i.db").exists()
 
 
+def test_stop_when_waitress_has_closed_its_trigger_already(tmp_path: Path) -> None:
+    # waitress closes the loop's wake-up pipe with a listener that failed; stop() then cannot
+    # wake the loop (CI once saw EBADF from it at a test's teardown) and must still stop it.
+    cfg = IngestConfig(api_keys=(TEST_API_KEY,), database_url=f"sqlite:///{tmp_path}/i.db",
+                       port=0, threads=2)
+    server = start_server(cfg)
+    try:
+        with requests.Session() as http:
+            assert http.get(server.url + "/healthz", timeout=10).status_code == 200
+            server._server.trigger.close()  # one listener: waitress's plain WSGI server
+            server.stop(timeout_s=5)
+            assert not server.alive
+            with pytest.raises(requests.ConnectionError):
+                http.get(server.url + "/healthz", timeout=5)
+    finally:
+        server.stop()
+
+
 def test_stop_lets_a_request_in_progress_finish(tmp_path: Path) -> None:
     with running_ingest(tmp_path) as ingest:
         ingest.faults.hang(30)
