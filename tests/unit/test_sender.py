@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from collectors.delivery import Poster, Sender, encode
@@ -217,3 +218,29 @@ def test_a_batch_claimed_ahead_goes_back_behind_the_failed_one(tmp_path: Path) -
         assert keys[0] == keys[1] and len(set(keys)) == 3
         assert stored_sequences(r.db_path) == list(range(30))
         assert r.spool.stats().records == 0
+
+
+def test_a_failed_acknowledgement_fails_the_worker_and_keeps_the_batch(tmp_path: Path) -> None:
+    # The ack runs on the bookkeeping thread; its failure still ends the worker (the service
+    # then stops and is restarted), and the batch stays claimed on disk for the next start.
+    from collectors.errors import SpoolError
+
+    with rig(tmp_path) as r:
+        r.spool.append(records(10))
+
+        def failing_ack(key: str) -> int:
+            raise SpoolError("spool: ack failed: disk I/O error")
+
+        r.spool.ack = failing_ack  # type: ignore[method-assign]
+        poster = Poster(r.url, TEST_API_KEY, connect_timeout_s=2, read_timeout_s=10)
+        sender = Sender(r.spool, [poster], Metrics(CollectorRegistry(), "coinbase", "w"),
+                        batch_size=10, batch_interval_s=0.01, stop=threading.Event(),
+                        writer_finished=threading.Event(), wake=threading.Event())
+        try:
+            with pytest.raises(SpoolError, match="ack failed"):
+                sender.run(0)
+        finally:
+            sender.close()
+            poster.close()
+        assert stored_sequences(r.db_path) == list(range(10))  # the API has it...
+        assert r.spool.stats().batches_claimed == 1  # ...and the spool still holds it
