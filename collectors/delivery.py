@@ -13,14 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import queue
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import msgspec
 import requests
@@ -300,50 +298,6 @@ def encode(record: PriceFeed) -> bytes:
                                  worker_id=record.worker_id, metadata=record.metadata))
 
 
-class _Bookkeeper:
-    """One thread that runs the delivery workers' spool writes in the order they are handed in:
-    the next batch's claim and the last one's acknowledgement run while a POST is on the wire,
-    instead of between POSTs. Jobs run in submission order (a batch's attempt is counted
-    before it can be acknowledged). Started on first use; a daemon that idles on its queue
-    (the service calls `close`)."""
-
-    def __init__(self, thread_init: Callable[[], object] | None) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
-                                      | None] = queue.SimpleQueue()
-        self._thread_init = thread_init
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="delivery-spool",
-                                                daemon=True)
-                self._thread.start()
-        self._jobs.put((future, fn, args))
-        return future
-
-    def close(self) -> None:
-        """Let the thread end once the jobs already handed in have run."""
-        with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            self._jobs.put(None)
-            thread.join(timeout=10)
-
-    def _run(self) -> None:
-        if self._thread_init is not None:
-            self._thread_init()
-        while (job := self._jobs.get()) is not None:
-            future, fn, args = job
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args))
-                except Exception as exc:  # noqa: BLE001 (the waiting worker gets it)
-                    future.set_exception(exc)
-
-
 class Sender:
     """The delivery workers: each takes a due batch from the spool, oldest first, and POSTs it.
 
@@ -392,8 +346,10 @@ class Sender:
         self._probe = threading.Lock()  # held by the one POST allowed while the API is failing
         self._in_flight: set[str] = set()  # keys of the batches the workers hold
         self._acking: set[str] = set()  # keys of stored batches whose acknowledgement is queued
-        # The spool writes of every worker, in order, on one thread (`thread_init` names it).
-        self._bookkeeper = _Bookkeeper(thread_init)
+        # The spool writes of every worker run on one thread, in the order they are handed in
+        # (a batch's attempt is counted before it can be acknowledged); `thread_init` names it.
+        self._bookkeeper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delivery-spool",
+                                              initializer=thread_init)
         self._ahead: list[Future[Batch | None] | None] = [None] * len(self._posters)
         self._acks: list[list[Future[None]]] = [[] for _ in self._posters]
         self._tried: set[str] = set()
@@ -438,7 +394,7 @@ class Sender:
 
     def close(self) -> None:
         """End the bookkeeping thread (after the workers have returned)."""
-        self._bookkeeper.close()
+        self._bookkeeper.shutdown(wait=True)
 
     def _loop(self, worker: int) -> None:
         poster = self._posters[worker]
