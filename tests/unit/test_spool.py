@@ -28,6 +28,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import collectors
 from collectors.errors import SpoolError
 from collectors.spool import DEAD_LETTER_NAME, PAGE_SIZE, Batch, Spool
+from tests.support.waiting import wait_until
 
 REPO_ROOT = Path(collectors.__file__).resolve().parents[1]
 T0 = 1_764_403_200_000_000_000  # 2025-11-29T08:00:00Z
@@ -284,6 +285,25 @@ def test_closed_spool_refuses_calls(spool_dir: Path) -> None:
         spool.append([rec(1)])
     with pytest.raises(SpoolError, match="closed"):
         spool.due_batch(1, 0.0)
+
+
+def test_the_fsync_thread_checkpoints_the_wal_off_the_writers_path(spool_dir: Path) -> None:
+    """Six MiB of records: over the spool-fsync thread's threshold (about 1,000 pages), under
+    the writers' automatic checkpoint, which SQLite's default would have run in an append."""
+    db = spool_dir / "spool.db"
+    with Spool(spool_dir, fsync_interval_s=0.05) as spool:
+        start = db.stat().st_size
+        for i in range(60):
+            spool.append([rec(i * 100 + j, pad=1000) for j in range(100)])
+        assert wait_until(lambda: db.stat().st_size >= start + 4_000_000, timeout_s=10), (
+            f"spool.db still {db.stat().st_size} bytes: the WAL was not checkpointed")
+        # the writers' connections checkpoint only as a backstop
+        for conn in (spool._append_conn, spool._conn):
+            assert conn is not None
+            assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 4000
+    with Spool(spool_dir / "full", fsync_interval_s=0) as spool:
+        assert spool._append_conn is not None
+        assert spool._append_conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
 
 
 def test_fsync_thread_runs_only_with_an_interval(spool_dir: Path) -> None:
@@ -940,10 +960,15 @@ def test_disk_full_on_append_raises_and_keeps_the_spool_usable(spool: Spool) -> 
 
 
 def checkpoint(directory: Path) -> None:
-    """Copy the WAL into spool.db now (SQLite does it by itself once the WAL holds 1000 pages,
-    which these tests would have to wait for)."""
+    """Copy the whole WAL into spool.db and empty the WAL file now (the spool's own thread
+    checkpoints only once about 1,000 pages were written, and a WAL file keeps its size up to
+    journal_size_limit), so spool.db's size is what the spool keeps. A checkpoint of the
+    spool's thread running at the same moment makes this one report busy: it tries again."""
     with contextlib.closing(sqlite3.connect(directory / "spool.db")) as conn:
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        def done() -> bool:
+            busy, log, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return bool(busy == 0 and log == copied)
+        assert wait_until(done, timeout_s=10), "the WAL could not be checkpointed"
 
 
 def test_file_shrinks_after_a_backlog_drains(spool_dir: Path) -> None:
