@@ -9,6 +9,8 @@ Threads (each named, each stopped through an Event, each with a top-level guard)
     (delivery-2 ...)  more Sender workers when DELIVERY_CONCURRENCY > 1 (POSTs in flight at once)
     delivery-spool    the workers' spool writes (claim the next batch, count the attempt,
                       acknowledge the last) while their POSTs are on the wire
+    spool-fsync       the spool's: fsyncs its WAL every SPOOL_FSYNC_INTERVAL_MS after a
+                      commit and checkpoints the WAL into the database (not when that is 0)
 
 Stop order: stop reading, parse what arrived, spool it, then try to deliver the spool within the
 drain timeout; whatever is left waits on disk for the next start. Exit 0.
@@ -147,7 +149,8 @@ class CollectorService:
             # most one row's remainder.
             self.spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes,
                                fsync_interval_s=cfg.spool_fsync_interval_s,
-                               chunk_records=cfg.batch_size)
+                               chunk_records=cfg.batch_size,
+                               thread_init=lambda: name_native_thread("spool-fsync"))
         except SpoolError as exc:
             raise ConfigError("SPOOL_DIR", str(exc), "a writable directory") from None
         self.metrics.spool_max_bytes.set(cfg.spool_max_bytes)

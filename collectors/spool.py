@@ -358,7 +358,10 @@ class Spool:
         chunk_records: int = DEFAULT_CHUNK_RECORDS,
         clock_ns: Callable[[], int] = time.time_ns,
         dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES,
+        thread_init: Callable[[], object] | None = None,
     ) -> None:
+        """`thread_init` runs first on the spool-fsync thread (the service names the OS thread
+        with it)."""
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         if not fsync_interval_s >= 0:  # also rejects NaN
@@ -409,6 +412,7 @@ class Spool:
         self._checkpoint_wanted = threading.Event()  # _CHECKPOINT_MIN_FRAMES were written
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
+        self._thread_init = thread_init
 
         self._open()
         if fsync_interval_s > 0:
@@ -1666,6 +1670,8 @@ class Spool:
         # fsyncs at most fsync_interval_s later, covering every commit made until then.
         # Meanwhile it checkpoints whenever _CHECKPOINT_MIN_FRAMES were written, so the WAL
         # stays about that long (module docstring: Checkpoints).
+        if self._thread_init is not None:
+            self._thread_init()
         while True:
             self._committed.wait()
             sync_at = time.monotonic() + self._fsync_interval_s

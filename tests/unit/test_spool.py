@@ -306,6 +306,19 @@ def test_the_fsync_thread_checkpoints_the_wal_off_the_writers_path(spool_dir: Pa
         assert spool._append_conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
 
 
+def test_thread_init_runs_first_on_the_fsync_thread(spool_dir: Path) -> None:
+    ran = threading.Event()
+    names: list[str] = []
+
+    def init() -> None:
+        names.append(threading.current_thread().name)
+        ran.set()
+
+    with Spool(spool_dir, fsync_interval_s=0.05, thread_init=init):
+        assert ran.wait(10)
+    assert names == ["spool-fsync"]
+
+
 def test_fsync_thread_runs_only_with_an_interval(spool_dir: Path) -> None:
     def fsync_threads() -> int:
         return sum(t.name == "spool-fsync" for t in threading.enumerate())
