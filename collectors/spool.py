@@ -61,21 +61,24 @@ cut, ``fsync_interval_s`` is the bound:
   before its frames are copied back, the database after) plus the ``spool-fsync`` thread, which
   every ``fsync_interval_s`` fsyncs the WAL file whenever something was committed since its last
   pass. A commit is therefore on stable storage at most ``fsync_interval_s`` (plus the duration
-  of one fsync) after it returned, or earlier if a checkpoint ran; a power cut loses at most the
+  of one fsync, or of one checkpoint, which fsyncs the WAL itself first) after it returned, or
+  earlier if a checkpoint ran; a power cut loses at most the
   commits of that last interval, never a torn or reordered state (WAL frames are checksummed and
   recovery keeps a prefix of commits). The thread exists because the bound must hold when no
   call arrives at all (an idle market, a stalled API).
 
 Checkpoints: with ``fsync_interval_s > 0`` the same thread also copies the WAL back into the
 database, on a connection of its own, as soon as about ``_CHECKPOINT_MIN_FRAMES`` were written
-(counted by the writers), and at least every ``_CHECKPOINT_MAX_AGE_S`` while anything was. Left
+(counted by the writers), and at least every ``_CHECKPOINT_MAX_AGE_S`` while commits go on. Left
 to SQLite, that checkpoint runs inside whichever commit crosses 1,000 pages, and that commit of
 the parser's took 1-10 ms instead of 0.1: most of the collector's latency tail
 (bench/latency.py). Here it is two ``PASSIVE`` checkpoints, which never wait for a reader or
 writer: the first copies the bulk while the writers go on; the second, holding ``_write_lock``,
-copies only what they committed meanwhile (well under a millisecond), so that the next commit
-starts the WAL file over instead of growing it (a WAL that always has a frame left keeps
-growing until a lull). SQLite's automatic checkpoint stays as a backstop at
+copies only what they committed meanwhile, so that the next commit starts the WAL file over
+instead of growing it (a WAL that always has a frame left keeps growing until a lull). The
+second pass still makes the two fsyncs SQLite makes around any checkpoint (0.5-1 ms on the
+disks measured; a slower disk stalls the writers that long), where before the writer ran the
+whole checkpoint with the same fsyncs. SQLite's automatic checkpoint stays as a backstop at
 ``_AUTOCHECKPOINT_BACKSTOP_PAGES``, for a burst that outruns the thread or a thread that cannot
 checkpoint: the WAL stays bounded either way. With ``fsync_interval_s == 0`` there is no thread
 and SQLite checkpoints as usual.
@@ -178,11 +181,12 @@ _SQLITE_NOTADB = 26
 _WAL_SCAN_LIMIT_BYTES = 64 * 1024 * 1024  # larger WALs are left to SQLite's own recovery
 _WAL_SIZE_LIMIT_BYTES = 8 * 1024 * 1024  # journal_size_limit: a reset WAL is cut back to this
 # The spool-fsync thread's checkpoints (module docstring). The writers count WAL frames as
-# their payload's pages plus _FRAMES_PER_TXN a commit: an estimate (a ticker feed's commits
-# came to 800 real frames for 1,000 counted), only used to decide when to checkpoint.
+# their payload's pages plus _FRAMES_PER_TXN a commit: an estimate, only used to decide when to
+# checkpoint (1,000 counted were 500-800 real frames for appends of one or two tickers,
+# 1,500-1,750 for appends of ten; the backstop below bounds the WAL either way).
 _CHECKPOINT_MIN_FRAMES = 1000  # SQLite's own default threshold (4 MiB of 4 KiB pages)
 _FRAMES_PER_TXN = 3  # a small commit: a table leaf, an index or freelist page, the header
-_CHECKPOINT_MAX_AGE_S = 60.0  # an idle collector's few frames are checkpointed this often
+_CHECKPOINT_MAX_AGE_S = 60.0  # while commits go on, frames are checkpointed at least this often
 #: SQLite's automatic checkpoint (wal_autocheckpoint, pages) while the thread checkpoints: only
 #: reached when the WAL outgrows the thread (a burst) or the thread cannot checkpoint; the WAL
 #: file then holds at most about 16 MiB plus one transaction.
@@ -1671,7 +1675,10 @@ class Spool:
         # Meanwhile it checkpoints whenever _CHECKPOINT_MIN_FRAMES were written, so the WAL
         # stays about that long (module docstring: Checkpoints).
         if self._thread_init is not None:
-            self._thread_init()
+            try:
+                self._thread_init()
+            except Exception:  # a nicety (the thread's name), never worth the fsyncs
+                log.exception("spool_thread_init_failed")
         while True:
             self._committed.wait()
             sync_at = time.monotonic() + self._fsync_interval_s
@@ -1688,8 +1695,10 @@ class Spool:
                     "spool_fsync_failed",
                     extra={"spool_path": str(self._wal_path), "error": exc.strerror},
                 )
-            if self._wal_frames and (
-                    time.monotonic() - self._checkpointed_at >= _CHECKPOINT_MAX_AGE_S):
+            # Also a checkpoint wanted since the loop above ended (the wake-up was used up
+            # there), or the age rule.
+            aged = time.monotonic() - self._checkpointed_at >= _CHECKPOINT_MAX_AGE_S
+            if self._checkpoint_wanted.is_set() or (self._wal_frames and aged):
                 self._checkpoint()
 
     def _checkpoint(self) -> None:

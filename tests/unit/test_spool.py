@@ -288,14 +288,15 @@ def test_closed_spool_refuses_calls(spool_dir: Path) -> None:
 
 
 def test_the_fsync_thread_checkpoints_the_wal_off_the_writers_path(spool_dir: Path) -> None:
-    """Six MiB of records: over the spool-fsync thread's threshold (about 1,000 pages), under
-    the writers' automatic checkpoint, which SQLite's default would have run in an append."""
+    """Ten MiB of records: over twice the spool-fsync thread's threshold (about 1,000 pages,
+    so at least 7 MB are copied back whatever the appends made meanwhile), under the writers'
+    automatic checkpoint; SQLite's default would have run it in an append."""
     db = spool_dir / "spool.db"
     with Spool(spool_dir, fsync_interval_s=0.05) as spool:
         start = db.stat().st_size
-        for i in range(60):
+        for i in range(100):
             spool.append([rec(i * 100 + j, pad=1000) for j in range(100)])
-        assert wait_until(lambda: db.stat().st_size >= start + 4_000_000, timeout_s=10), (
+        assert wait_until(lambda: db.stat().st_size >= start + 6_000_000, timeout_s=10), (
             f"spool.db still {db.stat().st_size} bytes: the WAL was not checkpointed")
         # the writers' connections checkpoint only as a backstop
         for conn in (spool._append_conn, spool._conn):
@@ -317,6 +318,18 @@ def test_thread_init_runs_first_on_the_fsync_thread(spool_dir: Path) -> None:
     with Spool(spool_dir, fsync_interval_s=0.05, thread_init=init):
         assert ran.wait(10)
     assert names == ["spool-fsync"]
+
+
+def test_a_failing_thread_init_leaves_the_fsync_thread_working(
+        spool_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def init() -> None:
+        raise OSError("no prctl here")
+
+    with caplog.at_level(logging.ERROR, logger="collectors.spool"), Spool(
+            spool_dir, fsync_interval_s=0.02, thread_init=init) as spool:
+        spool.append([rec(1)])
+        assert wait_until(lambda: spool._synced_gen == spool._commit_gen, timeout_s=10)
+    assert [r.getMessage() for r in caplog.records] == ["spool_thread_init_failed"]
 
 
 def test_fsync_thread_runs_only_with_an_interval(spool_dir: Path) -> None:
