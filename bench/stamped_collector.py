@@ -6,8 +6,9 @@ $BENCH_STAMPS_PATH: `[point, ns, [[symbol, sequence(, received ns)], ...]]`. Not
 changes.
 
 - `parsed`: `SpoolWriter.put_many_waiting` is entered (the parser hands a chunk's records on)
-- `spooled`: that call returns (the chunk is committed to the spool: it survives `kill -9`,
-  and it may be claimed into a batch)
+- `spooled`: the chunk's `Spool.append` returns (the chunk is committed to the spool: it
+  survives `kill -9`, and it may be claimed into a batch); not when `put_many_waiting` returns,
+  which may first hand the GIL to the delivery thread it woke
 - `posted`: `Poster.post` is entered with a batch (the record starts leaving the process);
   the keys come from the batch's own bytes
 
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from collectors.cli import main
 from collectors.delivery import Poster, PostResult, SpoolWriter
 from collectors.model import PriceFeed
-from collectors.spool import Batch
+from collectors.spool import Batch, Spool
 
 MAX_CALLS = 2_000_000  # bounded: far more than a benchmark's minutes make
 # Tuples of str/int only: the cyclic GC stops tracking them after their first pass, so the
@@ -41,6 +42,8 @@ MAX_CALLS = 2_000_000  # bounded: far more than a benchmark's minutes make
 _stamps: list[tuple[str, int, tuple[tuple[Any, ...], ...]]] = []
 _put_many_waiting = SpoolWriter.put_many_waiting
 _post = Poster.post
+_append = Spool.append
+_appended_ns = [0]  # when the parser thread's last Spool.append returned
 
 
 def _note(point: str, ns: int, keys: tuple[tuple[Any, ...], ...]) -> None:
@@ -58,10 +61,16 @@ def _key_of_json(raw: bytes) -> tuple[str, object]:
     return str(doc.get("symbol")), (doc.get("metadata") or {}).get("sequence")
 
 
+def append(self: Spool, records: Any, marks: Any = None) -> int:
+    dropped = _append(self, records, marks)
+    _appended_ns[0] = time.time_ns()
+    return dropped
+
+
 def put_many_waiting(self: SpoolWriter, records: list[PriceFeed], stop: Any) -> int:
     parsed_ns = time.time_ns()
     not_taken = _put_many_waiting(self, records, stop)
-    spooled_ns = time.time_ns()
+    spooled_ns = _appended_ns[0]
     keys = tuple(_key_of_record(r) for r in records)
     _note("parsed", parsed_ns, keys)
     if not not_taken:
@@ -84,6 +93,7 @@ def _dump() -> None:
 
 
 SpoolWriter.put_many_waiting = put_many_waiting  # type: ignore[method-assign]
+Spool.append = append  # type: ignore[method-assign]
 Poster.post = post  # type: ignore[method-assign]
 atexit.register(_dump)
 
