@@ -62,9 +62,9 @@ cut, ``fsync_interval_s`` is the bound:
   every ``fsync_interval_s`` fsyncs the WAL file whenever something was committed since its last
   pass. A commit is therefore on stable storage at most ``fsync_interval_s`` (plus the duration
   of one fsync, or of one checkpoint, which fsyncs the WAL itself first) after it returned, or
-  earlier if a checkpoint ran; a power cut loses at most the
-  commits of that last interval, never a torn or reordered state (WAL frames are checksummed and
-  recovery keeps a prefix of commits). The thread exists because the bound must hold when no
+  earlier if a checkpoint ran; a power cut loses at most the commits of that last interval,
+  never a torn or reordered state (WAL frames are checksummed and recovery keeps a prefix of
+  commits). The thread exists because the bound must hold when no
   call arrives at all (an idle market, a stalled API).
 
 Checkpoints: with ``fsync_interval_s > 0`` the same thread also copies the WAL back into the
@@ -406,8 +406,8 @@ class Spool:
         self._page_bytes: int | None = None  # the open database's page size, read once
         self._commit_gen = 0  # bumped after each commit; the fsync thread compares it
         self._synced_gen = 0
-        # WAL frames written since the last checkpoint of the spool-fsync thread (an estimate:
-        # pages of payload plus one a transaction), and when that checkpoint ran (monotonic).
+        # WAL frames written since the last checkpoint of the spool-fsync thread (an estimate,
+        # see _FRAMES_PER_TXN), and when that checkpoint ran (monotonic).
         self._wal_frames = 0
         self._checkpointed_at = time.monotonic()
         self._checkpoint_conn: sqlite3.Connection | None = None  # the spool-fsync thread's
