@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,17 @@ KEY = "fault-test-key-0123456789"
 
 def _ids(rows: list[dict[str, object]]) -> list[tuple[object, object]]:
     return [(r["symbol"], r["metadata"]["sequence"]) for r in rows]  # type: ignore[index]
+
+
+def _claimed_attempts(spool_dir: Path, key: str) -> int | None:
+    """The attempt count the collector's spool has on disk for claimed batch `key` (read from
+    another process, as a restart would see it), or None while there is no such batch."""
+    conn = sqlite3.connect(f"file:{spool_dir / 'spool.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        row = conn.execute("SELECT attempts FROM claimed WHERE key = ?", (key,)).fetchone()
+    finally:
+        conn.close()
+    return None if row is None else int(row[0])
 
 
 def _sent_ids(sim: Simulator) -> set[tuple[object, object]]:
@@ -182,9 +194,13 @@ def test_sigkill_after_batches_reached_the_api_does_not_store_them_twice(
         with collector_process(tmp_path, coinbase_sim.url, ingest.url, ingest.key,
                                HTTP_READ_TIMEOUT_S="60") as col:
             assert ingest.faults.wait_for_requests(1, 20)
+            first_key = ingest.faults.idempotency_keys[0]
+            # The attempt is counted on disk while the POST is on the wire (a kill in that
+            # instant would lose only the count, and the restart would not call the re-send a
+            # replay): kill once it is there.
+            assert wait_until(lambda: _claimed_attempts(col.spool_dir, first_key) == 1, 10)
             os.kill(col.proc.pid, signal.SIGKILL)  # ...while the collector dies
             col.proc.wait(5)
-        first_key = ingest.faults.idempotency_keys[0]
         ingest.faults.release()  # ...and then the API stores it
         assert ingest.faults.wait_for_completed(1, 10)
         stored_first = stored_count(ingest)  # type: ignore[arg-type]
