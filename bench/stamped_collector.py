@@ -8,7 +8,8 @@ changes.
 - `parsed`: `SpoolWriter.put_many_waiting` is entered (the parser hands a chunk's records on)
 - `spooled`: the chunk's `Spool.append` returns (the chunk is committed to the spool: it
   survives `kill -9`, and it may be claimed into a batch); not when `put_many_waiting` returns,
-  which may first hand the GIL to the delivery thread it woke
+  so whatever the writer does after its commit (waking the delivery thread) is not counted as
+  the commit's
 - `posted`: `Poster.post` is entered with a batch (the record starts leaving the process);
   the keys come from the batch's own bytes
 
