@@ -84,6 +84,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ceiling.py --throughput bench/results/throughput.md
 	$(BIN)/python bench/parse_bench.py
 	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/spool_latency.py
 	$(BIN)/python bench/steady.py
 	$(BIN)/python bench/footprint.py
 	$(BIN)/python bench/outage.py
