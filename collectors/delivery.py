@@ -32,6 +32,7 @@ from collectors.errors import SpoolError
 from collectors.metrics import Metrics
 from collectors.model import Metadata, PriceFeed
 from collectors.spool import Batch, Spool
+from collectors.threadnames import name_native_thread
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class _Deadline:
             self._expires = None
 
     def _watch(self) -> None:
+        name_native_thread("post-deadline")
         with self._cond:
             while True:
                 if self._expires is None:

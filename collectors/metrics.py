@@ -27,6 +27,8 @@ from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from collectors.threadnames import name_native_thread
+
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
@@ -250,12 +252,14 @@ class MetricsServer:
         self.port = self._server.server_port
         # serve_forever wakes every poll_interval only to look for a shutdown request; an idle
         # collector should not wake up more often than it must, and stop() nudges it instead.
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 1.0},
-                                        name="metrics-http", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="metrics-http", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def _serve(self) -> None:
+        name_native_thread("metrics-http")
+        self._server.serve_forever(poll_interval=1.0)
 
     def stop(self) -> None:
         stopper = threading.Thread(target=self._server.shutdown, name="metrics-stop",

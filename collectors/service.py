@@ -18,7 +18,6 @@ drain timeout; whatever is left waits on disk for the next start. Exit 0.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import signal
@@ -40,6 +39,7 @@ from collectors.metrics import Health, Metrics, MetricsServer
 from collectors.pipeline import Parser
 from collectors.sdnotify import Notifier
 from collectors.spool import Spool
+from collectors.threadnames import name_native_thread
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +58,6 @@ DRAIN_TIMEOUT_S = 5.0        # supervisord's stopwaitsecs / systemd's TimeoutSto
 
 def _frame_bytes(frame: Frame) -> int:
     return len(frame[0])
-
-
-_PR_SET_NAME = 15
-
-
-def name_native_thread(name: str) -> bool:
-    """Give the calling thread's OS thread the name `name` (first 15 bytes), so `top -H`,
-    `ps -L` and /proc show which thread uses the CPU (CPython 3.11 names only its own Thread
-    objects). Linux only; elsewhere, or if it fails, nothing happens. True when named."""
-    try:
-        prctl = ctypes.CDLL(None).prctl  # the process's own symbols: libc's on Linux
-    except (OSError, AttributeError):
-        return False
-    return bool(prctl(_PR_SET_NAME, name.encode("utf-8", "replace")[:15], 0, 0, 0) == 0)
 
 
 class CollectorService:

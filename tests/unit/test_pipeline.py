@@ -216,7 +216,7 @@ def test_the_writer_needs_a_spool() -> None:
 
 def test_service_threads_carry_their_names_to_the_os() -> None:
     # `top -H` and /proc show which thread uses the CPU (CPython 3.11 does not name them).
-    from collectors.service import name_native_thread
+    from collectors.threadnames import name_native_thread
 
     seen: dict[str, object] = {}
 
