@@ -48,7 +48,10 @@ connection, each behind its own lock so even a caller that mixes threads stays s
 transaction also holds ``_write_lock``: SQLite admits one writer at a time anyway, and
 serialising writers here keeps the in-memory counters (records, bytes) exactly in step with the
 database. Reads (the claimed batch, the due check, stats) take no write lock: in WAL mode a reader
-never blocks the writer, so a slow drain never stalls ``append``. All write transactions are
+never blocks the writer, so a slow drain never stalls ``append``. A claim, too, reads, checks and
+joins its rows first and takes the write lock only to commit them as a batch (re-reading them
+if the full policy dropped waiting rows meanwhile), so ``append`` waits for a short write, not
+for the whole claim. All write transactions are
 ``BEGIN IMMEDIATE`` so no transaction ever has to upgrade a stale read snapshot.
 
 Durability: every method that changes the spool has committed when it returns, and a commit is in
@@ -347,6 +350,20 @@ class _Salvage:
     rekeyed: int = 0  # claimed batches whose verified records wait again
 
 
+@dataclass(slots=True)
+class _ClaimPlan:
+    """A claim read and checked, not yet written (see `Spool._claim`)."""
+
+    first_ns: int  # append time of the oldest record taken
+    taken: int = 0  # records in the batch
+    payload: bytes = b""  # the batch's records joined by b"\n"
+    crcs: bytes = b""  # their CRC-32s
+    whole_upto: int | None = None  # waiting rows up to this id go whole
+    # (id, then the waiting row that keeps the rest) of the row cut in two, if one is
+    cut: tuple[int, int, int, int, int, bytes, bytes] | None = None
+    bad: list[bytes] = field(default_factory=list)  # records failing their checksum
+
+
 class Spool:
     """The on-disk buffer between parsing and delivery. See the module docstring for the design.
 
@@ -401,6 +418,9 @@ class Spool:
         # every wake-up of the delivery thread); None: unknown, read it. Appends never add an
         # older one, so only claims, splits and drops forget it.
         self._oldest_waiting_ns: int | None = None
+        # Bumped after each commit that dropped waiting rows (the full policy): a claim that
+        # read them before compares it (see _claim).
+        self._drop_gen = 0
         self._dropped_total = 0
         self._corrupt_lost_total = 0
         self._page_bytes: int | None = None  # the open database's page size, read once
@@ -447,10 +467,12 @@ class Spool:
         with self._write_lock:
             conn = self._require(self._append_conn)
             freed_records = freed_bytes = skip = 0
+            dropping = False
             with self._txn(conn, f"append of {len(records)} records"):
                 # Claimed bytes count against the bound but cannot be freed (see the docstring).
                 excess = self._bytes + total - self._max_bytes
                 if excess > 0:
+                    dropping = True
                     freed_records, freed_bytes = self._drop_oldest_waiting(conn, excess)
                     excess -= freed_bytes
                     while excess > 0 and skip < len(records):
@@ -477,6 +499,8 @@ class Spool:
                         conn.execute(_UPSERT_MARK, next(iter(marks.items())))
                     else:
                         conn.executemany(_UPSERT_MARK, list(marks.items()))
+            if dropping:  # after the commit: see _claim
+                self._drop_gen += 1
             self._next_id = next_id
             self._wrote(len(joined) // PAGE_SIZE)
             kept_bytes = total - sum(len(r) for r in records[:skip])
@@ -517,8 +541,7 @@ class Spool:
                     return batch
             if not self._looks_due(conn, max_records, max_age_s, force):
                 return None
-            with self._write_lock:
-                return self._claim(conn, max_records, max_age_s, force)
+            return self._claim(conn, max_records, max_age_s, force)
 
     @property
     def waiting_records(self) -> int:
@@ -1463,13 +1486,31 @@ class Spool:
     def _claim(
         self, conn: sqlite3.Connection, max_records: int, max_age_s: float, force: bool
     ) -> Batch | None:
-        """Claim the oldest waiting records as a new batch. The caller holds both locks."""
+        """Claim the oldest waiting records as a new batch. The caller holds _conn_lock.
+
+        The rows are read, checked and joined before the write lock is taken (a WAL reader
+        never blocks the writer), so the parser's commits wait only for the short write that
+        follows. Only an append's full policy can change those rows meanwhile (every other
+        writer of `waiting` uses this connection, under _conn_lock): when it dropped rows
+        (`_drop_gen` moved), the rows are read again under the lock.
+        """
         self._oldest_waiting_ns = None
-        batch: Batch | None = None
-        bad: list[bytes] = []
-        with self._txn(conn, "claim a batch"):
-            rows: list[tuple[int, int, int, object, bytes, bytes]] = []
-            count = 0
+        drop_gen = self._drop_gen
+        plan = self._plan_claim(conn, max_records, max_age_s, force)
+        with self._write_lock:
+            if self._drop_gen != drop_gen:
+                plan = self._plan_claim(conn, max_records, max_age_s, force)
+            if plan is None:
+                return None
+            return self._write_claim(conn, plan)
+
+    def _plan_claim(
+        self, conn: sqlite3.Connection, max_records: int, max_age_s: float, force: bool
+    ) -> _ClaimPlan | None:
+        """Read and check the oldest waiting rows for a batch; None when none is due."""
+        rows: list[tuple[int, int, int, object, bytes, bytes]] = []
+        count = 0
+        try:
             cur = conn.execute("SELECT id, appended_ns, n, crc32, crcs, payload FROM waiting"
                                " ORDER BY id")
             try:
@@ -1479,56 +1520,65 @@ class Spool:
                     count += int(row[2])
             finally:
                 cur.close()
-            if not rows:
-                return None
-            age_ns = self._clock_ns() - rows[0][1]
-            if not (force or count >= max_records or age_ns >= max_age_s * 1e9):
-                return None
-            first_ns = rows[0][1]
-            # Whole rows go into the batch as they are (payload and CRCs copied, not split);
-            # only the last row read may be cut in two.
-            payloads: list[bytes] = []
-            crc_parts: list[bytes] = []
-            taken = 0
-            whole_upto: int | None = None
-            for rid, row_ns, stored_n, crc, stored_crcs, stored in rows:
-                payload, crcs, n = stored, stored_crcs, stored_n
-                if not _intact(payload, n, crc, crcs):
-                    good, damaged = _verify(payload, n, crcs)
-                    bad += damaged
-                    payload, crcs, n = _NL.join(good), _crcs(good), len(good)
-                room = max_records - taken
-                if n <= room:
-                    if n:
-                        payloads.append(payload)
-                        crc_parts.append(crcs)
-                        taken += n
-                    whole_upto = rid
-                    continue
-                head, tail = _cut(payload, room)
-                payloads.append(head)
-                crc_parts.append(crcs[: 4 * room])
-                taken += room
+        except sqlite3.Error as exc:
+            raise self._error("claim a batch", exc) from exc
+        if not rows:
+            return None
+        age_ns = self._clock_ns() - rows[0][1]
+        if not (force or count >= max_records or age_ns >= max_age_s * 1e9):
+            return None
+        plan = _ClaimPlan(first_ns=rows[0][1])
+        # Whole rows go into the batch as they are (payload and CRCs copied, not split); only
+        # the last row read may be cut in two.
+        payloads: list[bytes] = []
+        crc_parts: list[bytes] = []
+        for rid, row_ns, stored_n, crc, stored_crcs, stored in rows:
+            payload, crcs, n = stored, stored_crcs, stored_n
+            if not _intact(payload, n, crc, crcs):
+                good, damaged = _verify(payload, n, crcs)
+                plan.bad += damaged
+                payload, crcs, n = _NL.join(good), _crcs(good), len(good)
+            room = max_records - plan.taken
+            if n <= room:
+                if n:
+                    payloads.append(payload)
+                    crc_parts.append(crcs)
+                    plan.taken += n
+                plan.whole_upto = rid
+                continue
+            head, tail = _cut(payload, room)
+            payloads.append(head)
+            crc_parts.append(crcs[: 4 * room])
+            plan.taken += room
+            plan.cut = (rid, rid + stored_n - (n - room), row_ns, n - room, zlib.crc32(tail),
+                        crcs[4 * room:], tail)
+        plan.payload = _NL.join(payloads)
+        plan.crcs = b"".join(crc_parts)
+        return plan
+
+    def _write_claim(self, conn: sqlite3.Connection, plan: _ClaimPlan) -> Batch | None:
+        """Commit a planned claim. The caller holds both locks."""
+        batch: Batch | None = None
+        bad = plan.bad
+        with self._txn(conn, "claim a batch"):
+            if plan.cut is not None:
+                rid, *tail_row = plan.cut
                 conn.execute("DELETE FROM waiting WHERE id = ?", (rid,))
-                conn.execute("INSERT INTO waiting (id, appended_ns, n, crc32, crcs, payload)"
-                             " VALUES (?, ?, ?, ?, ?, ?)",
-                             (rid + stored_n - (n - room), row_ns, n - room, zlib.crc32(tail),
-                              crcs[4 * room:], tail))
-            if whole_upto is not None:
-                conn.execute("DELETE FROM waiting WHERE id <= ?", (whole_upto,))
+                conn.execute(_INSERT_WAITING, tail_row)
+            if plan.whole_upto is not None:
+                conn.execute("DELETE FROM waiting WHERE id <= ?", (plan.whole_upto,))
             if bad:
                 self._write_dead_letter(
                     None, 0, "spool_corrupt: record failed its checksum", bad)
-            if taken:
+            if plan.taken:
                 key = uuid.uuid4().hex
-                payload = _NL.join(payloads)
                 conn.execute(
                     "INSERT INTO claimed (key, n, attempts, created_ns, claimed_ns, crc32, crcs,"
                     " payload) VALUES (?, ?, 0, ?, ?, ?, ?, ?)",
-                    (key, taken, first_ns, self._clock_ns(), zlib.crc32(payload),
-                     b"".join(crc_parts), payload),
+                    (key, plan.taken, plan.first_ns, self._clock_ns(), zlib.crc32(plan.payload),
+                     plan.crcs, plan.payload),
                 )
-                batch = Batch(key, payload, taken, 0, first_ns, fresh=True)
+                batch = Batch(key, plan.payload, plan.taken, 0, plan.first_ns, fresh=True)
         bad_bytes = sum(len(b) for b in bad)
         self._records -= len(bad)
         self._bytes -= bad_bytes

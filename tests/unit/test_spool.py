@@ -400,6 +400,34 @@ def test_full_never_drops_claimed_records(spool_dir: Path) -> None:
         assert spool.stats().dropped_total == 10
 
 
+def test_claim_rereads_rows_the_full_policy_dropped_while_it_read_them(
+        spool_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A claim reads the waiting rows before it takes the write lock; an append that drops
+    # some of them in between must not see them resurrected in the batch.
+    size = len(rec(0))
+    with Spool(spool_dir, max_bytes=10 * size, chunk_records=2) as spool:
+        spool.append([rec(i) for i in range(10)])
+        plan_claim = spool._plan_claim
+        calls = 0
+
+        def plan_then_append(*args: object) -> object:
+            nonlocal calls
+            calls += 1
+            plan = plan_claim(*args)  # type: ignore[arg-type]
+            if calls == 1:
+                assert spool.append([rec(i) for i in range(10, 13)]) == 3  # drops 0, 1, 2
+            return plan
+
+        monkeypatch.setattr(spool, "_plan_claim", plan_then_append)
+        batch = spool.due_batch(4, 0.0)
+        assert calls == 2  # read again under the lock
+        assert batch is not None and numbers(batch.records) == [3, 4, 5, 6]
+        stats = spool.stats()
+        assert (stats.records, stats.claimed_records, stats.dropped_total) == (10, 4, 3)
+        assert spool.ack(batch.key) == 4
+        assert numbers(drain_all(spool)) == [7, 8, 9, 10, 11, 12]
+
+
 def test_claimed_batches_filling_the_bound_drop_incoming(spool_dir: Path) -> None:
     size = len(rec(0))
     with Spool(spool_dir, max_bytes=4 * size) as spool:
