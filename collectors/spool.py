@@ -126,6 +126,7 @@ import time
 import uuid
 import zlib
 from array import array
+from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -194,9 +195,15 @@ _CHECKPOINT_MAX_AGE_S = 60.0  # while commits go on, frames are checkpointed at 
 #: reached when the WAL outgrows the thread (a burst) or the thread cannot checkpoint; the WAL
 #: file then holds at most about 16 MiB plus one transaction.
 _AUTOCHECKPOINT_BACKSTOP_PAGES = 4000
+#: The waiting rows kept in memory for claims (see Spool._recent) while their payloads stay
+#: under this (2,500 tickers of 400 bytes: a few batches); past it (a backlog: the API is down
+#: or slower than the feed) claims read the database until one takes every waiting record.
+_RECENT_MAX_BYTES = 1024 * 1024
 _VACUUM_MIN_FREE_BYTES = 4 * 1024 * 1024  # this much free space is kept for reuse
 _VACUUM_STEP_BYTES = 4 * 1024 * 1024  # bounded so one ack never holds the write lock for long
 _NL = b"\n"
+#: A waiting row as stored: (id, appended_ns, n, crc32, crcs, payload).
+_Row = tuple[int, int, int, int, bytes, bytes]
 _INSERT_WAITING = ("INSERT INTO waiting (id, appended_ns, n, crc32, crcs, payload)"
                    " VALUES (?, ?, ?, ?, ?, ?)")
 _UPSERT_MARK = ("INSERT INTO marks (key, value) VALUES (?, ?)"
@@ -359,8 +366,8 @@ class _ClaimPlan:
     payload: bytes = b""  # the batch's records joined by b"\n"
     crcs: bytes = b""  # their CRC-32s
     whole_upto: int | None = None  # waiting rows up to this id go whole
-    # (id, then the waiting row that keeps the rest) of the row cut in two, if one is
-    cut: tuple[int, int, int, int, int, bytes, bytes] | None = None
+    # The row cut in two, if one is: its id, and the waiting row that keeps the rest.
+    cut: tuple[int, _Row] | None = None
     bad: list[bytes] = field(default_factory=list)  # records failing their checksum
 
 
@@ -421,6 +428,14 @@ class Spool:
         # Bumped after each commit that dropped waiting rows (the full policy): a claim that
         # read them before compares it (see _claim).
         self._drop_gen = 0
+        # Every waiting row, oldest first, exactly as committed, while `_recent_ok`: a claim
+        # takes its rows from here instead of reading and checking them from the database.
+        # Appends and claims keep it exact; anything else that changes waiting rows (the full
+        # policy, records put back) or a backlog past _RECENT_MAX_BYTES turns it off until a
+        # claim leaves nothing waiting. Guarded by _write_lock.
+        self._recent: deque[_Row] = deque()
+        self._recent_bytes = 0
+        self._recent_ok = False
         self._dropped_total = 0
         self._corrupt_lost_total = 0
         self._page_bytes: int | None = None  # the open database's page size, read once
@@ -501,6 +516,11 @@ class Spool:
                         conn.executemany(_UPSERT_MARK, list(marks.items()))
             if dropping:  # after the commit: see _claim
                 self._drop_gen += 1
+            elif self._recent_ok:
+                self._recent.extend(rows)
+                self._recent_bytes += sum(len(row[5]) for row in rows)
+                if self._recent_bytes > _RECENT_MAX_BYTES:
+                    self._forget_recent()
             self._next_id = next_id
             self._wrote(len(joined) // PAGE_SIZE)
             kept_bytes = total - sum(len(r) for r in records[:skip])
@@ -730,6 +750,7 @@ class Spool:
             if self._fsync_interval_s > 0:
                 self._checkpoint_conn = self._connect(self._db_path)
             self._load_counters()
+            self._recent_ok = self._records == self._claimed_records  # nothing waits
             self._fsync_dir()
         except BaseException:
             self._close_connections()
@@ -1362,6 +1383,7 @@ class Spool:
         """Delete the oldest waiting records until `excess` bytes are free (or none are left).
         The row that crosses the line keeps its newest records."""
         self._oldest_waiting_ns = None
+        self._forget_recent()
         waiting = self._records - self._claimed_records
         waiting_bytes = self._bytes - self._claimed_bytes
         if waiting <= 0:
@@ -1459,6 +1481,7 @@ class Spool:
         """Insert `records` as one waiting row in front of every waiting record."""
         if not records:
             return
+        self._forget_recent()
         row = conn.execute("SELECT min(id) FROM waiting").fetchone()
         if row is None or row[0] is None:
             self._insert_waiting(conn, records, appended_ns)
@@ -1488,14 +1511,26 @@ class Spool:
     ) -> Batch | None:
         """Claim the oldest waiting records as a new batch. The caller holds _conn_lock.
 
-        The rows are read, checked and joined before the write lock is taken (a WAL reader
-        never blocks the writer), so the parser's commits wait only for the short write that
-        follows. Only an append's full policy can change those rows meanwhile (every other
-        writer of `waiting` uses this connection, under _conn_lock): when it dropped rows
-        (`_drop_gen` moved), the rows are read again under the lock.
+        The rows come from memory (`_recent`) when it holds them. Else they are read, checked
+        and joined before the write lock is taken (a WAL reader never blocks the writer), so
+        the parser's commits wait only for the short write that follows. Only an append's full
+        policy can change those rows meanwhile (every other writer of `waiting` uses this
+        connection, under _conn_lock): when it dropped rows (`_drop_gen` moved), the rows are
+        read again under the lock.
         """
         self._oldest_waiting_ns = None
-        drop_gen = self._drop_gen
+        with self._write_lock:
+            if self._recent_ok:
+                rows: list[_Row] = []
+                count = 0
+                for row in self._recent:
+                    if count >= max_records:
+                        break
+                    rows.append(row)
+                    count += row[2]
+                plan = self._plan_rows(rows, count, max_records, max_age_s, force, check=False)
+                return None if plan is None else self._write_claim(conn, plan)
+            drop_gen = self._drop_gen
         plan = self._plan_claim(conn, max_records, max_age_s, force)
         with self._write_lock:
             if self._drop_gen != drop_gen:
@@ -1507,8 +1542,8 @@ class Spool:
     def _plan_claim(
         self, conn: sqlite3.Connection, max_records: int, max_age_s: float, force: bool
     ) -> _ClaimPlan | None:
-        """Read and check the oldest waiting rows for a batch; None when none is due."""
-        rows: list[tuple[int, int, int, object, bytes, bytes]] = []
+        """Read the oldest waiting rows for a batch from the database; None when none is due."""
+        rows: list[_Row] = []
         count = 0
         try:
             cur = conn.execute("SELECT id, appended_ns, n, crc32, crcs, payload FROM waiting"
@@ -1522,6 +1557,13 @@ class Spool:
                 cur.close()
         except sqlite3.Error as exc:
             raise self._error("claim a batch", exc) from exc
+        return self._plan_rows(rows, count, max_records, max_age_s, force, check=True)
+
+    def _plan_rows(self, rows: list[_Row], count: int, max_records: int, max_age_s: float,
+                   force: bool, *, check: bool) -> _ClaimPlan | None:
+        """The claim of the oldest waiting `rows` (holding `count` records), None when it is
+        not due. `check`: the rows were read back from the database, verify their checksums
+        (rows from memory are what was committed)."""
         if not rows:
             return None
         age_ns = self._clock_ns() - rows[0][1]
@@ -1534,7 +1576,7 @@ class Spool:
         crc_parts: list[bytes] = []
         for rid, row_ns, stored_n, crc, stored_crcs, stored in rows:
             payload, crcs, n = stored, stored_crcs, stored_n
-            if not _intact(payload, n, crc, crcs):
+            if check and not _intact(payload, n, crc, crcs):
                 good, damaged = _verify(payload, n, crcs)
                 plan.bad += damaged
                 payload, crcs, n = _NL.join(good), _crcs(good), len(good)
@@ -1550,8 +1592,8 @@ class Spool:
             payloads.append(head)
             crc_parts.append(crcs[: 4 * room])
             plan.taken += room
-            plan.cut = (rid, rid + stored_n - (n - room), row_ns, n - room, zlib.crc32(tail),
-                        crcs[4 * room:], tail)
+            plan.cut = (rid, (rid + stored_n - (n - room), row_ns, n - room, zlib.crc32(tail),
+                              crcs[4 * room:], tail))
         plan.payload = _NL.join(payloads)
         plan.crcs = b"".join(crc_parts)
         return plan
@@ -1562,7 +1604,7 @@ class Spool:
         bad = plan.bad
         with self._txn(conn, "claim a batch"):
             if plan.cut is not None:
-                rid, *tail_row = plan.cut
+                rid, tail_row = plan.cut
                 conn.execute("DELETE FROM waiting WHERE id = ?", (rid,))
                 conn.execute(_INSERT_WAITING, tail_row)
             if plan.whole_upto is not None:
@@ -1579,6 +1621,8 @@ class Spool:
                      plan.crcs, plan.payload),
                 )
                 batch = Batch(key, plan.payload, plan.taken, 0, plan.first_ns, fresh=True)
+        if self._recent_ok:
+            self._claimed_from_recent(plan)
         bad_bytes = sum(len(b) for b in bad)
         self._records -= len(bad)
         self._bytes -= bad_bytes
@@ -1598,7 +1642,32 @@ class Spool:
             self._claimed_bytes += len(batch.payload) - (batch.size - 1)
             self._batches += 1
             self._wrote(len(batch.payload) // PAGE_SIZE)
+        if self._records == self._claimed_records:  # nothing waits: memory holds it all
+            self._recent.clear()
+            self._recent_bytes = 0
+            self._recent_ok = True
         return batch
+
+    def _claimed_from_recent(self, plan: _ClaimPlan) -> None:
+        """Take the rows a committed claim removed off the front of `_recent`."""
+        recent = self._recent
+        if plan.whole_upto is not None:
+            while recent and recent[0][0] <= plan.whole_upto:
+                self._recent_bytes -= len(recent.popleft()[5])
+        if plan.cut is not None:
+            rid, tail_row = plan.cut
+            if not recent or recent[0][0] != rid:  # pragma: no cover - a claim takes the front
+                self._forget_recent()
+                return
+            self._recent_bytes -= len(recent.popleft()[5])
+            recent.appendleft(tail_row)
+            self._recent_bytes += len(tail_row[5])
+
+    def _forget_recent(self) -> None:
+        """Stop serving claims from memory (the caller holds _write_lock)."""
+        self._recent.clear()
+        self._recent_bytes = 0
+        self._recent_ok = False
 
     def _remove_batch(
         self, conn: sqlite3.Connection, key: str, what: str, dead: tuple[int, str] | None

@@ -407,6 +407,8 @@ def test_claim_rereads_rows_the_full_policy_dropped_while_it_read_them(
     size = len(rec(0))
     with Spool(spool_dir, max_bytes=10 * size, chunk_records=2) as spool:
         spool.append([rec(i) for i in range(10)])
+    with Spool(spool_dir, max_bytes=10 * size, chunk_records=2) as spool:
+        # Reopened with records waiting: claims read them from the database.
         plan_claim = spool._plan_claim
         calls = 0
 
@@ -426,6 +428,58 @@ def test_claim_rereads_rows_the_full_policy_dropped_while_it_read_them(
         assert (stats.records, stats.claimed_records, stats.dropped_total) == (10, 4, 3)
         assert spool.ack(batch.key) == 4
         assert numbers(drain_all(spool)) == [7, 8, 9, 10, 11, 12]
+
+
+def waiting_reads(spool: Spool) -> list[str]:
+    """Start recording the statements that read waiting rows' payloads on the delivery
+    connection (what a claim from the database runs)."""
+    seen: list[str] = []
+    assert spool._conn is not None
+    spool._conn.set_trace_callback(
+        lambda sql: seen.append(sql) if "payload FROM waiting" in sql else None)
+    return seen
+
+
+def test_claims_take_their_rows_from_memory_unless_a_backlog_built_up(
+        spool_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("collectors.spool._RECENT_MAX_BYTES", 20 * len(rec(0)))
+    with Spool(spool_dir, chunk_records=3) as spool:
+        reads = waiting_reads(spool)
+
+        def claim(max_records: int) -> list[int]:
+            batch = spool.due_batch(max_records, 0.0)
+            assert batch is not None and batch.fresh
+            assert spool.ack(batch.key) == batch.size
+            return numbers(batch.records)
+
+        spool.append([rec(i) for i in range(5)])
+        assert claim(4) == [0, 1, 2, 3]  # cuts a row in two: memory keeps the rest
+        spool.append([rec(5)])
+        assert claim(10) == [4, 5]
+        assert reads == []
+        spool.append([rec(i) for i in range(6, 30)])  # a backlog past the memory bound
+        assert claim(10) == list(range(6, 16))
+        assert len(reads) == 1  # read from the database
+        assert claim(10) == list(range(16, 26))
+        assert claim(10) == list(range(26, 30))  # ...until nothing waits
+        reads.clear()
+        spool.append([rec(30), rec(31)])
+        assert claim(10) == [30, 31]
+        assert reads == []  # from memory again
+        assert spool.stats().records == 0
+
+
+def test_records_put_back_are_claimed_from_the_database(spool_dir: Path) -> None:
+    with Spool(spool_dir) as spool:
+        reads = waiting_reads(spool)
+        spool.append([rec(i) for i in range(6)])
+        batch = spool.due_batch(4, 0.0)
+        assert batch is not None
+        spool.append([rec(6)])
+        assert spool.release(batch.key) == 4  # in front again, behind memory's back
+        again = spool.due_batch(10, 0.0)
+        assert again is not None and numbers(again.records) == list(range(7))
+        assert len(reads) == 1
 
 
 def test_claimed_batches_filling_the_bound_drop_incoming(spool_dir: Path) -> None:
@@ -1206,6 +1260,18 @@ class SpoolModel(RuleBasedStateMachine):
         assert stats.batches_claimed == (1 if self.claimed else 0)
         assert stats.dropped_total == self.dropped
         assert stats.corrupt_lost_total == 0
+
+    @invariant()
+    def rows_in_memory_are_the_waiting_rows(self) -> None:
+        spool = self.spool
+        if not spool._recent_ok:
+            return
+        with spool._conn_lock:
+            assert spool._conn is not None
+            rows = spool._conn.execute("SELECT id, appended_ns, n, crc32, crcs, payload"
+                                       " FROM waiting ORDER BY id").fetchall()
+        assert list(spool._recent) == [tuple(r) for r in rows]
+        assert spool._recent_bytes == sum(len(r[5]) for r in rows)
 
     @invariant()
     def rows_carry_their_own_checksums(self) -> None:
