@@ -39,6 +39,12 @@ one CRC over its payload; only when that fails are its records checked one by on
 is sent only if its own checksum verifies. A claim copies the per-record CRCs, it does not
 recompute them.
 
+Most claims read nothing: while nothing backs up, the spool keeps every waiting row in memory
+too, exactly as committed (at most ``_RECENT_MAX_BYTES``), and a claim joins those; what it
+sends is what ``append`` was given, so there is nothing to check. Appends and claims keep that
+copy exact; the full policy, records put back, or a backlog past the bound turn it off, and
+claims read (and check) the database until one leaves nothing waiting.
+
 Version 1 spools (a row per record) are converted in one transaction when opened: claimed
 batches keep their keys, bodies and attempts; waiting records keep their order.
 
@@ -48,11 +54,12 @@ connection, each behind its own lock so even a caller that mixes threads stays s
 transaction also holds ``_write_lock``: SQLite admits one writer at a time anyway, and
 serialising writers here keeps the in-memory counters (records, bytes) exactly in step with the
 database. Reads (the claimed batch, the due check, stats) take no write lock: in WAL mode a reader
-never blocks the writer, so a slow drain never stalls ``append``. A claim, too, reads, checks and
-joins its rows first and takes the write lock only to commit them as a batch (re-reading them
-if the full policy dropped waiting rows meanwhile), so ``append`` waits for a short write, not
-for the whole claim. All write transactions are
-``BEGIN IMMEDIATE`` so no transaction ever has to upgrade a stale read snapshot.
+never blocks the writer, so a slow drain never stalls ``append``. A claim from the database, too,
+reads, checks and joins its rows first and takes the write lock only to commit them as a batch
+(re-reading them if the full policy dropped waiting rows meanwhile), so ``append`` waits for a
+short write, not for the whole claim; a claim from memory holds the write lock throughout (a
+join, then the same write). All write transactions are ``BEGIN IMMEDIATE`` so no transaction
+ever has to upgrade a stale read snapshot.
 
 Durability: every method that changes the spool has committed when it returns, and a commit is in
 the WAL (the OS page cache at least), so it survives ``kill -9`` of the process. Against a power
@@ -361,6 +368,7 @@ class _Salvage:
 class _ClaimPlan:
     """A claim read and checked, not yet written (see `Spool._claim`)."""
 
+    first_id: int  # the first waiting row taken
     first_ns: int  # append time of the oldest record taken
     taken: int = 0  # records in the batch
     payload: bytes = b""  # the batch's records joined by b"\n"
@@ -368,7 +376,11 @@ class _ClaimPlan:
     whole_upto: int | None = None  # waiting rows up to this id go whole
     # The row cut in two, if one is: its id, and the waiting row that keeps the rest.
     cut: tuple[int, _Row] | None = None
-    bad: list[bytes] = field(default_factory=list)  # records failing their checksum
+    bad: list[bytes] = field(default_factory=list)  # pieces failing their checksum
+    # What damaged rows lose, as the counters count it (a row's `n`; its payload's length less
+    # n - 1 separators): a record cut in two by a stray newline is one record, two pieces.
+    lost_records: int = 0
+    lost_bytes: int = 0
 
 
 class Spool:
@@ -514,13 +526,6 @@ class Spool:
                         conn.execute(_UPSERT_MARK, next(iter(marks.items())))
                     else:
                         conn.executemany(_UPSERT_MARK, list(marks.items()))
-            if dropping:  # after the commit: see _claim
-                self._drop_gen += 1
-            elif self._recent_ok:
-                self._recent.extend(rows)
-                self._recent_bytes += sum(len(row[5]) for row in rows)
-                if self._recent_bytes > _RECENT_MAX_BYTES:
-                    self._forget_recent()
             self._next_id = next_id
             self._wrote(len(joined) // PAGE_SIZE)
             kept_bytes = total - sum(len(r) for r in records[:skip])
@@ -528,6 +533,13 @@ class Spool:
             self._bytes += kept_bytes - freed_bytes
             dropped = freed_records + skip
             self._dropped_total += dropped
+            if dropping:  # after the commit: see _claim
+                self._drop_gen += 1
+            elif self._recent_ok:
+                self._recent.extend(rows)
+                self._recent_bytes += sum(len(row[5]) for row in rows)
+                if self._recent_bytes > _RECENT_MAX_BYTES:
+                    self._forget_recent()
         return dropped  # the caller counts and logs drops (one place, one metric)
 
     def marks(self) -> dict[str, int]:
@@ -750,7 +762,7 @@ class Spool:
             if self._fsync_interval_s > 0:
                 self._checkpoint_conn = self._connect(self._db_path)
             self._load_counters()
-            self._recent_ok = self._records == self._claimed_records  # nothing waits
+            self._recent_ok = self._nothing_waits()
             self._fsync_dir()
         except BaseException:
             self._close_connections()
@@ -1491,7 +1503,7 @@ class Spool:
     def _looks_due(
         self, conn: sqlite3.Connection, max_records: int, max_age_s: float, force: bool
     ) -> bool:
-        """Cheap pre-check without the write lock; _claim decides again inside its transaction."""
+        """Cheap pre-check without the write lock; _claim decides again on the rows it takes."""
         waiting = self._records - self._claimed_records
         if waiting <= 0:
             return False
@@ -1569,7 +1581,7 @@ class Spool:
         age_ns = self._clock_ns() - rows[0][1]
         if not (force or count >= max_records or age_ns >= max_age_s * 1e9):
             return None
-        plan = _ClaimPlan(first_ns=rows[0][1])
+        plan = _ClaimPlan(first_id=rows[0][0], first_ns=rows[0][1])
         # Whole rows go into the batch as they are (payload and CRCs copied, not split); only
         # the last row read may be cut in two.
         payloads: list[bytes] = []
@@ -1579,6 +1591,8 @@ class Spool:
             if check and not _intact(payload, n, crc, crcs):
                 good, damaged = _verify(payload, n, crcs)
                 plan.bad += damaged
+                plan.lost_records += max(0, stored_n - len(good))
+                plan.lost_bytes += len(stored) - (stored_n - 1) - sum(map(len, good))
                 payload, crcs, n = _NL.join(good), _crcs(good), len(good)
             room = max_records - plan.taken
             if n <= room:
@@ -1608,7 +1622,8 @@ class Spool:
                 conn.execute("DELETE FROM waiting WHERE id = ?", (rid,))
                 conn.execute(_INSERT_WAITING, tail_row)
             if plan.whole_upto is not None:
-                conn.execute("DELETE FROM waiting WHERE id <= ?", (plan.whole_upto,))
+                conn.execute("DELETE FROM waiting WHERE id BETWEEN ? AND ?",
+                             (plan.first_id, plan.whole_upto))
             if bad:
                 self._write_dead_letter(
                     None, 0, "spool_corrupt: record failed its checksum", bad)
@@ -1623,17 +1638,16 @@ class Spool:
                 batch = Batch(key, plan.payload, plan.taken, 0, plan.first_ns, fresh=True)
         if self._recent_ok:
             self._claimed_from_recent(plan)
-        bad_bytes = sum(len(b) for b in bad)
-        self._records -= len(bad)
-        self._bytes -= bad_bytes
-        self._corrupt_lost_total += len(bad)
+        self._records -= plan.lost_records
+        self._bytes -= plan.lost_bytes
+        self._corrupt_lost_total += plan.lost_records
         if bad:
             log.error(
                 "spool_corrupt",
                 extra={
                     "spool_path": str(self._db_path),
                     "problem": "record checksum mismatch",
-                    "lost_records": len(bad),
+                    "lost_records": plan.lost_records,
                     "dead_lettered_records": len(bad),
                 },
             )
@@ -1642,11 +1656,19 @@ class Spool:
             self._claimed_bytes += len(batch.payload) - (batch.size - 1)
             self._batches += 1
             self._wrote(len(batch.payload) // PAGE_SIZE)
-        if self._records == self._claimed_records:  # nothing waits: memory holds it all
-            self._recent.clear()
-            self._recent_bytes = 0
-            self._recent_ok = True
+        if self._records == self._claimed_records and not self._recent_ok:
+            # Nothing waits, by the counters: memory holds it all (the table is asked too, on
+            # the way back from the database only, so a miscount can never hide a row).
+            self._recent_ok = self._nothing_waits()
         return batch
+
+    def _nothing_waits(self) -> bool:
+        """Whether the waiting table is empty (False when it cannot be read)."""
+        try:
+            return self._require(self._conn).execute(
+                "SELECT 1 FROM waiting LIMIT 1").fetchone() is None
+        except sqlite3.Error:
+            return False
 
     def _claimed_from_recent(self, plan: _ClaimPlan) -> None:
         """Take the rows a committed claim removed off the front of `_recent`."""

@@ -1119,6 +1119,37 @@ def assert_rows_consistent(directory: Path) -> None:
         conn.close()
 
 
+def test_a_stray_newline_in_a_record_loses_that_record_only(spool_dir: Path) -> None:
+    # Bit rot that turns a byte of record 1 into a newline: the row reads back as four pieces,
+    # and the counters must lose one record (not two), or a later claim miscounts what waits.
+    with Spool(spool_dir) as spool:
+        spool.append([rec(0), rec(1), rec(2)])
+        spool.append([rec(3)])
+    conn = sqlite3.connect(spool_dir / "spool.db")
+    try:
+        with conn:
+            rid, payload = conn.execute(
+                "SELECT id, payload FROM waiting ORDER BY id LIMIT 1").fetchone()
+            parts = payload.split(b"\n")
+            parts[1] = parts[1][:10] + b"\n" + parts[1][11:]
+            conn.execute("UPDATE waiting SET payload = ? WHERE id = ?",
+                         (b"\n".join(parts), rid))
+    finally:
+        conn.close()
+    with Spool(spool_dir) as spool:
+        batch = spool.due_batch(2, 0.0, force=True)
+        assert batch is not None and numbers(batch.records) == [0, 2]
+        spool.ack(batch.key)
+        stats = spool.stats()
+        assert (stats.records, stats.payload_bytes, stats.corrupt_lost_total) == (
+            1, len(rec(3)), 1)
+        spool.append([rec(i) for i in range(4, 8)])
+        assert numbers(drain_all(spool)) == [3, 4, 5, 6, 7]
+        assert spool.stats().records == 0
+    line = json.loads((spool_dir / DEAD_LETTER_NAME).read_text())
+    assert len(line["feeds"]) == 2  # the two pieces, as read
+
+
 def test_a_damaged_row_checksum_alone_loses_nothing(spool_dir: Path) -> None:
     with Spool(spool_dir) as spool:
         spool.append([rec(i) for i in range(5)])
