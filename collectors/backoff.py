@@ -61,7 +61,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None,
     value = value.strip()
     if not value:
         return None
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() is True for "²" too
         return min(float(value), max_s)
     try:
         when = parsedate_to_datetime(value)

@@ -177,10 +177,11 @@ def _api_key(env: Mapping[str, str]) -> str:
     if not key:
         raise ConfigError(source if path else "API_KEY", "is required (empty or unset)",
                           "set API_KEY, or API_KEY_FILE to a file holding the key")
-    if len(key) > 4096 or any(ch.isspace() or not ch.isprintable() for ch in key):
-        # Said without echoing any part of the key.
-        raise ConfigError(source, "the key contains whitespace or control characters or is too "
-                          "long", "printable characters, at most 4096")
+    if len(key) > 4096 or not all("!" <= ch <= "~" for ch in key):
+        # Said without echoing any part of the key. A header carries visible ASCII only: any
+        # other character could never be sent (every POST would fail).
+        raise ConfigError(source, "the key contains whitespace, control or non-ASCII characters "
+                          "or is too long", "visible ASCII characters, at most 4096")
     return key
 
 

@@ -11,6 +11,7 @@ other 4xx moves the batch to the dead-letter file with the API's reason.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import socket
@@ -25,6 +26,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import HTTPError as Urllib3Error
 
 from collectors import __version__
 from collectors.backoff import Backoff, Outcome, classify_status, parse_retry_after
@@ -81,15 +83,33 @@ class _Deadline:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._expires: float | None = None
+        self._stop_at: float | None = None  # see stop_by
         self.sock: socket.socket | None = None  # set by the connection classes below
         self.fired = False
+        self.stopping = False  # the deadline that fired was stop_by's
         threading.Thread(target=self._watch, name="post-deadline", daemon=True).start()
 
-    def arm(self, seconds: float) -> None:
+    def arm(self, seconds: float) -> bool:
+        """Start the clock for one request; False (and nothing armed) when stop_by's time has
+        come already: the request must not start."""
         with self._cond:
-            self._expires = time.monotonic() + seconds
+            now = time.monotonic()
+            expires = now + seconds
+            self.stopping = self._stop_at is not None and self._stop_at < expires
+            if self.stopping and self._stop_at is not None and self._stop_at <= now:
+                return False
+            self._expires = self._stop_at if self.stopping else expires
             self.fired = False
             self._cond.notify()
+            return True
+
+    def stop_by(self, at: float) -> None:
+        """No request runs past `at` (monotonic): the one in flight and every later one."""
+        with self._cond:
+            self._stop_at = at
+            if self._expires is not None and self._expires > at:
+                self._expires, self.stopping = at, True
+                self._cond.notify()
 
     def disarm(self) -> None:
         with self._cond:
@@ -116,15 +136,21 @@ class _Deadline:
 def _tracking_adapter(deadline: _Deadline) -> HTTPAdapter:
     """An HTTPAdapter whose connections tell `deadline` which socket is in use."""
 
+    def track(sock: socket.socket) -> None:
+        deadline.sock = sock
+        if deadline.fired:  # it fired while this socket was connecting: it missed this one
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     class Tracked(HTTPConnection):
         def connect(self) -> None:
             super().connect()
-            deadline.sock = self.sock
+            track(self.sock)
 
     class TrackedTLS(HTTPSConnection):
         def connect(self) -> None:
             super().connect()
-            deadline.sock = self.sock
+            track(self.sock)
 
     class Pool(HTTPConnectionPool):
         ConnectionCls = Tracked
@@ -160,7 +186,8 @@ class Poster:
         self._session.trust_env = False  # no proxies/netrc from the environment
 
     def post(self, batch: Batch) -> PostResult:
-        self._deadline.arm(self._total_s)
+        if not self._deadline.arm(self._total_s):
+            return PostResult(Outcome.RETRY, None, None, self._cut_short())
         try:
             resp = self._session.post(self.url, data=batch.body(), timeout=self._timeout,
                                       headers={"Idempotency-Key": batch.key},
@@ -169,33 +196,45 @@ class Poster:
                 body = _bounded_body(resp)
             finally:
                 resp.close()
-        except requests.RequestException as exc:
+        # Reading the body goes through urllib3 directly, whose errors requests does not wrap
+        # (a chunked answer cut or stalled mid-stream).
+        except (requests.RequestException, Urllib3Error, http.client.HTTPException,
+                OSError) as exc:
             if self._deadline.fired:
-                return PostResult(Outcome.RETRY, None, None,
-                                  f"no complete answer within {self._total_s:.0f} s")
+                return PostResult(Outcome.RETRY, None, None, self._cut_short())
             return PostResult(Outcome.RETRY, None, None, _describe(exc))
         finally:
             self._deadline.disarm()
         if self._deadline.fired:  # cut short: whatever was parsed is not a whole answer
-            return PostResult(Outcome.RETRY, None, None,
-                              f"no complete answer within {self._total_s:.0f} s")
+            return PostResult(Outcome.RETRY, None, None, self._cut_short())
         outcome = classify_status(resp.status_code)
         detail = "" if outcome is Outcome.STORED else body[:1000].decode("utf-8", "replace")
         return PostResult(outcome, resp.status_code,
                           parse_retry_after(resp.headers.get("Retry-After")), detail, body)
+
+    def stop_by(self, at: float) -> None:
+        """Stopping: cut the POST in flight, and any later one, at `at` (monotonic time), so
+        the process stops within its drain window even while an API drips an answer (the batch
+        stays claimed and is re-sent under its key)."""
+        self._deadline.stop_by(at)
+
+    def _cut_short(self) -> str:
+        if self._deadline.stopping:
+            return "no complete answer before the collector's stop deadline"
+        return f"no complete answer within {self._total_s:.0f} s"
 
     def close(self) -> None:
         self._session.close()
 
 
 def _bounded_body(resp: requests.Response) -> bytes:
-    """The answer body, at most MAX_RESPONSE_BYTES. A body of known small length is read whole
-    (the keep-alive connection is reused); anything else is read up to the bound and the
-    connection is closed with the response."""
-    length = resp.headers.get("Content-Length", "")
-    if length.isdigit() and int(length) <= MAX_RESPONSE_BYTES:
-        return resp.content
-    return bytes(resp.raw.read(MAX_RESPONSE_BYTES))
+    """The answer body as sent, at most MAX_RESPONSE_BYTES, whatever the headers claim: read
+    with a bound (a Content-Length sent beside chunked framing does not bound the chunks) and
+    never decompressed (we ask for `identity`; a server that compresses anyway gets its bytes
+    shown as they came, not inflated). A body read to its end leaves the keep-alive connection
+    free for the next POST; a longer one is cut, and its connection closes with the response."""
+    data = resp.raw.read(MAX_RESPONSE_BYTES + 1, decode_content=False)
+    return bytes(data[:MAX_RESPONSE_BYTES])
 
 
 class SpoolWriter:

@@ -195,6 +195,11 @@ class CollectorService:
         # Ordered shutdown: each stage finishes once the one before it has.
         self.stop_event.set()
         self.connection.abort()
+        # A POST in flight (or a final one) may not outlast the drain window, even when the API
+        # drips its answer: the threads then end within the joins below.
+        stop_by = time.monotonic() + DRAIN_TIMEOUT_S + 1
+        for poster in posters:
+            poster.stop_by(stop_by)
         for t in threads:
             t.join(timeout=DRAIN_TIMEOUT_S + cfg.http_read_timeout_s + 5)
         alive = [t.name for t in threads if t.is_alive()]

@@ -45,5 +45,8 @@ def test_retry_after_seconds_and_dates() -> None:
     assert parse_retry_after("Sun, 29 Nov 2026 10:00:30 GMT", now) == 30.0
     assert parse_retry_after("Sun, 29 Nov 2026 09:00:00 GMT", now) == 0.0
     assert parse_retry_after("99999", now) == 600.0
+    # str.isdigit() says yes to these, float() no: a header is latin-1, so one byte will do.
+    assert parse_retry_after("\xb2", now) is None
+    assert parse_retry_after("\u0663", now) is None
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after(None, now) is None

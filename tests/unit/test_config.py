@@ -50,6 +50,7 @@ def test_key_from_file(tmp_path: Path) -> None:
         ({"API_BASE_URL": "http://host:99999"}, "API_BASE_URL", "invalid port"),
         ({"API_KEY": ""}, "API_KEY", "is required"),
         ({"API_KEY": "has space"}, "API_KEY", "whitespace"),
+        ({"API_KEY": "cl\u00e9-\u20ac"}, "API_KEY", "non-ASCII"),  # no header can carry it
         ({"API_KEY_FILE": "/nonexistent/key"}, "API_KEY", "both"),
         ({"BATCH_SIZE": "0"}, "BATCH_SIZE", "out of range"),
         ({"BATCH_SIZE": "ten"}, "BATCH_SIZE", "not a whole number"),

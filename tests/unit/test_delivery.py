@@ -3,10 +3,14 @@ policy's parsing of problem+json answers."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import socket
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
@@ -198,3 +202,178 @@ def test_encode_writes_the_bytes_of_the_records_json_dict(
     record = PriceFeed(symbol=symbol, price=price, volume=volume, timestamp=timestamp,
                        source=source, worker_id=worker_id, metadata=metadata)
     assert encode(record) == msgspec.json.encode(record.to_json_dict())
+
+
+# ------------------------------------------------------------ hostile answers, byte by byte
+
+class RawServer:
+    """An HTTP server on 127.0.0.1 that answers with exact bytes: `answer(sock, n)` writes the
+    answer to the n-th request (0-based) of the process; the connection stays open for the next
+    request unless it returns False."""
+
+    def __init__(self, answer: Callable[[socket.socket, int], bool | None]) -> None:
+        self._answer = answer
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/internal/ingest"
+        self.requests = 0
+        self.connections = 0
+        self.sent_all = threading.Event()  # set by answers that finished writing
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            reader = conn.makefile("rb")
+            while True:
+                try:
+                    head = b""
+                    while not head.endswith(b"\r\n\r\n"):
+                        line = reader.readline()
+                        if not line:
+                            return
+                        head += line
+                    length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n")
+                                   if h.lower().startswith(b"content-length:")), 0)
+                    reader.read(length)
+                    n, self.requests = self.requests, self.requests + 1
+                    if self._answer(conn, n) is False:
+                        reader.close()  # the socket's last reference: it closes now
+                        return
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@contextmanager
+def raw_server(answer: Callable[[socket.socket, int], bool | None]) -> Iterator[RawServer]:
+    server = RawServer(answer)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_a_retry_after_that_only_looks_like_digits_is_ignored() -> None:
+    def answer(sock: socket.socket, _n: int) -> None:
+        sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: \xb2\r\n"
+                     b"Content-Length: 0\r\n\r\n")
+
+    with raw_server(answer) as server:
+        result = post(server.url)
+    assert (result.outcome, result.status, result.retry_after_s) == (Outcome.RETRY, 503, None)
+
+
+def test_a_chunked_answer_cut_mid_stream_is_a_retry() -> None:
+    def answer(sock: socket.socket, _n: int) -> bool:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n{\"ok\":")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return False  # closed with a zero linger: a reset, mid-chunk
+
+    with raw_server(answer) as server:
+        result = post(server.url)
+    assert (result.outcome, result.status) == (Outcome.RETRY, None)
+
+
+def test_a_chunked_answer_stalling_past_the_read_timeout_is_a_retry() -> None:
+    release = threading.Event()
+
+    def answer(sock: socket.socket, _n: int) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n")
+        release.wait(10)
+
+    with raw_server(answer) as server:
+        try:
+            result = post(server.url, read_timeout_s=0.3)
+        finally:
+            release.set()
+    assert (result.outcome, result.status) == (Outcome.RETRY, None)
+
+
+def test_a_small_content_length_beside_chunked_framing_does_not_unbound_the_answer() -> None:
+    # The chunked framing wins over Content-Length; 32 MiB of chunks must not be read whole.
+    def answer(sock: socket.socket, _n: int) -> None:
+        sock.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 2\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"100000\r\n" + b"x" * 0x100000 + b"\r\n"
+        try:
+            for _ in range(32):
+                sock.sendall(chunk)
+            sock.sendall(b"0\r\n\r\n")
+            server.sent_all.set()
+        except OSError:
+            pass
+
+    with raw_server(answer) as server:
+        result = post(server.url)
+    assert (result.outcome, result.status) == (Outcome.RETRY, 500)
+    assert len(result.body) == MAX_RESPONSE_BYTES
+    assert not server.sent_all.is_set()  # the client stopped reading and closed
+
+
+def test_a_compressed_answer_is_not_inflated() -> None:
+    # We ask for identity; a server that gzips anyway (here 16 MiB of zeros in 16 KiB) gets
+    # its bytes back as they came, never decompressed into memory.
+    bomb = gzip.compress(b"\0" * (16 * 1024 * 1024), 9)
+
+    def answer(sock: socket.socket, _n: int) -> None:
+        sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Encoding: gzip\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(bomb), bomb))
+
+    with raw_server(answer) as server:
+        result = post(server.url)
+    assert (result.outcome, result.status) == (Outcome.REJECT, 400)
+    assert result.body == bomb[:MAX_RESPONSE_BYTES]
+
+
+def test_small_answers_keep_the_connection_alive() -> None:
+    def answer(sock: socket.socket, _n: int) -> None:
+        sock.sendall(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 13\r\n\r\n{\"stored\":1}\n")
+
+    with raw_server(answer) as server:
+        poster = Poster(server.url, "secret-key", connect_timeout_s=2, read_timeout_s=5)
+        try:
+            results = [poster.post(BATCH) for _ in range(3)]
+        finally:
+            poster.close()
+    assert [(r.outcome, r.body) for r in results] == [(Outcome.STORED, b'{"stored":1}\n')] * 3
+    assert (server.requests, server.connections) == (3, 1)
+
+
+def test_stopping_cuts_a_dripping_answer_at_the_stop_deadline() -> None:
+    release = threading.Event()
+
+    def answer(sock: socket.socket, _n: int) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        while not release.wait(0.2):  # a byte well within every read timeout, for ever
+            sock.sendall(b" ")
+
+    with raw_server(answer) as server:
+        # Alone, this POST's total deadline is 2 * (5 + 10) = 30 s.
+        poster = Poster(server.url, "secret-key", connect_timeout_s=5, read_timeout_s=10)
+        try:
+            threading.Timer(0.5, poster.stop_by, args=(time.monotonic() + 1.0,)).start()
+            started = time.monotonic()
+            result = poster.post(BATCH)
+            took = time.monotonic() - started
+            after = poster.post(BATCH)  # the deadline has passed: a later POST does not start
+        finally:
+            release.set()
+            poster.close()
+    assert (result.outcome, result.status) == (Outcome.RETRY, None)
+    assert "stop deadline" in result.detail
+    assert took < 5
+    assert (after.outcome, after.status) == (Outcome.RETRY, None)
+    assert "stop deadline" in after.detail
+    assert server.requests == 1
