@@ -396,8 +396,9 @@ class Connection:
         buffer = ws.frame_buffer if isinstance(ws.frame_buffer, _BoundedFrameBuffer) else None
         cont = ws.cont_frame
         ping_every = self.adapter.app_ping_interval_s
+        ws_ping_every = self.adapter.ws_ping_interval_s
         liveness = self.liveness_timeout_s
-        last_ping_sent = time.monotonic()
+        last_ping_sent = last_ws_ping_sent = time.monotonic()
         while True:
             if self._stop.is_set():
                 return "stopped"
@@ -427,6 +428,10 @@ class Connection:
                 if ping is not None:
                     ws.send(ping)
                 last_ping_sent = now
+            if ws_ping_every is not None and now - max(last_ws_ping_sent,
+                                                       self.last_frame_monotonic) >= ws_ping_every:
+                ws.ping()
+                last_ws_ping_sent = now
             try:
                 opcode, frame = ws.recv_data_frame(True)
             except websocket.WebSocketTimeoutException:

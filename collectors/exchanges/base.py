@@ -144,6 +144,9 @@ class Adapter(Protocol):
     liveness_timeout_s: float
     #: Send `ping_message()` when nothing was received for this long (None: never).
     app_ping_interval_s: float | None
+    #: Send a WebSocket ping frame (RFC 6455; its pong counts as a frame for liveness) when
+    #: nothing was received for this long (None: never).
+    ws_ping_interval_s: float | None
     #: A symbol with no data for this long is stale (reported, not reconnected).
     symbol_stale_after_s: float
     #: Replace the connection before the venue cuts it at this age (Binance: 24 h); None: never.

@@ -190,14 +190,18 @@ class BinanceAdapter:
     # The server pings every 20 s (binance.com; every 3 min on binance.us) and websocket-client
     # answers with pongs: no application ping exists.
     app_ping_interval_s: float | None = None
+    # A WebSocket ping of our own after 5 s without a frame (at most one per 5 s, well within
+    # the venue's 5 incoming messages a second): the pong proves the connection alive when the
+    # subscribed markets are quiet, so only a dead connection goes 10 s without a frame.
+    ws_ping_interval_s: float | None = 5.0
     # Streams are in the URL; there is no subscribe request to void.
     # Binance cuts every connection at 24 h: hand over to a new one well before.
     max_connection_age_s: float | None = 23.5 * 3600
     resubscribe_after_reject = False
-    # Each subscribed symbol gets a `24hrTicker` every 1000 ms (the rolling 24 h window moves
-    # every second for any market that traded in the last day), so ten seconds without any frame
-    # is ten missed updates on every symbol at once: the connection is dead. Server pings are not
-    # relied upon (binance.us sends them only every 3 minutes).
+    # Ten seconds without any frame, our ping's pong included, means the connection is dead.
+    # `24hrTicker` updates come every 1000 ms at most, and whether a market without trades still
+    # gets one every second is not documented, so quiet markets are not relied upon; nor are
+    # the server's pings (binance.us sends them only every 3 minutes).
     liveness_timeout_s = 10.0
     # A listed market's ticker updates every second; a minute of silence for one symbol while
     # others flow means its stream is stuck (or the market was halted): report it.

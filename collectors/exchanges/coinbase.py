@@ -105,6 +105,7 @@ class CoinbaseAdapter:
     # Heartbeats arrive once a second per product: 10 s of total silence is a dead connection.
     liveness_timeout_s = 10.0
     app_ping_interval_s: float | None = None
+    ws_ping_interval_s: float | None = None  # heartbeats once a second per product
     # "Failed to subscribe ... is not a valid product" voids the whole request.
     max_connection_age_s: float | None = None
     resubscribe_after_reject = True

@@ -140,6 +140,7 @@ class KrakenAdapter:
     # Kraken advises a ~5 s deadline: ping when nothing arrived for that long (a live server
     # answers `pong`, and its heartbeats normally make the ping unnecessary).
     app_ping_interval_s: float | None = 5.0
+    ws_ping_interval_s: float | None = None  # the application ping above
     # One ack per symbol: a rejected pair leaves the others subscribed.
     max_connection_age_s: float | None = None
     resubscribe_after_reject = False

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from collectors.backoff import Backoff
 from collectors.batching import Handoff
 from collectors.connection import Connection, Frame
+from collectors.exchanges.binance import BinanceAdapter
 from collectors.exchanges.coinbase import CoinbaseAdapter
 from collectors.metrics import Metrics
 from collectors.simulator import Simulator
@@ -53,14 +54,15 @@ class Harness:
 
 
 @contextmanager
-def running(url: str, adapter: CoinbaseAdapter | None = None,
-            frames: Handoff[Frame] | None = None, **kw: object) -> Iterator[Harness]:
+def running(url: str, adapter: CoinbaseAdapter | BinanceAdapter | None = None,
+            frames: Handoff[Frame] | None = None, symbols: list[str] | None = None,
+            **kw: object) -> Iterator[Harness]:
     registry = CollectorRegistry()
     metrics = Metrics(registry, "coinbase", "w")
     frames = Handoff(100_000) if frames is None else frames
     stop = threading.Event()
-    conn = Connection(adapter or CoinbaseAdapter("w"), url, SYMBOLS, frames, metrics, stop,
-                      **kw)  # type: ignore[arg-type]
+    conn = Connection(adapter or CoinbaseAdapter("w"), url, symbols or SYMBOLS, frames, metrics,
+                      stop, **kw)  # type: ignore[arg-type]
     thread = threading.Thread(target=conn.run, name="ws-test")
     thread.start()
     try:
@@ -104,6 +106,26 @@ def test_silence_is_detected_and_the_connection_replaced() -> None:
         n = len(h.got)
         assert h.wait_frames(n + 5)
         assert h.value("chrono_collector_reconnects_total", reason="liveness_timeout") >= 1
+
+
+class _QuickPingBinance(BinanceAdapter):
+    ws_ping_interval_s = 0.2
+
+
+def test_a_connection_of_quiet_markets_is_kept_alive_by_its_pings() -> None:
+    # Binance sends no heartbeat of its own between its 20 s pings: with every subscribed
+    # market quiet, our WebSocket pings' pongs are what tells a live connection from a dead one.
+    symbols = ["BTC/USDT", "ETH/USDT"]
+    with Simulator("binance", rate_hz=20, quiet=["BTCUSDT", "ETHUSDT"]) as sim, running(
+            sim.url, _QuickPingBinance("w"), symbols=symbols, liveness_timeout_s=1.0,
+            backoff=Backoff(base_s=0.05, cap_s=0.1)) as h:
+        # A ping per 0.5 s of silence at most (the receive loop's timeout): six pongs take 3 s,
+        # three liveness limits.
+        assert wait_until(
+            lambda: h.value("chrono_collector_messages_received_total", kind="pong") >= 6, 10)
+        assert h.value("chrono_collector_reconnects_total") == 0
+        assert sim.connections_total == 1
+        assert h.got == []
 
 
 def test_every_connect_resubscribes() -> None:

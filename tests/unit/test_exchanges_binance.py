@@ -52,6 +52,9 @@ def test_venue_attributes() -> None:
         assert adapter.subscribe_messages(adapter.default_symbols) == []
         assert adapter.max_streams_per_connection == 1024
         assert 1.0 < adapter.liveness_timeout_s < adapter.symbol_stale_after_s
+        # Our pings keep a connection of quiet markets alive, at most one per 5 s.
+        assert adapter.ws_ping_interval_s is not None
+        assert 5.0 <= adapter.ws_ping_interval_s <= adapter.liveness_timeout_s / 2
 
 
 def test_connect_url_puts_lowercase_streams_in_the_path() -> None:
