@@ -20,7 +20,7 @@ class Notifier:
         self._address = address or None
         usec = env.get("WATCHDOG_USEC", "")
         self.watchdog_interval_s: float | None = (
-            int(usec) / 1e6 / 2 if usec.isdigit() and int(usec) > 0 else None)
+            int(usec) / 1e6 / 2 if usec.isascii() and usec.isdigit() and int(usec) > 0 else None)
 
     @property
     def enabled(self) -> bool:

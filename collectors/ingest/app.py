@@ -178,11 +178,17 @@ class IngestApp:
         try:
             verdict = validate_batch(body, max_feeds=self.max_feeds, now_ns=self._clock_ns())
         except BodyError as exc:
+            stored = self._stored_before(key, body)
+            if stored is not None:
+                return stored
             slug = "too-many-records" if exc.status == 413 else "malformed-json"
             return problem(exc.status, slug, exc.detail, title=exc.title,
                            errors=[Problem(None, "feeds" if exc.status == 413 else "(body)",
                                            exc.detail)])
         if not verdict.ok:
+            stored = self._stored_before(key, body)
+            if stored is not None:
+                return stored
             shown = len(verdict.problems)
             detail = (f"{verdict.invalid_records} invalid record(s); nothing was stored"
                       if verdict.invalid_records else "the batch is invalid; nothing was stored")
@@ -221,6 +227,20 @@ class IngestApp:
                        "this Idempotency-Key was already used with a different body",
                        errors=[Problem(None, "Idempotency-Key", "reused with a different body")])
 
+    def _stored_before(self, key: str, body: bytes) -> Response | None:
+        """The replay of a batch refused now that was stored before under this key with these
+        very bytes (the limits or the rules have changed since): a retry of a stored batch is
+        answered as stored, or its sender would split it or dead-letter records we hold."""
+        try:
+            count = self.storage.stored_count(key, hashlib.sha256(body).hexdigest())
+        except StorageError:
+            return None  # the refusal stands; the sender retries only what it may
+        if count is None:
+            return None
+        log.info("batch_replayed", extra={"idempotency_key": key, "records": count})
+        return json_response(200, {"stored": count, "idempotency_key": key},
+                             headers=[("Idempotency-Replayed", "true")])
+
     def _read_body(self, environ: WSGIEnvironment) -> bytes | Response:
         stream = environ["wsgi.input"]
         declared = str(environ.get("CONTENT_LENGTH", "")).strip()
@@ -231,7 +251,7 @@ class IngestApp:
                 return problem(411, "length-required", "Content-Length is required")
             data = _read_up_to(stream, self.max_body_bytes + 1)
             return self._too_large() if len(data) > self.max_body_bytes else data
-        if not declared.isdigit() or len(declared) > 15:
+        if not (declared.isascii() and declared.isdigit()) or len(declared) > 15:
             return problem(400, "bad-content-length", "Content-Length is not a valid number")
         length = int(declared)
         if length > self.max_body_bytes:
@@ -277,7 +297,8 @@ class IngestApp:
         if isinstance(params, Response):
             return params
         raw = params.get("minutes") or "10"
-        if not raw.isdigit() or len(raw) > 6 or not 1 <= int(raw) <= MAX_SUMMARY_MINUTES:
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 6 or not (
+                1 <= int(raw) <= MAX_SUMMARY_MINUTES):
             return _bad_param("minutes", f"must be a whole number from 1 to {MAX_SUMMARY_MINUTES}")
         minutes = int(raw)
         try:

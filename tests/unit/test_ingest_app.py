@@ -84,6 +84,23 @@ def test_store_201_then_replay_200(http: requests.Session, ingest: IngestServer)
     assert stored_count(ingest) == 2
 
 
+def test_a_stored_batch_refused_by_todays_limits_is_still_a_replay(
+        tmp_path: Path, http: requests.Session) -> None:
+    # Stored under the old limits; after a restart with a lower INGEST_MAX_FEEDS the retry of
+    # the same key and bytes is its replay, not a 413 (whose sender would split the batch and
+    # store its records a second time under new keys). Other bodies get the new limit.
+    body = batch_body([make_feed(symbol=s) for s in ("BTC/USD", "ETH/USD", "SOL/USD")])
+    with running_ingest(tmp_path, max_feeds=10) as before:
+        assert post(http, before, body, before.headers("batch-old")).status_code == 201
+    with running_ingest(tmp_path, max_feeds=2) as after:
+        again = post(http, after, body, after.headers("batch-old"))
+        assert again.status_code == 200, again.text
+        assert again.json() == {"stored": 3, "idempotency_key": "batch-old"}
+        assert again.headers["Idempotency-Replayed"] == "true"
+        assert_problem(post(http, after, body, after.headers("batch-new")), 413)
+        assert stored_count(after) == 3
+
+
 def test_same_key_different_body_is_422(http: requests.Session, ingest: IngestServer) -> None:
     headers = ingest.headers("batch-0002")
     assert post(http, ingest, batch_body([make_feed()]), headers).status_code == 201
@@ -382,6 +399,7 @@ def test_latest_and_summary(http: requests.Session, ingest: IngestServer) -> Non
     ("/api/v1/prices/latest", {"sybmol": "BTC/USD"}),
     ("/api/v1/summary", {"minutes": "0"}),
     ("/api/v1/summary", {"minutes": "abc"}),
+    ("/api/v1/summary", {"minutes": "\u00b2"}),  # "²".isdigit() is True; int("²") fails
     ("/api/v1/summary", {"minutes": "99999999"}),
     ("/api/v1/summary", {"minutes": ["1", "2"]}),
 ])
@@ -411,6 +429,9 @@ class _BrokenStorage:
         self.error = error
 
     def store_batch(self, *_: object) -> StoreResult:
+        raise self.error
+
+    def stored_count(self, *_: object) -> int | None:
         raise self.error
 
     def latest(self, *_: object, **__: object) -> list[Any]:

@@ -67,6 +67,10 @@ def test_store_then_replay_then_conflict(storage: Storage) -> None:
     other = storage.store_batch("key-1", sha("b"), feeds[:1])
     assert (other.outcome, other.stored) == (Outcome.CONFLICT, 2)
     assert sum(s["count"] for s in storage.summary(60)) == 2
+    # The lookup a refused request uses: this key with this body only.
+    assert storage.stored_count("key-1", sha("a")) == 2
+    assert storage.stored_count("key-1", sha("b")) is None
+    assert storage.stored_count("key-2", sha("a")) is None
 
 
 def test_latest_per_source_and_symbol(storage: Storage) -> None:

@@ -51,6 +51,11 @@ class Storage(Protocol):
         """Store every record and the key in one transaction, or none of them."""
         ...
 
+    def stored_count(self, idempotency_key: str, body_sha256: str) -> int | None:
+        """How many records the batch stored under this key with this body had, or None when
+        no such batch was stored."""
+        ...
+
     def latest(self, source: str | None = None, symbol: str | None = None, *,
                limit: int = 1000) -> list[LatestRow]:
         """The newest row (by exchange timestamp) per (source, symbol), sorted by both."""

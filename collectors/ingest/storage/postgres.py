@@ -255,6 +255,13 @@ class PostgresStorage:
         return [SourceSummary(source=str(r[0]), count=int(r[1]), distinct_symbols=int(r[2]),
                               max_timestamp=_iso(r[3])) for r in rows]
 
+    def stored_count(self, idempotency_key: str, body_sha256: str) -> int | None:
+        with self._connection("looking up a batch") as conn:
+            row = conn.execute("SELECT record_count FROM ingest_batches WHERE"
+                               " idempotency_key = %s AND body_sha256 = %s",
+                               (idempotency_key, body_sha256)).fetchone()
+        return None if row is None else int(row[0])
+
     def ping(self) -> None:
         with self._connection("ping") as conn:
             conn.execute("SELECT 1 FROM ingest_batches LIMIT 1").fetchall()

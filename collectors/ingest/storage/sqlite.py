@@ -280,6 +280,16 @@ class SQLiteStorage:
         return [SourceSummary(source=str(r[0]), count=int(r[1]), distinct_symbols=int(r[2]),
                               max_timestamp=str(r[4])) for r in rows]
 
+    def stored_count(self, idempotency_key: str, body_sha256: str) -> int | None:
+        with self._reader() as conn:
+            try:
+                row = conn.execute("SELECT record_count FROM ingest_batches WHERE"
+                                   " idempotency_key = ? AND body_sha256 = ?",
+                                   (idempotency_key, body_sha256)).fetchone()
+            except sqlite3.Error as exc:
+                raise StorageError(f"sqlite: looking up a batch failed: {exc}") from exc
+        return None if row is None else int(row[0])
+
     def ping(self) -> None:
         with self._reader() as conn:
             try:
