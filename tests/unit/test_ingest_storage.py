@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from collectors.errors import StorageError
@@ -357,3 +358,38 @@ def test_postgres_jsonb_metadata_round_trip() -> None:
             assert got is not None and got[0] == meta
             assert json.loads(json.dumps(got[0])) == meta
 
+
+
+def test_a_locked_database_fails_a_store_in_time_for_the_sender(storage: Storage) -> None:
+    # Another process holds the write lock (a backup, a migration, an admin's LOCK TABLE): the
+    # store fails with StorageError (a 503 with Retry-After) before the collectors' 10 s read
+    # timeout, instead of answering after they gave up.
+    if isinstance(storage, SQLiteStorage):
+        other = sqlite3.connect(storage.path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+    else:
+        url = storage._pool.conninfo  # type: ignore[attr-defined]
+        other = psycopg.connect(url, autocommit=True)
+        other.execute("BEGIN")
+        other.execute("LOCK TABLE price_feeds IN ACCESS EXCLUSIVE MODE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageError):
+            storage.store_batch("key-locked", sha("a"), feeds_of(make_feed()))
+        assert time.monotonic() - started < 9
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert storage.store_batch("key-locked", sha("a"), feeds_of(make_feed())).stored == 1
+
+
+def test_sqlite_writers_queue_only_so_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("collectors.ingest.storage.sqlite.WRITE_QUEUE_TIMEOUT_S", 0.2)
+    store = SQLiteStorage.open(tmp_path / "q.db")
+    try:
+        # The lock held: the batches ahead of this one.
+        with store._write_lock, pytest.raises(StorageError, match="busy"):
+            store.store_batch("k", sha("1"), feeds_of(make_feed()))
+        assert store.store_batch("k", sha("1"), feeds_of(make_feed())).outcome is Outcome.STORED
+    finally:
+        store.close()

@@ -30,7 +30,13 @@ from collectors.ingest.storage.base import LatestRow, Outcome, SourceSummary, St
 from collectors.ingest.validate import FeedBatch, MetaScalar, ValidFeed
 
 CONNECT_TIMEOUT_S = 5  # a database that does not answer in 5 s is down: fail, let callers retry
-STATEMENT_TIMEOUT_MS = 15_000  # under the collectors' POST timeout, so they see a 503, not a hang
+# A batch is answered (503 and Retry-After when the database is slow) within the collectors'
+# 10 s read timeout (HTTP_READ_TIMEOUT_S): a free connection within ACQUIRE_TIMEOUT_S, then its
+# three statements (the claim, the COPY, the COMMIT), each cut at STORE_STATEMENT_TIMEOUT_MS.
+# Reads (latest, summary) get STATEMENT_TIMEOUT_MS.
+ACQUIRE_TIMEOUT_S = 3.0
+STORE_STATEMENT_TIMEOUT_MS = 2_000
+STATEMENT_TIMEOUT_MS = 8_000
 # Arbitrary constants, so our advisory locks never collide with another application's.
 _MIGRATION_LOCK_ID = 0x6368726F6E6F0001
 _KEY_LOCK_SALT = b"chrono-ingest-idempotency:"
@@ -69,11 +75,12 @@ _COPY_FEEDS: LiteralString = (
     "COPY price_feeds (symbol, price, volume, timestamp, source, worker_id, metadata)"
     " FROM STDIN"
 )
-# BEGIN, then in one statement: take the key's advisory lock (held until commit) and, only if
-# it was taken, insert the key (ON CONFLICT DO NOTHING tells us it was seen). One row back:
-# (lock taken, key inserted).
+# BEGIN and the transaction's statement timeout, then in one statement: take the key's
+# advisory lock (held until commit) and, only if it was taken, insert the key (ON CONFLICT DO
+# NOTHING tells us it was seen). One row back: (lock taken, key inserted).
 _CLAIM: LiteralString = (
     "BEGIN;"
+    " SET LOCAL statement_timeout = {timeout};"
     " WITH l AS (SELECT pg_try_advisory_xact_lock({lock}) AS got),"
     " ins AS (INSERT INTO ingest_batches (idempotency_key, body_sha256, record_count, status)"
     "  SELECT {key}, {sha}, {count}, 'stored' FROM l WHERE l.got"
@@ -133,7 +140,7 @@ class PostgresStorage:
     """Storage on PostgreSQL through a connection pool. Create with `PostgresStorage.connect`."""
 
     def __init__(self, pool: ConnectionPool[psycopg.Connection[Any]], *,
-                 acquire_timeout_s: float = 10.0) -> None:
+                 acquire_timeout_s: float = ACQUIRE_TIMEOUT_S) -> None:
         self._pool = pool
         # Waiting longer for a free connection than this means the database is the bottleneck:
         # answer 503 (the collector keeps the batch and retries) rather than pile up requests.
@@ -177,7 +184,8 @@ class PostgresStorage:
     def store_batch(self, idempotency_key: str, body_sha256: str,
                     feeds: Sequence[ValidFeed]) -> StoreResult:
         payload = _copy_payload(feeds)  # built before taking a connection
-        claim = sql.SQL(_CLAIM).format(lock=_key_lock_id(idempotency_key), key=idempotency_key,
+        claim = sql.SQL(_CLAIM).format(timeout=STORE_STATEMENT_TIMEOUT_MS,
+                                       lock=_key_lock_id(idempotency_key), key=idempotency_key,
                                        sha=body_sha256, count=len(feeds))
         with self._connection("storing a batch") as conn, conn.cursor() as cur:
             # The pool's connections are in autocommit mode, so BEGIN travels with the claim
@@ -185,7 +193,8 @@ class PostgresStorage:
             # COPY follows and COMMIT ends it: three round trips per batch.
             try:
                 cur.execute(claim)
-                cur.nextset()  # the BEGIN's result comes first, then the claim's row
+                cur.nextset()  # the BEGIN's and the SET's results come first, then the
+                cur.nextset()  # claim's row
                 got = cur.fetchone()
                 if got is None or not got[0]:
                     # Held until commit: a concurrent request with the same key, in this

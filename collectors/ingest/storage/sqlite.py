@@ -23,7 +23,12 @@ from collectors.ingest.storage.base import LatestRow, Outcome, SourceSummary, St
 from collectors.ingest.validate import FeedBatch, MetaScalar, ValidFeed
 from collectors.model import iso_from_ns
 
-BUSY_TIMEOUT_MS = 10_000  # another process holding the write lock (a migration, a backup)
+# A batch is answered (503 and Retry-After when the database is busy) within the collectors'
+# 10 s read timeout (HTTP_READ_TIMEOUT_S): at most WRITE_QUEUE_TIMEOUT_S in this process's
+# queue of writers, then at most BUSY_TIMEOUT_MS for another process's write lock (a migration,
+# a backup), then the write itself.
+WRITE_QUEUE_TIMEOUT_S = 3.0
+BUSY_TIMEOUT_MS = 4_000
 
 # Each entry moves the schema from version N-1 to N; never edit one that has shipped.
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
@@ -187,8 +192,13 @@ class SQLiteStorage:
                 return StoreResult(Outcome.IN_FLIGHT, 0)
             self._in_flight.add(idempotency_key)
         try:
-            with self._write_lock:
+            if not self._write_lock.acquire(timeout=WRITE_QUEUE_TIMEOUT_S):
+                raise StorageError(f"sqlite: busy: the batches ahead held the database for "
+                                   f"{WRITE_QUEUE_TIMEOUT_S:g} s")
+            try:
                 return self._store_locked(idempotency_key, body_sha256, feeds)
+            finally:
+                self._write_lock.release()
         finally:
             with self._lock:
                 self._in_flight.discard(idempotency_key)
