@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -189,6 +190,21 @@ def build_app(config: IngestConfig) -> IngestApp:
     return IngestApp(storage, config.api_keys, config.max_body_bytes, config.max_feeds)
 
 
+#: An idle connection is closed after this long (waitress checks every 30 s); a collector's
+#: keep-alive connection then simply reconnects.
+CHANNEL_TIMEOUT_S = 30
+#: At most this many client connections at once, fewer when the open-files limit is lower.
+MAX_CONNECTIONS = 1000
+
+
+def _connection_limit() -> int:
+    """MAX_CONNECTIONS, or what the open-files limit leaves after the database and log files."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(100, min(MAX_CONNECTIONS, soft - 64))
+
+
 def start_server(app_or_config: WSGIApplication | IngestConfig, host: str | None = None,
                  port: int | None = None, *, threads: int | None = None,
                  max_body_bytes: int | None = None) -> RunningServer:
@@ -231,6 +247,12 @@ def start_server(app_or_config: WSGIApplication | IngestConfig, host: str | None
             ident="chrono-ingest",
             clear_untrusted_proxy_headers=True,
             asyncore_use_poll=True,  # select() fails beyond 1024 file descriptors
+            # waitress's defaults (100 connections, idle ones closed after 120 s) let about a
+            # hundred clients that send a byte now and then lock everyone else out; the
+            # operating system's limit on open files is the real bound. Beyond loopback, put a
+            # proxy that limits clients in front.
+            connection_limit=_connection_limit(),
+            channel_timeout=CHANNEL_TIMEOUT_S,
         )
     except BaseException:
         wasyncore.close_all(socket_map, ignore_all=True)

@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +24,26 @@ from tests.support.servers import TEST_API_KEY, batch_body, make_feed, running_i
 
 REPO = Path(__file__).resolve().parents[2]
 
+
+
+def test_clients_that_hold_connections_open_do_not_lock_others_out(tmp_path: Path) -> None:
+    # 150 connections that sent half a request and wait (waitress's default limit is 100):
+    # the server still answers everyone else.
+    cfg = IngestConfig(api_keys=(TEST_API_KEY,), database_url=f"sqlite:///{tmp_path}/i.db",
+                       port=0, threads=2)
+    server = start_server(cfg)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(150):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.sendall(b"POST /internal/ingest HTTP/1.1\r\nHost: x\r\n")
+            held.append(sock)
+        with requests.Session() as http:
+            assert http.get(server.url + "/healthz", timeout=10).json() == {"status": "ok"}
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
 
 def test_start_server_from_config_and_stop(tmp_path: Path) -> None:
     cfg = IngestConfig(api_keys=(TEST_API_KEY,), database_url=f"sqlite:///{tmp_path}/a/i.db",
