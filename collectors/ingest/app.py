@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,15 +26,20 @@ from collectors.ingest.validate import (
     MAX_PROBLEMS,
     BodyError,
     Problem,
+    Validation,
+    fast_validation,
+    slow_validation,
     valid_name,
     valid_symbol,
-    validate_batch,
 )
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIEnvironment
 
 log = logging.getLogger(__name__)
+
+#: How long a body for the stdlib path waits for the one before it (then 503, Retry-After).
+SLOW_GATE_WAIT_S = 2.0
 
 INGEST_PATH = "/internal/ingest"
 HEALTH_PATH = "/healthz"
@@ -97,6 +103,10 @@ class IngestApp:
         self._keys = tuple(k.encode("utf-8") for k in api_keys)
         self._retry_after_s = retry_after_s
         self._clock_ns = clock_ns
+        # Bodies the fast path does not take (malformed, invalid, unusual) are checked one at a
+        # time: the stdlib parse of 8 MiB of tiny values takes ~250 MB and seconds, and eight
+        # of them at once would take every worker thread and gigabytes.
+        self._slow_gate = threading.Lock()
         self._routes: dict[str, tuple[str, Callable[[WSGIEnvironment], Response], bool]] = {
             INGEST_PATH: ("POST", self._ingest, True),
             HEALTH_PATH: ("GET", self._health, False),
@@ -176,7 +186,12 @@ class IngestApp:
         if isinstance(body, Response):
             return body
         try:
-            verdict = validate_batch(body, max_feeds=self.max_feeds, now_ns=self._clock_ns())
+            verdict = fast_validation(body, max_feeds=self.max_feeds, now_ns=self._clock_ns())
+            if verdict is None:
+                verdict = self._slow_validation(body)
+                if verdict is None:
+                    return problem(503, "busy", "another unusual batch is being checked; retry",
+                                   headers=[("Retry-After", "1")])
         except BodyError as exc:
             stored = self._stored_before(key, body)
             if stored is not None:
@@ -226,6 +241,17 @@ class IngestApp:
         return problem(422, "idempotency-key-reused",
                        "this Idempotency-Key was already used with a different body",
                        errors=[Problem(None, "Idempotency-Key", "reused with a different body")])
+
+    def _slow_validation(self, body: bytes) -> Validation | None:
+        """slow_validation, one request at a time: None when another held the gate for
+        SLOW_GATE_WAIT_S (the sender retries). Raises BodyError."""
+        if not self._slow_gate.acquire(timeout=SLOW_GATE_WAIT_S):
+            log.warning("slow_validation_busy", extra={"body_bytes": len(body)})
+            return None
+        try:
+            return slow_validation(body, max_feeds=self.max_feeds, now_ns=self._clock_ns())
+        finally:
+            self._slow_gate.release()
 
     def _stored_before(self, key: str, body: bytes) -> Response | None:
         """The replay of a batch refused now that was stored before under this key with these

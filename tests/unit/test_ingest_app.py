@@ -101,6 +101,24 @@ def test_a_stored_batch_refused_by_todays_limits_is_still_a_replay(
         assert stored_count(after) == 3
 
 
+def test_unusual_bodies_are_checked_one_at_a_time(
+        http: requests.Session, ingest: IngestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The stdlib path (malformed, invalid or unusual bodies) can take ~30x a body's size in
+    # memory: while one such body is checked, the next waits SLOW_GATE_WAIT_S, then gets a 503
+    # to retry; ordinary batches (the fast path) go on meanwhile.
+    monkeypatch.setattr("collectors.ingest.app.SLOW_GATE_WAIT_S", 0.1)
+    assert ingest.app._slow_gate.acquire(timeout=5)  # another unusual body is being checked
+    try:
+        busy = post(http, ingest, b'{"feeds": [1e1, 1e1]}', ingest.headers("slow-1"))
+        assert_problem(busy, 503)
+        assert busy.headers["Retry-After"] == "1"
+        ordinary = post(http, ingest, batch_body([make_feed()]), ingest.headers("fast-1"))
+        assert ordinary.status_code == 201, ordinary.text
+    finally:
+        ingest.app._slow_gate.release()
+    assert_problem(post(http, ingest, b'{"feeds": [1e1, 1e1]}', ingest.headers("slow-1")), 422)
+
+
 def test_same_key_different_body_is_422(http: requests.Session, ingest: IngestServer) -> None:
     headers = ingest.headers("batch-0002")
     assert post(http, ingest, batch_body([make_feed()]), headers).status_code == 201
