@@ -381,6 +381,8 @@ class Connection:
                 if opcode in (ABNF.OPCODE_TEXT, ABNF.OPCODE_BINARY):
                     if self._frames.put((frame.data, time.time_ns())):
                         forwarded += 1
+                    else:  # the queue is full: counted as the live connection's drops are
+                        self._metrics.frames_dropped.inc()
                 elif opcode == ABNF.OPCODE_CLOSE:
                     break
         except (OSError, websocket.WebSocketException):
