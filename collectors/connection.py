@@ -62,33 +62,56 @@ class _BoundedFrameBuffer(frame_buffer):
     burst of small frames costs one system call per chunk instead of three per frame.
 
     An oversized payload is drained from the socket and discarded, so memory stays bounded and
-    the connection stays usable. Like the library's own reader, both survive a socket timeout in
-    the middle of a frame: the state lives in the object and the next call resumes.
+    the connection stays usable; when it is a fragment of a message, the message's other
+    fragments are drained too (`skip_fragments`, which `_BoundedContinuation` also sets when a
+    message outgrows the limit fragment by fragment), so the frames after it read as usual. Like
+    the library's own reader, both survive a socket timeout in the middle of a frame: the state
+    lives in the object and the next call resumes.
     """
 
     def __init__(self, recv_fn: Callable[[int], bytes], max_bytes: int) -> None:
         super().__init__(recv_fn, True)  # skip_utf8_validation: json decoding validates anyway
         self.max_bytes = max_bytes
         self._discard = 0
-        self._discarding_length = 0
+        self._discarding_length = 0  # > 0: the oversized frame being drained (0: a skipped one)
         self._buf = bytearray()
         self._pos = 0  # start of the unread bytes in _buf
+        # Drain continuation frames up to the one with FIN: the rest of a message refused.
+        self.skip_fragments = False
+        self._skip_to_fin = False  # the frame being drained is the last of that message
 
     def recv_frame(self) -> Any:
         with self.lock:
-            if self._discard:
-                self._drain()
-            if self.needs_header():
-                self.recv_header()
-            if self.needs_length():
-                self.recv_length()
-            if self.length is not None and self.length > self.max_bytes:
+            while True:
+                if self._discard or self._skip_to_fin:
+                    self._drain()  # raises FrameTooLarge after an oversized frame
+                if self.needs_header():
+                    self.recv_header()
+                if self.needs_length():
+                    self.recv_length()
+                assert self.header is not None and self.length is not None
+                fin, opcode = self.header[0], self.header[4]
+                skipped = self.skip_fragments and opcode == ABNF.OPCODE_CONT
+                if not skipped and self.length <= self.max_bytes:
+                    break
                 if self.needs_mask():
                     self.recv_mask()
-                self._discard = self._discarding_length = self.length
+                self._discard = self.length
+                if skipped:  # the rest of a refused message: drained without a word
+                    self._skip_to_fin = bool(fin)
+                else:
+                    self._discarding_length = self.length
+                    # A fragment of a message (its first, or a middle one): the whole message
+                    # goes, and the library's assembly of it is reset.
+                    if opcode == ABNF.OPCODE_CONT or not fin:
+                        self.skip_fragments = not fin
+                        self._skip_to_fin = False
+                        self.on_message_refused()
                 self.clear()
-                self._drain()
         return super().recv_frame()
+
+    def on_message_refused(self) -> None:
+        """Set by `_BoundedContinuation`: forget the message being assembled."""
 
     def pop_data_frames(self, limit: int) -> list[bytes]:
         """Payloads of the complete data frames already in the buffer, cut without a socket
@@ -161,24 +184,35 @@ class _BoundedFrameBuffer(frame_buffer):
             if not chunk:
                 raise websocket.WebSocketConnectionClosedException("closed while discarding")
             self._discard -= len(chunk)
+        if self._skip_to_fin:
+            self.skip_fragments = self._skip_to_fin = False
         size = self._discarding_length
-        self._discarding_length = 0
-        raise FrameTooLarge(f"frame of {size} bytes exceeds the {self.max_bytes}-byte limit")
+        if size:
+            self._discarding_length = 0
+            raise FrameTooLarge(f"frame of {size} bytes exceeds the {self.max_bytes}-byte limit")
 
 
 class _BoundedContinuation(continuous_frame):
-    """Caps a fragmented message's total size (it would otherwise grow without bound)."""
+    """Caps a fragmented message's total size (it would otherwise grow without bound): a message
+    that outgrows it is dropped (FrameTooLarge) and its remaining fragments drained by `buffer`,
+    so the connection goes on with the next message."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, buffer: _BoundedFrameBuffer) -> None:
         super().__init__(False, True)
         self.max_bytes = max_bytes
+        self._buffer = buffer
+        buffer.on_message_refused = self.forget  # type: ignore[method-assign]
+
+    def forget(self) -> None:
+        self.cont_data = None
+        self.recving_frames = None
 
     def add(self, frame: Any) -> None:
         held = len(self.cont_data[1]) if self.cont_data else 0
         if held + len(frame.data) > self.max_bytes:
-            self.cont_data = None
-            self.recving_frames = None
-            raise websocket.WebSocketPayloadException(
+            self.forget()
+            self._buffer.skip_fragments = not frame.fin
+            raise FrameTooLarge(
                 f"fragmented message exceeds the {self.max_bytes}-byte limit")
         super().add(frame)
 
@@ -297,7 +331,7 @@ class Connection:
     def _open(self, url: str) -> websocket.WebSocket:
         ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=True)
         ws.frame_buffer = _BoundedFrameBuffer(ws._recv, self._max_frame_bytes)
-        ws.cont_frame = _BoundedContinuation(self._max_frame_bytes)
+        ws.cont_frame = _BoundedContinuation(self._max_frame_bytes, ws.frame_buffer)
         ws.connect(url, timeout=self._connect_timeout_s,
                    header={"User-Agent": "chrono-collectors"})
         ws.settimeout(self._recv_timeout_s)

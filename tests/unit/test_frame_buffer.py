@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from websocket import ABNF
 
-from collectors.connection import FrameTooLarge, _BoundedFrameBuffer
+from collectors.connection import FrameTooLarge, _BoundedContinuation, _BoundedFrameBuffer
 
 
 def server_frame(payload: bytes, opcode: int = ABNF.OPCODE_TEXT) -> bytes:
@@ -185,3 +185,63 @@ def test_fast_path_leaves_frames_with_rsv_bits_to_the_validating_reader() -> Non
     assert reader.pop_data_frames(10) == []
     with pytest.raises(websocket.WebSocketProtocolException):
         reader.recv_frame()
+
+
+def fragment(payload: bytes, *, first: bool, fin: bool) -> bytes:
+    opcode = ABNF.OPCODE_TEXT if first else ABNF.OPCODE_CONT
+    return bytes(ABNF(1 if fin else 0, 0, 0, 0, opcode, 0, payload).format())
+
+
+def read_messages(pieces: list[bytes | None], limit: int) -> tuple[list[bytes], int]:
+    """Every message websocket-client assembles from these pieces, with our bounded reader
+    and continuation, until EOF (timeouts retried); and how many were refused as too large."""
+    sock = ScriptedSocket(pieces)
+    ws = websocket.WebSocket(skip_utf8_validation=True)
+    ws.frame_buffer = _BoundedFrameBuffer(sock.recv, limit)
+    ws.cont_frame = _BoundedContinuation(limit, ws.frame_buffer)
+    out: list[bytes] = []
+    too_large = 0
+    while True:
+        try:
+            _opcode, data = ws.recv_data_frame(True)
+            out.append(bytes(data.data if isinstance(data, ABNF) else data))
+        except websocket.WebSocketTimeoutException:
+            continue
+        except FrameTooLarge:
+            too_large += 1
+        except websocket.WebSocketConnectionClosedException:
+            return out, too_large
+
+
+@pytest.mark.parametrize("cut", [1, 7, 100, 1 << 20])
+@pytest.mark.parametrize("with_timeouts", [False, True])
+def test_an_oversized_fragmented_message_is_dropped_and_the_next_ones_read(
+        cut: int, with_timeouts: bool) -> None:
+    big = b"x" * 2000
+    stream = b"".join([
+        server_frame(b"a"),
+        # outgrows the limit fragment by fragment (600 + 600 + 600 > 1000)
+        fragment(b"y" * 600, first=True, fin=False), fragment(b"y" * 600, first=False, fin=False),
+        fragment(b"y" * 600, first=False, fin=True),
+        server_frame(b"b"),
+        # its first fragment alone is too large
+        fragment(big, first=True, fin=False), fragment(b"z" * 10, first=False, fin=False),
+        fragment(b"z" * 10, first=False, fin=True),
+        server_frame(b"c"),
+        fragment(b"d1", first=True, fin=False), fragment(b"d2", first=False, fin=True),
+        # a middle fragment is too large
+        fragment(b"e1", first=True, fin=False), fragment(big, first=False, fin=False),
+        fragment(b"e3", first=False, fin=True),
+        server_frame(b"f"),
+        # the refused message's last fragment is empty
+        fragment(big, first=True, fin=False), fragment(b"", first=False, fin=True),
+        fragment(b"g1", first=True, fin=False), fragment(b"g2", first=False, fin=True),
+    ])
+    pieces: list[bytes | None] = []
+    for i in range(0, len(stream), cut):
+        pieces.append(stream[i:i + cut])
+        if with_timeouts:
+            pieces.append(None)
+    messages, too_large = read_messages(pieces, limit=1000)
+    assert messages == [b"a", b"b", b"c", b"d1d2", b"f", b"g1g2"]
+    assert too_large == 4
