@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import pytest
 
+from collectors.decoding import FrameDecoder
 from collectors.errors import ConfigError, ParseError
 from collectors.exchanges import create
 from collectors.exchanges.base import Kind
@@ -135,6 +136,17 @@ def test_invalid_items_are_skipped_and_reported_valid_ones_kept() -> None:
     assert len(parsed.invalid) == 2
     assert "BTC/USD: field 'last' must be > 0" in parsed.invalid[0]
     assert "ticker item is a str" in parsed.invalid[1]
+
+
+def test_a_number_beyond_the_float_range_loses_its_item_not_the_message() -> None:
+    # With the collector's msgspec decoder too (it hands such a frame to the stdlib's).
+    frame = _message(_item(symbol="ETH/USD"), _item(last=0.5)).replace(
+        '"last": 0.5', '"last": 1e400')
+    assert "1e400" in frame
+    for adapter in (KrakenAdapter("w"), KrakenAdapter("w", decode=FrameDecoder())):
+        parsed = adapter.parse(frame, RECEIVED_NS)
+        assert [r.symbol for r in parsed.records] == ["ETH/USD"]
+        assert len(parsed.invalid) == 1 and "last" in parsed.invalid[0]
 
 
 def test_a_message_whose_items_are_all_invalid_is_a_parse_error() -> None:
