@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import http.client
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
 import xmlrpc.client
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from collectors import exchanges
 
@@ -120,21 +123,57 @@ def _row(name: str, state: str, pid: int | None, body: dict[str, object] | None)
     )
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket, with a timeout on connect and on every read (supervisor's own
+    transport sets none: a supervisord that accepts and never answers hung `status`)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class _TimedTransport(xmlrpc.client.Transport):
+    """XML-RPC to supervisord's `serverurl` (unix:// or http://) with a timeout."""
+
+    def __init__(self, serverurl: str, timeout: float) -> None:
+        super().__init__()
+        self._serverurl = serverurl
+        self._timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        if self._serverurl.startswith("unix://"):
+            conn: http.client.HTTPConnection = _UnixConnection(
+                self._serverurl[len("unix://"):], self._timeout)
+            self._connection = host, conn  # so close() closes it, as for http://
+            return conn
+        conn = super().make_connection(host)
+        conn.timeout = self._timeout
+        return conn
+
+
 def supervisor_processes(config: Path, timeout: float) -> dict[str, tuple[str, int | None]]:
     """{program: (state, pid)} for every collector program (named after its exchange), over
-    supervisord's unix control socket."""
-    from supervisor.xmlrpc import SupervisorTransport
-
+    supervisord's control socket; every request bounded by `timeout`."""
     parser = configparser.RawConfigParser()
     if not parser.read(config):
         raise OSError(f"cannot read {config}")
     serverurl = parser.get("supervisorctl", "serverurl",
                            fallback="unix://%(here)s/var/run/supervisor.sock")
     serverurl = serverurl.replace("%(here)s", str(config.resolve().parent))
-    transport = SupervisorTransport(None, None, serverurl)
-    transport.timeout = timeout
-    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-    infos = proxy.supervisor.getAllProcessInfo()
+    target = serverurl if serverurl.startswith("http") else "http://127.0.0.1"
+    with xmlrpc.client.ServerProxy(target,
+                                   transport=_TimedTransport(serverurl, timeout)) as proxy:
+        infos = proxy.supervisor.getAllProcessInfo()
     out: dict[str, tuple[str, int | None]] = {}
     for info in infos if isinstance(infos, list) else []:
         if isinstance(info, dict) and info.get("name") in exchanges.REGISTRY:

@@ -1,0 +1,41 @@
+"""`chrono-collector status` against a supervisord that does not answer: it must not hang."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from collectors.status import supervisor_processes
+
+
+def test_a_supervisord_that_accepts_and_never_answers_times_out(tmp_path: Path) -> None:
+    path = tmp_path / "supervisor.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    accepted: list[socket.socket] = []
+    thread = threading.Thread(target=lambda: accepted.append(server.accept()[0]), daemon=True)
+    thread.start()
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(f"[supervisorctl]\nserverurl=unix://{path}\n")
+    try:
+        started = time.monotonic()
+        with pytest.raises(OSError):  # TimeoutError
+            supervisor_processes(conf, timeout=0.5)
+        assert time.monotonic() - started < 5
+        assert accepted  # it did connect: the read timed out
+    finally:
+        for sock in accepted:
+            sock.close()
+        server.close()
+
+
+def test_no_supervisord_socket_is_an_os_error(tmp_path: Path) -> None:
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(f"[supervisorctl]\nserverurl=unix://{tmp_path}/missing.sock\n")
+    with pytest.raises(OSError):
+        supervisor_processes(conf, timeout=0.5)
