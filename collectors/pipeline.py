@@ -107,6 +107,10 @@ class Parser:
         self._stop = stop or threading.Event()
         now = time.monotonic()
         self.freshness = Freshness(connection.symbols, adapter.symbol_stale_after_s, now)
+        # The symbols subscribed: a record for any other (a venue's mistake, or a hostile one)
+        # is dropped, not delivered, and never becomes a metric series of its own.
+        self._wanted = frozenset(connection.symbols)
+        self._last_unwanted_log = 0.0
         self._kind_counters = {k: metrics.messages_counter(k.value) for k in Kind}
         self._last_parse_log = 0.0
         self._parse_errors_since_log = 0
@@ -172,6 +176,11 @@ class Parser:
                 log.warning("venue_status", extra={"status": parsed.error})
             if parsed.reconnect:
                 self._conn.request_reconnect("server_shutdown")
+        per_symbol = TallyCounter(rec.symbol for rec in out)
+        if not per_symbol.keys() <= self._wanted:
+            parsed_records = len(out)
+            out = self._drop_unwanted(out, per_symbol)
+            parse_errors += parsed_records - len(out)
         if out:
             self._conn.data_seen()
             # Backpressure: wait for the spool rather than drop. Frames queue up in front of us
@@ -181,7 +190,7 @@ class Parser:
                 metrics.queue_dropped.inc(not_taken)
                 log.error("records_dropped_unspooled", extra={
                     "dropped": not_taken, "reason": "stopping while the spool refuses writes"})
-            self._record_metrics(out)
+            self._record_metrics(out, per_symbol)
         for kind, n in kinds.items():
             self._kind_counters[kind].inc(n)
         if duplicates:
@@ -193,11 +202,25 @@ class Parser:
         self.last_message_unix = last_ns / 1e9
         metrics.last_message_ts.set(self.last_message_unix)
 
-    def _record_metrics(self, records: list[PriceFeed]) -> None:
+    def _drop_unwanted(self, records: list[PriceFeed],
+                       per_symbol: TallyCounter[str]) -> list[PriceFeed]:
+        """`records` without those of symbols not subscribed (counted as parse errors, logged
+        at most every PARSE_ERROR_LOG_INTERVAL_S); `per_symbol` loses them too."""
+        unwanted = sorted(per_symbol.keys() - self._wanted)
+        now = time.monotonic()
+        if now - self._last_unwanted_log >= PARSE_ERROR_LOG_INTERVAL_S:
+            self._last_unwanted_log = now
+            log.warning("unsubscribed_symbol_dropped", extra={
+                "symbols": unwanted[:5], "records": sum(per_symbol[s] for s in unwanted)})
+        for symbol in unwanted:
+            del per_symbol[symbol]
+        wanted = self._wanted
+        return [rec for rec in records if rec.symbol in wanted]
+
+    def _record_metrics(self, records: list[PriceFeed], per_symbol: TallyCounter[str]) -> None:
         """Per-symbol counters, last-record times and freshness, and the lag histogram: once
         per symbol and once per chunk, not once per record."""
         metrics, now = self._metrics, time.monotonic()
-        per_symbol = TallyCounter(rec.symbol for rec in records)
         last_received = {rec.symbol: rec.received_ns for rec in records}
         metrics.lag.observe_many([max(0.0, (rec.received_ns - rec.exchange_ns) / 1e9)
                                   for rec in records if rec.exchange_ns])
@@ -219,6 +242,7 @@ class Parser:
             self._metrics.subscription_error(symbol)
             self.freshness.forget(symbol)
         remaining = [s for s in active if s not in bad]
+        self._wanted = frozenset(remaining)
         log.error("symbol_rejected", extra={
             "symbols": bad, "error": error, "remaining": remaining,
             "hint": "the venue does not list these markets; fix SYMBOLS"})

@@ -117,6 +117,34 @@ def test_a_chunk_updates_records_and_metrics_once_per_symbol() -> None:
     assert parser.freshness.last["BTC/USD"] is not None
 
 
+def test_records_for_symbols_not_subscribed_are_dropped_not_delivered() -> None:
+    # A venue that sends tickers nobody asked for (by mistake, or a hostile endpoint sending a
+    # new product id each time) gets neither its records delivered nor a metric series each.
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, "coinbase", "w1")
+    adapter = create("coinbase", "w1", decode_frame)
+    frames: Handoff[Frame] = Handoff(10)
+    records: Handoff[PriceFeed] = Handoff(100)
+    conn = Connection(adapter, "ws://127.0.0.1:9", ["BTC/USD"], frames, metrics,
+                      threading.Event())
+    parser = Parser(adapter, frames, records, conn, metrics, threading.Event())
+    t0 = 1_795_948_682_000_000_000
+    chunk: list[Frame] = [
+        (_ticker("BTC-USD", 10, "100.5", "2026-11-29T10:38:02.000000Z"), t0),
+        *((_ticker(f"X{i}-USD", 1, "1", "2026-11-29T10:38:02.000000Z"), t0) for i in range(50)),
+        (_ticker("BTC-USD", 11, "101", "2026-11-29T10:38:02.100000Z"), t0),
+    ]
+    parser._handle(chunk)
+    assert [(r.symbol, r.price) for r in records.get_all(0.0)] == [("BTC/USD", 100.5),
+                                                                  ("BTC/USD", 101.0)]
+    series = {s.labels.get("symbol") for family in registry.collect() for s in family.samples
+              if "symbol" in s.labels}
+    assert series == {"BTC/USD"}
+    assert registry.get_sample_value("chrono_collector_parse_errors_total",
+                                     {"exchange": "coinbase"}) == 50
+    assert parser.records_total == 2
+
+
 # ---- the spool writer, on the parser's thread --------------------------------------------------
 
 def _parser_into_spool(spool: Spool, wake: threading.Event,
