@@ -2,7 +2,7 @@
 # Install chrono-collectors on a systemd host (Debian 12+), idempotently. Run as root from a clone:
 #   sudo deploy/install.sh [EXCHANGE...]        (default: coinbase binance binanceus kraken)
 # Layout: /opt/chrono-collectors/venv (package), /etc/chrono-collectors (EXCHANGE.env, api_key 0400),
-# /var/lib/chrono/EXCHANGE (spool; systemd StateDirectory), units in /etc/systemd/system.
+# /var/lib/chrono/EXCHANGE/spool/EXCHANGE (spool; systemd StateDirectory), units in /etc/systemd/system.
 # The API key is read from $CHRONO_API_KEY_FILE (a file you provide) the first time; an existing
 # /etc/chrono-collectors/api_key is kept. Re-running upgrades the package and restarts the units.
 # Staging/checks: CHRONO_INSTALL_ROOT=/some/dir installs below that directory instead of /, and

@@ -102,7 +102,13 @@ def test_template_settings() -> None:
     assert svc["LoadCredential"] == "api_key:/etc/chrono-collectors/api_key"
     text = (UNITS / TEMPLATE).read_text()
     assert "Environment=API_KEY_FILE=%d/api_key" in text
-    assert "Environment=SPOOL_DIR=${STATE_DIRECTORY}" in text
+    # systemd does not expand ${VARIABLES} in Environment= (systemd.exec(5)): such a value
+    # reaches the collector literally (SPOOL_DIR=${STATE_DIRECTORY} was a relative path on a
+    # read-only root: exit 2). The spool goes to $STATE_DIRECTORY/spool/<exchange> by default.
+    assert not re.search(r"^Environment=.*\$\{", text, re.M)
+    assert "Environment=SPOOL_DIR" not in text
+    # prometheus-client's process_* metrics need /proc/stat, which ProcSubset=pid hides.
+    assert not re.search(r"^ProcSubset=", text, re.M)
     assert "API_KEY=" not in text.replace("API_KEY_FILE=", "")  # never the key itself
     # worst-case drain: 5 s of delivery + one 10 s HTTP read timeout
     assert _seconds(svc["TimeoutStopSec"]) > 15
