@@ -5,6 +5,11 @@
 # /var/lib/chrono/EXCHANGE/spool/EXCHANGE (spool; systemd StateDirectory), units in /etc/systemd/system.
 # The API key is read from $CHRONO_API_KEY_FILE (a file you provide) the first time; an existing
 # /etc/chrono-collectors/api_key is kept. Re-running upgrades the package and restarts the units.
+# CHRONO_LAYOUT=systemd (the default: one chrono-collector@EXCHANGE unit each, enabled and
+# restarted here) or supervisord (chrono-supervisord.service runs every program of
+# /etc/chrono-collectors/supervisord.conf; the per-exchange units are not enabled). Either way
+# both units and both configs are installed; a supervisord.conf already there is kept (edited or
+# not), a new one gets API_BASE_URL=$CHRONO_API_BASE_URL.
 # Staging/checks: CHRONO_INSTALL_ROOT=/some/dir installs below that directory instead of /, and
 # SYSTEMCTL=true (any command) replaces systemctl; with a root set, the final status is skipped.
 set -euo pipefail
@@ -16,6 +21,11 @@ ETC="$ROOT/etc/chrono-collectors"
 UNITS="$ROOT/etc/systemd/system"
 if [ $# -gt 0 ]; then EXCHANGES=("$@"); else EXCHANGES=(coinbase binance binanceus kraken); fi
 PYTHON="${PYTHON:-python3}"
+LAYOUT="${CHRONO_LAYOUT:-systemd}"
+case "$LAYOUT" in
+  systemd|supervisord) ;;
+  *) echo "CHRONO_LAYOUT must be systemd or supervisord, not '$LAYOUT'" >&2; exit 2;;
+esac
 
 [ -n "$ROOT" ] || [ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 2; }
 
@@ -28,6 +38,10 @@ for ex in "${EXCHANGES[@]}"; do
     echo "set CHRONO_API_BASE_URL to the ingest API base URL (no $ETC/$ex.env yet)" >&2; exit 2
   fi
 done
+if [ ! -e "$ETC/supervisord.conf" ] && [ -z "${CHRONO_API_BASE_URL:-}" ]; then
+  echo "set CHRONO_API_BASE_URL to the ingest API base URL (no $ETC/supervisord.conf yet)" >&2
+  exit 2
+fi
 
 install -d -m 0755 "$PREFIX" "$UNITS"
 [ -x "$PREFIX/venv/bin/python" ] || "$PYTHON" -m venv "$PREFIX/venv"
@@ -47,16 +61,32 @@ for ex in "${EXCHANGES[@]}"; do
       "API_BASE_URL=$CHRONO_API_BASE_URL" > "$ETC/$ex.env"
   fi
 done
-install -m 0644 "$SRC/deploy/supervisord.production.conf" "$ETC/supervisord.conf"
+if [ ! -e "$ETC/supervisord.conf" ]; then
+  # The template points at the local reference API; a new install points at the one given.
+  # supervisord reads % as the start of an expansion: a literal one is written %%.
+  conf=$(<"$SRC/deploy/supervisord.production.conf")
+  url=${CHRONO_API_BASE_URL//%/%%}
+  printf '%s\n' "${conf//'API_BASE_URL="http://127.0.0.1:3000"'/"API_BASE_URL=\"$url\""}" \
+    > "$ETC/supervisord.conf"
+  chmod 0644 "$ETC/supervisord.conf"
+fi
 
 install -m 0644 "$SRC/systemd/chrono-collector@.service" "$UNITS/chrono-collector@.service"
 install -m 0644 "$SRC/systemd/chrono-supervisord.service" "$UNITS/chrono-supervisord.service"
 "$SYSTEMCTL" daemon-reload
-for ex in "${EXCHANGES[@]}"; do
-  "$SYSTEMCTL" enable "chrono-collector@$ex.service"
-  "$SYSTEMCTL" restart "chrono-collector@$ex.service"
-done
+if [ "$LAYOUT" = systemd ]; then
+  for ex in "${EXCHANGES[@]}"; do
+    "$SYSTEMCTL" enable "chrono-collector@$ex.service"
+    "$SYSTEMCTL" restart "chrono-collector@$ex.service"
+  done
+else
+  "$SYSTEMCTL" enable chrono-supervisord.service
+  "$SYSTEMCTL" restart chrono-supervisord.service
+fi
 [ -z "$ROOT" ] || { echo "installed below $ROOT (status skipped)"; exit 0; }
+if [ "$LAYOUT" = supervisord ]; then
+  exec "$PREFIX/venv/bin/chrono-collector" status -c "$ETC/supervisord.conf" --wait 30
+fi
 
 endpoints=()
 for ex in "${EXCHANGES[@]}"; do

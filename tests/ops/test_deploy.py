@@ -54,3 +54,47 @@ def test_install_refuses_without_an_api_base_url(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode != 0
     assert "CHRONO_API_BASE_URL" in result.stderr
+
+
+def test_supervisord_layout_points_at_the_given_api_and_keeps_an_edited_config(
+        tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    key = tmp_path / "key"
+    key.write_text("k\n")
+    calls = tmp_path / "systemctl.log"
+    fake = tmp_path / "systemctl"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "CHRONO_INSTALL_ROOT": str(root), "SYSTEMCTL": str(fake),
+           "CHRONO_API_KEY_FILE": str(key), "CHRONO_LAYOUT": "supervisord",
+           "CHRONO_API_BASE_URL": "https://ingest.example/api%2Fv1"}
+    script = str(ROOT / "deploy" / "install.sh")
+    first = subprocess.run(["bash", script], env=env, capture_output=True, text=True,
+                           timeout=300, check=False)
+    assert first.returncode == 0, first.stderr[-2000:]
+    conf = root / "etc" / "chrono-collectors" / "supervisord.conf"
+    # supervisord expands %(...)s: the URL's own % is written %%.
+    assert 'API_BASE_URL="https://ingest.example/api%%2Fv1"' in conf.read_text()
+    assert "127.0.0.1:3000\"," not in conf.read_text()
+    systemctl = calls.read_text().splitlines()
+    assert "enable chrono-supervisord.service" in systemctl
+    assert not any("chrono-collector@" in line for line in systemctl)  # one layout, not both
+
+    conf.write_text(conf.read_text().replace("ingest.example", "edited.example"))
+    second = subprocess.run(["bash", script], env={**env, "CHRONO_API_BASE_URL": "http://x"},
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "edited.example" in conf.read_text()  # an installed config is kept
+
+
+def test_install_refuses_an_unknown_layout(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("k\n")
+    env = {**os.environ, "CHRONO_INSTALL_ROOT": str(tmp_path / "root"), "SYSTEMCTL": "true",
+           "CHRONO_API_KEY_FILE": str(key), "CHRONO_API_BASE_URL": "http://127.0.0.1:3000",
+           "CHRONO_LAYOUT": "docker"}
+    result = subprocess.run(["bash", str(ROOT / "deploy" / "install.sh")], env=env,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "CHRONO_LAYOUT" in result.stderr
+    assert not (tmp_path / "root").exists()  # refused before changing anything
