@@ -50,8 +50,9 @@ log = logging.getLogger(__name__)
 # at the venue's side.
 FRAME_QUEUE_MAX = 100_000    # frames waiting for the parser (~1 s of a heavy burst)...
 FRAME_QUEUE_MAX_BYTES = 16 * 1024 * 1024  # ...and their bytes (frames may be up to 4 MiB)
-#: The watchdog is fed only while every thread's loop has turned within this long (the slowest
-#: honest turn is an HTTP POST: connect 3 s + read 10 s by default).
+#: The watchdog is fed only while every thread's loop has turned within this long, or within a
+#: POST's total deadline and 5 s, if longer (the slowest honest turn is a POST: at most twice
+#: connect + read timeout, 26 s by default; HTTP_READ_TIMEOUT_S may be up to 300 s).
 PROGRESS_WINDOW_S = 25.0
 DRAIN_TIMEOUT_S = 5.0        # supervisord's stopwaitsecs / systemd's TimeoutStopSec exceed this
 
@@ -64,6 +65,9 @@ class CollectorService:
     def __init__(self, config: CollectorConfig, *, registry: CollectorRegistry | None = None,
                  notifier: Notifier | None = None) -> None:
         self.config = config
+        self._progress_window_s = max(
+            PROGRESS_WINDOW_S,
+            2 * (config.http_connect_timeout_s + config.http_read_timeout_s) + 5.0)
         self.registry = registry or CollectorRegistry()
         if registry is None:
             # process_start_time_seconds (restart alerts), RSS and CPU, python_info.
@@ -237,7 +241,7 @@ class CollectorService:
         beats = [self.connection.beat, max(self.parser.beat, self._writer.beat),
                  self.sender.beat if self.sender else now]
         return all(t.is_alive() for t in threads) and all(
-            now - beat < PROGRESS_WINDOW_S for beat in beats)
+            now - beat < self._progress_window_s for beat in beats)
 
     def _thread(self, name: str, target: Callable[[], None],
                 finished: threading.Event | None,

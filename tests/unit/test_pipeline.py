@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from collectors.batching import Handoff
+from collectors.config import CollectorConfig
 from collectors.connection import Connection, Frame
 from collectors.decoding import decode_frame
 from collectors.delivery import SpoolWriter
@@ -24,6 +25,7 @@ from collectors.exchanges import create
 from collectors.metrics import Metrics
 from collectors.model import PriceFeed
 from collectors.pipeline import FIRST_DATA_TIMEOUT_S, Freshness, Parser
+from collectors.service import PROGRESS_WINDOW_S, CollectorService
 from collectors.spool import Spool
 
 
@@ -281,3 +283,16 @@ def test_the_writer_wakes_delivery_only_when_its_plan_changes(tmp_path: Path) ->
         assert writer.put_many_waiting(more[1:], stop) == 0
         assert wake.is_set()  # four waiting: a full batch is due now
         assert spool.waiting_records == 4
+
+
+def test_the_watchdog_window_covers_the_longest_honest_post(tmp_path: Path) -> None:
+    # A POST may take twice connect + read timeout before its deadline cuts it: the watchdog
+    # must not call a delivery thread waiting that long stuck (systemd would kill it and
+    # restart it into the same wait).
+    base = {"API_BASE_URL": "http://127.0.0.1:3000", "API_KEY": "k",
+            "CHRONO_STATE_DIR": str(tmp_path)}
+    default = CollectorService(CollectorConfig.from_env("coinbase", base))
+    slow = CollectorService(CollectorConfig.from_env(
+        "coinbase", {**base, "HTTP_READ_TIMEOUT_S": "60"}))
+    assert default._progress_window_s == max(PROGRESS_WINDOW_S, 2 * (3 + 10) + 5)
+    assert slow._progress_window_s == 2 * (3 + 60) + 5
