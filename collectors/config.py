@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from collectors import exchanges, paths
 from collectors.errors import ConfigError
@@ -126,9 +126,10 @@ def _http_url(env: Mapping[str, str], name: str) -> str:
     raw = _get(env, name)
     if raw is None:
         raise ConfigError(name, "is required", "e.g. http://127.0.0.1:3000")
-    parts = urlsplit(raw)
+    parts = _split_url(name, raw, "e.g. http://127.0.0.1:3000")
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(name, f"{raw[:80]!r} is not an http(s) URL", "e.g. http://127.0.0.1:3000")
+        raise ConfigError(name, f"{_shown_url(parts)!r} is not an http(s) URL",
+                          "e.g. http://127.0.0.1:3000")
     if parts.username or parts.password:
         raise ConfigError(name, "must not contain credentials", "put the key in API_KEY_FILE")
     if parts.query or parts.fragment:
@@ -144,15 +145,30 @@ def _ws_url(env: Mapping[str, str], default: str) -> str:
     raw = _get(env, "WS_URL")
     if raw is None:
         return default
-    parts = urlsplit(raw)
+    parts = _split_url("WS_URL", raw, f"e.g. {default}")
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ConfigError("WS_URL", f"{raw[:80]!r} is not a ws:// or wss:// URL",
+        raise ConfigError("WS_URL", f"{_shown_url(parts)!r} is not a ws:// or wss:// URL",
                           f"e.g. {default}")
+    if parts.username or parts.password:  # it is logged: no secrets in it
+        raise ConfigError("WS_URL", "must not contain credentials", "public market data needs none")
     try:
         parts.port  # noqa: B018
     except ValueError:
         raise ConfigError("WS_URL", "has an invalid port", "1-65535") from None
     return raw
+
+
+def _split_url(name: str, raw: str, expected: str) -> SplitResult:
+    try:
+        return urlsplit(raw)
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL" for http://[::1
+        raise ConfigError(name, f"is not a URL ({exc})", expected) from None
+
+
+def _shown_url(parts: SplitResult) -> str:
+    """A URL as it may be echoed: without credentials, at most 80 characters."""
+    netloc = parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
+    return urlunsplit(parts._replace(netloc=netloc))[:80]
 
 
 def _api_key(env: Mapping[str, str]) -> str:
@@ -238,6 +254,10 @@ def _host(env: Mapping[str, str], name: str, default: str) -> str:
 def _path(env: Mapping[str, str], name: str, default: Path) -> Path:
     raw = _get(env, name)
     path = Path(raw) if raw is not None else default
-    if path.exists() and not path.is_dir():
-        raise ConfigError(name, f"{path} exists and is not a directory", "a directory path")
+    try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(name, f"{path} exists and is not a directory", "a directory path")
+    except OSError as exc:  # a parent we may not search
+        raise ConfigError(name, f"{path} cannot be checked: {exc.strerror}",
+                          "a directory this user can reach") from None
     return path

@@ -48,6 +48,10 @@ def test_key_from_file(tmp_path: Path) -> None:
         ({"API_BASE_URL": "ftp://x"}, "API_BASE_URL", "not an http(s) URL"),
         ({"API_BASE_URL": "http://u:p@host"}, "API_BASE_URL", "credentials"),
         ({"API_BASE_URL": "http://host:99999"}, "API_BASE_URL", "invalid port"),
+        ({"API_BASE_URL": "http://[::1"}, "API_BASE_URL", "is not a URL"),
+        ({"WS_URL": "ws://[::1"}, "WS_URL", "is not a URL"),
+        ({"WS_URL": "wss://user:s3cret-key@host"}, "WS_URL", "credentials"),
+        ({"API_BASE_URL": "ftp://user:s3cret-key@host"}, "API_BASE_URL", "not an http(s) URL"),
         ({"API_KEY": ""}, "API_KEY", "is required"),
         ({"API_KEY": "has space"}, "API_KEY", "whitespace"),
         ({"API_KEY": "cl\u00e9-\u20ac"}, "API_KEY", "non-ASCII"),  # no header can carry it
@@ -104,3 +108,17 @@ def test_spool_dir_must_be_a_directory(tmp_path: Path) -> None:
     file.write_text("")
     with pytest.raises(ConfigError, match=r"SPOOL_DIR: .* not a directory"):
         load(SPOOL_DIR=str(file))
+
+
+def test_a_spool_dir_behind_a_parent_we_cannot_search_is_a_config_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a service user, Path.exists() raises PermissionError for such a path (root never does,
+    # so the refusal is simulated here).
+    def refuse(self: Path, *args: object, **kwargs: object) -> bool:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "exists", refuse)
+    with pytest.raises(ConfigError) as info:
+        load(SPOOL_DIR=str(tmp_path / "locked" / "spool"))
+    assert info.value.variable == "SPOOL_DIR"
+    assert "Permission denied" in str(info.value) and "\n" not in str(info.value)
