@@ -25,14 +25,24 @@ def main() -> int:
         if not os.path.exists(path):
             print(f"no database yet at {path}: is the ingest API running?", file=sys.stderr)
             return 1
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-            rows = conn.execute(CHECK_QUERY).fetchall()
-        conn.close()
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+                rows = conn.execute(CHECK_QUERY).fetchall()
+            conn.close()
+        except sqlite3.Error as exc:
+            print(f"the database at {path} cannot be read: {exc}", file=sys.stderr)
+            return 1
     elif url.startswith(("postgresql://", "postgres://")):
         import psycopg
 
-        with psycopg.connect(url) as pg:
-            rows = pg.execute(CHECK_QUERY).fetchall()
+        try:
+            with psycopg.connect(url, connect_timeout=5) as pg:
+                rows = pg.execute(CHECK_QUERY).fetchall()
+        except psycopg.Error as exc:
+            # psycopg's messages name host and port, never the password.
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"PostgreSQL cannot be read: {first}", file=sys.stderr)
+            return 1
     else:
         print("DATABASE_URL: expected sqlite:///path or postgresql://...", file=sys.stderr)
         return 2

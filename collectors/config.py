@@ -247,7 +247,7 @@ def _host(env: Mapping[str, str], name: str, default: str) -> str:
         return default
     if len(raw) > 253 or not re.match(r"^[A-Za-z0-9.:_-]+$", raw):
         raise ConfigError(name, f"{raw[:80]!r} is not a host name or address",
-                          "e.g. 127.0.0.1, ::1 or 0.0.0.0")
+                          "e.g. 127.0.0.1 or 0.0.0.0 (IPv4)")
     return raw
 
 
