@@ -11,10 +11,12 @@ import configparser
 import http.client
 import json
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
 import xmlrpc.client
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,9 +53,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="health URL base of a collector, e.g. coinbase=http://127.0.0.1:9101"
                              " (default: each venue's default metrics port on 127.0.0.1)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+    parser.add_argument("--wait", type=_seconds(0.0), default=0.0, metavar="SECONDS",
                         help="wait up to SECONDS for everything to be up before answering")
-    parser.add_argument("--timeout", type=float, default=2.0, help="per-request timeout (s)")
+    parser.add_argument("--timeout", type=_seconds(0.01), default=2.0,
+                        help="per-request timeout (s)")
+
+
+def _seconds(least: float) -> Callable[[str], float]:
+    """An argparse type: a number of seconds, at least `least` (argparse names the option)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not value >= least:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at least {least:g}")
+        return value
+    return parse
 
 
 def main(args: argparse.Namespace) -> int:
@@ -63,7 +79,8 @@ def main(args: argparse.Namespace) -> int:
     for item in args.endpoint:
         name, sep, url = item.partition("=")
         if not sep or not url.startswith(("http://", "https://")):
-            print(f"chrono-collector: error: --endpoint {item!r}: expected EXCHANGE=http://host:port")
+            print(f"chrono-collector: error: --endpoint {item!r}: expected "
+                  "EXCHANGE=http://host:port", file=sys.stderr)
             return 2
         endpoints[name] = url.rstrip("/")
     deadline = time.monotonic() + max(0.0, args.wait)

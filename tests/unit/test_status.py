@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -39,3 +41,13 @@ def test_no_supervisord_socket_is_an_os_error(tmp_path: Path) -> None:
     conf.write_text(f"[supervisorctl]\nserverurl=unix://{tmp_path}/missing.sock\n")
     with pytest.raises(OSError):
         supervisor_processes(conf, timeout=0.5)
+
+
+@pytest.mark.parametrize("args", [["--timeout", "0"], ["--timeout", "nan"], ["--wait", "-1"],
+                                  ["--endpoint", "coinbase"]])
+def test_bad_arguments_are_one_line_on_stderr_and_exit_2(args: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "collectors", "status", "--no-supervisor",
+                             *args], capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
