@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not ask supervisord (collectors run under systemd)")
     parser.add_argument("--endpoint", action="append", default=[], metavar="EXCHANGE=URL",
                         help="health URL base of a collector, e.g. coinbase=http://127.0.0.1:9101"
-                             " (default: each venue's default metrics port on 127.0.0.1)")
+                             " (default: each venue's default metrics port on 127.0.0.1); with"
+                             " --no-supervisor, the collectors given are the ones checked")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument("--wait", type=_seconds(0.0), default=0.0, metavar="SECONDS",
                         help="wait up to SECONDS for everything to be up before answering")
@@ -73,9 +74,12 @@ def _seconds(least: float) -> Callable[[str], float]:
 
 
 def main(args: argparse.Namespace) -> int:
-    endpoints = {name: f"http://127.0.0.1:{port}"
-                 for name, port in exchanges.DEFAULT_METRICS_PORTS.items()
-                 if name in exchanges.REGISTRY}
+    # Without supervisord, --endpoint names the collectors to check (a host running only some
+    # of them); without any, every venue at its default metrics port. With supervisord, its
+    # programs are the ones checked, and --endpoint only moves a health URL.
+    endpoints = {} if args.endpoint and args.no_supervisor else {
+        name: f"http://127.0.0.1:{port}"
+        for name, port in exchanges.DEFAULT_METRICS_PORTS.items() if name in exchanges.REGISTRY}
     for item in args.endpoint:
         name, sep, url = item.partition("=")
         if not sep or not url.startswith(("http://", "https://")):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,32 @@ def test_bad_arguments_are_one_line_on_stderr_and_exit_2(args: list[str]) -> Non
     assert result.returncode == 2, result
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_without_supervisord_only_the_endpoints_given_are_checked() -> None:
+    # A systemd host running only Kraken (deploy/install.sh kraken checks it this way): the
+    # venues not named are not reported down.
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"status": "ok", "connected": true, "last_message_age_s": 0.5}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "collectors", "status", "--no-supervisor", "--json",
+             "--endpoint", f"kraken=http://127.0.0.1:{httpd.server_port}"],
+            capture_output=True, text=True, timeout=30, check=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert "kraken" in result.stdout
+    for other in ("coinbase", "binance"):
+        assert f'"{other}"' not in result.stdout, result.stdout
