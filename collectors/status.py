@@ -56,19 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument("--wait", type=_seconds(0.0), default=0.0, metavar="SECONDS",
                         help="wait up to SECONDS for everything to be up before answering")
-    parser.add_argument("--timeout", type=_seconds(0.01), default=2.0,
+    parser.add_argument("--timeout", type=_seconds(0.01, 3600.0), default=2.0,
                         help="per-request timeout (s)")
 
 
-def _seconds(least: float) -> Callable[[str], float]:
-    """An argparse type: a number of seconds, at least `least` (argparse names the option)."""
+def _seconds(least: float, most: float = 86400.0) -> Callable[[str], float]:
+    """An argparse type: a number of seconds from `least` to `most` (argparse names the
+    option)."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-        if not value >= least:  # also refuses NaN
-            raise argparse.ArgumentTypeError(f"{text!r}: must be at least {least:g}")
+        if not least <= value <= most:  # also refuses NaN and inf
+            raise argparse.ArgumentTypeError(f"{text!r}: must be from {least:g} to {most:g}")
         return value
     return parse
 
@@ -109,7 +110,8 @@ def collect(args: argparse.Namespace, endpoints: dict[str, str]) -> tuple[list[R
     if not args.no_supervisor:
         try:
             processes = supervisor_processes(Path(args.config), args.timeout)
-        except (OSError, xmlrpc.client.Error, ValueError, configparser.Error) as exc:
+        except (OSError, xmlrpc.client.Error, http.client.HTTPException, ValueError,
+                configparser.Error) as exc:
             problem = f"supervisord: not reachable via {args.config} ({type(exc).__name__}: {exc})"
     names = sorted(processes) if processes else sorted(endpoints)
     rows = []

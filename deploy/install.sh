@@ -74,12 +74,17 @@ fi
 install -m 0644 "$SRC/systemd/chrono-collector@.service" "$UNITS/chrono-collector@.service"
 install -m 0644 "$SRC/systemd/chrono-supervisord.service" "$UNITS/chrono-supervisord.service"
 "$SYSTEMCTL" daemon-reload
+# One layout at a time (they share the metrics ports): switching stops the other one.
 if [ "$LAYOUT" = systemd ]; then
+  "$SYSTEMCTL" disable --now chrono-supervisord.service 2>/dev/null || true
   for ex in "${EXCHANGES[@]}"; do
     "$SYSTEMCTL" enable "chrono-collector@$ex.service"
     "$SYSTEMCTL" restart "chrono-collector@$ex.service"
   done
 else
+  for ex in coinbase binance binanceus kraken; do
+    "$SYSTEMCTL" disable --now "chrono-collector@$ex.service" 2>/dev/null || true
+  done
   "$SYSTEMCTL" enable chrono-supervisord.service
   "$SYSTEMCTL" restart chrono-supervisord.service
 fi

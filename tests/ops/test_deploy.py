@@ -78,7 +78,10 @@ def test_supervisord_layout_points_at_the_given_api_and_keeps_an_edited_config(
     assert "127.0.0.1:3000\"," not in conf.read_text()
     systemctl = calls.read_text().splitlines()
     assert "enable chrono-supervisord.service" in systemctl
-    assert not any("chrono-collector@" in line for line in systemctl)  # one layout, not both
+    # One layout, not both: the per-exchange units are stopped, never enabled.
+    assert not any(line.startswith(("enable chrono-collector@", "restart chrono-collector@"))
+                   for line in systemctl)
+    assert "disable --now chrono-collector@kraken.service" in systemctl
 
     conf.write_text(conf.read_text().replace("ingest.example", "edited.example"))
     second = subprocess.run(["bash", script], env={**env, "CHRONO_API_BASE_URL": "http://x"},

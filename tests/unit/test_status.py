@@ -44,7 +44,8 @@ def test_no_supervisord_socket_is_an_os_error(tmp_path: Path) -> None:
         supervisor_processes(conf, timeout=0.5)
 
 
-@pytest.mark.parametrize("args", [["--timeout", "0"], ["--timeout", "nan"], ["--wait", "-1"],
+@pytest.mark.parametrize("args", [["--timeout", "0"], ["--timeout", "nan"], ["--timeout", "inf"],
+                                  ["--wait", "-1"],
                                   ["--endpoint", "coinbase"]])
 def test_bad_arguments_are_one_line_on_stderr_and_exit_2(args: list[str]) -> None:
     result = subprocess.run([sys.executable, "-m", "collectors", "status", "--no-supervisor",
@@ -81,3 +82,30 @@ def test_without_supervisord_only_the_endpoints_given_are_checked() -> None:
     assert "kraken" in result.stdout
     for other in ("coinbase", "binance"):
         assert f'"{other}"' not in result.stdout, result.stdout
+
+
+def test_a_control_socket_that_answers_garbage_is_reported_not_a_traceback(
+        tmp_path: Path) -> None:
+    path = tmp_path / "supervisor.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def garbage() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+
+    threading.Thread(target=garbage, daemon=True).start()
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(f"[supervisorctl]\nserverurl=unix://{path}\n")
+    try:
+        result = subprocess.run([sys.executable, "-m", "collectors", "status", "-c", str(conf),
+                                 "--timeout", "2"], capture_output=True, text=True, timeout=30,
+                                check=False)
+    finally:
+        server.close()
+    assert result.returncode == 1
+    assert "supervisord: not reachable" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
