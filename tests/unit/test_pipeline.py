@@ -75,15 +75,20 @@ def _ticker(product: str, sequence: int, price: str, time_iso: str) -> bytes:
         "last_size": "0.04"}).encode()
 
 
-def test_a_chunk_updates_records_and_metrics_once_per_symbol() -> None:
+def _coinbase_parser(symbols: list[str]) -> tuple[Parser, Handoff[PriceFeed], CollectorRegistry]:
+    """A Coinbase parser subscribed to `symbols` (a connection never opened), handing its
+    records to a queue."""
     registry = CollectorRegistry()
     metrics = Metrics(registry, "coinbase", "w1")
     adapter = create("coinbase", "w1", decode_frame)
     frames: Handoff[Frame] = Handoff(10)
     records: Handoff[PriceFeed] = Handoff(100)
-    conn = Connection(adapter, "ws://127.0.0.1:9", ["BTC/USD", "ETH/USD"], frames, metrics,
-                      threading.Event())
-    parser = Parser(adapter, frames, records, conn, metrics, threading.Event())
+    conn = Connection(adapter, "ws://127.0.0.1:9", symbols, frames, metrics, threading.Event())
+    return Parser(adapter, frames, records, conn, metrics, threading.Event()), records, registry
+
+
+def test_a_chunk_updates_records_and_metrics_once_per_symbol() -> None:
+    parser, records, registry = _coinbase_parser(["BTC/USD", "ETH/USD"])
     t0 = 1_795_948_682_000_000_000  # 2026-11-29T10:38:02Z
     chunk: list[Frame] = [
         (_ticker("BTC-USD", 10, "100.5", "2026-11-29T10:38:02.000000Z"), t0 + 2_000_000),
@@ -122,14 +127,7 @@ def test_a_chunk_updates_records_and_metrics_once_per_symbol() -> None:
 def test_records_for_symbols_not_subscribed_are_dropped_not_delivered() -> None:
     # A venue that sends tickers nobody asked for (by mistake, or a hostile endpoint sending a
     # new product id each time) gets neither its records delivered nor a metric series each.
-    registry = CollectorRegistry()
-    metrics = Metrics(registry, "coinbase", "w1")
-    adapter = create("coinbase", "w1", decode_frame)
-    frames: Handoff[Frame] = Handoff(10)
-    records: Handoff[PriceFeed] = Handoff(100)
-    conn = Connection(adapter, "ws://127.0.0.1:9", ["BTC/USD"], frames, metrics,
-                      threading.Event())
-    parser = Parser(adapter, frames, records, conn, metrics, threading.Event())
+    parser, records, registry = _coinbase_parser(["BTC/USD"])
     t0 = 1_795_948_682_000_000_000
     chunk: list[Frame] = [
         (_ticker("BTC-USD", 10, "100.5", "2026-11-29T10:38:02.000000Z"), t0),
