@@ -3,7 +3,7 @@ possible boundary, socket timeouts in the middle of a frame, oversized frames in
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import websocket
@@ -40,19 +40,25 @@ class ScriptedSocket:
         return out
 
 
-def read_all(reader: _BoundedFrameBuffer) -> tuple[list[bytes], int]:
-    """Every payload until EOF, retrying after timeouts; and how many were too large."""
+def read_until_eof(read: Callable[[], bytes]) -> tuple[list[bytes], int]:
+    """Every payload `read` returns until EOF, retrying after timeouts; and how many were
+    refused as too large."""
     out: list[bytes] = []
     too_large = 0
     while True:
         try:
-            out.append(bytes(reader.recv_frame().data))
+            out.append(read())
         except websocket.WebSocketTimeoutException:
             continue
         except FrameTooLarge:
             too_large += 1
         except websocket.WebSocketConnectionClosedException:
             return out, too_large
+
+
+def read_all(reader: _BoundedFrameBuffer) -> tuple[list[bytes], int]:
+    """Every frame's payload, read by our reader alone."""
+    return read_until_eof(lambda: bytes(reader.recv_frame().data))
 
 
 @settings(max_examples=150, deadline=None)
@@ -199,18 +205,7 @@ def read_messages(pieces: list[bytes | None], limit: int) -> tuple[list[bytes], 
     ws = websocket.WebSocket(skip_utf8_validation=True)
     ws.frame_buffer = _BoundedFrameBuffer(sock.recv, limit)
     ws.cont_frame = _BoundedContinuation(limit, ws.frame_buffer)
-    out: list[bytes] = []
-    too_large = 0
-    while True:
-        try:
-            _opcode, data = ws.recv_data_frame(True)
-            out.append(bytes(data.data if isinstance(data, ABNF) else data))
-        except websocket.WebSocketTimeoutException:
-            continue
-        except FrameTooLarge:
-            too_large += 1
-        except websocket.WebSocketConnectionClosedException:
-            return out, too_large
+    return read_until_eof(lambda: bytes(ws.recv_data_frame(True)[1].data))
 
 
 @pytest.mark.parametrize("cut", [1, 7, 100, 1 << 20])
