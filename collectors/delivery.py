@@ -237,6 +237,9 @@ def _bounded_body(resp: requests.Response) -> bytes:
     return bytes(data[:MAX_RESPONSE_BYTES])
 
 
+_MARK_MIN, _MARK_MAX = -(2**63), 2**63 - 1  # SQLite's INTEGER
+
+
 class SpoolWriter:
     """Writes each chunk of parsed records to the spool in one transaction, on the parser's
     thread (the parser calls `put_many_waiting` as it would on a queue): a record is durable
@@ -281,11 +284,13 @@ class SpoolWriter:
         if spool is None:
             raise RuntimeError("SpoolWriter used before attach()")
         encoded = [encode(r) for r in records]
+        # Each key's mark is its last record's (records are in arrival order; an adapter may
+        # start a count over, see Spool.append). A value SQLite cannot hold is no mark.
         marks: dict[str, int] = {}
         mark_of = self._mark_of
         for record in records:
             mark = mark_of(record)
-            if mark is not None and mark[1] > marks.get(mark[0], -1):
+            if mark is not None and _MARK_MIN <= mark[1] <= _MARK_MAX:
                 marks[mark[0]] = mark[1]
         while True:
             self.beat = time.monotonic()

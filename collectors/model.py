@@ -18,7 +18,14 @@ _ISO_RE = re.compile(
 # Exchange times outside this window are placeholders (Coinbase's 0001-01-01, Kraken's epoch 0)
 # or garbage, never real events: 2009-01-03 is bitcoin's genesis block.
 MIN_EVENT_NS = 1_230_940_800 * 1_000_000_000
+#: How far ahead of now the ingest API accepts a record's time (a sender's clock may be off).
 MAX_FUTURE_SKEW_NS = 24 * 3600 * 1_000_000_000
+#: How far ahead of its receive time an exchange's event time may be and still be taken as the
+#: record's time. A venue stamps an event before we receive it, so a time ahead of ours is our
+#: clock running behind (seconds, without NTP) or a bad value; beyond this the record keeps the
+#: receive time (`timestamp_source` "local"): one bad value must not become the symbol's newest
+#: row for hours, nor a dedup mark that makes the real updates after it look old.
+MAX_EVENT_AHEAD_NS = 300 * 1_000_000_000
 
 
 # Slotted, not frozen: a frozen dataclass's __init__ sets every field through
@@ -154,14 +161,15 @@ def event_time(raw: object, received_ns: int) -> tuple[str, int] | None:
             return None
     else:
         return None
-    if MIN_EVENT_NS <= event_ns <= received_ns + MAX_FUTURE_SKEW_NS:
+    if MIN_EVENT_NS <= event_ns <= received_ns + MAX_EVENT_AHEAD_NS:
         return text, event_ns
     return None
 
 
 def plausible_event_ns(event_ns: int, received_ns: int) -> bool:
-    """True when an exchange time can be a real event: not a placeholder, not far future."""
-    return MIN_EVENT_NS <= event_ns <= received_ns + MAX_FUTURE_SKEW_NS
+    """True when an exchange time can be a real event: not a placeholder, and not more than
+    MAX_EVENT_AHEAD_NS ahead of its receive time."""
+    return MIN_EVENT_NS <= event_ns <= received_ns + MAX_EVENT_AHEAD_NS
 
 
 def positive_finite(value: float) -> bool:

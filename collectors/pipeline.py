@@ -11,6 +11,7 @@ chunk, so per-message cost stays low at high rates.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import Counter as TallyCounter
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 #: silently sends nothing for an unknown stream).
 FIRST_DATA_TIMEOUT_S = 30.0
 PARSE_ERROR_LOG_INTERVAL_S = 10.0
+#: Distinct parse-error reasons logged per interval (each at most once); past this they are
+#: only counted, so hostile input cannot flood the log.
+PARSE_ERROR_LOG_REASONS = 20
+# What makes two parse errors' reasons differ only in detail: quoted values and numbers.
+_REASON_DETAIL = re.compile(r"'[^']*'|\"[^\"]*\"|[0-9]+")
 PARSE_CHUNK_MAX = 2000
 #: How long the parser sleeps with no frames: a frame wakes it at once, and so does the end of
 #: the connection thread (the service closes the frame queue), so this only paces the per-second
@@ -112,8 +118,8 @@ class Parser:
         self._wanted = frozenset(connection.symbols)
         self._last_unwanted_log = 0.0
         self._kind_counters = {k: metrics.messages_counter(k.value) for k in Kind}
-        self._last_parse_log = 0.0
-        self._parse_errors_since_log = 0
+        # reason (details masked) -> (monotonic time it was last logged, errors since)
+        self._parse_logged: dict[str, tuple[float, int]] = {}
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=16)
         self.records_total = 0
         self.last_message_unix: float | None = None
@@ -169,7 +175,8 @@ class Parser:
                 duplicates += parsed.duplicates
             if parsed.invalid:  # items skipped inside an otherwise good message
                 parse_errors += len(parsed.invalid)
-                self._log_parse_error(ParseError(parsed.invalid[0]), payload)
+                for reason in parsed.invalid:
+                    self._log_parse_error(ParseError(reason), payload)
             if kind is Kind.ERROR or parsed.rejected:
                 self._venue_error(parsed.error, parsed.rejected)
             elif kind is Kind.STATUS and parsed.error:
@@ -270,13 +277,25 @@ class Parser:
                 "hint": "subscribed but the venue sent nothing for it: is the market listed?"})
 
     def _log_parse_error(self, exc: ParseError, payload: bytes) -> None:
-        self._parse_errors_since_log += 1
+        """Log the error with its reason, once per PARSE_ERROR_LOG_INTERVAL_S per kind of
+        reason (the reason with its quoted values and numbers masked), so a flood of one
+        defect does not hide another; `since_last_log` counts the ones of its kind not logged."""
+        error = str(exc)
+        reason = _REASON_DETAIL.sub("_", error[:200])
         now = time.monotonic()
-        if now - self._last_parse_log < PARSE_ERROR_LOG_INTERVAL_S:
+        logged = self._parse_logged
+        last = logged.get(reason)
+        if last is not None and now - last[0] < PARSE_ERROR_LOG_INTERVAL_S:
+            logged[reason] = (last[0], last[1] + 1)
             return
-        log.warning("parse_failed", extra={"error": str(exc),
+        if last is None and len(logged) >= PARSE_ERROR_LOG_REASONS:
+            stale = now - 2 * PARSE_ERROR_LOG_INTERVAL_S
+            for key in [k for k, (at, _n) in logged.items() if at <= stale]:
+                del logged[key]
+            if len(logged) >= PARSE_ERROR_LOG_REASONS:
+                return  # counted in parse_errors_total, like every other
+        log.warning("parse_failed", extra={"error": error,
                                            "sample": payload[:200].decode("utf-8", "replace"),
                                            "frame_bytes": len(payload),
-                                           "since_last_log": self._parse_errors_since_log})
-        self._last_parse_log = now
-        self._parse_errors_since_log = 0
+                                           "since_last_log": 0 if last is None else last[1]})
+        logged[reason] = (now, 0)

@@ -27,7 +27,8 @@ database is paid per append, per batch and per acknowledgement, not per record:
 * ``claimed(id, key, n, attempts, created_ns, claimed_ns, crc32, crcs, payload)``: one row per
   claimed, unacknowledged batch (its Idempotency-Key, the same layout of records), in claim
   order.
-* ``marks(key, value)``: per-key dedup high-water marks written with the records that set them.
+* ``marks(key, value)``: per-key dedup marks (the last exchange sequence or event time seen)
+  written with the records that set them.
 
 A claim turns the oldest waiting rows into one ``claimed`` row: whole rows are deleted, a row
 only partly taken keeps its newer records (rewritten once; rows are at most ``chunk_records``,
@@ -176,7 +177,7 @@ _SCHEMA = (
         crcs BLOB NOT NULL,
         payload BLOB NOT NULL
     )""",
-    # Per-key high-water marks (e.g. the last exchange sequence per product) of the records
+    # Per-key dedup marks (e.g. the last exchange sequence per product) of the records
     # committed here, so a restarted collector drops the venue's replay of what it already has.
     """CREATE TABLE IF NOT EXISTS marks (
         key TEXT PRIMARY KEY,
@@ -214,7 +215,7 @@ _Row = tuple[int, int, int, int, bytes, bytes]
 _INSERT_WAITING = ("INSERT INTO waiting (id, appended_ns, n, crc32, crcs, payload)"
                    " VALUES (?, ?, ?, ?, ?, ?)")
 _UPSERT_MARK = ("INSERT INTO marks (key, value) VALUES (?, ?)"
-                " ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)")
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value")
 #: Page size of a new spool database: SQLite's default, chosen by measurement. 16 KiB pages made
 #: 1000-record appends and drains 1.4-1.7x faster in bench/spool_bench.py (a batch row's chain
 #: of overflow pages is a quarter as long) but the collector's commonest write, a few records
@@ -476,8 +477,9 @@ class Spool:
                marks: Mapping[str, int] | None = None) -> int:
         """Store `records` in one transaction; committed (survives kill -9) when it returns.
 
-        `marks` raises per-key high-water marks in the same transaction (never lowers them), so
-        a mark is on disk exactly when the records that set it are.
+        `marks` sets per-key dedup marks in the same transaction (the value given replaces the
+        stored one, lower or not: an adapter may start a count over), so a mark is on disk
+        exactly when the records that set it are.
 
         Returns how many records the full policy dropped (old waiting ones or, when claimed
         batches fill the bound, the oldest of `records`). Raises ValueError for a record that
@@ -543,7 +545,7 @@ class Spool:
         return dropped  # the caller counts and logs drops (one place, one metric)
 
     def marks(self) -> dict[str, int]:
-        """The high-water marks stored by `append`. Raises SpoolError."""
+        """The dedup marks stored by `append`. Raises SpoolError."""
         with self._conn_lock:
             conn = self._require(self._conn)
             try:

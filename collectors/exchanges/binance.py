@@ -27,7 +27,10 @@ Notes that shape this parser:
   (the 24 h cut, `serverShutdown`) the old and the new connection both deliver for a while and
   their frames interleave, so an update is a duplicate when its `E` was already seen for that
   symbol within the last `DEDUP_WINDOW_MS`; one older than that window is dropped as late. A
-  distinct update that merely arrives out of order is kept: the overlap loses nothing.
+  distinct update that merely arrives out of order is kept: the overlap loses nothing. The
+  newest `E` never moves more than `NEWEST_AHEAD_MS` past our receive time, so one bad `E`
+  (hours ahead) cannot make every real update after it "late"; an `E` more than
+  `MAX_EVENT_AHEAD_NS` ahead is not used as the record's time at all.
 - Symbols map both ways through an explicit table of (base, quote) markets per venue: `BTCUSDC`
   and `BTCUSDS` cannot be told apart by string surgery, and a USDT market is never `.../USD`.
   binance.com lists no USD-quoted market at all; binance.us lists both `BTCUSD` and `BTCUSDT`.
@@ -37,6 +40,7 @@ Notes that shape this parser:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -60,7 +64,7 @@ from collectors.exchanges.base import (
     string,
 )
 from collectors.model import (
-    MAX_FUTURE_SKEW_NS,
+    MAX_EVENT_AHEAD_NS,
     MIN_EVENT_NS,
     Metadata,
     PriceFeed,
@@ -182,6 +186,10 @@ _RESTRICTED_HINT = ("binance.com refuses connections from restricted locations s
 #: How far back an event time is remembered for deduplication (a handover overlaps a few s).
 DEDUP_WINDOW_MS = 60_000
 _PRUNE_MIN = 2 * DEDUP_WINDOW_MS // 1000  # a minute of one-a-second updates, twice
+#: How far ahead of its receive time an event time may move a symbol's newest `E` (which makes
+#: older updates "late"): a venue's `E` precedes our receipt, so more is our clock or a bad value.
+#: Such a record is kept; its time just does not make the updates after it look late.
+NEWEST_AHEAD_MS = 2_000
 
 
 class BinanceAdapter:
@@ -394,7 +402,7 @@ class BinanceAdapter:
         # The event time `E` (ms) when it is an integer that can be a real event. Checked before
         # any formatting, so that an absurd value never reaches the date code.
         if (type(event_time) is int
-                and MIN_EVENT_NS <= event_time * 1_000_000 <= received_ns + MAX_FUTURE_SKEW_NS):
+                and MIN_EVENT_NS <= event_time * 1_000_000 <= received_ns + MAX_EVENT_AHEAD_NS):
             event_ms: int | None = event_time
             newest = self._newest_ms.get(venue_symbol)
             if newest is not None and (event_time < newest - DEDUP_WINDOW_MS  # late
@@ -416,7 +424,7 @@ class BinanceAdapter:
             timestamp, exchange_ns = iso_from_ms(event_ms), event_ms * 1_000_000
             meta["timestamp_source"] = "exchange"
             # Only a fully valid record counts as seen.
-            self._remember(venue_symbol, event_ms)
+            self._remember(venue_symbol, event_ms, received_ns // 1_000_000 + NEWEST_AHEAD_MS)
         else:
             timestamp, exchange_ns = received_at, 0
             meta["timestamp_source"] = "local"
@@ -430,22 +438,28 @@ class BinanceAdapter:
         return self.to_venue(record.symbol), record.exchange_ns // 1_000_000
 
     def restore_marks(self, marks: Mapping[str, int]) -> None:
+        # (A mark stored by an older version may be far ahead: capped like a live one.)
+        newest_cap_ms = time.time_ns() // 1_000_000 + NEWEST_AHEAD_MS
         for venue_symbol, event_ms in marks.items():
-            self._remember(venue_symbol, event_ms)
+            self._remember(venue_symbol, event_ms, newest_cap_ms)
 
-    def _remember(self, venue_symbol: str, event_ms: int) -> None:
+    def _remember(self, venue_symbol: str, event_ms: int, newest_cap_ms: int) -> None:
+        """`event_ms` was seen; the symbol's newest time moves to it, but not past the cap."""
         seen = self._seen_ms.get(venue_symbol)
         if seen is None:
             seen = self._seen_ms[venue_symbol] = set()
         seen.add(event_ms)
         newest = self._newest_ms.get(venue_symbol)
-        if newest is None or event_ms > newest:
-            self._newest_ms[venue_symbol] = newest = event_ms
+        candidate = min(event_ms, newest_cap_ms)
+        if newest is None or candidate > newest:
+            self._newest_ms[venue_symbol] = newest = candidate
         # Prune when the set has doubled since the last prune: amortised O(1) per update even
         # when a burst puts thousands of updates inside the window.
         if len(seen) > self._prune_at.get(venue_symbol, _PRUNE_MIN):
-            floor = newest - DEDUP_WINDOW_MS
-            seen = self._seen_ms[venue_symbol] = {e for e in seen if e >= floor}
+            # A window either side of the newest: times far ahead of it (which did not move
+            # it, see the cap) are not kept either, so bad input cannot grow the set.
+            floor, ceiling = newest - DEDUP_WINDOW_MS, newest + DEDUP_WINDOW_MS
+            seen = self._seen_ms[venue_symbol] = {e for e in seen if floor <= e <= ceiling}
             self._prune_at[venue_symbol] = max(_PRUNE_MIN, 2 * len(seen))
 
 

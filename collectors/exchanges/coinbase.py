@@ -11,6 +11,11 @@ Notes that shape this parser:
   after subscribing. Absent or implausible -> receive time with `timestamp_source="local"`;
 - `sequence` is per product and shared by all channels, so gaps are normal; a ticker whose
   sequence is at or below the last one seen is a duplicate (e.g. the replay after a reconnect).
+  One more than `SEQUENCE_RESET_GAP` below it is no replay: the venue's numbering started over,
+  or the last one was a bad value. It is kept and the count restarts from it, so a single absurd
+  sequence (or one stored as a dedup mark) cannot make every real ticker after it a duplicate.
+  A sequence outside 0 .. 2**63-1 is not a sequence (and no SQLite integer): the ticker is
+  refused.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ from collectors.model import Metadata, PriceFeed, canonical_symbol_ok, event_tim
 _PRODUCT_RE = re.compile(r"^([A-Z0-9]{1,20})-([A-Z0-9]{1,20})$")
 _INVALID_PRODUCT_RE = re.compile(r"^\s*(\S*)\s+is not a valid product", re.IGNORECASE)
 _SYMBOL_CACHE_MAX = 4096
+#: A sequence this far below the last one is a restart of the numbering, not a replay.
+SEQUENCE_RESET_GAP = 1_000_000
+_SEQUENCE_MAX = 2**63 - 1
 #: (metadata key, ticker field) of the optional decimal-string fields, in output order.
 _META_NUMBERS = (("bid", "best_bid"), ("bid_size", "best_bid_size"), ("ask", "best_ask"),
                  ("ask_size", "best_ask_size"), ("open_24h", "open_24h"),
@@ -167,8 +175,7 @@ class CoinbaseAdapter:
 
     def restore_marks(self, marks: Mapping[str, int]) -> None:
         for product, sequence in marks.items():
-            if sequence > self._last_sequence.get(product, -1):
-                self._last_sequence[product] = sequence
+            self._last_sequence[product] = sequence
 
     def _ticker(self, msg: dict[str, object], received_ns: int) -> Parsed:
         """A ticker from the generic decode: every field checked here."""
@@ -217,8 +224,10 @@ class CoinbaseAdapter:
         if sequence is not None:
             if type(sequence) is not int:
                 raise ParseError("field 'sequence' must be an integer")
+            if not 0 <= sequence <= _SEQUENCE_MAX:
+                raise ParseError("field 'sequence' is out of range (0 to 2**63-1)")
             last = self._last_sequence.get(product)
-            if last is not None and sequence <= last:
+            if last is not None and last - SEQUENCE_RESET_GAP < sequence <= last:
                 return Parsed(_TICKER, duplicates=1)
             meta["sequence"] = sequence
         if type(trade_id) is int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -219,9 +220,48 @@ def test_handover_overlap_keeps_out_of_order_updates_once() -> None:
 
 def test_dedup_memory_stays_bounded() -> None:
     adapter = binance("w")
-    for i in range(1000):
-        adapter.parse(_ticker(E0 + i * 1000), RECEIVED_NS)
+    for i in range(1000):  # a ticker a second, received 7 ms after its event time
+        adapter.parse(_ticker(E0 + i * 1000), RECEIVED_NS + i * 1_000_000_000)
     assert max(len(s) for s in adapter._seen_ms.values()) <= 2 * DEDUP_WINDOW_MS // 1000 + 1
+
+
+def test_dedup_memory_stays_bounded_when_event_times_run_ahead() -> None:
+    """Hostile or broken `E`s, all within the plausible window ahead of the receive time but
+    each one new: the remembered set is still pruned."""
+    adapter = binance("w")
+    for i in range(5000):
+        adapter.parse(_ticker(E0 + 10 + i * 50), RECEIVED_NS)
+    assert max(len(s) for s in adapter._seen_ms.values()) <= 2 * (2 * DEDUP_WINDOW_MS // 50) + 2
+
+
+def test_an_event_time_far_ahead_does_not_make_later_updates_late() -> None:
+    """One `E` 23 hours ahead (within the old 24 h window) made every real update after it
+    "late" for a day, and its mark, persisted, did so again after a restart."""
+    adapter = binance("w")
+    ahead = adapter.parse(_ticker(E0 + 23 * 3_600_000, c="999.0"), RECEIVED_NS).records
+    # kept, but with the receive time: 23 h ahead is no event time of ours
+    assert [(r.price, r.metadata["timestamp_source"]) for r in ahead] == [(999.0, "local")]
+    for i in range(1, 16):
+        records = adapter.parse(_ticker(E0 + i * 1000), RECEIVED_NS + i * 1_000_000_000).records
+        assert [r.exchange_ns // 1_000_000 for r in records] == [E0 + i * 1000]
+
+
+def test_an_event_time_a_little_ahead_is_kept_but_does_not_block_the_next_updates() -> None:
+    adapter = binance("w")
+    ahead = adapter.parse(_ticker(E0 + 240_000), RECEIVED_NS).records  # 4 minutes ahead
+    assert [r.exchange_ns // 1_000_000 for r in ahead] == [E0 + 240_000]
+    assert ahead[0].metadata["timestamp_source"] == "exchange"
+    later = adapter.parse(_ticker(E0 + 1000), RECEIVED_NS + 1_000_000_000).records
+    assert [r.exchange_ns // 1_000_000 for r in later] == [E0 + 1000]
+
+
+def test_a_restored_mark_far_ahead_is_capped() -> None:
+    """A mark an older version stored from a bad `E` (a day ahead) blocks nothing now."""
+    adapter = binance("w")
+    now_ms = time.time_ns() // 1_000_000
+    adapter.restore_marks({"BTCUSDT": now_ms + 86_000_000})
+    records = adapter.parse(_ticker(now_ms), now_ms * 1_000_000 + 5_000_000).records
+    assert [r.exchange_ns // 1_000_000 for r in records] == [now_ms]
 
 
 def test_event_times_are_per_symbol() -> None:

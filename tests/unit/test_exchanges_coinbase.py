@@ -6,9 +6,15 @@ import json
 
 import pytest
 
+from collectors.decoding import decode_frame
 from collectors.errors import ParseError
-from collectors.exchanges.base import Kind
-from collectors.exchanges.coinbase import CoinbaseAdapter, from_product, to_product
+from collectors.exchanges.base import Decoder, Kind, load_json
+from collectors.exchanges.coinbase import (
+    SEQUENCE_RESET_GAP,
+    CoinbaseAdapter,
+    from_product,
+    to_product,
+)
 from tests.unit.golden import load_cases
 
 CASES = load_cases("coinbase")
@@ -120,3 +126,39 @@ def test_restored_marks_drop_the_first_ticker_replayed_after_a_restart() -> None
     restarted.restore_marks(dict([mark]))
     assert restarted.parse(_ticker(50), RECEIVED_NS).duplicates == 1
     assert len(restarted.parse(_ticker(51), RECEIVED_NS).records) == 1
+
+
+@pytest.mark.parametrize("decode", [load_json, decode_frame], ids=["generic", "shaped"])
+@pytest.mark.parametrize("sequence", [2**63, 10**30, -1])
+def test_a_sequence_outside_sqlite_integers_is_refused(decode: Decoder, sequence: int) -> None:
+    """2**63 became a dedup mark SQLite could not store: the parser thread died on it."""
+    adapter = CoinbaseAdapter("w", decode)
+    with pytest.raises(ParseError, match="'sequence' is out of range"):
+        adapter.parse(_ticker(sequence), RECEIVED_NS)
+    assert len(adapter.parse(_ticker(2**63 - 1), RECEIVED_NS).records) == 1
+
+
+@pytest.mark.parametrize("decode", [load_json, decode_frame], ids=["generic", "shaped"])
+def test_one_absurd_sequence_does_not_make_every_later_ticker_a_duplicate(
+        decode: Decoder) -> None:
+    adapter = CoinbaseAdapter("w", decode)
+    kept = [len(adapter.parse(_ticker(seq), RECEIVED_NS).records)
+            for seq in (100, 10**18, 101, 102, 102, 90)]
+    # 10**18 is kept (it may be a real renumbering); 101 is far below it: the count starts
+    # over there, and the replays after it are duplicates again
+    assert kept == [1, 1, 1, 1, 0, 0]
+
+
+def test_a_restored_mark_far_ahead_starts_over_at_the_first_real_sequence() -> None:
+    """A mark stored from a bad sequence (by an older version) blocks nothing."""
+    adapter = CoinbaseAdapter("w")
+    adapter.restore_marks({"BTC-USD": 10**18})
+    assert len(adapter.parse(_ticker(500), RECEIVED_NS).records) == 1
+    assert adapter.parse(_ticker(500), RECEIVED_NS).duplicates == 1
+
+
+def test_a_replay_a_little_below_the_last_sequence_is_still_a_duplicate() -> None:
+    adapter = CoinbaseAdapter("w")
+    adapter.parse(_ticker(5_000_000), RECEIVED_NS)
+    assert adapter.parse(_ticker(5_000_000 - SEQUENCE_RESET_GAP + 1), RECEIVED_NS).duplicates == 1
+    assert len(adapter.parse(_ticker(5_000_000 - SEQUENCE_RESET_GAP), RECEIVED_NS).records) == 1

@@ -111,8 +111,9 @@ def test_event_time_of_a_non_string_is_none(raw: object) -> None:
 
 @pytest.mark.parametrize(("text", "usable"), [
     ("2026-11-29T10:38:02.672020Z", True),
-    ("2026-11-30T10:38:02.672020Z", True),     # within a day ahead (clock skew)
-    ("2026-12-01T10:38:02.672020Z", False),    # further ahead
+    ("2026-11-29T10:43:02.672020Z", True),     # 5 minutes ahead (clock skew)
+    ("2026-11-29T10:43:02.672021Z", False),    # further ahead: a bad value, or our clock
+    ("2026-11-30T10:38:02.672020Z", False),    # a day ahead
     ("2009-01-03T00:00:00Z", True),
     ("2009-01-02T23:59:59.999999Z", False),    # before bitcoin
     ("0001-01-01T00:00:00.000000Z", False),    # Coinbase's placeholder

@@ -20,11 +20,16 @@ from collectors.config import CollectorConfig
 from collectors.connection import Connection, Frame
 from collectors.decoding import decode_frame
 from collectors.delivery import SpoolWriter
-from collectors.errors import SpoolError
+from collectors.errors import ParseError, SpoolError
 from collectors.exchanges import create
 from collectors.metrics import Metrics
 from collectors.model import PriceFeed
-from collectors.pipeline import FIRST_DATA_TIMEOUT_S, Freshness, Parser
+from collectors.pipeline import (
+    FIRST_DATA_TIMEOUT_S,
+    PARSE_ERROR_LOG_REASONS,
+    Freshness,
+    Parser,
+)
 from collectors.service import PROGRESS_WINDOW_S, CollectorService
 from collectors.spool import Spool
 
@@ -178,8 +183,30 @@ def test_a_chunk_is_committed_with_its_marks_before_the_parser_goes_on(tmp_path:
         stored = [json.loads(r) for r in batch.records]
         assert [(r["symbol"], r["metadata"]["sequence"]) for r in stored] == [
             ("BTC/USD", 10), ("ETH/USD", 20), ("BTC/USD", 12)]
-        # The highest sequence per product, stored with the records (the restart dedup).
+        # The last sequence per product, stored with the records (the restart dedup).
         assert spool.marks() == {"BTC-USD": 12, "ETH-USD": 20}
+
+
+def test_a_mark_can_start_over_lower_and_a_mark_sqlite_cannot_hold_is_none(
+        tmp_path: Path) -> None:
+    """A sequence count that starts over is stored as it is (a higher stored mark would make
+    the next restart drop real tickers), and no value kills the parser thread: 2**63, once a
+    Coinbase sequence, raised OverflowError in SQLite."""
+    wake, stop = threading.Event(), threading.Event()
+    with Spool(tmp_path / "spool", fsync_interval_s=0) as spool:
+        _parser, writer, _ = _parser_into_spool(spool, wake, stop)
+        records = [PriceFeed(symbol, 100.0, None, "2026-11-29T10:38:02.000000Z", "coinbase",
+                             "w1", {}, 0, 1_795_948_682_000_000_000)
+                   for symbol in ("BTC/USD", "ETH/USD", "ETH/USD")]
+        records[0].metadata["sequence"] = 10**18
+        records[1].metadata["sequence"] = 2**63
+        records[2].metadata["sequence"] = 7
+        assert writer.put_many_waiting(records[:2], stop) == 0
+        assert spool.marks() == {"BTC-USD": 10**18}
+        records[0].metadata["sequence"] = 101
+        assert writer.put_many_waiting([records[0], records[2]], stop) == 0
+        assert spool.marks() == {"BTC-USD": 101, "ETH-USD": 7}
+        assert spool.stats().records == 4
 
 
 class _RefusingSpool(Spool):
@@ -294,3 +321,40 @@ def test_the_watchdog_window_covers_the_longest_honest_post(tmp_path: Path) -> N
         "coinbase", {**base, "HTTP_READ_TIMEOUT_S": "60"}))
     assert default._progress_window_s == max(PROGRESS_WINDOW_S, 2 * (3 + 10) + 5)
     assert slow._progress_window_s == 2 * (3 + 60) + 5
+
+
+def test_each_kind_of_parse_error_is_logged_with_its_reason(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """One log line a reason per interval, not one line for every reason: a flood of one
+    defect used to hide the reasons of the others for 10 s at a time."""
+    parser, _records, registry = _coinbase_parser(["BTC/USD"])
+    t0 = 1_795_948_682_000_000_000
+    chunk: list[Frame] = [
+        (_ticker("BTC-USD", 10, "-5", "2026-11-29T10:38:02.000000Z"), t0),
+        (_ticker("BTC-USD", 11, "-7", "2026-11-29T10:38:02.000000Z"), t0),  # same kind
+        (b'{"type": "ticker", "price": ', t0),
+        (_ticker("BTC-USD", 12, "abc", "2026-11-29T10:38:02.000000Z"), t0),
+        (_ticker("BTC-*", 13, "1", "2026-11-29T10:38:02.000000Z"), t0),
+    ]
+    with caplog.at_level(logging.WARNING, logger="collectors.pipeline"):
+        parser._handle(chunk)
+        parser._handle(chunk[:1])  # within the interval: counted, not logged
+    errors = [getattr(r, "error", "") for r in caplog.records if r.getMessage() == "parse_failed"]
+    assert len(errors) == 4
+    assert "must be > 0: '-5'" in errors[0]
+    assert errors[1].startswith("malformed JSON")
+    assert "'abc'" in errors[2] and "'BTC-*'" in errors[3]
+    assert registry.get_sample_value(
+        "chrono_collector_parse_errors_total", {"exchange": "coinbase"}) == 6
+
+
+def test_parse_error_reasons_logged_per_interval_are_bounded(
+        caplog: pytest.LogCaptureFixture) -> None:
+    parser, _records, _registry = _coinbase_parser(["BTC/USD"])
+    reasons = [f"bad field {chr(97 + i // 26)}{chr(97 + i % 26)}"
+               for i in range(PARSE_ERROR_LOG_REASONS + 30)]
+    with caplog.at_level(logging.WARNING, logger="collectors.pipeline"):
+        for reason in reasons:
+            parser._log_parse_error(ParseError(reason), b"{}")
+    logged = [getattr(r, "error", "") for r in caplog.records if r.getMessage() == "parse_failed"]
+    assert logged == reasons[:PARSE_ERROR_LOG_REASONS]
