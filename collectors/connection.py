@@ -242,6 +242,7 @@ class Connection:
         self._frame_queue_wait_s = frame_queue_wait_s
         self._lock = threading.Lock()  # guards the request fields below (set by other threads)
         self._resubscribe: list[str] | None = None
+        self._resubscribe_at = 0.0  # monotonic time to send `_resubscribe` at
         self._reconnect_reason: str | None = None
         self._ws: websocket.WebSocket | None = None
         self._data_seen = False
@@ -259,9 +260,17 @@ class Connection:
         """The parser got a valid data message on the current connection: backoff may reset."""
         self._data_seen = True
 
-    def request_resubscribe(self, symbols: Sequence[str]) -> None:
+    def request_resubscribe(self, symbols: Sequence[str], *, after_s: float = 0.0) -> None:
+        """Send a subscribe request for `symbols` on this connection, `after_s` from now (a
+        request already waiting is merged into: the symbols of both, the earlier time)."""
+        at = time.monotonic() + after_s
         with self._lock:
+            if self._resubscribe is not None:
+                symbols = [*self._resubscribe, *(s for s in symbols
+                                                 if s not in self._resubscribe)]
+                at = min(at, self._resubscribe_at)
             self._resubscribe = list(symbols)
+            self._resubscribe_at = at
 
     def replace_symbols(self, symbols: Sequence[str], *, resubscribe: bool) -> None:
         """Use `symbols` from now on (after the venue rejected some); send a new subscribe
@@ -270,6 +279,7 @@ class Connection:
             self._symbols = list(symbols)
             if resubscribe:
                 self._resubscribe = list(symbols)
+                self._resubscribe_at = 0.0
 
     def request_reconnect(self, reason: str) -> None:
         with self._lock:
@@ -439,9 +449,12 @@ class Connection:
             if self._stop.is_set():
                 return "stopped"
             now = self.beat = time.monotonic()
-            if self._resubscribe is not None or self._reconnect_reason is not None:
+            if ((self._resubscribe is not None and now >= self._resubscribe_at)
+                    or self._reconnect_reason is not None):
                 with self._lock:
-                    resub, self._resubscribe = self._resubscribe, None
+                    resub = None
+                    if now >= self._resubscribe_at:
+                        resub, self._resubscribe = self._resubscribe, None
                     reason, self._reconnect_reason = self._reconnect_reason, None
                 if reason is not None:
                     log.info("ws_reconnect_requested", extra={"reason": reason})

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Protocol
 
+from collectors.backoff import Backoff
 from collectors.batching import Handoff
 from collectors.connection import Connection, Frame
 from collectors.errors import ParseError
@@ -121,6 +122,8 @@ class Parser:
         # reason (details masked) -> (monotonic time it was last logged, errors since)
         self._parse_logged: dict[str, tuple[float, int]] = {}
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=16)
+        # Paces subscribes sent again after a venue refused one for a passing reason.
+        self._subscribe_backoff = Backoff(base_s=1.0, cap_s=60.0)
         self.records_total = 0
         self.last_message_unix: float | None = None
         self._connected_since: float | None = None
@@ -177,8 +180,12 @@ class Parser:
                 parse_errors += len(parsed.invalid)
                 for reason in parsed.invalid:
                     self._log_parse_error(ParseError(reason), payload)
-            if kind is Kind.ERROR or parsed.rejected:
+            if parsed.retry_subscribe is not None:
+                self._retry_subscribe(parsed.error, parsed.retry_subscribe)
+            elif kind is Kind.ERROR or parsed.rejected:
                 self._venue_error(parsed.error, parsed.rejected)
+            elif kind is Kind.SUBSCRIBED:
+                self._subscribe_backoff.reset()
             elif kind is Kind.STATUS and parsed.error:
                 log.warning("venue_status", extra={"status": parsed.error})
             if parsed.reconnect:
@@ -255,6 +262,20 @@ class Parser:
             "hint": "the venue does not list these markets; fix SYMBOLS"})
         self._conn.replace_symbols(remaining,
                                    resubscribe=self._adapter.resubscribe_after_reject)
+
+    def _retry_subscribe(self, error: str | None, named: tuple[str, ...]) -> None:
+        """The venue refused a subscribe for a passing reason: send it again after a backoff
+        (the named symbols, or every symbol when it named none; resending one already
+        subscribed is harmless)."""
+        active = self._conn.symbols
+        symbols = [s for s in named if s in active] if named else active
+        if not symbols:
+            log.error("venue_error", extra={"error": error})
+            return
+        delay = self._subscribe_backoff.next_delay()
+        log.warning("subscribe_retry", extra={"symbols": symbols, "error": error,
+                                              "retry_in_s": round(delay, 2)})
+        self._conn.request_resubscribe(symbols, after_s=delay)
 
     def _periodic(self, now: float) -> None:
         self._rate_window.append((now, self.records_total))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -118,7 +119,9 @@ class Parsed:
     venue refused to subscribe to; `error` is the venue's error text; `reconnect` asks the
     connection to be replaced (a scheduled server shutdown); `invalid` gives one reason per item
     of a multi-item frame that was skipped as invalid (each is one parse error) while the frame's
-    valid items are still in `records`.
+    valid items are still in `records`. `retry_subscribe`, when not None, says the venue refused
+    a subscribe for a passing reason (a rate limit, an internal error), not because a market is
+    unknown: the symbols it names (every symbol, when it names none) are subscribed again later.
     """
 
     kind: Kind
@@ -129,6 +132,7 @@ class Parsed:
     reconnect: bool = False
     subscribed: tuple[str, ...] = ()
     invalid: tuple[str, ...] = ()
+    retry_subscribe: tuple[str, ...] | None = None
 
 
 class Adapter(Protocol):
@@ -209,6 +213,12 @@ def load_object(frame: str | bytes, decode: Decoder = load_json) -> dict[str, ob
     return data
 
 
+# A decimal string as venues write numbers: JSON's number syntax, ASCII only. `float()` alone
+# also reads "1_000", " 7 ", "inf", "nan" and other scripts' digits ("١٢"): never a venue's.
+# (msgspec, on the shaped path, reads exactly this syntax, so both paths agree.)
+_decimal = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?").fullmatch
+
+
 def number(obj: dict[str, object], key: str, *, positive: bool = False,
            required: bool = True, signed: bool = False) -> float | None:
     """A numeric field sent as a JSON number or a decimal string; finite, >= 0 (> 0 if positive).
@@ -217,12 +227,11 @@ def number(obj: dict[str, object], key: str, *, positive: bool = False,
     """
     raw = obj.get(key)
     if type(raw) is str:  # the common case first: venues send decimal strings
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ParseError(f"field {key!r} is not a number: {raw[:40]!r}") from None
+        if _decimal(raw) is None:
+            raise ParseError(f"field {key!r} is not a number: {raw[:40]!r}")
+        value = float(raw)
         if (value > 0 or (value == 0 and not positive)) and value != math.inf:
-            return value  # finite and in range (NaN fails both comparisons)
+            return value  # finite and in range
         # Otherwise the full checks below say what is wrong.
     if raw is None:
         if required:
@@ -235,11 +244,10 @@ def number(obj: dict[str, object], key: str, *, positive: bool = False,
             value = float(raw)
         except OverflowError:  # a JSON integer beyond the float range
             raise ParseError(f"field {key!r} is out of range") from None
-    elif isinstance(raw, str):
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ParseError(f"field {key!r} is not a number: {raw[:40]!r}") from None
+    elif isinstance(raw, str):  # a str subclass
+        if _decimal(raw) is None:
+            raise ParseError(f"field {key!r} is not a number: {raw[:40]!r}")
+        value = float(raw)
     else:
         raise ParseError(f"field {key!r} has type {type(raw).__name__}, expected a number")
     if not math.isfinite(value):
@@ -259,11 +267,10 @@ def copy_numbers(src: dict[str, object], fields: Sequence[tuple[str, str]],
         if raw is None:
             continue
         if type(raw) is str:
-            try:
-                value = float(raw)
-            except ValueError:
+            if _decimal(raw) is None:
                 continue
-            if value >= 0 and value != math.inf:  # NaN fails the first test
+            value = float(raw)
+            if value >= 0 and value != math.inf:
                 into[out_key] = value
             continue
         checked = optional_number(src, in_key)
@@ -283,10 +290,9 @@ def signed_or_none(raw: object) -> float | None:
     """`optional_number(obj, key, signed=True)` of the value `obj.get(key)`: a finite number, or
     None when absent or invalid."""
     if type(raw) is str:  # the common case first: venues send decimal strings
-        try:
-            value = float(raw)
-        except ValueError:
+        if _decimal(raw) is None:
             return None
+        value = float(raw)
     elif isinstance(raw, int | float) and not isinstance(raw, bool):
         try:
             value = float(raw)

@@ -11,11 +11,14 @@ Notes that shape this parser:
   after subscribing. Absent or implausible -> receive time with `timestamp_source="local"`;
 - `sequence` is per product and shared by all channels, so gaps are normal; a ticker whose
   sequence is at or below the last one seen is a duplicate (e.g. the replay after a reconnect).
-  One more than `SEQUENCE_RESET_GAP` below it is no replay: the venue's numbering started over,
-  or the last one was a bad value. It is kept and the count restarts from it, so a single absurd
-  sequence (or one stored as a dedup mark) cannot make every real ticker after it a duplicate.
-  A sequence outside 0 .. 2**63-1 is not a sequence (and no SQLite integer): the ticker is
-  refused.
+  Except where it cannot be one. The first ticker of a product after a `subscriptions` ack
+  (every connection's start) is the product's current state: its sequence equals the last one
+  seen (the replay: dropped) or is higher, and one below it means the numbering is another one
+  (the venue's, or a restarted test server's, started over; another endpoint; a stored mark
+  from a bad value): it is kept and the count starts over from it. Within a connection, one
+  more than `SEQUENCE_RESET_GAP` below the last is treated the same way, so a single absurd
+  sequence cannot make every real ticker after it a duplicate. A sequence outside
+  0 .. 2**63-1 is not a sequence (and no SQLite integer): the ticker is refused.
 """
 
 from __future__ import annotations
@@ -124,6 +127,8 @@ class CoinbaseAdapter:
         self._worker_id = worker_id
         self.decode = decode
         self._last_sequence: dict[str, int] = {}
+        # Products with a ticker since the last `subscriptions` ack (see the module's notes).
+        self._seen_since_ack: set[str] = set()
         # product id -> canonical symbol, for ids already validated (bounded: hostile input
         # cannot grow it without limit; past the bound ids are simply validated every time).
         self._symbols: dict[str, str] = {}
@@ -160,7 +165,9 @@ class CoinbaseAdapter:
         if kind == "heartbeat":
             return Parsed(Kind.HEARTBEAT)
         if kind == "subscriptions":
-            return Parsed(Kind.SUBSCRIBED, subscribed=_subscribed_tickers(msg))
+            subscribed = _subscribed_tickers(msg)
+            self._seen_since_ack.clear()
+            return Parsed(Kind.SUBSCRIBED, subscribed=subscribed)
         if kind == "error":
             return _error(msg)
         if not isinstance(kind, str):
@@ -227,8 +234,12 @@ class CoinbaseAdapter:
             if not 0 <= sequence <= _SEQUENCE_MAX:
                 raise ParseError("field 'sequence' is out of range (0 to 2**63-1)")
             last = self._last_sequence.get(product)
-            if last is not None and last - SEQUENCE_RESET_GAP < sequence <= last:
-                return Parsed(_TICKER, duplicates=1)
+            if last is not None and sequence <= last:
+                if product in self._seen_since_ack:
+                    if last - sequence < SEQUENCE_RESET_GAP:
+                        return Parsed(_TICKER, duplicates=1)
+                elif sequence == last:  # the replay of the last ticker, after a (re)connect
+                    return Parsed(_TICKER, duplicates=1)
             meta["sequence"] = sequence
         if type(trade_id) is int:
             meta["trade_id"] = trade_id
@@ -245,6 +256,8 @@ class CoinbaseAdapter:
         # Only a record that is fully valid moves the sequence forward.
         if sequence is not None:
             self._last_sequence[product] = sequence
+            if len(self._seen_since_ack) < _SYMBOL_CACHE_MAX:
+                self._seen_since_ack.add(product)
         # Positional, in PriceFeed's field order: keywords cost 1.8x as much here.
         return Parsed(_TICKER, (PriceFeed(symbol, price, volume, timestamp, self.name,
                                           self._worker_id, meta, exchange_ns, received_ns),))

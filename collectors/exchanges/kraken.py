@@ -60,7 +60,6 @@ from collectors.exchanges.base import (
     checked_string,
     copy_numbers,
     load_json,
-    load_object,
     number,
     received_iso,
     signed_or_none,
@@ -199,7 +198,14 @@ class KrakenAdapter:
     def parse(self, frame: str | bytes, received_ns: int) -> Parsed:
         if self._typed is not None and (ticker := self._typed(frame)) is not None:
             return self._typed_tickers(ticker.data, received_ns)
-        msg = load_object(frame, self.decode)
+        data = self.decode(frame)
+        # v1's `[channelID, {...}, "ticker", "XBT/USD"]` and `{"event": "heartbeat"}`
+        if isinstance(data, list) or (isinstance(data, dict) and "event" in data
+                                      and "channel" not in data and "method" not in data):
+            raise ParseError(_V1_HINT)
+        if not isinstance(data, dict):
+            raise ParseError(f"expected a JSON object, got {type(data).__name__}")
+        msg: dict[str, object] = data
         channel = msg.get("channel")
         method = msg.get("method")
         if channel == "ticker":
@@ -338,6 +344,14 @@ class KrakenAdapter:
                          0, received_ns)
 
 
+# The errors that say a market is not there ("Currency pair not supported XBT/EUR"; a pair
+# Kraken cannot even read gets "Currency pair not in ISO 4217-A3 format ..."). Any other failure
+# of a subscribe (rate limit, internal error) is retried, not taken as a verdict on the symbol.
+_NOT_LISTED = re.compile(r"currency pair|not supported|unknown (?:pair|symbol)", re.IGNORECASE)
+_V1_HINT = ("a Kraken WebSocket v1 message (an array or an 'event' object): this collector "
+            "speaks v2; set WS_URL to a v2 endpoint such as wss://ws.kraken.com/v2")
+
+
 def _status(msg: dict[str, object]) -> Parsed:
     """`system` other than `online` (maintenance, cancel_only, post_only) becomes `error`."""
     data = msg.get("data")
@@ -364,4 +378,7 @@ def _subscribe_ack(msg: dict[str, object]) -> Parsed:
     if msg.get("success") is True or "already subscribed" in reason.lower():
         return Parsed(Kind.SUBSCRIBED, subscribed=named)
     what = f"subscribe {named[0]}" if named else "subscribe"
-    return Parsed(Kind.ERROR, rejected=named, error=f"{what} rejected: {reason}")
+    if _NOT_LISTED.search(reason):
+        return Parsed(Kind.ERROR, rejected=named, error=f"{what} rejected: {reason}")
+    # A rate limit, an internal error, anything else: no verdict on the market.
+    return Parsed(Kind.ERROR, error=f"{what} failed: {reason}", retry_subscribe=named)

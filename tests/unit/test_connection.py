@@ -224,3 +224,22 @@ def test_a_stuck_parser_costs_frames_after_the_wait_not_the_connection() -> None
         h.got.clear()
         assert h.wait_frames(10)
         assert sim.connections_total == 1
+
+
+def test_a_resubscribe_can_wait_and_goes_out_on_the_same_connection() -> None:
+    """A venue that refused a subscribe for a passing reason (Kraken's rate limit) gets it
+    again after a backoff, without dropping the connection."""
+    with Simulator("coinbase", rate_hz=20) as sim, running(sim.url) as h:
+        assert h.wait_frames(3)
+
+        def subscribes() -> list[int]:
+            return [m.connection_id for m in sim.received_messages()
+                    if isinstance(m.json(), dict) and m.json().get("type") == "subscribe"]
+
+        assert subscribes() == [1]
+        asked = time.monotonic()
+        h.conn.request_resubscribe(["BTC/USD"], after_s=0.5)
+        assert sim.wait_for(lambda: len(subscribes()) == 2, 5)
+        assert time.monotonic() - asked >= 0.45
+        assert subscribes() == [1, 1]
+        assert sim.connections_total == 1

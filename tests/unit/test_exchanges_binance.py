@@ -160,7 +160,10 @@ def test_unusable_event_time_falls_back_to_receive_time(bad_e: object) -> None:
     [
         ({"c": "abc"}, "not a number"),
         ({"c": "-1"}, "must be > 0"),
-        ({"c": "NaN"}, "not finite"),
+        ({"c": "NaN"}, "not a number"),
+        ({"c": "1_000"}, "not a number"),  # float() reads these three
+        ({"c": " 7 "}, "not a number"),
+        ({"c": "\u0661\u0662"}, "not a number"),  # Arabic-Indic 12
         ({"c": None}, "missing field 'c'"),
         ({"c": 10**400}, "out of range"),
         ({"v": "-3"}, "must be >= 0"),

@@ -62,7 +62,10 @@ def test_invalid_ticker_does_not_advance_sequence() -> None:
         ({"price": "abc"}, "not a number"),
         ({"price": "-1"}, "must be > 0"),
         ({"price": "0"}, "must be > 0"),
-        ({"price": "NaN"}, "not finite"),
+        ({"price": "NaN"}, "not a number"),
+        ({"price": "1_000"}, "not a number"),  # float() reads these three
+        ({"price": " 7 "}, "not a number"),
+        ({"price": "\u0661\u0662"}, "not a number"),  # Arabic-Indic 12
         ({"price": "1e400"}, "not finite"),
         ({"price": True}, "boolean"),
         ({"price": None}, "missing field 'price'"),
@@ -162,3 +165,28 @@ def test_a_replay_a_little_below_the_last_sequence_is_still_a_duplicate() -> Non
     adapter.parse(_ticker(5_000_000), RECEIVED_NS)
     assert adapter.parse(_ticker(5_000_000 - SEQUENCE_RESET_GAP + 1), RECEIVED_NS).duplicates == 1
     assert len(adapter.parse(_ticker(5_000_000 - SEQUENCE_RESET_GAP), RECEIVED_NS).records) == 1
+
+
+_ACK = json.dumps({"type": "subscriptions", "channels": [
+    {"name": "ticker", "product_ids": ["BTC-USD"]},
+    {"name": "heartbeat", "product_ids": ["BTC-USD"]}]})
+
+
+def test_after_a_reconnect_a_lower_sequence_is_another_numbering_not_a_replay() -> None:
+    """A restarted server (or another endpoint) counts from lower: the marks of the previous
+    run made every ticker a duplicate until the new count caught up (a second `make demo`)."""
+    adapter = CoinbaseAdapter("w")
+    adapter.restore_marks({"BTC-USD": 5_000})  # the previous run's last sequence
+    assert adapter.parse(_ACK, RECEIVED_NS).kind is Kind.SUBSCRIBED
+    kept = [len(adapter.parse(_ticker(seq), RECEIVED_NS).records) for seq in (1, 2, 2, 3)]
+    assert kept == [1, 1, 0, 1]
+
+
+def test_after_a_reconnect_the_replayed_last_ticker_is_still_dropped() -> None:
+    adapter = CoinbaseAdapter("w")
+    assert len(adapter.parse(_ticker(700), RECEIVED_NS).records) == 1
+    adapter.parse(_ACK, RECEIVED_NS)  # a new connection
+    assert adapter.parse(_ticker(700), RECEIVED_NS).duplicates == 1
+    assert len(adapter.parse(_ticker(701), RECEIVED_NS).records) == 1
+    # within the connection, a step back is a late or repeated message
+    assert adapter.parse(_ticker(650), RECEIVED_NS).duplicates == 1

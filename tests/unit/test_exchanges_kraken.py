@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
-from collectors.decoding import FrameDecoder
+from collectors.decoding import FrameDecoder, decode_frame
 from collectors.errors import ConfigError, ParseError
 from collectors.exchanges import create
 from collectors.exchanges.base import Kind
@@ -15,6 +16,7 @@ from collectors.exchanges.kraken import KrakenAdapter, from_pair
 from tests.unit.golden import frame_text, load_cases
 
 CASES = load_cases("kraken")
+SAMPLES = Path(__file__).resolve().parents[1] / "fixtures" / "samples"
 RECEIVED_NS = 1_715_772_043_100_000_000  # 2024-05-15T11:20:43.1Z
 
 
@@ -193,7 +195,38 @@ def test_a_repeated_snapshot_is_not_deduplicated() -> None:
 def test_subscribe_failure_without_a_symbol_is_still_an_error() -> None:
     parsed = KrakenAdapter("w").parse('{"method":"subscribe","success":false}', RECEIVED_NS)
     assert (parsed.kind, parsed.rejected) == (Kind.ERROR, ())
-    assert parsed.error == "subscribe rejected: no reason given"
+    assert parsed.error == "subscribe failed: no reason given"
+    assert parsed.retry_subscribe == ()  # every symbol, again later
+
+
+@pytest.mark.parametrize("error", ["Exceeded msg rate", "Internal error",
+                                   "Service temporarily unavailable"])
+def test_a_passing_subscribe_failure_is_retried_not_a_verdict_on_the_market(error: str) -> None:
+    """Every failure used to drop its symbol for the life of the process, with the hint that
+    the venue does not list it."""
+    frame = json.dumps({"method": "subscribe", "success": False, "error": error,
+                        "symbol": "BTC/USD", "req_id": 3})
+    parsed = KrakenAdapter("w").parse(frame, RECEIVED_NS)
+    assert (parsed.kind, parsed.rejected, parsed.retry_subscribe) == (
+        Kind.ERROR, (), ("BTC/USD",))
+    assert parsed.error == f"subscribe BTC/USD failed: {error}"
+
+
+def test_an_unlisted_pair_is_rejected() -> None:
+    frame = json.dumps({"method": "subscribe", "success": False, "symbol": "XBT/EUR",
+                        "error": "Currency pair not supported XBT/EUR", "req_id": 3})
+    parsed = KrakenAdapter("w").parse(frame, RECEIVED_NS)
+    assert (parsed.rejected, parsed.retry_subscribe) == (("XBT/EUR",), None)
+
+
+def test_websocket_v1_messages_name_the_v2_endpoint() -> None:
+    """Pointed at v1 (wss://ws.kraken.com), every frame was a puzzling parse error while v1's
+    heartbeats kept the connection up."""
+    lines = (SAMPLES / "kraken_v1.jsonl").read_text().splitlines()
+    assert len(lines) == 10
+    for line in lines:
+        with pytest.raises(ParseError, match=r"Kraken WebSocket v1 message.*wss://ws\.kraken\.com/v2"):
+            KrakenAdapter("w", decode_frame).parse(line, RECEIVED_NS)
 
 
 def test_a_repeated_subscription_is_not_a_rejection() -> None:

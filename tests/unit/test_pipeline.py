@@ -358,3 +358,27 @@ def test_parse_error_reasons_logged_per_interval_are_bounded(
             parser._log_parse_error(ParseError(reason), b"{}")
     logged = [getattr(r, "error", "") for r in caplog.records if r.getMessage() == "parse_failed"]
     assert logged == reasons[:PARSE_ERROR_LOG_REASONS]
+
+
+def test_a_passing_subscribe_failure_is_sent_again_later_and_keeps_the_symbol() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, "kraken", "w1")
+    adapter = create("kraken", "w1", decode_frame)
+    frames: Handoff[Frame] = Handoff(10)
+    records: Handoff[PriceFeed] = Handoff(100)
+    conn = Connection(adapter, "ws://127.0.0.1:9", ["BTC/USD", "ETH/USD"], frames, metrics,
+                      threading.Event())
+    parser = Parser(adapter, frames, records, conn, metrics, threading.Event())
+    refused = json.dumps({"method": "subscribe", "success": False, "symbol": "ETH/USD",
+                          "error": "Exceeded msg rate", "req_id": 2}).encode()
+    before = time.monotonic()
+    parser._handle([(refused, 1_795_948_682_000_000_000)])
+    assert conn.symbols == ["BTC/USD", "ETH/USD"]  # no verdict on the market
+    assert conn._resubscribe == ["ETH/USD"]
+    assert before <= conn._resubscribe_at <= time.monotonic() + 1.0  # the first backoff: <= 1 s
+    parser._handle([(refused, 1_795_948_682_000_000_000)])
+    assert parser._subscribe_backoff.attempt == 2
+    ack = json.dumps({"method": "subscribe", "success": True, "req_id": 3,
+                      "result": {"channel": "ticker", "symbol": "ETH/USD"}}).encode()
+    parser._handle([(ack, 1_795_948_682_000_000_000)])
+    assert parser._subscribe_backoff.attempt == 0
