@@ -19,31 +19,57 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
           "warn": logging.WARNING, "error": logging.ERROR}
 
 
+#: Containers in `extra` values are cleaned this many levels deep; a deeper one is logged as
+#: a placeholder (never unredacted).
+MAX_REDACT_DEPTH = 8
+_CONTAINERS = (dict, list, tuple)
+_TOO_DEEP = "[nested too deeply to log]"
+
+
 class _RedactSecrets(logging.Filter):
-    """Replace secrets in the message, its arguments and extra string fields."""
+    """Replace secrets in the message, its arguments and extra fields: strings, and the strings
+    inside dicts, lists and tuples (such as the ingest's `first_problem`), keys included."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
         self._secrets = tuple(s for s in secrets if s)
 
-    def _clean(self, value: object) -> object:
-        if isinstance(value, str):
-            for secret in self._secrets:
-                if secret in value:
-                    value = value.replace(secret, "[REDACTED]")
+    def _clean_text(self, value: str) -> str:
+        for secret in self._secrets:
+            if secret in value:
+                value = value.replace(secret, "[REDACTED]")
         return value
+
+    def _clean(self, value: object, depth: int = 0) -> object:
+        """`value` with every secret replaced; containers are copied, never changed in place
+        (they may be the caller's)."""
+        if isinstance(value, str):
+            return self._clean_text(value)
+        if not isinstance(value, _CONTAINERS):
+            return value
+        if depth >= MAX_REDACT_DEPTH:
+            return _TOO_DEEP
+        if isinstance(value, dict):
+            return {self._clean_text(k) if isinstance(k, str) else k: self._clean(v, depth + 1)
+                    for k, v in value.items()}
+        items = [self._clean(v, depth + 1) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self._secrets:
             return True
-        record.msg = self._clean(record.getMessage())
+        record.msg = self._clean_text(record.getMessage())
         record.args = None
         for key, value in list(record.__dict__.items()):
-            if isinstance(value, str) and key not in ("msg", "name", "levelname"):
+            if isinstance(value, str):
+                if key not in ("msg", "name", "levelname"):
+                    record.__dict__[key] = self._clean_text(value)
+            elif isinstance(value, _CONTAINERS) and key != "exc_info":
                 record.__dict__[key] = self._clean(value)
         if record.exc_info and record.exc_info[1] is not None:
             # Render the traceback now, redacted, so the formatter never sees the raw text.
-            record.exc_text = str(self._clean(logging.Formatter().formatException(record.exc_info)))
+            record.exc_text = self._clean_text(logging.Formatter().formatException(
+                record.exc_info))
             record.exc_info = None
         return True
 

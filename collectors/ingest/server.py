@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer, create_server
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
+from waitress.utilities import BadRequest, RequestEntityTooLarge
 
 from collectors.errors import ConfigError, StorageError
 from collectors.ingest.app import IngestApp, problem
@@ -119,6 +121,69 @@ class RunningServer:
 _WAITRESS_ERROR_SLUGS = {400: "bad-request", 413: "body-too-large",
                          431: "header-fields-too-large", 500: "internal-error",
                          501: "not-implemented"}
+# Fixed texts: waitress's own can quote the offending header line, which may be
+# `Authorization: Bearer <key>`.
+_WAITRESS_ERROR_DETAILS = {431: "the request headers are too large",
+                           500: "unexpected server error",
+                           501: "only the chunked Transfer-Encoding is supported"}
+MALFORMED_REQUEST = "malformed HTTP request"
+
+
+#: Chunk framing (`<size in hex>\r\n` before a chunk, `\r\n` after it) takes at most 5 bytes per
+#: body byte (1-byte chunks): so a chunked body of the largest size accepted fits on the wire in
+#: this many times the body limit, plus CHUNKED_SLACK_BYTES (the last chunk, extensions, a
+#: trailer). Beyond that the upload is refused (413): a hard cap on the time a body takes.
+CHUNKED_WIRE_FACTOR = 6
+CHUNKED_SLACK_BYTES = 64 * 1024
+#: The longest chunk-size line (extensions included) and trailer accepted. waitress bounds
+#: neither and copies the pending text on every read; the wire cap alone would let each
+#: connection hold 6x the body limit of it in memory.
+MAX_CHUNK_LINE_BYTES = 4096
+MAX_CHUNK_TRAILER_BYTES = 64 * 1024
+
+
+class _ChunkFramingTooLarge(RequestEntityTooLarge):  # type: ignore[misc]
+    """A chunked upload whose framing alone went past the wire cap."""
+
+
+class _BodyLimitParser(HTTPRequestParser):  # type: ignore[misc]
+    """waitress's request parser, with a chunked body's limit applied to the body it carries.
+
+    waitress counts chunk framing against `max_request_body_size`, so a body under the limit
+    sent in small chunks was refused (413). Here a chunked body is refused once its de-chunked
+    bytes reach `max_request_body_size` (the app's maximum + 1: a body of exactly
+    INGEST_MAX_BODY_BYTES passes, one byte more does not, whatever the chunking), so the
+    buffered body (memory, then a temporary file) is bounded as before; the framing gets room
+    up to CHUNKED_WIRE_FACTOR times that on the wire. Content-Length bodies are waitress's
+    business as before: refused unread above the limit.
+    """
+
+    completed: bool  # (waitress's class attribute; annotated for mypy)
+
+    def received(self, data: bytes) -> int:
+        receiver = self.body_rcv
+        if self.completed or receiver is None or not self.chunked:
+            return int(super().received(data))
+        # waitress's own body branch, with the body counted apart from its framing
+        consumed = int(receiver.received(data))
+        self.body_bytes_received += consumed
+        limit = int(self.adj.max_request_body_size)
+        if len(receiver) >= limit:
+            self.error = RequestEntityTooLarge(f"exceeds max_body of {limit}")
+        elif self.body_bytes_received >= limit * CHUNKED_WIRE_FACTOR + CHUNKED_SLACK_BYTES:
+            self.error = _ChunkFramingTooLarge("chunk framing too large")
+        elif len(receiver.control_line) > MAX_CHUNK_LINE_BYTES \
+                or len(receiver.trailer) > MAX_CHUNK_TRAILER_BYTES:
+            self.error = BadRequest("chunk line or trailer too long")
+        elif receiver.error:
+            self.error = receiver.error  # garbage in the chunked encoding
+        elif receiver.completed:
+            # The body is whole: the app sees a plain request with its length.
+            self.headers["CONTENT_LENGTH"] = str(len(receiver))
+        else:
+            return consumed
+        self.completed = True
+        return consumed
 
 
 class _ProblemErrorTask(ErrorTask):  # type: ignore[misc]
@@ -127,11 +192,13 @@ class _ProblemErrorTask(ErrorTask):  # type: ignore[misc]
     def execute(self) -> None:
         error = self.request.error
         status = int(error.code)
-        if status == 413:
+        if isinstance(error, _ChunkFramingTooLarge):
+            detail = "the chunked body's framing is too large; send larger chunks"
+        elif status == 413:
             limit = int(self.channel.adj.max_request_body_size) - 1
             detail = f"the body is larger than {limit} bytes; send smaller batches"
         else:
-            detail = str(error.body)[:200]
+            detail = _WAITRESS_ERROR_DETAILS.get(status, MALFORMED_REQUEST)
         response = problem(status, _WAITRESS_ERROR_SLUGS.get(status, "http-error"), detail)
         self.status = response.status_line
         self.response_headers.extend(response.headers)
@@ -142,6 +209,7 @@ class _ProblemErrorTask(ErrorTask):  # type: ignore[misc]
 
 class _ProblemChannel(HTTPChannel):  # type: ignore[misc]
     error_task_class = _ProblemErrorTask
+    parser_class = _BodyLimitParser
 
 
 def _in_loop(trigger: Any, thunk: Callable[[], None]) -> bool:
@@ -242,7 +310,8 @@ def start_server(app_or_config: WSGIApplication | IngestConfig, host: str | None
             port=0 if port is None else port,
             threads=DEFAULT_THREADS if threads is None else threads,
             # waitress refuses bodies of this size or more with 413 before reading them (by
-            # Content-Length, or as chunks arrive); the app checks again for other servers.
+            # Content-Length, or as chunks arrive: `_BodyLimitParser` counts a chunked body's
+            # own bytes, not its framing); the app checks again for other servers.
             max_request_body_size=max_body_bytes + 1,
             ident="chrono-ingest",
             clear_untrusted_proxy_headers=True,

@@ -11,7 +11,8 @@ literals that no Decimal holds (an exponent beyond the decimal module's range, s
 `1e999999999999999999999`): they are judged by the float they denote, an infinity or a zero, as
 `1e400` and `1e-400` are. A price or volume needing more than MAX_NUMBER_SCALE (16383) digits
 after the point is refused too, whatever the backend: PostgreSQL would refuse to store it, every
-time the collector retried.
+time the collector retried. So is a negative volume whose float is a mere -0.0 (`-1e-400`): the
+sign is checked on the decimal (`-0` and `-0.0` are zeros, and valid).
 """
 
 from __future__ import annotations
@@ -392,7 +393,8 @@ def _scale(number: Decimal) -> int:
 def _fast_number(value: object, *, positive: bool) -> Decimal | None:
     """A price (`positive`: > 0) or volume (>= 0) for the fast paths, by the rules of `_number`:
     an int or a Decimal (or a float literal's text), at most MAX_NUMBER_DIGITS digits, finite as
-    a float (the chained comparisons also refuse NaN). None: the reference path decides."""
+    a float (the chained comparisons also refuse NaN), and a volume not negative as a decimal
+    either (`-1e-400` is -0.0 as a float). None: the reference path decides."""
     if type(value) is _Literal or type(value) is int:
         try:
             number = Decimal(value)
@@ -411,6 +413,8 @@ def _fast_number(value: object, *, positive: bool) -> Decimal | None:
         return None
     as_float = float(number)
     if not (0.0 < as_float < math.inf if positive else 0.0 <= as_float < math.inf):
+        return None
+    if as_float == 0.0 and number < 0:  # a volume such as -1e-400: its float is a mere -0.0
         return None
     return number
 
@@ -533,6 +537,7 @@ _GET_TIMESTAMP = attrgetter("timestamp")
 _GET_SOURCE = attrgetter("source")
 _GET_WORKER_ID = attrgetter("worker_id")
 _GET_METADATA = attrgetter("metadata")
+_FIRST_CHAR_OF = itemgetter(slice(0, 1))
 _SECOND_OF = itemgetter(slice(0, 19))  # slices: a short string gives "", never IndexError
 _CHAR_19_OF = itemgetter(slice(19, 20))
 _FRACTION_OF = itemgetter(slice(20, -1))
@@ -594,8 +599,13 @@ def _fast_columns(feeds: list[_FastRecord], now_ns: int) -> tuple[FeedBatch, int
         return None
     price_floats = list(map(float, prices))
     volume_floats = list(map(float, volumes))
+    least_volume = min(volume_floats)
     if not (min(price_floats) > 0.0 and max(price_floats) < math.inf
-            and min(volume_floats) >= 0.0 and max(volume_floats) < math.inf):
+            and least_volume >= 0.0 and max(volume_floats) < math.inf):
+        return None
+    # A negative literal whose float is -0.0 may be a zero (`-0.0`: valid) or a negative
+    # number too small for a float (`-1e-400`: refused): `_fast_records` tells them apart.
+    if least_volume == 0.0 and "-" in {*map(_FIRST_CHAR_OF, volumes)}:
         return None
     price_texts = _decimal_texts(prices)
     volume_texts = _decimal_texts(volumes)
@@ -912,9 +922,11 @@ def _number(index: int, field: str, value: object, out: list[Problem], *, requir
         out.append(Problem(index, field, "is not a finite 64-bit number"))
         return None
     if positive and not as_float > 0:
-        out.append(Problem(index, field, f"must be greater than 0, got {_short(number)}"))
+        # (a price such as 1e-400 is 0 as a float: SQLite would store 0)
+        tiny = " (0 as a 64-bit float)" if number > 0 else ""
+        out.append(Problem(index, field, f"must be greater than 0, got {_short(number)}{tiny}"))
         return None
-    if not positive and as_float < 0:
+    if not positive and number < 0:  # the decimal: -1e-400 is -0.0 as a float
         out.append(Problem(index, field, f"must not be negative, got {_short(number)}"))
         return None
     return number

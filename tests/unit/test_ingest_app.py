@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -10,6 +11,7 @@ import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ import pytest
 import requests
 
 from collectors.errors import StorageError
-from collectors.ingest.app import IngestApp
+from collectors.ingest.app import DEFAULT_VALIDATION_BUDGET_BYTES, IngestApp
+from collectors.ingest.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_THREADS
 from collectors.ingest.storage import SQLiteStorage, StoreResult, open_storage
 from collectors.ingest.validate import ValidFeed
 from tests.support import postgres
@@ -292,6 +295,74 @@ def test_chunked_body_within_limit_is_stored(http: requests.Session,
     assert response.status_code == 201
 
 
+def _padded_body(size: int) -> bytes:
+    """A valid one-record batch of exactly `size` bytes (spaces before the closing brace)."""
+    body = batch_body([make_feed()])
+    return body[:-1] + b" " * (size - len(body)) + b"}"
+
+
+def _chunked(body: bytes, chunk_bytes: int) -> bytes:
+    framed = [b"%x\r\n%s\r\n" % (len(body[i:i + chunk_bytes]), body[i:i + chunk_bytes])
+              for i in range(0, len(body), chunk_bytes)]
+    return b"".join(framed) + b"0\r\n\r\n"
+
+
+def _send_chunked(ingest: IngestServer, wire: bytes) -> tuple[int, bytes]:
+    """POST `wire` (chunked framing, written as is) and return the status and body."""
+    conn = HTTPConnection("127.0.0.1", ingest.server.port, timeout=30)
+    try:
+        conn.putrequest("POST", "/internal/ingest")
+        for name, value in ingest.headers().items():
+            conn.putheader(name, value)
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        with contextlib.suppress(OSError):  # refused as it arrived: the answer is waiting
+            conn.send(wire)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 4096, MAX_BODY])
+def test_chunked_body_of_exactly_the_limit_is_stored_whatever_its_chunks(
+        ingest: IngestServer, chunk_bytes: int) -> None:
+    # waitress counted chunk framing against the limit: a body under it sent in chunks was 413.
+    # The limit is on the body itself: exactly MAX_BODY passes, one byte more does not.
+    status, answer = _send_chunked(ingest, _chunked(_padded_body(MAX_BODY), chunk_bytes))
+    assert status == 201, answer
+    status, answer = _send_chunked(ingest, _chunked(_padded_body(MAX_BODY + 1), chunk_bytes))
+    assert status == 413, answer
+    doc = json.loads(answer)
+    assert doc["status"] == 413 and str(MAX_BODY) in doc["detail"]
+    assert stored_count(ingest) == 1
+
+
+def test_chunked_body_over_the_limit_is_refused_as_it_arrives(ingest: IngestServer) -> None:
+    # Neither buffered whole (memory, disk) nor waited for: the 413 comes while the client is
+    # still sending, as soon as the body's own bytes pass the limit.
+    wire = _chunked(_padded_body(MAX_BODY + 1), 1024)[:-5]  # no last chunk: never complete
+    status, answer = _send_chunked(ingest, wire)
+    assert status == 413, answer
+
+
+@pytest.mark.parametrize(("wire", "status", "detail"), [
+    # chunk extensions are framing too: 1 body byte per ~1 KiB on the wire is cut off at the
+    # hard cap (6 times the limit), long before the body is large
+    (b"".join(b"1;x=" + b"a" * 1000 + b"\r\n \r\n" for _ in range(1000)) + b"0\r\n\r\n",
+     413, "framing"),
+    # a chunk-size line that never ends (waitress would hold and copy it on every read)
+    (b"0" * 100_000, 400, "malformed"),
+])
+def test_chunk_framing_is_bounded(ingest: IngestServer, wire: bytes, status: int,
+                                  detail: str) -> None:
+    got, answer = _send_chunked(ingest, wire)
+    assert got == status, answer
+    doc = json.loads(answer)
+    assert doc["status"] == status and detail in doc["detail"]
+    assert stored_count(ingest) == 0
+
+
 def test_too_many_records_is_413(http: requests.Session, ingest: IngestServer) -> None:
     doc = assert_problem(post(http, ingest, batch_body([make_feed()] * 201)), 413)
     assert doc["errors"][0]["field"] == "feeds"
@@ -303,7 +374,8 @@ def test_malformed_json_is_400(http: requests.Session, ingest: IngestServer,
     assert_problem(post(http, ingest, body), 400)
 
 
-@pytest.mark.parametrize("key", [None, "", "key\x7f", "tab\tkey", "k" * 256, "clé-ünï"])
+@pytest.mark.parametrize("key", [None, "", "key\x7f", "tab\tkey", "k" * 256, "clé-ünï",
+                                 "k1, k1", "a,b"])
 def test_bad_idempotency_key_is_400(http: requests.Session, ingest: IngestServer,
                                     key: str | None) -> None:
     headers = ingest.headers()
@@ -314,6 +386,32 @@ def test_bad_idempotency_key_is_400(http: requests.Session, ingest: IngestServer
     doc = assert_problem(post(http, ingest, batch_body([make_feed()]), headers), 400)
     if "errors" in doc:  # else waitress refused the header itself (DEL), also problem+json
         assert doc["errors"][0]["field"] == "Idempotency-Key"
+    assert stored_count(ingest) == 0
+
+
+def test_idempotency_key_sent_twice_is_400(ingest: IngestServer) -> None:
+    # waitress joins a repeated header into "k, k": a new key, so a batch sent with the header
+    # twice was stored again under it (and once more for each such retry).
+    body = batch_body([make_feed()])
+    for keys in (["dup-1", "dup-1"], ["dup-2", "dup-3"]):
+        conn = HTTPConnection("127.0.0.1", ingest.server.port, timeout=30)
+        try:
+            conn.putrequest("POST", "/internal/ingest")
+            for name, value in ingest.headers().items():
+                if name != "Idempotency-Key":
+                    conn.putheader(name, value)
+            for key in keys:
+                conn.putheader("Idempotency-Key", key)
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            response = conn.getresponse()
+            doc = json.loads(response.read())
+        finally:
+            conn.close()
+        assert response.status == 400
+        assert response.getheader("Content-Type") == PROBLEM
+        assert [e["field"] for e in doc["errors"]] == ["Idempotency-Key"]
+        assert "Idempotency-Key" in doc["detail"]
     assert stored_count(ingest) == 0
 
 
@@ -359,6 +457,44 @@ def test_invalid_record_is_422_naming_index_and_field(http: requests.Session,
     assert len(doc["errors"]) == 1
     assert len(json.dumps(doc)) < 2000  # the 10,000-character symbol is not echoed back
     assert stored_count(ingest) == 0  # the valid record 0 was not stored either
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_ingest(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[IngestServer]:
+    """The ingest server on SQLite, then on PostgreSQL."""
+    if request.param == "sqlite":
+        with running_ingest(tmp_path, max_body_bytes=MAX_BODY, max_feeds=200) as server:
+            yield server
+        return
+    with postgres.postgres_schema() as url:
+        storage = open_storage(url, max_connections=4)
+        try:
+            with running_ingest(storage=storage, max_body_bytes=MAX_BODY,
+                                max_feeds=200) as server:
+                yield server
+        finally:
+            storage.close()
+
+
+@pytest.mark.parametrize(("field", "literal", "status"), [
+    ("volume", "-1e-400", 422), ("volume", "-1e-330", 422), ("volume", "-1e-1001", 422),
+    ("volume", "-0", 201), ("volume", "-0.0", 201), ("volume", "1e-400", 201),
+    ("price", "1e-400", 422), ("price", "-1e-400", 422),
+])
+def test_numbers_a_float_rounds_to_zero_are_judged_alike_on_both_backends(
+        http: requests.Session, any_ingest: IngestServer, field: str, literal: str,
+        status: int) -> None:
+    # -1e-400 is -0.0 as a float: it passed validation, then SQLite stored 0.0 and PostgreSQL's
+    # CHECK (volume >= 0) answered 503 on every retry, so the collector retried forever.
+    for body in (_with_raw_value(field, literal),
+                 _with_raw_value(field, literal).replace(b": ", b":").replace(b", ", b",")):
+        response = post(http, any_ingest, body)
+        if status == 201:
+            assert response.status_code == 201, response.text
+            continue
+        doc = assert_problem(response, 422)
+        assert [(e["index"], e["field"]) for e in doc["errors"]] == [(1, field)]
+    assert stored_count(any_ingest) == (4 if status == 201 else 0)
 
 
 def test_422_lists_every_bad_record(http: requests.Session, ingest: IngestServer) -> None:
@@ -537,6 +673,78 @@ def test_wsgi_length_rules(tmp_path: Path) -> None:
         assert status.startswith("400")
     finally:
         storage.close()
+
+
+class _BudgetWatch:
+    """A storage that notes the app's budget in use while it stores a batch."""
+
+    def __init__(self, inner: SQLiteStorage) -> None:
+        self.inner = inner
+        self.app: IngestApp | None = None
+        self.in_use: list[int] = []
+
+    def store_batch(self, key: str, sha: str, feeds: Sequence[ValidFeed]) -> StoreResult:
+        assert self.app is not None
+        self.in_use.append(self.app._validating_bytes)
+        return self.inner.store_batch(key, sha, feeds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_bodies_are_validated_and_stored_within_a_memory_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A body takes ~10x its size from its parse until its records are stored (eight 8 MiB
+    # bodies at once took 640 MB): past the budget a body waits VALIDATION_BUDGET_WAIT_S, then
+    # gets a 503.
+    monkeypatch.setattr("collectors.ingest.app.VALIDATION_BUDGET_WAIT_S", 0.1)
+    small = batch_body([make_feed()])
+    storage = SQLiteStorage.open(tmp_path / "x.db")
+    try:
+        watch = _BudgetWatch(storage)
+        app = IngestApp(watch, [TEST_API_KEY], max_body_bytes=MAX_BODY,  # type: ignore[arg-type]
+                        max_feeds=200, validation_budget_bytes=4 * len(small))
+        watch.app = app
+
+        def send(body: bytes, key: str) -> tuple[str, dict[str, str], bytes]:
+            return _call(app, _environ(body, CONTENT_LENGTH=str(len(body)),
+                                       HTTP_IDEMPOTENCY_KEY=key))
+
+        assert app._take_budget(3 * len(small))  # other requests' bodies being checked
+        try:
+            assert send(small, "fits")[0].startswith("201")  # 3 + 1 bodies: within it
+            status, headers, answer = send(small + b" ", "no-room")
+            assert status.startswith("503"), answer
+            assert headers["Retry-After"] == "1" and headers["Content-Type"] == PROBLEM
+            assert json.loads(answer)["type"].endswith(":busy")
+        finally:
+            app._return_budget(3 * len(small))
+        assert send(small + b" ", "no-room")[0].startswith("201")  # its retry, with room
+        big = batch_body([make_feed()] * 40)
+        assert len(big) > 4 * len(small)
+        assert send(big, "alone")[0].startswith("201")  # larger than the budget: goes alone
+        assert app._validating_bytes == 0
+        # held until the records are stored (the validated batch is most of the memory)
+        assert watch.in_use == [4 * len(small), len(small) + 1, len(big)]
+
+        # A body waiting for room goes on as soon as there is some.
+        monkeypatch.setattr("collectors.ingest.app.VALIDATION_BUDGET_WAIT_S", 30.0)
+        assert app._take_budget(4 * len(small))
+        results: list[str] = []
+        waiter = threading.Thread(target=lambda: results.append(send(small, "waits")[0]))
+        waiter.start()
+        app._return_budget(4 * len(small))
+        waiter.join(30)
+        assert [r[:3] for r in results] == ["201"]
+    finally:
+        storage.close()
+
+
+def test_default_budget_never_holds_up_ordinary_batches() -> None:
+    thousand = batch_body([make_feed(symbol=f"S{i % 50}/USD") for i in range(1000)])
+    # every worker thread validating a 1000-record batch at once fits, as do two of the largest
+    assert DEFAULT_THREADS * len(thousand) <= DEFAULT_VALIDATION_BUDGET_BYTES
+    assert 2 * DEFAULT_MAX_BODY_BYTES <= DEFAULT_VALIDATION_BUDGET_BYTES
 
 
 def _with_raw_value(field: str, literal: str) -> bytes:

@@ -229,6 +229,40 @@ def test_the_finest_number_postgresql_holds_is_valid_on_both_paths() -> None:
         assert str(got.feeds[-1]["volume"]) == "1E-16383"
 
 
+@pytest.mark.parametrize("literal", ["-1e-400", "-1e-330", "-1E-1001", "-0.5e-400",
+                                     "-0." + "0" * 400 + "1", "-1e-16383"])
+def test_negative_volumes_whose_float_is_minus_zero_are_422_on_both_paths(literal: str) -> None:
+    # float(-1e-400) is -0.0, which passed a sign check on the float: SQLite stored 0.0, and
+    # PostgreSQL's CHECK (volume >= 0) refused the batch on every retry (a 503, forever).
+    for raw in (_raw(_record(volume=literal)), _raw(_record(), _record(volume=literal)),
+                _raw(_record(), _record(), _record(volume=literal))):
+        assert validate_batch(raw, max_feeds=MAX_FEEDS, now_ns=NOW_NS).feeds == []
+        got = _same(raw)
+        assert isinstance(got, Validation) and not got.feeds
+        index = raw.count(b'"symbol"') - 1
+        assert [(p.index, p.field, p.problem) for p in got.problems] == [
+            (index, "volume", f"must not be negative, got {Decimal(literal)}")]
+
+
+@pytest.mark.parametrize("literal", ["-0", "-0.0", "-0e-5", "-0.000E+3", "0.0", "1e-400"])
+def test_zero_and_tiny_positive_volumes_are_valid_on_both_paths(literal: str) -> None:
+    for raw in (_raw(_record(volume=literal)), _raw(_record(), _record(volume=literal))):
+        got = _same(raw)
+        assert isinstance(got, Validation) and got.ok
+        assert got.feeds[-1]["volume"] == Decimal(literal)  # (-0, an int literal, is 0)
+
+
+@pytest.mark.parametrize("literal", ["1e-400", "1E-330", "0.5e-1001", "-1e-400", "-0.0"])
+def test_prices_whose_float_is_zero_are_422_on_both_paths(literal: str) -> None:
+    # > 0 is judged by the float SQLite would store: 1e-400 is 0 there (PostgreSQL would keep it).
+    for raw in (_raw(_record(price=literal)), _raw(_record(), _record(price=literal))):
+        got = _same(raw)
+        assert isinstance(got, Validation) and not got.feeds
+        index = raw.count(b'"symbol"') - 1
+        assert [(p.index, p.field) for p in got.problems] == [(index, "price")]
+        assert got.problems[0].problem.startswith("must be greater than 0, got ")
+
+
 def test_tiny_metadata_literal_no_decimal_holds_is_its_float() -> None:
     raw = _raw(_record(metadata='{"a":1e-999999999999999999999,"b":-1E-999999999999999999999}'))
     got = _same(raw)

@@ -122,6 +122,37 @@ def test_waitress_level_errors_are_problem_json(tmp_path: Path) -> None:
         assert bad_header.headers["Server"] == "chrono-ingest"
 
 
+def _raw_request(port: int, request: bytes) -> tuple[bytes, bytes]:
+    """Send `request` as is; return the status line and the body of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], body
+
+
+@pytest.mark.parametrize("header_block", [
+    # a bare LF inside the Authorization line: waitress quoted the whole line, key included
+    b"Authorization: Bearer @KEY@\nX-Other: 1\r\n",
+    # a continuation line first: quoted as well
+    b" Authorization: Bearer @KEY@\r\n",
+])
+def test_waitress_parse_errors_never_echo_header_content(tmp_path: Path,
+                                                         header_block: bytes) -> None:
+    with running_ingest(tmp_path) as ingest:
+        key = ingest.key.encode()
+        request = (b"POST /internal/ingest HTTP/1.1\r\n" + header_block.replace(b"@KEY@", key)
+                   + b"Host: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+                   b"Connection: close\r\n\r\n{}")
+        status, body = _raw_request(ingest.server.port, request)
+    assert status.split(b" ")[1] == b"400", status
+    doc = json.loads(body)
+    assert doc["status"] == 400 and doc["detail"] == "malformed HTTP request"
+    assert key not in body and b"Bearer" not in body and b"Authorization" not in body
+
+
 def test_bind_failure_is_oserror(tmp_path: Path) -> None:
     with running_ingest(tmp_path) as ingest:
         cfg = IngestConfig(api_keys=(TEST_API_KEY,), database_url=f"sqlite:///{tmp_path}/b.db",

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import cast
 
 import psycopg
 import pytest
@@ -26,8 +27,8 @@ from collectors.ingest.storage import (
     migrate,
     open_storage,
 )
-from collectors.ingest.storage.postgres import _key_lock_id
-from collectors.ingest.validate import ValidFeed, validate_body
+from collectors.ingest.storage.postgres import _copy_payload, _key_lock_id
+from collectors.ingest.validate import FeedBatch, ValidFeed, validate_batch, validate_body
 from tests.support import postgres
 from tests.support.servers import batch_body, iso_ago, make_feed
 
@@ -112,6 +113,32 @@ def test_summary_window(storage: Storage) -> None:
         ("binance", 1, 1), ("coinbase", 2, 2)]
     assert summary[1]["max_timestamp"] == newest_coinbase
     assert sum(s["count"] for s in storage.summary(120)) == 4
+
+
+@pytest.mark.parametrize(("sent", "postgres_keeps"), [
+    ("2024-02-29T23:59:59.9999995Z", "2024-02-29T23:59:59.999999Z"),  # rounding: next day
+    ("2024-12-31T23:59:59.999999999Z", "2024-12-31T23:59:59.999999Z"),  # ... next year
+    ("2024-05-09T10:00:00.1234567Z", "2024-05-09T10:00:00.123456Z"),
+    ("2024-05-09T10:00:00.123456Z", "2024-05-09T10:00:00.123456Z"),
+    ("2024-05-09T10:00:00.5Z", "2024-05-09T10:00:00.500000Z"),
+])
+def test_sub_microsecond_digits_are_truncated_never_rounded(storage: Storage, sent: str,
+                                                           postgres_keeps: str) -> None:
+    # timestamptz keeps microseconds and PostgreSQL ROUNDS the rest: 23:59:59.9999995 became
+    # the next day. SQLite keeps the text as sent.
+    body = batch_body([make_feed(timestamp=sent, symbol="A/USD")])
+    batch = validate_batch(body, max_feeds=10, now_ns=time.time_ns()).feeds
+    assert isinstance(batch, FeedBatch) and batch.metadata_plain  # COPY text from the columns
+    records = feeds_of(make_feed(timestamp=sent, symbol="B/USD"))  # COPY text by record
+    # psycopg's own row writer (a value the COPY text builder leaves to it)
+    by_row = [cast(ValidFeed, {**feeds_of(make_feed(timestamp=sent, symbol="C/USD"))[0],
+                               "price": 45123.5})]
+    assert _copy_payload(by_row) is None
+    for key, feeds in (("columns", batch), ("records", records), ("rows", by_row)):
+        assert storage.store_batch(key, sha(key), feeds).stored == 1
+    got = [(r["symbol"], r["timestamp"]) for r in storage.latest()]
+    want = postgres_keeps if isinstance(storage, PostgresStorage) else sent
+    assert got == [("A/USD", want), ("B/USD", want), ("C/USD", want)]
 
 
 def test_concurrent_same_key_stored_once(storage: Storage) -> None:

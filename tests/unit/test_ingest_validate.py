@@ -290,11 +290,12 @@ def _storable(literal: str) -> bool:
 def test_any_number_literal_is_judged_by_its_float(field: str, literal: str) -> None:
     verdict = _both_paths(_with_literal(field, literal))
     as_float = float(literal)
-    # Prices and volumes are stored exactly, as Decimals: they must also be storable.
+    # Prices and volumes are stored exactly, as Decimals: they must also be storable. A volume
+    # is judged by its decimal's sign too: -1e-400 is -0.0 as a float, but negative.
     if field == "price":
         ok = math.isfinite(as_float) and as_float > 0 and _storable(literal)
     elif field == "volume":
-        ok = math.isfinite(as_float) and as_float >= 0 and _storable(literal)
+        ok = math.isfinite(as_float) and _storable(literal) and Decimal(literal) >= 0
     else:
         ok = math.isfinite(as_float)
     assert verdict.ok == ok, (verdict.problems, literal)

@@ -6,8 +6,10 @@ collector sent, and `numeric` stores exactly that, so an oracle price reads back
 exact. The cost (a few bytes more per row, slower arithmetic than double precision) is small
 next to the per-row overheads of the table and its indexes.
 
-`timestamp` is `timestamptz`, which holds microseconds: sub-microsecond digits are rounded
-(no supported exchange sends them).
+`timestamp` is `timestamptz`, which holds microseconds. Digits beyond those (the validator accepts
+up to nine) are truncated before the text reaches PostgreSQL, which would round them: rounded,
+`2026-11-29T23:59:59.9999995Z` would be stored as the next day. So the stored second (and day) is
+always the one the exchange sent. (SQLite keeps the text exactly as sent.)
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ _CLAIM: LiteralString = (
     " SELECT l.got, EXISTS (SELECT 1 FROM ins) FROM l"
 )
 _NULL = "\\N"  # COPY text format's NULL
+#: `YYYY-MM-DDTHH:MM:SS.ffffffZ`: the longest canonical timestamp PostgreSQL holds exactly
+_MICROSECOND_STAMP_CHARS = 27
 _COPY_UNSAFE = ("\t", "\n", "\r", "\\")
 _LATEST_COLUMNS: LiteralString = (
     "symbol, price, volume, timestamp, source, worker_id, metadata, received_at"
@@ -215,8 +219,8 @@ class PostgresStorage:
                     if payload is None:
                         for f in feeds:
                             copy.write_row((f["symbol"], f["price"], f["volume"],
-                                            f["timestamp"], f["source"], f["worker_id"],
-                                            f["metadata_json"]))
+                                            _to_microseconds(f["timestamp"]), f["source"],
+                                            f["worker_id"], f["metadata_json"]))
                     else:
                         copy.write(payload)
                 conn.execute("COMMIT")
@@ -291,7 +295,10 @@ def _copy_payload(feeds: Sequence[ValidFeed]) -> str | None:
         # is what the f-string below writes, and every volume is present. (A metadata text with
         # a COPY-special character takes the record path; a FeedBatch comes from a body without
         # backslashes, so there is none.)
-        rows = zip(feeds.symbols, feeds.price_texts, feeds.volume_texts, feeds.timestamps,
+        stamps = feeds.timestamps
+        if max(map(len, stamps), default=0) > _MICROSECOND_STAMP_CHARS:
+            stamps = list(map(_to_microseconds, stamps))
+        rows = zip(feeds.symbols, feeds.price_texts, feeds.volume_texts, stamps,
                    feeds.sources, feeds.worker_ids, feeds.metadata_json, strict=True)
         lines = list(map("\t".join, rows))
         lines.append("")  # the last line's newline
@@ -309,11 +316,23 @@ def _copy_payload(feeds: Sequence[ValidFeed]) -> str | None:
                 return None
             if "\\" in meta:
                 meta = meta.replace("\\", "\\\\")
+            stamp = f["timestamp"]
+            if len(stamp) > _MICROSECOND_STAMP_CHARS:
+                stamp = _to_microseconds(stamp)
             lines.append(f"{f['symbol']}\t{price}\t{_NULL if volume is None else volume}\t"
-                         f"{f['timestamp']}\t{f['source']}\t{f['worker_id']}\t{meta}\n")
+                         f"{stamp}\t{f['source']}\t{f['worker_id']}\t{meta}\n")
     except (TypeError, KeyError):
         return None
     return "".join(lines)
+
+
+def _to_microseconds(stamp: str) -> str:
+    """A validated (canonical) timestamp cut to microseconds: `...59.9999995Z` ->
+    `...59.999999Z`. PostgreSQL would round the extra digits, and rounding can move the second,
+    the minute, even the day; truncating never does."""
+    if len(stamp) <= _MICROSECOND_STAMP_CHARS:
+        return stamp
+    return stamp[:_MICROSECOND_STAMP_CHARS - 1] + "Z"
 
 
 def _rollback_quietly(conn: psycopg.Connection[Any]) -> None:

@@ -4,6 +4,11 @@ SQLite allows one writer at a time anyway; a process-local lock serialises write
 in Python rather than spin on SQLITE_BUSY, while readers use their own connections and, thanks to
 WAL, never wait for the writer. `synchronous=FULL` because a 2xx tells the collector it may
 delete its copy of the batch: the rows must survive a power cut, not only a process crash.
+
+`price` and `volume` are REAL, 64-bit floats: the nearest double to the decimal the collector
+sent (about 15 to 17 significant digits; a volume of `1e-400` is stored as 0.0), where
+PostgreSQL's `numeric` keeps every digit. `timestamp` is the validated text, every fractional
+digit kept (PostgreSQL keeps microseconds), with `timestamp_ns` to order by.
 """
 
 from __future__ import annotations
