@@ -31,11 +31,17 @@ Notes that shape this parser:
   newest `E` never moves more than `NEWEST_AHEAD_MS` past our receive time, so one bad `E`
   (hours ahead) cannot make every real update after it "late"; an `E` more than
   `MAX_EVENT_AHEAD_NS` ahead is not used as the record's time at all.
-- Symbols map both ways through an explicit table of (base, quote) markets per venue: `BTCUSDC`
-  and `BTCUSDS` cannot be told apart by string surgery, and a USDT market is never `.../USD`.
-  binance.com lists no USD-quoted market at all; binance.us lists both `BTCUSD` and `BTCUSDT`.
-- Binance says nothing about a stream name it does not know (no error, just no data); the
-  symbol check at start-up and the connection layer's "no first message" watch cover that.
+- Symbols map both ways through explicit tables, never by string surgery on the venue's side
+  (`BTCUSDC` and `BTCUSDS` cannot be told apart that way): a table of well-known (base, quote)
+  markets per venue, plus each configured `BASE/QUOTE` symbol, whose venue name is `BASEQUOTE`
+  and which joins the reverse table as configured (two configured symbols with one venue name
+  are refused at start). A USDT market is never `.../USD`: binance.com lists no USD-quoted
+  market at all (refused at start, pointing at binanceus); binance.us lists both `BTCUSD` and
+  `BTCUSDT`.
+- Binance says nothing about a stream name it does not know (no error, just no data), and lists
+  far more markets than any table here: a configured symbol outside the table is logged at
+  start as unverified, and the parser's "no first message within 30 s" check names it if the
+  venue sends nothing for it.
 """
 
 from __future__ import annotations
@@ -226,6 +232,8 @@ class BinanceAdapter:
         self._worker_id = worker_id
         self._to_venue: dict[str, str] = {}
         self._from_venue: dict[str, str] = {}
+        #: Configured symbols outside the table (the service logs them at start).
+        self.unverified: list[str] = []
         for base, quote in venue.markets:
             canonical, venue_symbol = f"{base}/{quote}", f"{base}{quote}"
             # Two markets spelling the same venue symbol would make the reverse map ambiguous.
@@ -251,14 +259,27 @@ class BinanceAdapter:
         return sorted(self._to_venue)
 
     def to_venue(self, symbol: str) -> str:
-        """`BTC/USDT` -> `BTCUSDT`. Raises ConfigError for a market this venue does not list."""
+        """`BTC/USDT` -> `BTCUSDT`; a symbol outside the table joins it (see the module's
+        notes). Raises ConfigError for a symbol this venue cannot have."""
         venue_symbol = self._to_venue.get(symbol)
         if venue_symbol is None:
-            raise self._unlisted(symbol)
+            problem = self._unlisted(symbol)
+            if problem is not None:
+                raise problem
+            base, quote = symbol.split("/")
+            venue_symbol = base + quote
+            other = self._from_venue.get(venue_symbol)
+            if other is not None:
+                raise ConfigError("SYMBOLS", f"{symbol} and {other} are both {venue_symbol} on "
+                                  f"{self.name}", "the market really traded (only one is)")
+            self._to_venue[symbol] = venue_symbol
+            self._from_venue[venue_symbol] = symbol
+            self.unverified.append(symbol)
         return venue_symbol
 
     def from_venue(self, venue_symbol: str) -> str:
-        """`BTCUSDT` -> `BTC/USDT`. Raises ParseError naming a symbol not in the table."""
+        """`BTCUSDT` -> `BTC/USDT`. Raises ParseError naming a symbol neither in the table nor
+        configured."""
         canonical = self._from_venue.get(venue_symbol)
         if canonical is None:
             raise ParseError(f"{self.name}: market {venue_symbol[:40]!r} is not in the symbol "
@@ -269,16 +290,17 @@ class BinanceAdapter:
         return self.to_venue(symbol).lower() + _TICKER_SUFFIX
 
     def check_symbols(self, symbols: Sequence[str]) -> None:
-        """Raises ConfigError("SYMBOLS", ...) for the first symbol this venue does not list."""
+        """Raises ConfigError("SYMBOLS", ...) for the first symbol this venue cannot have; the
+        ones outside the table of known markets are added to `unverified`."""
         for symbol in symbols:
             self.to_venue(symbol)
 
-    def _unlisted(self, symbol: str) -> ConfigError:
+    def _unlisted(self, symbol: str) -> ConfigError | None:
+        """Why a symbol outside the table cannot be a market of this venue (None: it can)."""
         if not canonical_symbol_ok(symbol):
             return ConfigError("SYMBOLS", f"{symbol!r} is not a BASE/QUOTE symbol",
                                "e.g. BTC/USDT")
         base, quote = symbol.split("/")
-        same_base = sorted(s for s in self._to_venue if s.split("/")[0] == base)
         if self.name == BINANCE_COM.name and quote == "USD":
             usdt = f"{base}/USDT"
             suggestion = usdt if usdt in self._to_venue else "a USDT market such as BTC/USDT"
@@ -288,9 +310,7 @@ class BinanceAdapter:
                 "markets are quoted in USDT, a different asset)",
                 f"use {suggestion}, or the binanceus collector, which lists {symbol}",
             )
-        listed = f"; {base} is listed as {', '.join(same_base)}" if same_base else ""
-        return ConfigError("SYMBOLS", f"{symbol} is not a {self.name} market{listed}",
-                           "supported: " + ", ".join(self.supported_symbols()))
+        return None
 
     # ---- connection ------------------------------------------------------------------------
 

@@ -65,7 +65,7 @@ def test_connect_url_puts_lowercase_streams_in_the_path() -> None:
         "ws://127.0.0.1:9000/stream?streams=btcusd@ticker/btcusdt@ticker")
 
 
-def test_connect_url_refuses_empty_oversized_and_unlisted_lists() -> None:
+def test_connect_url_refuses_empty_oversized_and_impossible_lists() -> None:
     adapter = binance("w")
     with pytest.raises(ConfigError, match="no symbols"):
         adapter.connect_url("wss://x", [])
@@ -84,13 +84,29 @@ def test_usd_symbol_on_binance_com_says_there_is_no_usd_market() -> None:
     assert "BTC/USDT" in err.allowed and "binanceus" in err.allowed
 
 
-def test_unlisted_symbol_is_named_with_the_supported_list() -> None:
-    with pytest.raises(ConfigError) as info:
-        binance("w").check_symbols(["FOO/USDT"])
-    assert "FOO/USDT is not a binance market" in info.value.problem
-    assert info.value.allowed.startswith("supported: ") and "BTC/USDT" in info.value.allowed
-    with pytest.raises(ConfigError, match="BTC is listed as BTC/USD, BTC/USDC, BTC/USDT"):
-        binance_us("w").check_symbols(["BTC/EUR"])
+def test_a_real_market_outside_the_table_is_subscribed_and_noted_as_unverified() -> None:
+    """LTC/BTC and BTC/TRY are binance.com markets the table does not hold: they were refused
+    at start ("not a binance market"). Binance sends nothing for a stream it does not know, and
+    the parser names a symbol without data after 30 s, so the table cannot be the judge."""
+    adapter = binance("w")
+    adapter.check_symbols(["BTC/USDT", "LTC/BTC", "BTC/TRY"])
+    assert adapter.unverified == ["LTC/BTC", "BTC/TRY"]  # the service logs them
+    assert adapter.connect_url("wss://x", ["LTC/BTC"]) == "wss://x/stream?streams=ltcbtc@ticker"
+    data = {**BTCUSDT, "s": "LTCBTC", "c": "0.00123"}
+    [rec] = adapter.parse(json.dumps({"stream": "ltcbtc@ticker", "data": data}),
+                          RECEIVED_NS).records
+    assert (rec.symbol, rec.price) == ("LTC/BTC", 0.00123)
+    # a venue symbol neither in the table nor configured is still no market of ours
+    with pytest.raises(ParseError, match="'NOPEBTC' is not in the symbol table"):
+        adapter.parse(json.dumps({"stream": "nopebtc@ticker", "data": {**data, "s": "NOPEBTC"}}),
+                      RECEIVED_NS)
+
+
+def test_two_symbols_with_one_venue_name_and_malformed_symbols_are_refused() -> None:
+    with pytest.raises(ConfigError, match="BTCU/SDT and BTC/USDT are both BTCUSDT"):
+        binance("w").check_symbols(["BTCU/SDT"])
+    with pytest.raises(ConfigError, match="ABC/D and AB/CD are both ABCD"):
+        binance("w").check_symbols(["AB/CD", "ABC/D"])
     with pytest.raises(ConfigError, match="not a BASE/QUOTE symbol"):
         binance("w").check_symbols(["btcusdt"])
 
