@@ -55,7 +55,8 @@ def classify_status(status: int) -> Outcome:
 
 def parse_retry_after(value: str | None, now: datetime | None = None,
                       max_s: float = 600.0) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP-date), clamped to [0, max_s]."""
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), clamped to [0, max_s];
+    None when it is absent or unreadable. Raises nothing for any header value."""
     if value is None:
         return None
     value = value.strip()
@@ -65,7 +66,8 @@ def parse_retry_after(value: str | None, now: datetime | None = None,
         return min(float(value), max_s)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    # OverflowError: a year, day or second too large for a datetime ("06 Nov 99999999999").
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)

@@ -53,13 +53,14 @@ class PostResult:
     retry_after_s: float | None
     detail: str          # the start of the answer body (or the network error), for logs
     body: bytes = b""    # the answer body, up to MAX_RESPONSE_BYTES
+    reason: str = ""     # the failure reason for metrics and logs, when the status does not say
 
     def rejected_indexes(self, batch_size: int) -> list[int] | None:
         """Positions of the records a 400/422 problem+json names (`errors[].index`), or None
         when the answer does not name them all with valid positions."""
         try:
             doc = json.loads(self.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deep nesting ("[[[[...")
             return None
         errors = doc.get("errors") if isinstance(doc, dict) else None
         if not isinstance(errors, list) or not errors:
@@ -111,6 +112,10 @@ class _Deadline:
                 self._expires, self.stopping = at, True
                 self._cond.notify()
 
+    def past_stop(self) -> bool:
+        with self._cond:
+            return self._stop_at is not None and self._stop_at <= time.monotonic()
+
     def disarm(self) -> None:
         with self._cond:
             self._expires = None
@@ -131,6 +136,17 @@ class _Deadline:
                 if sock is not None:
                     with contextlib.suppress(OSError):
                         sock.shutdown(socket.SHUT_RDWR)
+
+
+class _NoRedirectSession(requests.Session):
+    """A Session that never looks at a redirect. requests runs its redirect machinery even
+    with `allow_redirects=False` (to fill `Response.next`): it parses the Location header (a
+    malformed one raises ValueError or UnicodeDecodeError, not a RequestException) and reads
+    the whole body with no bound. A 3xx is an answer like any other here: its body is read
+    with the bound and its status classified."""
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        return None
 
 
 def _tracking_adapter(deadline: _Deadline) -> HTTPAdapter:
@@ -166,7 +182,8 @@ def _tracking_adapter(deadline: _Deadline) -> HTTPAdapter:
 
 class Poster:
     """POSTs one batch. Holds one keep-alive session; never retries by itself. Each POST has a
-    total deadline of twice the connect plus read timeouts."""
+    total deadline of twice the connect plus read timeouts. Never raises for anything the API
+    answers (or fails to): every surprise is a RETRY result."""
 
     def __init__(self, url: str, api_key: str, *, connect_timeout_s: float,
                  read_timeout_s: float) -> None:
@@ -174,7 +191,13 @@ class Poster:
         self._timeout = (connect_timeout_s, read_timeout_s)
         self._total_s = 2 * (connect_timeout_s + read_timeout_s)
         self._deadline = _Deadline()
-        self._session = requests.Session()
+        # An API that echoes our headers must not put the key into logs or the dead-letter
+        # file: the longest first, so "Bearer <key>" goes whole.
+        self._secrets = tuple(s for s in (f"Bearer {api_key}", api_key) if s.strip())
+        self._logged_at: dict[str, float] = {}  # event -> monotonic time (rate-limited logs)
+        #: monotonic time of the first stop_by call: when the collector was asked to stop.
+        self.stop_requested_at: float | None = None
+        self._session = _NoRedirectSession()
         adapter = _tracking_adapter(self._deadline)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
@@ -186,29 +209,59 @@ class Poster:
         self._session.trust_env = False  # no proxies/netrc from the environment
 
     def post(self, batch: Batch) -> PostResult:
+        try:
+            return self._post(batch)
+        except Exception as exc:  # noqa: BLE001 - no answer may end the delivery thread
+            # A bug or a library surprise on a hostile answer: retried like a network error
+            # (same key, with backoff), said once a minute, never a thread crash (which
+            # would restart the process into the same batch, for ever).
+            detail = f"client_error: {self._describe(exc)}"
+            self._log_sometimes(logging.ERROR, "post_client_error", detail)
+            # The session's connection may be mid-answer: drop it, the next POST reconnects.
+            with contextlib.suppress(Exception):
+                self._session.close()
+            return PostResult(Outcome.RETRY, None, None, detail, reason="client_error")
+
+    def _post(self, batch: Batch) -> PostResult:
         if not self._deadline.arm(self._total_s):
             return PostResult(Outcome.RETRY, None, None, self._cut_short())
         try:
-            resp = self._session.post(self.url, data=batch.body(), timeout=self._timeout,
-                                      headers={"Idempotency-Key": batch.key},
-                                      allow_redirects=False, stream=True)
             try:
+                resp = self._session.post(self.url, data=batch.body(), timeout=self._timeout,
+                                          headers={"Idempotency-Key": batch.key},
+                                          allow_redirects=False, stream=True)
+            except _NETWORK_ERRORS as exc:
+                return self._no_answer(exc)
+            try:
+                if self._deadline.fired:
+                    # Cut while the headers came: http.client takes the end of the stream for
+                    # their end, so they may not be whole.
+                    return PostResult(Outcome.RETRY, None, None, self._cut_short())
                 body = _bounded_body(resp)
+            except _NETWORK_ERRORS as exc:
+                if not 200 <= resp.status_code < 300:
+                    return self._no_answer(exc)
+                # The status line and headers arrived whole and say "stored": the body (which
+                # we do not use) stalled or broke. Re-sending would never be acknowledged by an
+                # API that always does this; urllib3 closed the connection (not reused).
+                self._log_sometimes(logging.WARNING, "ingest_answer_body_failed",
+                                    self._describe(exc))
+                body = b""
             finally:
                 resp.close()
-        # Reading the body goes through urllib3 directly, whose errors requests does not wrap
-        # (a chunked answer cut or stalled mid-stream).
-        except (requests.RequestException, Urllib3Error, http.client.HTTPException,
-                OSError) as exc:
-            if self._deadline.fired:
-                return PostResult(Outcome.RETRY, None, None, self._cut_short())
-            return PostResult(Outcome.RETRY, None, None, _describe(exc))
         finally:
             self._deadline.disarm()
-        if self._deadline.fired:  # cut short: whatever was parsed is not a whole answer
-            return PostResult(Outcome.RETRY, None, None, self._cut_short())
         outcome = classify_status(resp.status_code)
-        detail = "" if outcome is Outcome.STORED else body[:1000].decode("utf-8", "replace")
+        if self._deadline.fired and outcome is not Outcome.STORED:
+            return PostResult(Outcome.RETRY, None, None, self._cut_short())  # not a whole answer
+        detail = ""
+        if outcome is not Outcome.STORED:
+            # Redacted before it is cut: a key straddling the cut would escape the log filter.
+            detail = self._redact(body.decode("utf-8", "replace"))
+            if 300 <= resp.status_code < 400:
+                location = self._redact(resp.headers.get("Location", ""))[:200]
+                detail = f"redirect not followed (Location: {location!r}) {detail}"
+            detail = detail[:1000]
         return PostResult(outcome, resp.status_code,
                           parse_retry_after(resp.headers.get("Retry-After")), detail, body)
 
@@ -216,15 +269,48 @@ class Poster:
         """Stopping: cut the POST in flight, and any later one, at `at` (monotonic time), so
         the process stops within its drain window even while an API drips an answer (the batch
         stays claimed and is re-sent under its key)."""
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
         self._deadline.stop_by(at)
+
+    def past_stop_deadline(self) -> bool:
+        """stop_by's time has come: a POST now would be refused without being sent."""
+        return self._deadline.past_stop()
+
+    def _no_answer(self, exc: BaseException) -> PostResult:
+        if self._deadline.fired:
+            return PostResult(Outcome.RETRY, None, None, self._cut_short())
+        return PostResult(Outcome.RETRY, None, None, self._describe(exc))
 
     def _cut_short(self) -> str:
         if self._deadline.stopping:
             return "no complete answer before the collector's stop deadline"
         return f"no complete answer within {self._total_s:.0f} s"
 
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "[REDACTED]")
+        return text
+
+    def _describe(self, exc: BaseException) -> str:
+        # requests' messages name the URL (no secrets in it) and the cause; keep them short.
+        return f"{type(exc).__name__}: {self._redact(str(exc))[:300]}"
+
+    def _log_sometimes(self, level: int, event: str, error: str) -> None:
+        """Log `event` at most once a minute: an API that always misbehaves must not flood."""
+        now = time.monotonic()
+        last = self._logged_at.get(event)
+        if last is None or now - last >= 60.0:
+            self._logged_at[event] = now
+            log.log(level, event, extra={"error": error, "url": self.url})
+
     def close(self) -> None:
         self._session.close()
+
+
+# Reading the body goes through urllib3 directly, whose errors requests does not wrap (a
+# chunked answer cut or stalled mid-stream).
+_NETWORK_ERRORS = (requests.RequestException, Urllib3Error, http.client.HTTPException, OSError)
 
 
 def _bounded_body(resp: requests.Response) -> bytes:
@@ -355,8 +441,9 @@ class Sender:
     is in flight at a time, so N workers do not hit a struggling API N times harder.
 
     A worker's spool writes run on one bookkeeping thread (`delivery-spool`) while its POST is
-    on the wire: the attempt count of the batch being sent, the claim of the next batch, and
-    after a success the acknowledgement. POSTs still go one after the other, in spool order,
+    on the wire: the attempt count of the batch being sent, the claim of the next batch (with
+    one worker only: with more, a free worker claims it), and after a success the
+    acknowledgement. POSTs still go one after the other, in spool order,
     but a batch no longer waits for its predecessor's acknowledgement and its own claim (a
     third of a burst's delivery time before). A batch claimed ahead goes back to waiting when
     the POST before it fails, so the failed batch, retried or split, keeps its place. The attempt
@@ -569,7 +656,12 @@ class Sender:
             with self._lock:
                 if self._drain_deadline is None:
                     now = time.monotonic()
-                    self._drain_deadline = now + self._drain_timeout_s
+                    # The window starts at the stop request (the service tells the Posters at
+                    # once), not when a worker next looks: a POST in flight must not push it
+                    # back (it would then outlast stop_by, and later POSTs be refused).
+                    asked = [p.stop_requested_at for p in self._posters
+                             if p.stop_requested_at is not None]
+                    self._drain_deadline = min([now, *asked]) + self._drain_timeout_s
                     # Stopping cuts a retry wait short: one more try within the drain window.
                     self._resume_at = min(self._resume_at, now)
         return self._drain_deadline
@@ -599,6 +691,11 @@ class Sender:
                 failing = self._backoff.attempt > 0
             if wait_s > 0:
                 if not self._sleep(worker, wait_s):
+                    # The wait outlasts the drain window; but stopping (noticed during it) may
+                    # have moved the retry time to now: that one more try is still due.
+                    with self._lock:
+                        if self._resume_at <= time.monotonic():
+                            continue
                     return None
                 continue
             if not failing:
@@ -617,11 +714,15 @@ class Sender:
     # ---- one POST --------------------------------------------------------------------------
     def _deliver(self, batch: Batch, poster: Poster, worker: int, final: bool) -> bool:
         """POST one batch when it is this worker's turn, and act on the answer. False when the
-        drain deadline came first (the batch stays claimed on disk)."""
+        drain deadline (or the Poster's stop_by time) came first (the batch stays claimed on
+        disk)."""
         probing = self._take_turn(worker)
         if probing is None:
             return False
         try:
+            if poster.past_stop_deadline():
+                # It would be refused unsent: no attempt to count, no failure to report.
+                return False
             self._post(batch, poster, worker, final and not probing)
         finally:
             if probing:
@@ -633,8 +734,10 @@ class Sender:
         with self._lock:
             first_try_here = batch.key not in self._tried
             self._tried.add(batch.key)
-            # While the API fails, one batch at a time: nothing is claimed ahead.
-            look_ahead = self._backoff.attempt == 0
+            # While the API fails, one batch at a time: nothing is claimed ahead. Nor with more
+            # than one worker: the others claim as soon as they are free, and a batch claimed
+            # ahead by a worker whose POST hangs would wait for it while another sat idle.
+            look_ahead = self._backoff.attempt == 0 and len(self._posters) == 1
         if first_try_here and batch.attempts > 0:
             self._metrics.spool_replayed.inc(n)
             log.info("batch_replayed", extra={"idempotency_key": batch.key, "records": n,
@@ -744,6 +847,8 @@ class Sender:
 
 
 def _failure_reason(result: PostResult) -> str:
+    if result.reason:
+        return result.reason
     if result.status is None:
         return "network"
     if result.status == 429:
@@ -754,9 +859,6 @@ def _failure_reason(result: PostResult) -> str:
         return "auth"
     if result.outcome is Outcome.REJECT:
         return "rejected"
+    if 300 <= result.status < 400:
+        return "redirect"  # not followed: API_BASE_URL may be wrong (http for https?)
     return "timeout" if result.status == 408 else "other"
-
-
-def _describe(exc: BaseException) -> str:
-    # requests' messages name the URL (no secrets in it) and the cause; keep them short.
-    return f"{type(exc).__name__}: {str(exc)[:300]}"

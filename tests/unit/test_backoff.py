@@ -50,3 +50,30 @@ def test_retry_after_seconds_and_dates() -> None:
     assert parse_retry_after("\u0663", now) is None
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after(None, now) is None
+
+
+def test_retry_after_dates_past_datetimes_range_are_ignored() -> None:
+    # parsedate_to_datetime raises OverflowError on these (once a delivery-thread crash).
+    for value in ("Sun, 06 Nov 99999999999 08:49:37 GMT",
+                  "Sun, 99999999999 Nov 1994 08:49:37 GMT",
+                  "Sun, 06 Nov 1994 99999999999:49:37 GMT",
+                  "Sun, 06 Nov 1994 08:49:99999999999 GMT"):
+        assert parse_retry_after(value) is None
+
+
+_number = st.integers(min_value=-(10**15), max_value=10**15).map(str)
+
+
+@given(day=_number, year=_number, hour=_number, minute=_number, second=_number,
+       zone=st.sampled_from(["GMT", "UT", "+0000", "-2359", "+9999", "+99999999999", ""]))
+def test_retry_after_never_raises_on_a_date_shaped_value(
+        day: str, year: str, hour: str, minute: str, second: str, zone: str) -> None:
+    value = f"Sun, {day} Nov {year} {hour}:{minute}:{second} {zone}"
+    result = parse_retry_after(value, datetime(2026, 11, 29, tzinfo=UTC))
+    assert result is None or 0.0 <= result <= 600.0
+
+
+@given(st.text())
+def test_retry_after_never_raises(value: str) -> None:
+    result = parse_retry_after(value)
+    assert result is None or 0.0 <= result <= 600.0

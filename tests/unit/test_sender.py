@@ -244,3 +244,88 @@ def test_a_failed_acknowledgement_fails_the_worker_and_keeps_the_batch(tmp_path:
             poster.close()
         assert stored_sequences(r.db_path) == list(range(10))  # the API has it...
         assert r.spool.stats().batches_claimed == 1  # ...and the spool still holds it
+
+
+# ------------------------------------------------------------------- stopping and draining
+
+def test_stopping_cuts_a_long_retry_wait_short_for_one_more_try(tmp_path: Path) -> None:
+    with rig(tmp_path) as r:
+        r.faults.respond(503, retry_after=600)  # then the API is healthy again
+        r.spool.append(records(10))
+        with workers(r, 1, batch_size=10) as (sender, _wake):
+            assert wait_until(lambda: sender.failing, timeout_s=10)
+            stopping_at = time.monotonic()
+        # Leaving stops the worker while it waits out the 600 s: it tries once more, within
+        # the drain window (5 s), and the backlog is delivered rather than left behind.
+        assert time.monotonic() - stopping_at < 5
+        assert r.faults.requests_seen == 2
+        assert r.spool.stats().records == 0
+        assert stored_sequences(r.db_path) == list(range(10))
+
+
+@contextmanager
+def stoppable(r: Rig, *, drain_timeout_s: float) -> Iterator[
+        tuple[Sender, Poster, CollectorRegistry, threading.Event]]:
+    """One worker's Sender and Poster, not started; on exit the service's stop is mimicked
+    for a test that did not stop it, and everything closes."""
+    stop, writer_done = threading.Event(), threading.Event()
+    registry = CollectorRegistry()
+    poster = Poster(r.url, TEST_API_KEY, connect_timeout_s=2, read_timeout_s=10)
+    sender = Sender(r.spool, [poster], Metrics(registry, "coinbase", "w"), batch_size=10,
+                    batch_interval_s=0.01, stop=stop, writer_finished=writer_done,
+                    wake=threading.Event(), drain_timeout_s=drain_timeout_s, retry_max_s=1.0)
+    try:
+        yield sender, poster, registry, stop
+    finally:
+        writer_done.set()
+        stop.set()
+        r.faults.release()
+        sender.close()
+        poster.close()
+
+
+def flush_counts(registry: CollectorRegistry) -> tuple[float, float]:
+    """(POSTs attempted, POSTs failed) as the metrics count them."""
+    labels = {"exchange": "coinbase"}
+    attempts = registry.get_sample_value("chrono_collector_flushes_total", labels) or 0.0
+    failures = sum(s.value for m in registry.collect() for s in m.samples
+                   if s.name == "chrono_collector_flush_failures_total")
+    return attempts, failures
+
+
+def test_the_drain_window_starts_at_the_stop_request_not_after_the_post_in_flight(
+        tmp_path: Path) -> None:
+    with rig(tmp_path) as r, stoppable(r, drain_timeout_s=1.0) as (sender, poster, registry,
+                                                                  stop):
+        r.faults.hang(30)  # the first POST is on the wire when the stop comes
+        r.spool.append(records(20))
+        thread = threading.Thread(target=sender.run, daemon=True)
+        thread.start()
+        assert r.faults.wait_for_requests(1, timeout_s=10)
+        # What the service does on SIGTERM: stop, and cut every POST at window + 1 s.
+        stop.set()
+        stop_by = time.monotonic() + 1.0 + 1
+        poster.stop_by(stop_by)
+        thread.join(10)
+        ended = time.monotonic()
+        assert not thread.is_alive()
+    # The window closed while the POST was on the wire: the worker ends when it is cut, and
+    # starts no POST that stop_by would refuse unsent (a fake failure in logs and metrics).
+    assert ended - stop_by < 0.5
+    assert flush_counts(registry) == (1, 1)
+    assert r.faults.requests_seen == 1
+
+
+def test_no_post_starts_once_the_stop_deadline_has_passed(tmp_path: Path) -> None:
+    with rig(tmp_path) as r, stoppable(r, drain_timeout_s=5.0) as (sender, poster, registry,
+                                                                  stop):
+        r.spool.append(records(10))
+        poster.stop_by(time.monotonic())  # come already: a POST would be refused unsent
+        stop.set()
+        started = time.monotonic()
+        sender.run(0)
+        took = time.monotonic() - started
+        assert r.spool.stats().records == 10  # on disk for the next start
+    assert took < 1  # not the 5 s drain window spent on refusals
+    assert flush_counts(registry) == (0, 0)
+    assert r.faults.requests_seen == 0
