@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 VAR := var
 SUPERVISORD_CONF := supervisord.conf
 PYTEST_ARGS ?=
+# How long `make run`/`make demo` wait for the collectors to be connected and healthy.
+START_WAIT_S ?= 20
 
 .PHONY: help venv test lint typecheck run demo stop status logs check-db clean bench
 
@@ -45,14 +47,59 @@ $(VAR)/secrets/api_key:
 $(VAR)/run $(VAR)/log:
 	@mkdir -p $@ && chmod 700 $@
 
+SUPERVISORCTL := $(BIN)/supervisorctl -c $(SUPERVISORD_CONF)
+PIDFILE := $(VAR)/run/supervisord.pid
+
+# Every variable the collectors and the ingest API read (README: Collector configuration,
+# Reference ingest API). supervisord hands its whole environment to every program, so one
+# exported in the shell (`API_KEY=... make demo`) would reach every collector and the ingest
+# API: they are removed (supervisord.conf sets what the programs get).
+CONTRACT_ENV := API_BASE_URL API_KEY API_KEY_FILE API_KEYS WORKER_ID SYMBOLS BATCH_SIZE \
+	BATCH_INTERVAL_MS LOG_LEVEL WS_URL METRICS_HOST METRICS_PORT SPOOL_DIR \
+	INGEST_HOST INGEST_PORT DATABASE_URL DELIVERY_CONCURRENCY DELIVERY_RETRY_MAX_S \
+	HTTP_CONNECT_TIMEOUT_S HTTP_READ_TIMEOUT_S INGEST_MAX_BODY_BYTES INGEST_MAX_FEEDS \
+	INGEST_THREADS SPOOL_FSYNC_INTERVAL_MS SPOOL_MAX_BYTES WS_LIVENESS_TIMEOUT_S
+
+# Succeeds while the supervisord named by the pid file runs (a reused pid does not count).
+define supervisord_alive
+{ pid=$$(cat $(PIDFILE) 2>/dev/null) && [ -n "$$pid" ] && \
+  tr '\0' ' ' < /proc/$$pid/cmdline 2>/dev/null | grep -q supervisord; }
+endef
+
+# This checkout's programs still running ("  PID COMMAND" lines): after a supervisord was
+# killed, they hold their ports and spool locks. ($$bin keeps this shell from matching itself.)
+define list_leftovers
+bin="$(CURDIR)/$(BIN)"; for d in /proc/[0-9]*; do \
+  args=$$(tr '\0' ' ' < $$d/cmdline 2>/dev/null) || continue; \
+  case "$$args" in *" $$bin/chrono-collector "*) echo "  $${d#/proc/} $$args";; esac; \
+done
+endef
+LEFTOVERS := programs of this checkout still run without supervisord (they stop on their own \
+	within 30 s of losing it; else kill them):
+
+# Start supervisord; fail (exit 1, naming them) when it does not come up or programs do not.
 define start_supervisord
-	@if [ -S $(VAR)/run/supervisor.sock ] && $(BIN)/supervisorctl -c $(SUPERVISORD_CONF) pid >/dev/null 2>&1; then \
+	@if [ -S $(VAR)/run/supervisor.sock ] && $(SUPERVISORCTL) pid >/dev/null 2>&1; then \
 		echo "supervisord is already running: make stop first"; exit 1; fi
+	@left=$$($(list_leftovers)); [ -z "$$left" ] || { echo "$(LEFTOVERS)"; echo "$$left"; exit 1; }
 	CHRONO_DEMO=$(1) CHRONO_COINBASE_WS_URL=$(2) CHRONO_BINANCE_WS_URL=$(3) \
-		CHRONO_BINANCEUS_WS_URL=$(4) CHRONO_KRAKEN_WS_URL=$(5) $(BIN)/supervisord -c $(SUPERVISORD_CONF)
+		CHRONO_BINANCEUS_WS_URL=$(4) CHRONO_KRAKEN_WS_URL=$(5) \
+		env $(addprefix -u ,$(CONTRACT_ENV)) $(BIN)/supervisord -c $(SUPERVISORD_CONF)
 	@echo "started; waiting for the programs to come up..."
-	@$(BIN)/chrono-collector status -c $(SUPERVISORD_CONF) --wait 20 >/dev/null || true
-	@$(BIN)/supervisorctl -c $(SUPERVISORD_CONF) status || true
+	@for i in $$(seq 1 150); do \
+		$(SUPERVISORCTL) pid >/dev/null 2>&1 || { \
+			echo "supervisord did not come up (see $(VAR)/log/supervisord.log)"; exit 1; }; \
+		$(SUPERVISORCTL) status | grep -E '^\S+\s+(STARTING|BACKOFF)\s' >/dev/null || break; \
+		sleep 0.2; \
+	done; \
+	failed=$$($(SUPERVISORCTL) status | grep -vE '^\S+\s+(RUNNING|STOPPED)\s'); \
+	if [ -n "$$failed" ]; then \
+		names=$$(echo "$$failed" | awk '{print $$1}' | xargs); \
+		echo "$$failed"; \
+		echo "did not start: $$names (see$$(printf ' $(VAR)/log/%s.log' $$names); then make stop)"; \
+		exit 1; fi
+	@$(BIN)/chrono-collector status -c $(SUPERVISORD_CONF) --wait $(START_WAIT_S) >/dev/null || true
+	@$(SUPERVISORCTL) status || true
 	@echo "logs: $(VAR)/log/   status: make status   stop: make stop   rows: make check-db"
 endef
 
@@ -63,11 +110,19 @@ demo: $(STAMP) $(VAR)/secrets/api_key | $(VAR)/run $(VAR)/log
 	$(call start_supervisord,true,ws://127.0.0.1:9201,ws://127.0.0.1:9202,ws://127.0.0.1:9203,ws://127.0.0.1:9204/v2)
 
 stop:
-	@if [ -S $(VAR)/run/supervisor.sock ]; then \
-		$(BIN)/supervisorctl -c $(SUPERVISORD_CONF) shutdown; \
-		for i in $$(seq 1 150); do [ -e $(VAR)/run/supervisord.pid ] || break; sleep 0.2; done; \
-		[ ! -e $(VAR)/run/supervisord.pid ] || { echo "supervisord is still stopping (see var/log/supervisord.log)"; exit 1; }; \
-	else echo "not running"; fi
+	@if $(supervisord_alive); then \
+		$(SUPERVISORCTL) shutdown; \
+		for i in $$(seq 1 150); do $(supervisord_alive) || break; sleep 0.2; done; \
+		! $(supervisord_alive) || { echo "supervisord is still stopping (see $(VAR)/log/supervisord.log)"; exit 1; }; \
+	else \
+		[ ! -e $(PIDFILE) ] || { echo "supervisord is not running: pid $$(cat $(PIDFILE)) of" \
+			"$(PIDFILE) is gone (killed?); stale pid file removed"; \
+			rm -f $(PIDFILE) $(VAR)/run/supervisor.sock; stale=1; }; \
+		left=$$($(list_leftovers)); \
+		if [ -n "$$left" ]; then echo "$(LEFTOVERS)"; echo "$$left"; exit 1; fi; \
+		[ -z "$${stale:-}" ] || exit 1; \
+		echo "not running"; \
+	fi
 
 status: $(STAMP)
 	$(BIN)/chrono-collector status -c $(SUPERVISORD_CONF)
@@ -91,7 +146,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/remote_api.py
 	$(BIN)/python bench/ingest_bench.py
 
+# Not while anything of this checkout runs: var/ holds its live spools, key and control socket.
 clean:
+	@if $(supervisord_alive); then \
+		echo "supervisord is running: make stop first (make clean deletes var/: spools, key, socket)"; \
+		exit 1; fi
+	@left=$$($(list_leftovers)); [ -z "$$left" ] || { echo "$(LEFTOVERS)"; echo "$$left"; exit 1; }
 	rm -rf $(VAR) .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 # --- operations: supervisord/systemd/Prometheus/Grafana checks (tests/ops) ---

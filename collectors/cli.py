@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from collections.abc import Sequence
 
@@ -58,9 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The commands that run until stopped: under supervisord they stop when it dies.
+LONG_RUNNING = ("run", "ingest", "simulate")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    parent_pid = os.getppid()  # the parent seen at start (see collectors.parentwatch)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in LONG_RUNNING:
+        from collectors.parentwatch import stop_with_supervisord
+
+        if not stop_with_supervisord(parent_pid):
+            print(f"{PROG}: error: supervisord (pid {parent_pid}) exited before this program "
+                  "started; not starting", file=sys.stderr)
+            return EXIT_FAILURE
     try:
         if args.command == "run":
             return _run(args.exchange)

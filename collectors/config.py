@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
+
 from collectors import exchanges, paths
 from collectors.errors import ConfigError
 from collectors.logsetup import LEVELS
@@ -135,10 +138,26 @@ def _http_url(env: Mapping[str, str], name: str) -> str:
     if parts.query or parts.fragment:
         raise ConfigError(name, "must not have a query or fragment", "a base URL like https://host")
     try:
-        parts.port  # noqa: B018  (raises ValueError for a bad port)
+        port = parts.port  # raises ValueError for a bad port
     except ValueError:
         raise ConfigError(name, "has an invalid port", "1-65535") from None
+    if port == 0:  # urllib3 would quietly connect to the scheme's default port instead
+        raise ConfigError(name, "has an invalid port (0)", "1-65535")
+    _check_host(name, raw)
     return raw.rstrip("/")
+
+
+def _check_host(name: str, raw: str) -> None:
+    """The URL's host as the sender will see it (urllib3's parser): no whitespace, no empty
+    label (`a..b`, `.a`), so an address that can never be reached is refused at start."""
+    try:
+        host = parse_url(raw).host or ""
+    except LocationParseError:  # e.g. a space in the host
+        host = ""
+    if not host or any(ch.isspace() for ch in host) or "" in host.split("."):
+        # (credentials were refused before: the URL may be echoed)
+        raise ConfigError(name, f"the host of {raw[:80]!r} is not a host name or address",
+                          "e.g. http://127.0.0.1:3000 or https://ingest.example.com")
 
 
 def _ws_url(env: Mapping[str, str], default: str) -> str:

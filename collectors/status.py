@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from collectors import exchanges
 
@@ -83,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
         for name, port in exchanges.DEFAULT_METRICS_PORTS.items() if name in exchanges.REGISTRY}
     for item in args.endpoint:
         name, sep, url = item.partition("=")
-        if not sep or not url.startswith(("http://", "https://")):
+        if not sep or not url.startswith(("http://", "https://")) or not _host_port_ok(url):
             print(f"chrono-collector: error: --endpoint {item!r}: expected "
                   "EXCHANGE=http://host:port", file=sys.stderr)
             return 2
@@ -102,6 +103,17 @@ def main(args: argparse.Namespace) -> int:
         if problem:
             print(problem)
     return 0 if rows and all(r.ok for r in rows) and not problem else 1
+
+
+def _host_port_ok(url: str) -> bool:
+    """A host, and a port that is a number from 1 to 65535 if there is one (`:abc` made every
+    health request raise http.client.InvalidURL)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError unless digits from 0 to 65535
+    except ValueError:
+        return False
+    return bool(parts.hostname) and port != 0
 
 
 def collect(args: argparse.Namespace, endpoints: dict[str, str]) -> tuple[list[Row], str | None]:
@@ -213,11 +225,12 @@ def fetch_health(base_url: str, timeout: float) -> dict[str, object] | None:
     except urllib.error.HTTPError as exc:  # 503 still carries the JSON body
         try:
             data = json.loads(exc.read(65536))
-        except ValueError:
+        except (OSError, ValueError, http.client.HTTPException):
             return None
         finally:
             exc.close()
-    except (OSError, ValueError):
+    # (http.client's own errors, a bad status line or an invalid URL, are not OSErrors)
+    except (OSError, ValueError, http.client.HTTPException):
         return None
     return data if isinstance(data, dict) else None
 

@@ -6,12 +6,14 @@
 # The API key is read from $CHRONO_API_KEY_FILE (a file you provide) the first time; an existing
 # /etc/chrono-collectors/api_key is kept. Re-running upgrades the package and restarts the units.
 # CHRONO_LAYOUT=systemd (the default: one chrono-collector@EXCHANGE unit each, enabled and
-# restarted here) or supervisord (chrono-supervisord.service runs every program of
-# /etc/chrono-collectors/supervisord.conf; the per-exchange units are not enabled). Either way
-# both units and both configs are installed; a supervisord.conf already there is kept (edited or
-# not), a new one gets API_BASE_URL=$CHRONO_API_BASE_URL.
+# restarted here; the key stays root's, systemd hands it over) or supervisord
+# (chrono-supervisord.service runs every program of /etc/chrono-collectors/supervisord.conf as
+# system user chrono, created here if missing, which then owns the key; the per-exchange units
+# are not enabled). Either way both units and both configs are installed; a supervisord.conf
+# already there is kept (edited or not), a new one gets API_BASE_URL=$CHRONO_API_BASE_URL.
 # Staging/checks: CHRONO_INSTALL_ROOT=/some/dir installs below that directory instead of /, and
 # SYSTEMCTL=true (any command) replaces systemctl; with a root set, the final status is skipped.
+# The user account is the host's (getent, useradd, chown from PATH; tests put stand-ins first).
 set -euo pipefail
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
 ROOT="${CHRONO_INSTALL_ROOT:-}"
@@ -54,6 +56,13 @@ if [ ! -s "$ETC/api_key" ]; then
   install -m 0400 "$CHRONO_API_KEY_FILE" "$ETC/api_key"
 fi
 chmod 0400 "$ETC/api_key"
+if [ "$LAYOUT" = supervisord ]; then
+  # chrono-supervisord.service runs as user chrono (group chrono), which reads the key itself.
+  # (The systemd layout keeps it root's: systemd hands it to the dynamic user, LoadCredential=.)
+  getent passwd chrono >/dev/null ||
+    useradd --system --user-group --home-dir /var/lib/chrono --shell /usr/sbin/nologin chrono
+  chown chrono:chrono "$ETC/api_key"
+fi
 for ex in "${EXCHANGES[@]}"; do
   if [ ! -e "$ETC/$ex.env" ]; then
     umask 077

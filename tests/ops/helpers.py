@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -14,6 +15,14 @@ from tests.support.waiting import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv" / "bin"
+DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "chrono-collectors.json"
+
+
+def panel_expr(title: str) -> str:
+    """The one query of the dashboard panel `title`, `$exchange` expanded as Grafana's "All"."""
+    panels = [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["title"] == title]
+    assert len(panels) == 1 and len(panels[0]["targets"]) == 1, title
+    return str(panels[0]["targets"][0]["expr"]).replace("$exchange", ".*")
 
 
 def _port_free(port: int) -> bool:

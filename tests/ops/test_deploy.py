@@ -11,22 +11,47 @@ from pathlib import Path
 from tests.ops.helpers import ROOT
 
 
-def _install(root: Path, key_file: Path, base_url: str) -> subprocess.CompletedProcess[str]:
+def _install(root: Path, key_file: Path, base_url: str,
+             path: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CHRONO_INSTALL_ROOT": str(root), "SYSTEMCTL": "true",
            "CHRONO_API_KEY_FILE": str(key_file), "CHRONO_API_BASE_URL": base_url}
+    if path is not None:
+        env["PATH"] = path
     return subprocess.run(["bash", str(ROOT / "deploy" / "install.sh"), "coinbase", "kraken"],
                           env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def fake_accounts(tmp_path: Path) -> tuple[str, Path]:
+    """getent, useradd and chown stand-ins (the host's accounts are never touched): useradd
+    creates a user getent then finds; every call is logged. Returns (PATH, log)."""
+    bin_dir, log, users = tmp_path / "fakebin", tmp_path / "accounts.log", tmp_path / "users"
+    bin_dir.mkdir()
+    scripts = {
+        "getent": f'echo "getent $*" >> {log}\n'
+                  f'[ "$1" = passwd ] && grep -qx "$2" {users} 2>/dev/null || exit 2\n'
+                  'echo "$2:x:999:999::/var/lib/chrono:/usr/sbin/nologin"\n',
+        "useradd": f'echo "useradd $*" >> {log}\n'
+                   f'for last; do :; done; echo "$last" >> {users}\n',
+        "chown": f'echo "chown $*" >> {log}\n',
+    }
+    for name, body in scripts.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}", log
 
 
 def test_install_is_complete_and_idempotent(tmp_path: Path) -> None:
     root = tmp_path / "root"
     key = tmp_path / "key"
     key.write_text("first-key\n")
-    first = _install(root, key, "http://127.0.0.1:3000")
+    path, accounts = fake_accounts(tmp_path)
+    first = _install(root, key, "http://127.0.0.1:3000", path)
     assert first.returncode == 0, first.stderr[-2000:]
     etc = root / "etc" / "chrono-collectors"
     assert (etc / "api_key").read_text() == "first-key\n"
     assert stat.S_IMODE((etc / "api_key").stat().st_mode) == 0o400
+    # systemd reads the key as root and hands it to the dynamic user: no account, no chown
+    assert not accounts.exists(), accounts.read_text()
     assert stat.S_IMODE((etc / "coinbase.env").stat().st_mode) == 0o600
     assert "API_BASE_URL=http://127.0.0.1:3000" in (etc / "kraken.env").read_text()
     units = root / "etc" / "systemd" / "system"
@@ -65,13 +90,24 @@ def test_supervisord_layout_points_at_the_given_api_and_keeps_an_edited_config(
     fake = tmp_path / "systemctl"
     fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     fake.chmod(0o755)
+    path, accounts = fake_accounts(tmp_path)
     env = {**os.environ, "CHRONO_INSTALL_ROOT": str(root), "SYSTEMCTL": str(fake),
            "CHRONO_API_KEY_FILE": str(key), "CHRONO_LAYOUT": "supervisord",
-           "CHRONO_API_BASE_URL": "https://ingest.example/api%2Fv1"}
+           "CHRONO_API_BASE_URL": "https://ingest.example/api%2Fv1", "PATH": path}
     script = str(ROOT / "deploy" / "install.sh")
     first = subprocess.run(["bash", script], env=env, capture_output=True, text=True,
                            timeout=300, check=False)
     assert first.returncode == 0, first.stderr[-2000:]
+    # chrono-supervisord.service runs as User=chrono: the user is created and owns the key
+    api_key = root / "etc" / "chrono-collectors" / "api_key"
+    assert stat.S_IMODE(api_key.stat().st_mode) == 0o400
+    assert accounts.read_text().splitlines() == [
+        "getent passwd chrono",
+        "useradd --system --user-group --home-dir /var/lib/chrono --shell /usr/sbin/nologin "
+        "chrono",
+        f"chown chrono:chrono {api_key}"]
+    unit = (root / "etc" / "systemd" / "system" / "chrono-supervisord.service").read_text()
+    assert "\nUser=chrono\n" in unit and "\nGroup=chrono\n" in unit
     conf = root / "etc" / "chrono-collectors" / "supervisord.conf"
     # supervisord expands %(...)s: the URL's own % is written %%.
     assert 'API_BASE_URL="https://ingest.example/api%%2Fv1"' in conf.read_text()
@@ -88,6 +124,10 @@ def test_supervisord_layout_points_at_the_given_api_and_keeps_an_edited_config(
                             capture_output=True, text=True, timeout=300, check=False)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "edited.example" in conf.read_text()  # an installed config is kept
+    # the user exists now: not created twice; the key is (still) its own
+    calls = accounts.read_text().splitlines()
+    assert sum(line.startswith("useradd") for line in calls) == 1, calls
+    assert calls[-2:] == ["getent passwd chrono", f"chown chrono:chrono {api_key}"], calls
 
 
 def test_install_refuses_an_unknown_layout(tmp_path: Path) -> None:

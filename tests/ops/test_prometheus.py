@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import CollectorProcess
-from tests.ops.helpers import ROOT, http_get, require_tool
+from tests.ops.helpers import ROOT, http_get, panel_expr, require_tool
 from tests.support.waiting import free_port, wait_until
 
 PROM_DIR = ROOT / "monitoring" / "prometheus"
@@ -146,6 +146,12 @@ def test_real_prometheus_scrapes_and_fires_when_the_collector_stops(
     series = prometheus.api("query", query="chrono_collector_connected")["result"]
     assert series and series[0]["metric"]["exchange"] == "coinbase", series
     assert "exported_exchange" not in series[0]["metric"]
+    # the restarts panel joins the exchange onto the target's process_start_time_seconds
+    restarts = prometheus.api("query", query=panel_expr("Restarts (15m)"))["result"]
+    assert [r["metric"] for r in restarts] == [{
+        "exchange": "coinbase", "job": "chrono-collectors",
+        "instance": f"127.0.0.1:{collector.metrics_port}"}], restarts
+    assert restarts[0]["value"][1] == "0", restarts
     # the shipped rules are loaded and evaluate without errors
     groups = prometheus.api("rules")["groups"]
     assert {g["name"] for g in groups} >= {"chrono-collectors.records", "chrono-collectors.alerts"}

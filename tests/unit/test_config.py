@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ import pytest
 from collectors.config import CollectorConfig
 from collectors.errors import ConfigError
 
+ROOT = Path(__file__).resolve().parents[2]
 BASE = {"API_BASE_URL": "http://127.0.0.1:3000", "API_KEY": "s3cret-key"}
 
 
@@ -49,6 +53,12 @@ def test_key_from_file(tmp_path: Path) -> None:
         ({"API_BASE_URL": "http://u:p@host"}, "API_BASE_URL", "credentials"),
         ({"API_BASE_URL": "http://host:99999"}, "API_BASE_URL", "invalid port"),
         ({"API_BASE_URL": "http://[::1"}, "API_BASE_URL", "is not a URL"),
+        # never reachable: urllib3 refuses the host, or connects to port 80 for port 0
+        ({"API_BASE_URL": "http://exa mple.com"}, "API_BASE_URL", "not a host name"),
+        ({"API_BASE_URL": "http://exa\tmple.com"}, "API_BASE_URL", "not a host name"),
+        ({"API_BASE_URL": "http://a..b"}, "API_BASE_URL", "not a host name"),
+        ({"API_BASE_URL": "https://.ingest.example"}, "API_BASE_URL", "not a host name"),
+        ({"API_BASE_URL": "http://127.0.0.1:0"}, "API_BASE_URL", "invalid port"),
         ({"WS_URL": "ws://[::1"}, "WS_URL", "is not a URL"),
         ({"WS_URL": "wss://user:s3cret-key@host"}, "WS_URL", "credentials"),
         ({"API_BASE_URL": "ftp://user:s3cret-key@host"}, "API_BASE_URL", "not an http(s) URL"),
@@ -81,6 +91,23 @@ def test_bad_values_name_the_variable(env: dict[str, str], variable: str, fragme
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
     assert "s3cret-key" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:3000", "https://ingest.example.com/api%2Fv1",
+                                 "http://[::1]:3000", "http://localhost:65535/", "http://h:1"])
+def test_good_api_base_urls_pass(url: str) -> None:
+    assert load(API_BASE_URL=url).api_base_url == url.rstrip("/")
+
+
+def test_a_bad_api_base_url_exits_2_with_one_line(tmp_path: Path) -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT),
+           "API_KEY": "s3cret-key", "API_BASE_URL": "http://127.0.0.1:0",
+           # loopback only, should it start anyway
+           "WS_URL": "ws://127.0.0.1:1", "METRICS_PORT": "0", "CHRONO_STATE_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "collectors", "run", "coinbase"], env=env,
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 2, result
+    assert result.stderr.count("\n") == 1 and "API_BASE_URL" in result.stderr, result.stderr
 
 
 def test_missing_key_file_is_named(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from collectors.status import supervisor_processes
+from collectors.status import fetch_health, supervisor_processes
 
 
 def test_a_supervisord_that_accepts_and_never_answers_times_out(tmp_path: Path) -> None:
@@ -46,7 +46,12 @@ def test_no_supervisord_socket_is_an_os_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args", [["--timeout", "0"], ["--timeout", "nan"], ["--timeout", "inf"],
                                   ["--wait", "-1"],
-                                  ["--endpoint", "coinbase"]])
+                                  ["--endpoint", "coinbase"],
+                                  # http.client.InvalidURL from every request: a traceback
+                                  ["--endpoint", "coinbase=http://127.0.0.1:abc"],
+                                  ["--endpoint", "coinbase=http://127.0.0.1:0"],
+                                  ["--endpoint", "coinbase=http://127.0.0.1:70000"],
+                                  ["--endpoint", "coinbase=http://:9101"]])
 def test_bad_arguments_are_one_line_on_stderr_and_exit_2(args: list[str]) -> None:
     result = subprocess.run([sys.executable, "-m", "collectors", "status", "--no-supervisor",
                              *args], capture_output=True, text=True, timeout=30, check=False)
@@ -109,3 +114,25 @@ def test_a_control_socket_that_answers_garbage_is_reported_not_a_traceback(
     assert result.returncode == 1
     assert "supervisord: not reachable" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_health_endpoint_that_is_not_http_is_unreachable_not_a_traceback() -> None:
+    # http.client's errors (a bad status line, an invalid URL) are not OSError or ValueError
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def garbage() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+
+    thread = threading.Thread(target=garbage, daemon=True)
+    thread.start()
+    try:
+        assert fetch_health(f"http://127.0.0.1:{server.getsockname()[1]}", 2.0) is None
+    finally:
+        thread.join(5)
+        server.close()
+    assert fetch_health("http://127.0.0.1:abc", 2.0) is None

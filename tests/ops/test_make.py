@@ -1,0 +1,202 @@
+"""`make demo`/`make stop`/`make clean` for real, in a temporary checkout (the Makefile, a
+.venv/bin linked to ours, a supervisord.conf whose [supervisord] part is the real one and whose
+programs are this test's), so the checkout's var/ and a running `make demo` are never touched."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.ops.helpers import ROOT
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.slow
+
+# Every variable the collectors and the ingest API read (the Makefile's CONTRACT_ENV).
+CONTRACT_ENV = ("API_BASE_URL", "API_KEY", "API_KEY_FILE", "API_KEYS", "WORKER_ID", "SYMBOLS",
+                "BATCH_SIZE", "BATCH_INTERVAL_MS", "LOG_LEVEL", "WS_URL", "METRICS_HOST",
+                "METRICS_PORT", "SPOOL_DIR", "INGEST_HOST", "INGEST_PORT", "DATABASE_URL",
+                "DELIVERY_CONCURRENCY", "DELIVERY_RETRY_MAX_S", "HTTP_CONNECT_TIMEOUT_S",
+                "HTTP_READ_TIMEOUT_S", "INGEST_MAX_BODY_BYTES", "INGEST_MAX_FEEDS",
+                "INGEST_THREADS", "SPOOL_FSYNC_INTERVAL_MS", "SPOOL_MAX_BYTES",
+                "WS_LIVENESS_TIMEOUT_S")
+
+
+@dataclass
+class Checkout:
+    here: Path
+
+    def make(self, *args: str, env: dict[str, str] | None = None,
+             timeout: float = 90) -> subprocess.CompletedProcess[str]:
+        full_env = {**{k: v for k, v in os.environ.items() if k not in CONTRACT_ENV},
+                    **(env or {})}
+        return subprocess.run(["make", "--no-print-directory", *args, "START_WAIT_S=0"],
+                              cwd=self.here, env=full_env, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+
+    def ctl(self, *args: str) -> str:
+        return subprocess.run([str(self.here / ".venv" / "bin" / "supervisorctl"), "-c",
+                               str(self.here / "supervisord.conf"), *args], capture_output=True,
+                              text=True, timeout=30, check=False).stdout
+
+    def supervisord_pid(self) -> int:
+        return int((self.here / "var" / "run" / "supervisord.pid").read_text())
+
+    def ours(self) -> list[int]:
+        """Every live process of this checkout (run from it or in it: we started them all)."""
+        pids = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and (
+                        str(self.here).encode() in (proc / "cmdline").read_bytes()
+                        or Path(os.readlink(proc / "cwd")).is_relative_to(self.here)):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+        return pids
+
+
+def write_conf(here: Path, programs: str) -> None:
+    """The real supervisord.conf up to its programs, then `programs`."""
+    head = (ROOT / "supervisord.conf").read_text().split("\n[program:", 1)[0]
+    (here / "supervisord.conf").write_text(head + "\n" + programs)
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Iterator[Checkout]:
+    here = tmp_path / "co"
+    (here / ".venv").mkdir(parents=True)
+    (here / ".venv" / "bin").symlink_to(ROOT / ".venv" / "bin")
+    for name in ("Makefile", "setup.cfg", "pyproject.toml", "constraints.txt"):
+        (here / name).symlink_to(ROOT / name)
+    (here / ".venv" / ".installed").touch()  # newer than its prerequisites: no pip install
+    co = Checkout(here)
+    try:
+        yield co
+    finally:
+        if (here / "var" / "run" / "supervisord.pid").exists():
+            co.make("stop")
+        for pid in co.ours():
+            os.kill(pid, signal.SIGKILL)
+
+
+def exited_within(pid: int, timeout_s: float) -> bool:
+    """Whether `pid` (not necessarily our child) exits within the timeout."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(timeout_s * 1000))
+    finally:
+        os.close(fd)
+
+
+SLEEPER = """
+[program:{name}]
+command=/bin/sh -c 'env > %(here)s/var/{name}.env; exec sleep 600'
+startsecs=1
+stdout_logfile=%(here)s/var/log/{name}.log
+redirect_stderr=true
+"""
+
+
+def test_the_shells_contract_variables_never_reach_the_programs(checkout: Checkout) -> None:
+    # `API_KEY=foo make demo` made every collector FATAL ("both API_KEY and API_KEY_FILE")
+    # and gave the ingest API one more accepted key.
+    write_conf(checkout.here, SLEEPER.format(name="envdump"))
+    leaked = {name: f"from-the-shell-{i}" for i, name in enumerate(CONTRACT_ENV)}
+    result = checkout.make("demo", env=leaked)
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = dict(line.split("=", 1) for line in
+                (checkout.here / "var" / "envdump.env").read_text().splitlines() if "=" in line)
+    assert not {k for k, v in seen.items() if v.startswith("from-the-shell-")}, seen
+    # what supervisord.conf sets still arrives
+    assert seen["API_KEY_FILE"] == str(checkout.here / "var" / "secrets" / "api_key")
+    assert checkout.make("stop").returncode == 0
+
+
+def test_clean_refuses_while_supervisord_runs(checkout: Checkout) -> None:
+    write_conf(checkout.here, SLEEPER.format(name="sleeper"))
+    assert checkout.make("demo").returncode == 0
+    refused = checkout.make("clean")
+    assert refused.returncode != 0
+    assert refused.stdout.count("\n") == 1 and "make stop first" in refused.stdout, refused
+    assert (checkout.here / "var" / "secrets" / "api_key").exists()
+    assert (checkout.here / "var" / "run" / "supervisor.sock").exists()
+    assert checkout.make("stop").returncode == 0
+    cleaned = checkout.make("clean")
+    assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+    assert not (checkout.here / "var").exists()
+
+
+def test_demo_fails_naming_the_programs_that_did_not_start(checkout: Checkout) -> None:
+    write_conf(checkout.here, SLEEPER.format(name="fine") + """
+[program:broken]
+command=/bin/sh -c 'echo cannot bind >&2; exit 1'
+startsecs=1
+startretries=1
+stdout_logfile=%(here)s/var/log/broken.log
+redirect_stderr=true
+""")
+    result = checkout.make("demo")
+    assert result.returncode != 0, result.stdout
+    assert "broken" in result.stdout and "FATAL" in result.stdout, result.stdout
+    assert "did not start: broken (see var/log/broken.log" in result.stdout, result.stdout
+    assert "fine " not in result.stdout.split("started; waiting")[1], result.stdout
+    assert checkout.make("stop").returncode == 0
+
+
+def test_after_supervisord_is_killed_its_programs_stop_and_stop_says_so_at_once(
+        checkout: Checkout) -> None:
+    # `simulate` stops with its supervisord (collectors.parentwatch); `stubborn` stands for a
+    # program that does not (an older version): it is named, not waited for.
+    write_conf(checkout.here, """
+[program:simulator]
+command=%(here)s/.venv/bin/chrono-collector simulate coinbase
+stdout_logfile=%(here)s/var/log/simulator.log
+redirect_stderr=true
+
+[program:stubborn]
+command=/usr/bin/env -u SUPERVISOR_ENABLED %(here)s/.venv/bin/chrono-collector simulate kraken
+stdout_logfile=%(here)s/var/log/stubborn.log
+redirect_stderr=true
+""")
+    started = checkout.make("demo")
+    assert started.returncode == 0, started.stdout + started.stderr
+    simulator = int(checkout.ctl("pid", "simulator"))
+    stubborn = int(checkout.ctl("pid", "stubborn"))
+    os.kill(checkout.supervisord_pid(), signal.SIGKILL)
+
+    assert exited_within(simulator, 20), "the simulator outlived its supervisord"
+
+    began = time.monotonic()
+    stop = checkout.make("stop")
+    assert time.monotonic() - began < 10
+    assert stop.returncode != 0, stop.stdout
+    lines = stop.stdout.splitlines()
+    assert "supervisord is not running" in lines[0] and "killed?" in lines[0], stop.stdout
+    assert any(line.split()[:1] == [str(stubborn)] for line in lines[1:]), stop.stdout
+    assert str(simulator) not in stop.stdout
+
+    # While it runs, a new supervisord would only see its programs go FATAL: refused.
+    again = checkout.make("demo")
+    assert again.returncode != 0 and str(stubborn) in again.stdout, again.stdout
+    assert not (checkout.here / "var" / "run" / "supervisord.pid").exists()
+    assert checkout.make("clean").returncode != 0
+
+    os.kill(stubborn, signal.SIGTERM)
+    assert exited_within(stubborn, 20)
+    assert wait_until(lambda: stubborn not in checkout.ours(), 5)  # reaped by init
+    quiet = checkout.make("stop")
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "not running", quiet.stdout
