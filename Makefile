@@ -63,14 +63,14 @@ CONTRACT_ENV := API_BASE_URL API_KEY API_KEY_FILE API_KEYS WORKER_ID SYMBOLS BAT
 # Succeeds while the supervisord named by the pid file runs (a reused pid does not count).
 define supervisord_alive
 { pid=$$(cat $(PIDFILE) 2>/dev/null) && [ -n "$$pid" ] && \
-  tr '\0' ' ' < /proc/$$pid/cmdline 2>/dev/null | grep -q supervisord; }
+  tr '\0' ' ' 2>/dev/null < /proc/$$pid/cmdline | grep -q supervisord; }
 endef
 
 # This checkout's programs still running ("  PID COMMAND" lines): after a supervisord was
 # killed, they hold their ports and spool locks. ($$bin keeps this shell from matching itself.)
 define list_leftovers
 bin="$(CURDIR)/$(BIN)"; for d in /proc/[0-9]*; do \
-  args=$$(tr '\0' ' ' < $$d/cmdline 2>/dev/null) || continue; \
+  args=$$(tr '\0' ' ' 2>/dev/null < $$d/cmdline) || continue; \
   case "$$args" in *" $$bin/chrono-collector "*) echo "  $${d#/proc/} $$args";; esac; \
 done
 endef
