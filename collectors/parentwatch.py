@@ -61,4 +61,17 @@ def stop_with_supervisord(parent_pid: int, env: Mapping[str, str] | None = None,
               "keep running if supervisord is killed", file=sys.stderr, flush=True)
         return True
     # A parent that died before prctl sent nothing: this process is someone else's child now.
+    # It may have died before `parent_pid` was read, too: then the parent seen is init (unless
+    # supervisord is init itself, as in a container).
+    if parent_pid == 1 and not _is_supervisord(1):
+        return False
     return getppid() == parent_pid
+
+
+def _is_supervisord(pid: int) -> bool:
+    """Whether process `pid` runs supervisord (True when that cannot be read: no false alarm)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"supervisord" in f.read()
+    except OSError:
+        return True

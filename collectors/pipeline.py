@@ -184,7 +184,9 @@ class Parser:
                 self._retry_subscribe(parsed.error, parsed.retry_subscribe)
             elif kind is Kind.ERROR or parsed.rejected:
                 self._venue_error(parsed.error, parsed.rejected)
-            elif kind is Kind.SUBSCRIBED:
+            elif kind is Kind.SUBSCRIBED and not parsed.error:
+                # (not "already subscribed": a failure that keeps coming back, named or not,
+                # must meet a growing backoff)
                 self._subscribe_backoff.reset()
             elif kind is Kind.STATUS and parsed.error:
                 log.warning("venue_status", extra={"status": parsed.error})

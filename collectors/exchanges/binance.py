@@ -192,6 +192,9 @@ _RESTRICTED_HINT = ("binance.com refuses connections from restricted locations s
 #: How far back an event time is remembered for deduplication (a handover overlaps a few s).
 DEDUP_WINDOW_MS = 60_000
 _PRUNE_MIN = 2 * DEDUP_WINDOW_MS // 1000  # a minute of one-a-second updates, twice
+#: Event times remembered per symbol at most (the newest kept past it): a second-by-second
+#: stream needs a few hundred, a handover's overlap a few thousand.
+_SEEN_MAX = 8192
 #: How far ahead of its receive time an event time may move a symbol's newest `E` (which makes
 #: older updates "late"): a venue's `E` precedes our receipt, so more is our clock or a bad value.
 #: Such a record is kept; its time just does not make the updates after it look late.
@@ -453,9 +456,13 @@ class BinanceAdapter:
                                           self._worker_id, meta, exchange_ns, received_ns),))
 
     def dedup_mark(self, record: PriceFeed) -> tuple[str, int] | None:
-        if record.exchange_ns <= 0:
+        """The newest event time of the record's symbol (this adapter's state, after the
+        chunk)."""
+        venue_symbol = self._to_venue.get(record.symbol)
+        if venue_symbol is None:
             return None
-        return self.to_venue(record.symbol), record.exchange_ns // 1_000_000
+        newest = self._newest_ms.get(venue_symbol)
+        return None if newest is None else (venue_symbol, newest)
 
     def restore_marks(self, marks: Mapping[str, int]) -> None:
         # (A mark stored by an older version may be far ahead: capped like a live one.)
@@ -476,10 +483,15 @@ class BinanceAdapter:
         # Prune when the set has doubled since the last prune: amortised O(1) per update even
         # when a burst puts thousands of updates inside the window.
         if len(seen) > self._prune_at.get(venue_symbol, _PRUNE_MIN):
-            # A window either side of the newest: times far ahead of it (which did not move
-            # it, see the cap) are not kept either, so bad input cannot grow the set.
-            floor, ceiling = newest - DEDUP_WINDOW_MS, newest + DEDUP_WINDOW_MS
-            seen = self._seen_ms[venue_symbol] = {e for e in seen if floor <= e <= ceiling}
+            # The window before the newest, and what may lie ahead of it: a host clock up to
+            # MAX_EVENT_AHEAD_NS behind makes every real `E` run ahead of the capped newest.
+            # Further ahead nothing is kept, so bad input cannot grow the set.
+            floor = newest - DEDUP_WINDOW_MS
+            ceiling = newest + MAX_EVENT_AHEAD_NS // 1_000_000 + DEDUP_WINDOW_MS
+            kept = [e for e in seen if floor <= e <= ceiling]
+            if len(kept) > _SEEN_MAX:  # distinct times by the thousand: not a venue's pace
+                kept = sorted(kept)[-_SEEN_MAX // 2:]
+            seen = self._seen_ms[venue_symbol] = set(kept)
             self._prune_at[venue_symbol] = max(_PRUNE_MIN, 2 * len(seen))
 
 

@@ -9,22 +9,24 @@ Notes that shape this parser:
 - every number is a decimal string; `best_bid_size`/`best_ask_size` are absent in older messages;
 - `time` is the last match's time: absent, a `0001-01-01` placeholder, or old in the first ticker
   after subscribing. Absent or implausible -> receive time with `timestamp_source="local"`;
-- `sequence` is per product and shared by all channels, so gaps are normal; a ticker whose
-  sequence is at or below the last one seen is a duplicate (e.g. the replay after a reconnect).
-  Except where it cannot be one. The first ticker of a product after a `subscriptions` ack
-  (every connection's start) is the product's current state: its sequence equals the last one
-  seen (the replay: dropped) or is higher, and one below it means the numbering is another one
-  (the venue's, or a restarted test server's, started over; another endpoint; a stored mark
-  from a bad value): it is kept and the count starts over from it. Within a connection, one
-  more than `SEQUENCE_RESET_GAP` below the last is treated the same way, so a single absurd
-  sequence cannot make every real ticker after it a duplicate. A sequence outside
-  0 .. 2**63-1 is not a sequence (and no SQLite integer): the ticker is refused.
+- `sequence` is per product and shared by all channels, so gaps are normal. What the venue
+  repeats is a ticker it already sent: the current one, replayed after a (re)subscribe. So a
+  ticker whose sequence equals one of the last `RECENT_SEQUENCES` seen for its product (the
+  last one restored from the spool after a restart) is a duplicate, and, within a connection,
+  so is one at most `LATE_WINDOW` below the last (a late message). Anything else is kept and
+  becomes the last: a lower sequence in the first ticker after a `subscriptions` ack (every
+  connection's start), or one further below within a connection, is a count that started over
+  (a restarted venue or test server, another endpoint). So one absurd sequence, far ahead or
+  far behind, costs at most the real tickers within `LATE_WINDOW` of it, never a symbol's data
+  for hours. A sequence outside 0 .. 2**63-1 is not a sequence (and no SQLite integer): the
+  ticker is refused.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -49,8 +51,10 @@ from collectors.model import Metadata, PriceFeed, canonical_symbol_ok, event_tim
 _PRODUCT_RE = re.compile(r"^([A-Z0-9]{1,20})-([A-Z0-9]{1,20})$")
 _INVALID_PRODUCT_RE = re.compile(r"^\s*(\S*)\s+is not a valid product", re.IGNORECASE)
 _SYMBOL_CACHE_MAX = 4096
-#: A sequence this far below the last one is a restart of the numbering, not a replay.
-SEQUENCE_RESET_GAP = 1_000_000
+#: Within a connection, a ticker at most this far below the last one is a late message.
+LATE_WINDOW = 100
+#: Sequences remembered per product: a ticker repeating one of them is a duplicate.
+RECENT_SEQUENCES = 32
 _SEQUENCE_MAX = 2**63 - 1
 #: (metadata key, ticker field) of the optional decimal-string fields, in output order.
 _META_NUMBERS = (("bid", "best_bid"), ("bid_size", "best_bid_size"), ("ask", "best_ask"),
@@ -127,6 +131,8 @@ class CoinbaseAdapter:
         self._worker_id = worker_id
         self.decode = decode
         self._last_sequence: dict[str, int] = {}
+        # product -> the last RECENT_SEQUENCES sequences kept (bounded like `_symbols`)
+        self._recent: dict[str, deque[int]] = {}
         # Products with a ticker since the last `subscriptions` ack (see the module's notes).
         self._seen_since_ack: set[str] = set()
         # product id -> canonical symbol, for ids already validated (bounded: hostile input
@@ -175,14 +181,27 @@ class CoinbaseAdapter:
         return Parsed(Kind.OTHER)
 
     def dedup_mark(self, record: PriceFeed) -> tuple[str, int] | None:
-        sequence = record.metadata.get("sequence")
-        if isinstance(sequence, int) and not isinstance(sequence, bool):
-            return to_product(record.symbol), sequence
-        return None
+        """The last sequence of the record's product (this adapter's state, after the chunk)."""
+        product = to_product(record.symbol)
+        sequence = self._last_sequence.get(product)
+        return None if sequence is None else (product, sequence)
 
     def restore_marks(self, marks: Mapping[str, int]) -> None:
         for product, sequence in marks.items():
-            self._last_sequence[product] = sequence
+            if product in self._last_sequence or len(self._last_sequence) < _SYMBOL_CACHE_MAX:
+                self._last_sequence[product] = sequence
+
+    def _remember(self, product: str, sequence: int) -> None:
+        """`sequence` was kept: it is the product's last (lower or not, see the notes)."""
+        recent = self._recent.get(product)
+        if recent is None:
+            if len(self._recent) >= _SYMBOL_CACHE_MAX:
+                return  # hostile product ids: no dedup state past the bound (dropped anyway)
+            recent = self._recent[product] = deque(maxlen=RECENT_SEQUENCES)
+        recent.append(sequence)
+        self._last_sequence[product] = sequence
+        if len(self._seen_since_ack) < _SYMBOL_CACHE_MAX:
+            self._seen_since_ack.add(product)
 
     def _ticker(self, msg: dict[str, object], received_ns: int) -> Parsed:
         """A ticker from the generic decode: every field checked here."""
@@ -234,12 +253,11 @@ class CoinbaseAdapter:
             if not 0 <= sequence <= _SEQUENCE_MAX:
                 raise ParseError("field 'sequence' is out of range (0 to 2**63-1)")
             last = self._last_sequence.get(product)
-            if last is not None and sequence <= last:
-                if product in self._seen_since_ack:
-                    if last - sequence < SEQUENCE_RESET_GAP:
-                        return Parsed(_TICKER, duplicates=1)
-                elif sequence == last:  # the replay of the last ticker, after a (re)connect
-                    return Parsed(_TICKER, duplicates=1)
+            if last is not None and (
+                    sequence == last or sequence in self._recent.get(product, ())
+                    or (last - LATE_WINDOW <= sequence < last
+                        and product in self._seen_since_ack)):
+                return Parsed(_TICKER, duplicates=1)
             meta["sequence"] = sequence
         if type(trade_id) is int:
             meta["trade_id"] = trade_id
@@ -253,11 +271,9 @@ class CoinbaseAdapter:
         else:
             timestamp, exchange_ns = received_at, 0
             meta["timestamp_source"] = "local"
-        # Only a record that is fully valid moves the sequence forward.
+        # Only a record that is fully valid counts as seen.
         if sequence is not None:
-            self._last_sequence[product] = sequence
-            if len(self._seen_since_ack) < _SYMBOL_CACHE_MAX:
-                self._seen_since_ack.add(product)
+            self._remember(product, sequence)
         # Positional, in PriceFeed's field order: keywords cost 1.8x as much here.
         return Parsed(_TICKER, (PriceFeed(symbol, price, volume, timestamp, self.name,
                                           self._worker_id, meta, exchange_ns, received_ns),))

@@ -279,7 +279,10 @@ class KrakenAdapter:
         return False
 
     def dedup_mark(self, record: PriceFeed) -> tuple[str, int] | None:
-        return (record.symbol, record.exchange_ns) if record.exchange_ns else None
+        """The newest item time of the record's symbol (this adapter's state, after the chunk:
+        Kraken's times need not arrive in order)."""
+        last = self._last.get(record.symbol)
+        return (record.symbol, last[0]) if last is not None and last[0] else None
 
     def restore_marks(self, marks: Mapping[str, int]) -> None:
         for symbol, event_ns in marks.items():
@@ -373,10 +376,15 @@ def _subscribe_ack(msg: dict[str, object]) -> Parsed:
     named = (symbol,) if isinstance(symbol, str) and 0 < len(symbol) <= 64 else ()
     error = msg.get("error")
     reason = error[:300] if isinstance(error, str) and error else "no reason given"
-    # A subscribe repeated on a live connection (the collector re-sends the remaining symbols
-    # after one was rejected) must not turn subscribed symbols into "rejected" ones.
-    if msg.get("success") is True or "already subscribed" in reason.lower():
+    success = msg.get("success")
+    if success is True:
         return Parsed(Kind.SUBSCRIBED, subscribed=named)
+    if success is not False:
+        return Parsed(Kind.OTHER)  # no answer (e.g. a request echoed back)
+    # A subscribe repeated on a live connection (a retry, or the remaining symbols after one was
+    # rejected) must not turn subscribed symbols into "rejected" ones; it is no news either.
+    if "already subscribed" in reason.lower():
+        return Parsed(Kind.SUBSCRIBED, subscribed=named, error=reason)
     what = f"subscribe {named[0]}" if named else "subscribe"
     if _NOT_LISTED.search(reason):
         return Parsed(Kind.ERROR, rejected=named, error=f"{what} rejected: {reason}")

@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -43,7 +44,8 @@ SLOW_GATE_WAIT_S = 2.0
 #: Body bytes validated and stored at once: a body takes about 10 times its size in memory from
 #: its parse until its records are stored. Two 8 MiB bodies, or sixteen 1 MiB ones, never wait
 #: for each other, nor do ordinary batches (100-1000 records, well under 1 MB each) on every
-#: worker thread; a body larger than the budget goes alone.
+#: worker thread; with a larger INGEST_MAX_BODY_BYTES the budget is twice that. Bodies are let
+#: in in the order they came (a large one is not passed by a stream of small ones).
 DEFAULT_VALIDATION_BUDGET_BYTES = 16 * 1024 * 1024
 #: How long a body waits for room in that budget (then 503, Retry-After).
 VALIDATION_BUDGET_WAIT_S = 2.0
@@ -101,7 +103,7 @@ class IngestApp:
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  max_feeds: int = DEFAULT_MAX_FEEDS, *,
                  retry_after_s: int = 5,
-                 validation_budget_bytes: int = DEFAULT_VALIDATION_BUDGET_BYTES,
+                 validation_budget_bytes: int | None = None,
                  clock_ns: Callable[[], int] = time.time_ns) -> None:
         if not api_keys:
             raise ValueError("IngestApp needs at least one API key")
@@ -117,9 +119,11 @@ class IngestApp:
         self._slow_gate = threading.Lock()
         # The fast path's memory, bounded too: eight 8 MiB bodies at once took 640 MB. Guarded
         # by the condition: bytes of the bodies being validated, or their records stored, now.
-        self._budget_bytes = validation_budget_bytes
+        self._budget_bytes = (max(DEFAULT_VALIDATION_BUDGET_BYTES, 2 * max_body_bytes)
+                              if validation_budget_bytes is None else validation_budget_bytes)
         self._budget = threading.Condition(threading.Lock())
         self._validating_bytes = 0
+        self._budget_queue: deque[object] = deque()  # the bodies waiting, in arrival order
         self._routes: dict[str, tuple[str, Callable[[WSGIEnvironment], Response], bool]] = {
             INGEST_PATH: ("POST", self._ingest, True),
             HEALTH_PATH: ("GET", self._health, False),
@@ -270,13 +274,21 @@ class IngestApp:
     def _take_budget(self, size: int) -> bool:
         """Count `size` body bytes into the validation budget, waiting up to
         VALIDATION_BUDGET_WAIT_S for room: False if there was none (the sender retries)."""
+        ticket = object()
+        queue = self._budget_queue
         with self._budget:
-            # Alone, any body fits; otherwise it waits until the bodies before it leave room.
-            if self._budget.wait_for(lambda: not self._validating_bytes
-                                     or self._validating_bytes + size <= self._budget_bytes,
-                                     timeout=VALIDATION_BUDGET_WAIT_S):
+            queue.append(ticket)
+            # First in line, and alone (any body fits then) or within the budget.
+            if self._budget.wait_for(lambda: queue[0] is ticket and (
+                    not self._validating_bytes
+                    or self._validating_bytes + size <= self._budget_bytes),
+                    timeout=VALIDATION_BUDGET_WAIT_S):
+                queue.popleft()
                 self._validating_bytes += size
+                self._budget.notify_all()  # the next in line may fit too
                 return True
+            queue.remove(ticket)
+            self._budget.notify_all()  # it may have been first in line
             validating = self._validating_bytes
         log.warning("validation_busy", extra={"body_bytes": size,
                                               "validating_bytes": validating})

@@ -11,6 +11,7 @@ from collectors.errors import ConfigError, ParseError
 from collectors.exchanges import create
 from collectors.exchanges.base import Kind
 from collectors.exchanges.binance import (
+    _SEEN_MAX,
     BINANCE_COM,
     BINANCE_COM_MARKETS,
     BINANCE_US_MARKETS,
@@ -246,11 +247,24 @@ def test_dedup_memory_stays_bounded() -> None:
 
 def test_dedup_memory_stays_bounded_when_event_times_run_ahead() -> None:
     """Hostile or broken `E`s, all within the plausible window ahead of the receive time but
-    each one new: the remembered set is still pruned."""
+    each one new: the remembered set is still bounded."""
     adapter = binance("w")
-    for i in range(5000):
-        adapter.parse(_ticker(E0 + 10 + i * 50), RECEIVED_NS)
-    assert max(len(s) for s in adapter._seen_ms.values()) <= 2 * (2 * DEDUP_WINDOW_MS // 50) + 2
+    for i in range(30_000):
+        adapter.parse(_ticker(E0 + 10 + i * 5), RECEIVED_NS)
+    assert max(len(s) for s in adapter._seen_ms.values()) <= 2 * _SEEN_MAX
+
+
+def test_a_host_clock_a_few_minutes_behind_keeps_deduplicating() -> None:
+    """Every real `E` runs 90 s ahead of our clock: the pruning kept only times up to 60 s
+    past the (capped) newest, so a handover's overlap was stored twice."""
+    adapter = binance("w")
+    skew_ms = 90_000
+    stored = []
+    for i in range(400):  # a second apart, each delivered twice (a handover's overlap)
+        received = RECEIVED_NS + i * 1_000_000_000
+        for _copy in range(2):
+            stored += adapter.parse(_ticker(E0 + skew_ms + i * 1000), received).records
+    assert len(stored) == 400
 
 
 def test_an_event_time_far_ahead_does_not_make_later_updates_late() -> None:

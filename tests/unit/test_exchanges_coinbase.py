@@ -10,7 +10,7 @@ from collectors.decoding import decode_frame
 from collectors.errors import ParseError
 from collectors.exchanges.base import Decoder, Kind, load_json
 from collectors.exchanges.coinbase import (
-    SEQUENCE_RESET_GAP,
+    LATE_WINDOW,
     CoinbaseAdapter,
     from_product,
     to_product,
@@ -160,11 +160,37 @@ def test_a_restored_mark_far_ahead_starts_over_at_the_first_real_sequence() -> N
     assert adapter.parse(_ticker(500), RECEIVED_NS).duplicates == 1
 
 
-def test_a_replay_a_little_below_the_last_sequence_is_still_a_duplicate() -> None:
+def test_a_late_ticker_within_the_window_is_dropped_further_below_it_is_a_new_count() -> None:
     adapter = CoinbaseAdapter("w")
     adapter.parse(_ticker(5_000_000), RECEIVED_NS)
-    assert adapter.parse(_ticker(5_000_000 - SEQUENCE_RESET_GAP + 1), RECEIVED_NS).duplicates == 1
-    assert len(adapter.parse(_ticker(5_000_000 - SEQUENCE_RESET_GAP), RECEIVED_NS).records) == 1
+    assert adapter.parse(_ticker(5_000_000 - LATE_WINDOW), RECEIVED_NS).duplicates == 1
+    assert len(adapter.parse(_ticker(5_000_000 - LATE_WINDOW - 1), RECEIVED_NS).records) == 1
+
+
+@pytest.mark.parametrize("ahead", [LATE_WINDOW + 10, 500_000, 10**15])
+def test_one_ticker_far_ahead_does_not_silence_the_product(ahead: int) -> None:
+    """A bad sequence a little ahead (500,000: less than the old reset gap) made every real
+    ticker after it a duplicate until the real count caught up: hours."""
+    adapter = CoinbaseAdapter("w")
+    assert len(adapter.parse(_ticker(1_000), RECEIVED_NS).records) == 1
+    assert len(adapter.parse(_ticker(1_000 + ahead), RECEIVED_NS).records) == 1
+    kept = [len(adapter.parse(_ticker(seq), RECEIVED_NS).records) for seq in (1_001, 1_005, 1_009)]
+    assert kept == [1, 1, 1]
+
+
+def test_a_ticker_sent_again_is_a_duplicate_however_far_below_the_last() -> None:
+    adapter = CoinbaseAdapter("w")
+    for seq in (1_000, 2_000, 3_000):
+        adapter.parse(_ticker(seq), RECEIVED_NS)
+    assert [adapter.parse(_ticker(seq), RECEIVED_NS).duplicates for seq in (1_000, 2_000)] == [
+        1, 1]
+
+
+def test_the_dedup_mark_is_the_products_last_sequence() -> None:
+    adapter = CoinbaseAdapter("w")
+    [first] = adapter.parse(_ticker(7), RECEIVED_NS).records
+    adapter.parse(_ticker(9), RECEIVED_NS)
+    assert adapter.dedup_mark(first) == ("BTC-USD", 9)  # the state, not the record's own
 
 
 _ACK = json.dumps({"type": "subscriptions", "channels": [

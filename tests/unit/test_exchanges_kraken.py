@@ -288,3 +288,26 @@ def test_restored_mark_drops_the_replay_after_a_restart() -> None:
     restarted.restore_marks(dict([mark]))
     assert restarted.parse(_update(t), RECEIVED_NS).duplicates == 1
     assert len(restarted.parse(_update("2023-09-25T09:04:32.000000Z"), RECEIVED_NS).records) == 1
+
+
+def test_a_subscribe_message_without_success_is_no_answer() -> None:
+    """The request itself (echoed back, or the sample's line 1) is no failure to retry."""
+    request = (SAMPLES / "kraken_v2.jsonl").read_text().splitlines()[0]
+    assert json.loads(request)["method"] == "subscribe"
+    assert KrakenAdapter("w").parse(request, RECEIVED_NS).kind is Kind.OTHER
+
+
+def test_the_dedup_mark_is_the_symbols_newest_time_even_when_items_come_out_of_order() -> None:
+    """The stored mark was the last record's time: after items T2 then T1, a restart forgot
+    T2 and stored the reconnect snapshot's replay of it again."""
+    adapter = KrakenAdapter("w")
+    [newer] = adapter.parse(ALGO_WITH_TIME, RECEIVED_NS).records
+    older = json.loads(ALGO_WITH_TIME)
+    older["data"][0]["timestamp"] = "2023-09-25T09:00:00.000000Z"  # before the fixture's
+    older["data"][0]["last"] = 0.1
+    [old_record] = adapter.parse(json.dumps(older), RECEIVED_NS).records
+    mark = adapter.dedup_mark(old_record)
+    assert mark == ("ALGO/USD", newer.exchange_ns)
+    restarted = KrakenAdapter("w")
+    restarted.restore_marks(dict([mark]))
+    assert restarted.parse(ALGO_WITH_TIME, RECEIVED_NS).duplicates == 1

@@ -32,6 +32,7 @@ from tests.support.servers import (
     make_feed,
     running_ingest,
 )
+from tests.support.waiting import wait_until
 
 MAX_BODY = 64 * 1024
 PROBLEM = "application/problem+json"
@@ -736,6 +737,54 @@ def test_bodies_are_validated_and_stored_within_a_memory_budget(
         app._return_budget(4 * len(small))
         waiter.join(30)
         assert [r[:3] for r in results] == ["201"]
+    finally:
+        storage.close()
+
+
+def test_the_budget_lets_bodies_in_in_the_order_they_came(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large body waiting for room was passed by every small one that fitted, for ever: a
+    steady stream of small batches answered it 503 on every retry (its collector stuck)."""
+    monkeypatch.setattr("collectors.ingest.app.VALIDATION_BUDGET_WAIT_S", 5.0)
+    storage = SQLiteStorage.open(tmp_path / "x.db")
+    try:
+        app = IngestApp(storage, [TEST_API_KEY], max_body_bytes=MAX_BODY,
+                        validation_budget_bytes=100)
+        assert app._take_budget(60)  # a body being checked
+        admitted: list[str] = []
+        big_waiting = threading.Event()
+
+        def take(name: str, size: int) -> None:
+            if name == "big":
+                big_waiting.set()
+            assert app._take_budget(size)
+            admitted.append(name)
+
+        big = threading.Thread(target=take, args=("big", 80))
+        big.start()
+        assert big_waiting.wait(5)
+        assert wait_until(lambda: len(app._budget_queue) == 1, 5)
+        small = threading.Thread(target=take, args=("small", 30))  # would fit: 60 + 30
+        small.start()
+        assert wait_until(lambda: len(app._budget_queue) == 2, 5)
+        assert admitted == []  # behind the big one
+        app._return_budget(60)
+        big.join(5)
+        assert admitted == ["big"]  # 80: the small one (80 + 30) still waits
+        app._return_budget(80)
+        small.join(5)
+        assert admitted == ["big", "small"]
+        app._return_budget(30)
+        assert (app._validating_bytes, len(app._budget_queue)) == (0, 0)
+    finally:
+        storage.close()
+
+
+def test_the_budget_grows_with_the_largest_body_allowed(tmp_path: Path) -> None:
+    storage = SQLiteStorage.open(tmp_path / "x.db")
+    try:
+        app = IngestApp(storage, [TEST_API_KEY], max_body_bytes=64 * 1024 * 1024)
+        assert app._budget_bytes == 128 * 1024 * 1024
     finally:
         storage.close()
 

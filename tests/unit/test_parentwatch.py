@@ -127,6 +127,12 @@ def test_a_parent_gone_before_the_request_took_effect_is_reported() -> None:
                                  prctl=lambda o, a: 0)
 
 
+def test_a_parent_gone_before_main_read_it_is_reported() -> None:
+    """supervisord died between the fork and main(): the parent main() saw is already init."""
+    assert not stop_with_supervisord(1, {"SUPERVISOR_ENABLED": "1"}, getppid=lambda: 1,
+                                     prctl=lambda o, a: 0)
+
+
 def test_a_parent_gone_before_start_makes_the_program_exit_1() -> None:
     # What a program sees when supervisord died between fork and prctl: its parent changed.
     code = ("import os, sys; from collectors import cli; os.getppid = iter([4242, 1]).__next__;"

@@ -187,26 +187,35 @@ def test_a_chunk_is_committed_with_its_marks_before_the_parser_goes_on(tmp_path:
         assert spool.marks() == {"BTC-USD": 12, "ETH-USD": 20}
 
 
-def test_a_mark_can_start_over_lower_and_a_mark_sqlite_cannot_hold_is_none(
-        tmp_path: Path) -> None:
-    """A sequence count that starts over is stored as it is (a higher stored mark would make
-    the next restart drop real tickers), and no value kills the parser thread: 2**63, once a
-    Coinbase sequence, raised OverflowError in SQLite."""
+def test_a_count_that_starts_over_lowers_the_stored_mark(tmp_path: Path) -> None:
+    """A sequence count that starts over is stored as the adapter now holds it (a higher
+    stored mark would make the next restart drop real tickers)."""
     wake, stop = threading.Event(), threading.Event()
+    t0 = 1_795_948_682_000_000_000
     with Spool(tmp_path / "spool", fsync_interval_s=0) as spool:
-        _parser, writer, _ = _parser_into_spool(spool, wake, stop)
-        records = [PriceFeed(symbol, 100.0, None, "2026-11-29T10:38:02.000000Z", "coinbase",
-                             "w1", {}, 0, 1_795_948_682_000_000_000)
-                   for symbol in ("BTC/USD", "ETH/USD", "ETH/USD")]
-        records[0].metadata["sequence"] = 10**18
-        records[1].metadata["sequence"] = 2**63
-        records[2].metadata["sequence"] = 7
-        assert writer.put_many_waiting(records[:2], stop) == 0
+        parser, _writer, _ = _parser_into_spool(spool, wake, stop)
+        parser._handle([(_ticker("BTC-USD", 10**18, "100", "2026-11-29T10:38:02.000000Z"), t0)])
         assert spool.marks() == {"BTC-USD": 10**18}
-        records[0].metadata["sequence"] = 101
-        assert writer.put_many_waiting([records[0], records[2]], stop) == 0
-        assert spool.marks() == {"BTC-USD": 101, "ETH-USD": 7}
-        assert spool.stats().records == 4
+        parser._handle([(_ticker("BTC-USD", 101, "100", "2026-11-29T10:38:02.001000Z"), t0),
+                        (_ticker("BTC-USD", 102, "100", "2026-11-29T10:38:02.002000Z"), t0)])
+        assert spool.marks() == {"BTC-USD": 102}
+        assert spool.stats().records == 3
+
+
+def test_a_mark_sqlite_cannot_hold_is_no_mark(tmp_path: Path) -> None:
+    """No mark kills the parser thread: 2**63, once a Coinbase sequence, raised OverflowError
+    in SQLite."""
+    wake, stop = threading.Event(), threading.Event()
+    registry = CollectorRegistry()
+    marks = iter([("a", 2**63), ("b", -(2**63) - 1), ("c", 7)])
+    with Spool(tmp_path / "spool", fsync_interval_s=0) as spool:
+        writer = SpoolWriter(spool, Metrics(registry, "coinbase", "w1"), wake,
+                             mark_of=lambda _record: next(marks))
+        records = [PriceFeed("BTC/USD", 100.0, None, "2026-11-29T10:38:02.000000Z", "coinbase",
+                             "w1", {}, 0, 1_795_948_682_000_000_000) for _ in range(3)]
+        assert writer.put_many_waiting(records, stop) == 0
+        assert spool.marks() == {"c": 7}
+        assert spool.stats().records == 3
 
 
 class _RefusingSpool(Spool):
@@ -377,6 +386,11 @@ def test_a_passing_subscribe_failure_is_sent_again_later_and_keeps_the_symbol() 
     assert conn._resubscribe == ["ETH/USD"]
     assert before <= conn._resubscribe_at <= time.monotonic() + 1.0  # the first backoff: <= 1 s
     parser._handle([(refused, 1_795_948_682_000_000_000)])
+    assert parser._subscribe_backoff.attempt == 2
+    # "already subscribed" (a symbol the retry sent again) is no news: the backoff keeps growing
+    again = json.dumps({"method": "subscribe", "success": False, "symbol": "BTC/USD",
+                        "error": "Already subscribed", "req_id": 3}).encode()
+    parser._handle([(again, 1_795_948_682_000_000_000)])
     assert parser._subscribe_backoff.attempt == 2
     ack = json.dumps({"method": "subscribe", "success": True, "req_id": 3,
                       "result": {"channel": "ticker", "symbol": "ETH/USD"}}).encode()
