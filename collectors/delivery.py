@@ -370,8 +370,9 @@ class SpoolWriter:
         if spool is None:
             raise RuntimeError("SpoolWriter used before attach()")
         encoded = [encode(r) for r in records]
-        # Each key's mark is its last record's (records are in arrival order; an adapter may
-        # start a count over, see Spool.append). A value SQLite cannot hold is no mark.
+        # The adapter's dedup state after this chunk, per key (it may have started a count
+        # over: lower than the stored mark; see Spool.append). A value SQLite cannot hold is no
+        # mark.
         marks: dict[str, int] = {}
         mark_of = self._mark_of
         for record in records:

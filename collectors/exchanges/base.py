@@ -178,9 +178,11 @@ class Adapter(Protocol):
         """Translate one frame. Raises ParseError, and only ParseError, for bad input."""
 
     def dedup_mark(self, record: PriceFeed) -> tuple[str, int] | None:
-        """(key, value) that this record raises the dedup high-water mark of, if any. The
-        collector persists marks with the records, so after a restart the venue's replay of
-        the last update (a first ticker after subscribing repeats it) is not stored twice."""
+        """(key, value) of this adapter's dedup state for the record's key (its last sequence,
+        its newest time), if any, as it stands after the frames parsed so far. The collector
+        persists it with the records (the value given last for a key wins), so after a restart
+        the venue's replay of the last update (a first ticker after subscribing repeats it) is
+        not stored twice."""
 
     def restore_marks(self, marks: Mapping[str, int]) -> None:
         """Seed the dedup state from persisted marks (before the first frame)."""
