@@ -217,7 +217,6 @@ class RawServer:
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/internal/ingest"
         self.requests = 0
         self.connections = 0
-        self.sent_all = threading.Event()  # set by answers that finished writing
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
         self._threads[0].start()
 
@@ -312,25 +311,34 @@ def test_a_chunked_answer_stalling_past_the_read_timeout(
     assert (result.outcome, result.status) == expected
 
 
-def test_a_small_content_length_beside_chunked_framing_does_not_unbound_the_answer() -> None:
-    # The chunked framing wins over Content-Length; 32 MiB of chunks must not be read whole.
+def _chunked_mib(head: bytes, mib: int) -> tuple[Callable[[socket.socket, int], None],
+                                                 threading.Event]:
+    """An answer: `head` (status line and headers, chunked), then `mib` 1 MiB chunks; and an
+    Event set only if all of it was written (a client that stops reading never lets it)."""
+    sent_all = threading.Event()
+
     def answer(sock: socket.socket, _n: int) -> None:
-        sock.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 2\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
         chunk = b"100000\r\n" + b"x" * 0x100000 + b"\r\n"
         try:
-            for _ in range(32):
+            for _ in range(mib):
                 sock.sendall(chunk)
             sock.sendall(b"0\r\n\r\n")
-            server.sent_all.set()
+            sent_all.set()
         except OSError:
             pass
 
+    return answer, sent_all
+
+
+def test_a_small_content_length_beside_chunked_framing_does_not_unbound_the_answer() -> None:
+    # The chunked framing wins over Content-Length; 32 MiB of chunks must not be read whole.
+    answer, sent_all = _chunked_mib(b"HTTP/1.1 500 Oops\r\nContent-Length: 2\r\n", 32)
     with raw_server(answer) as server:
         result = post(server.url)
     assert (result.outcome, result.status) == (Outcome.RETRY, 500)
     assert len(result.body) == MAX_RESPONSE_BYTES
-    assert not server.sent_all.is_set()  # the client stopped reading and closed
+    assert not sent_all.is_set()  # the client stopped reading and closed
 
 
 def test_a_compressed_answer_is_not_inflated() -> None:
@@ -464,18 +472,8 @@ def test_rejected_indexes_of_a_deeply_nested_answer_is_none() -> None:
 def test_a_redirect_with_an_endless_body_is_read_only_up_to_the_bound() -> None:
     # requests' redirect machinery (it runs even with allow_redirects=False) read such a body
     # whole: over 1 GiB in memory before the deadline cut it.
-    def answer(sock: socket.socket, _n: int) -> None:
-        sock.sendall(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /x\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
-        chunk = b"100000\r\n" + b"x" * 0x100000 + b"\r\n"
-        try:
-            for _ in range(64):  # 64 MiB: "endless" for a client that reads 64 KiB
-                sock.sendall(chunk)
-            sock.sendall(b"0\r\n\r\n")
-            server.sent_all.set()
-        except OSError:
-            pass
-
+    # 64 MiB: "endless" for a client that reads 64 KiB
+    answer, sent_all = _chunked_mib(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /x\r\n", 64)
     with raw_server(answer) as server:
         started = time.monotonic()
         result = post(server.url)
@@ -483,7 +481,7 @@ def test_a_redirect_with_an_endless_body_is_read_only_up_to_the_bound() -> None:
     assert (result.outcome, result.status) == (Outcome.RETRY, 307)
     assert result.detail.startswith("redirect not followed (Location: '/x')")
     assert len(result.body) == MAX_RESPONSE_BYTES
-    assert not server.sent_all.is_set()  # the client stopped reading and closed
+    assert not sent_all.is_set()  # the client stopped reading and closed
     assert server.requests == 1  # and followed nothing
     assert took < 5
 

@@ -89,11 +89,8 @@ def test_without_supervisord_only_the_endpoints_given_are_checked() -> None:
         assert f'"{other}"' not in result.stdout, result.stdout
 
 
-def test_a_control_socket_that_answers_garbage_is_reported_not_a_traceback(
-        tmp_path: Path) -> None:
-    path = tmp_path / "supervisor.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
+def _answer_garbage_once(server: socket.socket) -> threading.Thread:
+    """Listen on the bound `server` and answer its first connection with no HTTP at all."""
     server.listen(1)
 
     def garbage() -> None:
@@ -102,7 +99,17 @@ def test_a_control_socket_that_answers_garbage_is_reported_not_a_traceback(
             conn.recv(65536)
             conn.sendall(b"NOT HTTP AT ALL\r\n\r\n")
 
-    threading.Thread(target=garbage, daemon=True).start()
+    thread = threading.Thread(target=garbage, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_control_socket_that_answers_garbage_is_reported_not_a_traceback(
+        tmp_path: Path) -> None:
+    path = tmp_path / "supervisor.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    _answer_garbage_once(server)
     conf = tmp_path / "supervisord.conf"
     conf.write_text(f"[supervisorctl]\nserverurl=unix://{path}\n")
     try:
@@ -120,16 +127,7 @@ def test_a_health_endpoint_that_is_not_http_is_unreachable_not_a_traceback() -> 
     # http.client's errors (a bad status line, an invalid URL) are not OSError or ValueError
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
-    server.listen(1)
-
-    def garbage() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(65536)
-            conn.sendall(b"NOT HTTP AT ALL\r\n\r\n")
-
-    thread = threading.Thread(target=garbage, daemon=True)
-    thread.start()
+    thread = _answer_garbage_once(server)
     try:
         assert fetch_health(f"http://127.0.0.1:{server.getsockname()[1]}", 2.0) is None
     finally:
