@@ -104,7 +104,7 @@ def _run(exchange: str) -> int:
     from prometheus_client import disable_created_metrics
 
     from collectors.config import CollectorConfig
-    from collectors.logsetup import setup_logging
+    from collectors.logsetup import setup_logging, warn_if_short
     from collectors.service import CollectorService
 
     # `*_created` series double the series count and no dashboard or alert here uses them.
@@ -119,6 +119,7 @@ def _run(exchange: str) -> int:
     setup_logging(config.log_level, static={"exchange": config.exchange,
                                             "worker_id": config.worker_id},
                   secrets=[config.api_key])
+    warn_if_short([config.api_key], "API_KEY")
     service = CollectorService(config)
     # Everything made so far (modules, the service) lives as long as the process: moved out of
     # the cyclic GC's sight, so an occasional full collection has only the recent objects to

@@ -74,6 +74,22 @@ class _RedactSecrets(logging.Filter):
         return True
 
 
+#: API keys shorter than this are easy to guess, and hiding one in the logs (every occurrence
+#: of it is replaced) masks pieces of ordinary words too ("networ[REDACTED]" for the key "k").
+SHORT_KEY_CHARS = 16
+
+
+def warn_if_short(keys: Iterable[str], variable: str) -> None:
+    """Log once (a warning, never the key) when a key is shorter than SHORT_KEY_CHARS."""
+    lengths = [len(k) for k in keys if len(k) < SHORT_KEY_CHARS]
+    if lengths:
+        logging.getLogger(__name__).warning("api_key_short", extra={
+            "variable": variable, "characters": min(lengths),
+            "hint": f"use at least {SHORT_KEY_CHARS} random characters (e.g. `python -c 'import "
+                    "secrets; print(secrets.token_urlsafe(32))'`): a short key is easy to guess, "
+                    "and its redaction from these logs masks pieces of ordinary words"})
+
+
 def setup_logging(level: str = "info", *, static: Mapping[str, str] | None = None,
                   secrets: Iterable[str] = (), stream: TextIO | None = None) -> None:
     """Send every log record to `stream` (stdout) as one JSON object a line."""

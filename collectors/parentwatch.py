@@ -69,9 +69,16 @@ def stop_with_supervisord(parent_pid: int, env: Mapping[str, str] | None = None,
 
 
 def _is_supervisord(pid: int) -> bool:
-    """Whether process `pid` runs supervisord (True when that cannot be read: no false alarm)."""
+    """Whether process `pid` runs supervisord: its program, or the script its Python runs, is
+    named `supervisord` (an init such as tini whose arguments merely mention it is not). True
+    when that cannot be told: /proc unreadable, or another PID namespace's (no false alarm)."""
     try:
+        if int(os.readlink("/proc/self")) != os.getpid():
+            return True
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"supervisord" in f.read()
-    except OSError:
+            argv = f.read().split(b"\0")
+    except (OSError, ValueError):
         return True
+    names = [os.path.basename(arg) for arg in argv[:2]]
+    return names[0] == b"supervisord" or (
+        names[0].startswith(b"python") and len(names) > 1 and names[1] == b"supervisord")

@@ -246,7 +246,8 @@ class BinanceAdapter:
             self._from_venue[venue_symbol] = canonical
         # Per venue symbol: the newest event time seen and every event time seen within the
         # dedup window before it.
-        self._newest_ms: dict[str, int] = {}
+        self._newest_ms: dict[str, int] = {}  # capped (see _remember)
+        self._newest_sent_ms: dict[str, int] = {}  # as sent: the dedup mark
         self._seen_ms: dict[str, set[int]] = {}
         self._prune_at: dict[str, int] = {}
         # stream name -> (venue symbol, canonical symbol) of pairs already validated (bounded:
@@ -461,7 +462,9 @@ class BinanceAdapter:
         venue_symbol = self._to_venue.get(record.symbol)
         if venue_symbol is None:
             return None
-        newest = self._newest_ms.get(venue_symbol)
+        # The newest `E` as sent, not as capped: with our clock behind, the capped one is no
+        # `E` at all, and the replay after a restart would not be recognised.
+        newest = self._newest_sent_ms.get(venue_symbol)
         return None if newest is None else (venue_symbol, newest)
 
     def restore_marks(self, marks: Mapping[str, int]) -> None:
@@ -476,6 +479,8 @@ class BinanceAdapter:
         if seen is None:
             seen = self._seen_ms[venue_symbol] = set()
         seen.add(event_ms)
+        if event_ms > self._newest_sent_ms.get(venue_symbol, -1):
+            self._newest_sent_ms[venue_symbol] = event_ms
         newest = self._newest_ms.get(venue_symbol)
         candidate = min(event_ms, newest_cap_ms)
         if newest is None or candidate > newest:

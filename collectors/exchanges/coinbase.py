@@ -9,17 +9,19 @@ Notes that shape this parser:
 - every number is a decimal string; `best_bid_size`/`best_ask_size` are absent in older messages;
 - `time` is the last match's time: absent, a `0001-01-01` placeholder, or old in the first ticker
   after subscribing. Absent or implausible -> receive time with `timestamp_source="local"`;
-- `sequence` is per product and shared by all channels, so gaps are normal. What the venue
-  repeats is a ticker it already sent: the current one, replayed after a (re)subscribe. So a
-  ticker whose sequence equals one of the last `RECENT_SEQUENCES` seen for its product (the
-  last one restored from the spool after a restart) is a duplicate, and, within a connection,
-  so is one at most `LATE_WINDOW` below the last (a late message). Anything else is kept and
-  becomes the last: a lower sequence in the first ticker after a `subscriptions` ack (every
-  connection's start), or one further below within a connection, is a count that started over
-  (a restarted venue or test server, another endpoint). So one absurd sequence, far ahead or
-  far behind, costs at most the real tickers within `LATE_WINDOW` of it, never a symbol's data
-  for hours. A sequence outside 0 .. 2**63-1 is not a sequence (and no SQLite integer): the
-  ticker is refused.
+- `sequence` is per product and shared by all channels, so gaps are normal; a ticker at or
+  below the last one seen is a duplicate or a late message, and is dropped (e.g. the venue's
+  replay of its current ticker after a (re)subscribe). Two guards keep one bad value from
+  blocking a product. A higher sequence is only "pending" until a later one is higher still
+  (then it is the last): a ticker below a pending one is late too, unless the pending one
+  jumped more than `SEQUENCE_JUMP` past the last, when it may be the bad one and the real ones
+  after it are kept. And the first ticker after a `subscriptions` ack (every connection's
+  start) is the product's current state, so one below the last means the count started over (a
+  restarted venue or test server, another endpoint): kept, and the count restarts from it. The
+  last `RECENT_SEQUENCES` kept are remembered too: a repeat of any is a duplicate. The dedup
+  mark stored with the records is the newest sequence, pending or last (a replay after a
+  restart repeats it).
+  A sequence outside 0 .. 2**63-1 is not a sequence (and no SQLite integer): refused.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ from collectors.model import Metadata, PriceFeed, canonical_symbol_ok, event_tim
 _PRODUCT_RE = re.compile(r"^([A-Z0-9]{1,20})-([A-Z0-9]{1,20})$")
 _INVALID_PRODUCT_RE = re.compile(r"^\s*(\S*)\s+is not a valid product", re.IGNORECASE)
 _SYMBOL_CACHE_MAX = 4096
-#: Within a connection, a ticker at most this far below the last one is a late message.
-LATE_WINDOW = 100
+#: A pending sequence further than this past the last one may be a bad value: the tickers
+#: below it are kept, not taken for late ones.
+SEQUENCE_JUMP = 10_000
 #: Sequences remembered per product: a ticker repeating one of them is a duplicate.
 RECENT_SEQUENCES = 32
 _SEQUENCE_MAX = 2**63 - 1
@@ -130,8 +133,11 @@ class CoinbaseAdapter:
     def __init__(self, worker_id: str, decode: Decoder = load_json) -> None:
         self._worker_id = worker_id
         self.decode = decode
+        # product -> its last sequence (confirmed: see the module's notes), the higher one
+        # kept after it but not yet confirmed, and the last RECENT_SEQUENCES kept (in order:
+        # the newest is the dedup mark). Bounded like `_symbols`.
         self._last_sequence: dict[str, int] = {}
-        # product -> the last RECENT_SEQUENCES sequences kept (bounded like `_symbols`)
+        self._pending: dict[str, int] = {}
         self._recent: dict[str, deque[int]] = {}
         # Products with a ticker since the last `subscriptions` ack (see the module's notes).
         self._seen_since_ack: set[str] = set()
@@ -181,10 +187,25 @@ class CoinbaseAdapter:
         return Parsed(Kind.OTHER)
 
     def dedup_mark(self, record: PriceFeed) -> tuple[str, int] | None:
-        """The last sequence of the record's product (this adapter's state, after the chunk)."""
+        """The product's newest sequence, pending or last (this adapter's state, after the
+        chunk): what the venue replays after a restart."""
         product = to_product(record.symbol)
-        sequence = self._last_sequence.get(product)
+        sequence = self._pending.get(product, self._last_sequence.get(product))
         return None if sequence is None else (product, sequence)
+
+    def _is_duplicate(self, product: str, sequence: int) -> bool:
+        """A repeat, or (within a connection) a late ticker: see the module's notes."""
+        last = self._last_sequence.get(product)
+        recent = self._recent.get(product)
+        if sequence == last or (recent is not None and sequence in recent):
+            return True
+        if product not in self._seen_since_ack:
+            return False  # a connection's first: the current state, kept
+        if last is not None and sequence < last:
+            return True
+        pending = self._pending.get(product)
+        return (pending is not None and sequence < pending
+                and pending - (sequence if last is None else last) <= SEQUENCE_JUMP)
 
     def restore_marks(self, marks: Mapping[str, int]) -> None:
         for product, sequence in marks.items():
@@ -192,14 +213,25 @@ class CoinbaseAdapter:
                 self._last_sequence[product] = sequence
 
     def _remember(self, product: str, sequence: int) -> None:
-        """`sequence` was kept: it is the product's last (lower or not, see the notes)."""
+        """`sequence` was kept (see the module's notes for what becomes the last)."""
         recent = self._recent.get(product)
         if recent is None:
             if len(self._recent) >= _SYMBOL_CACHE_MAX:
                 return  # hostile product ids: no dedup state past the bound (dropped anyway)
             recent = self._recent[product] = deque(maxlen=RECENT_SEQUENCES)
+        last = self._last_sequence.get(product)
+        pending = self._pending.get(product)
+        if product not in self._seen_since_ack and last is not None and sequence < last:
+            # a connection's first, below the last: a new count
+            recent.clear()
+            self._last_sequence[product] = sequence
+            self._pending.pop(product, None)
+        elif pending is not None and sequence > pending:  # confirms the pending one
+            self._last_sequence[product] = pending
+            self._pending[product] = sequence
+        else:  # the first, or between the last and a pending one that jumped: pending
+            self._pending[product] = sequence
         recent.append(sequence)
-        self._last_sequence[product] = sequence
         if len(self._seen_since_ack) < _SYMBOL_CACHE_MAX:
             self._seen_since_ack.add(product)
 
@@ -252,11 +284,7 @@ class CoinbaseAdapter:
                 raise ParseError("field 'sequence' must be an integer")
             if not 0 <= sequence <= _SEQUENCE_MAX:
                 raise ParseError("field 'sequence' is out of range (0 to 2**63-1)")
-            last = self._last_sequence.get(product)
-            if last is not None and (
-                    sequence == last or sequence in self._recent.get(product, ())
-                    or (last - LATE_WINDOW <= sequence < last
-                        and product in self._seen_since_ack)):
+            if self._is_duplicate(product, sequence):
                 return Parsed(_TICKER, duplicates=1)
             meta["sequence"] = sequence
         if type(trade_id) is int:

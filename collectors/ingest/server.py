@@ -45,7 +45,7 @@ from collectors.ingest.config import (
     redact_url,
 )
 from collectors.ingest.storage import Storage, migrate, open_storage
-from collectors.logsetup import setup_logging
+from collectors.logsetup import setup_logging, warn_if_short
 
 if TYPE_CHECKING:
     from wsgiref.types import WSGIApplication
@@ -370,6 +370,7 @@ def serve(env: Mapping[str, str], *, stop: threading.Event | None = None) -> int
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, static={"service": "ingest"}, secrets=config.secrets())
+    warn_if_short(config.api_keys, "API_KEY / API_KEYS / API_KEY_FILE")
     stop = threading.Event() if stop is None else stop
     restore = _install_signal_handlers(stop)
     try:

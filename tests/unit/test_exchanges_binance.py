@@ -346,3 +346,16 @@ def test_restored_marks_drop_the_replay_after_a_restart() -> None:
     restarted.restore_marks(dict([mark]))
     assert restarted.parse(_ticker(E0), RECEIVED_NS).duplicates == 1
     assert len(restarted.parse(_ticker(E0 + 1000), RECEIVED_NS).records) == 1
+
+
+def test_with_our_clock_behind_the_stored_mark_is_the_real_event_time() -> None:
+    """The mark was the newest E as capped (receive time + 2 s), which is no E at all: after a
+    restart the venue's replay of the last update was stored again."""
+    adapter = binance("w")
+    behind_ms = 30_000
+    [record] = adapter.parse(_ticker(E0 + behind_ms), RECEIVED_NS).records
+    mark = adapter.dedup_mark(record)
+    assert mark == ("BTCUSDT", E0 + behind_ms)
+    restarted = binance("w")
+    restarted.restore_marks(dict([mark]))
+    assert restarted.parse(_ticker(E0 + behind_ms), RECEIVED_NS).duplicates == 1

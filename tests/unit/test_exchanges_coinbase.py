@@ -10,7 +10,7 @@ from collectors.decoding import decode_frame
 from collectors.errors import ParseError
 from collectors.exchanges.base import Decoder, Kind, load_json
 from collectors.exchanges.coinbase import (
-    LATE_WINDOW,
+    SEQUENCE_JUMP,
     CoinbaseAdapter,
     from_product,
     to_product,
@@ -160,22 +160,40 @@ def test_a_restored_mark_far_ahead_starts_over_at_the_first_real_sequence() -> N
     assert adapter.parse(_ticker(500), RECEIVED_NS).duplicates == 1
 
 
-def test_a_late_ticker_within_the_window_is_dropped_further_below_it_is_a_new_count() -> None:
+def test_a_late_ticker_however_far_below_is_dropped_within_a_connection() -> None:
     adapter = CoinbaseAdapter("w")
-    adapter.parse(_ticker(5_000_000), RECEIVED_NS)
-    assert adapter.parse(_ticker(5_000_000 - LATE_WINDOW), RECEIVED_NS).duplicates == 1
-    assert len(adapter.parse(_ticker(5_000_000 - LATE_WINDOW - 1), RECEIVED_NS).records) == 1
+    for seq in (5_000_000, 5_000_100, 5_000_200):
+        adapter.parse(_ticker(seq), RECEIVED_NS)
+    # 5_000_150: below the pending 5_000_200, a plausible step past the last (5_000_100)
+    assert [adapter.parse(_ticker(seq), RECEIVED_NS).duplicates
+            for seq in (5_000_150, 5_000_050, 4_000_000, 3)] == [1, 1, 1, 1]
 
 
-@pytest.mark.parametrize("ahead", [LATE_WINDOW + 10, 500_000, 10**15])
+@pytest.mark.parametrize("ahead", [SEQUENCE_JUMP + 10, 500_000, 10**15])
 def test_one_ticker_far_ahead_does_not_silence_the_product(ahead: int) -> None:
     """A bad sequence a little ahead (500,000: less than the old reset gap) made every real
     ticker after it a duplicate until the real count caught up: hours."""
     adapter = CoinbaseAdapter("w")
     assert len(adapter.parse(_ticker(1_000), RECEIVED_NS).records) == 1
     assert len(adapter.parse(_ticker(1_000 + ahead), RECEIVED_NS).records) == 1
-    kept = [len(adapter.parse(_ticker(seq), RECEIVED_NS).records) for seq in (1_001, 1_005, 1_009)]
+    kept = [len(adapter.parse(_ticker(seq), RECEIVED_NS).records) for seq in (1_003, 1_005, 1_009)]
     assert kept == [1, 1, 1]
+
+
+def test_a_late_ticker_does_not_lower_the_mark_a_restart_dedups_by() -> None:
+    """A late ticker kept (and made the last) lowered the stored mark: after a restart the
+    venue's replay of the real last ticker was stored again."""
+    adapter = CoinbaseAdapter("w")
+    for seq in (50_978_629_038, 50_978_629_900):
+        adapter.parse(_ticker(seq), RECEIVED_NS)
+    [late] = [r for r in adapter.parse(_ticker(50_978_629_500), RECEIVED_NS).records] or [None]
+    assert late is None
+    [record] = adapter.parse(_ticker(50_978_630_000), RECEIVED_NS).records
+    mark = adapter.dedup_mark(record)
+    assert mark == ("BTC-USD", 50_978_630_000)
+    restarted = CoinbaseAdapter("w")
+    restarted.restore_marks(dict([mark]))
+    assert restarted.parse(_ticker(50_978_630_000), RECEIVED_NS).duplicates == 1
 
 
 def test_a_ticker_sent_again_is_a_duplicate_however_far_below_the_last() -> None:
@@ -190,7 +208,7 @@ def test_the_dedup_mark_is_the_products_last_sequence() -> None:
     adapter = CoinbaseAdapter("w")
     [first] = adapter.parse(_ticker(7), RECEIVED_NS).records
     adapter.parse(_ticker(9), RECEIVED_NS)
-    assert adapter.dedup_mark(first) == ("BTC-USD", 9)  # the state, not the record's own
+    assert adapter.dedup_mark(first) == ("BTC-USD", 9)  # the latest kept, not the record's
 
 
 _ACK = json.dumps({"type": "subscriptions", "channels": [

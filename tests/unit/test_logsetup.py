@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from collectors.ingest.validate import validate_body
-from collectors.logsetup import MAX_REDACT_DEPTH, setup_logging
+from collectors.logsetup import MAX_REDACT_DEPTH, setup_logging, warn_if_short
 from tests.support.servers import batch_body, make_feed
 
 SECRET = "test-key-0123456789abcdef"
@@ -91,3 +91,12 @@ def test_tracebacks_are_redacted(lines: io.StringIO) -> None:
         logging.getLogger("x").exception("thread_crashed")
     assert SECRET not in lines.getvalue()
     assert "failed with [REDACTED]" in lines.getvalue()
+
+
+def test_a_short_key_is_warned_about_without_being_shown(lines: io.StringIO) -> None:
+    warn_if_short(["k3y", SECRET], "API_KEYS")
+    warn_if_short([SECRET], "API_KEY")  # long enough: nothing
+    [doc] = _logged(lines)
+    assert doc["event"] == "api_key_short"
+    assert (doc["variable"], doc["characters"], doc["level"]) == ("API_KEYS", 3, "WARNING")
+    assert "k3y" not in lines.getvalue() and SECRET not in lines.getvalue()

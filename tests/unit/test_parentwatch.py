@@ -155,3 +155,23 @@ def test_the_death_signal_is_really_set_under_supervisord() -> None:
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                 timeout=30, check=False, cwd=ROOT, env={**clean, **env})
         assert result.stdout.strip() == expected, result
+
+
+def test_supervisord_is_recognised_by_its_program_not_by_an_argument(
+        tmp_path: Path) -> None:
+    """`docker-init -- supervisord -n` only mentions supervisord: it is not supervisord."""
+    from collectors import parentwatch
+
+    fake = tmp_path / "supervisord"  # a Python script named supervisord, as the venv's is
+    fake.write_text(f"#!{sys.executable}\nimport sys; sys.stdin.read()\n")
+    fake.chmod(0o755)
+    for argv, expected in (([str(fake)], True),
+                           (["/bin/sh", "-c", "read x", "supervisord", "-n"], False)):
+        with subprocess.Popen(argv, stdin=subprocess.PIPE) as proc:
+            try:
+                # the kernel has run the program once its command line reads back as exec'd
+                assert wait_until(lambda p=proc: b"supervisord" in Path(
+                    f"/proc/{p.pid}/cmdline").read_bytes(), 5)
+                assert parentwatch._is_supervisord(proc.pid) is expected, argv
+            finally:
+                proc.kill()
