@@ -356,17 +356,22 @@ def test_a_compressed_answer_is_not_inflated() -> None:
     assert result.body == bomb[:MAX_RESPONSE_BYTES]
 
 
+def _post_times(url: str, n: int) -> list[PostResult]:
+    """`n` POSTs of BATCH through one Poster (one keep-alive session)."""
+    poster = Poster(url, "secret-key", connect_timeout_s=2, read_timeout_s=5)
+    try:
+        return [poster.post(BATCH) for _ in range(n)]
+    finally:
+        poster.close()
+
+
 def test_small_answers_keep_the_connection_alive() -> None:
     def answer(sock: socket.socket, _n: int) -> None:
         sock.sendall(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 13\r\n\r\n{\"stored\":1}\n")
 
     with raw_server(answer) as server:
-        poster = Poster(server.url, "secret-key", connect_timeout_s=2, read_timeout_s=5)
-        try:
-            results = [poster.post(BATCH) for _ in range(3)]
-        finally:
-            poster.close()
+        results = _post_times(server.url, 3)
     assert [(r.outcome, r.body) for r in results] == [(Outcome.STORED, b'{"stored":1}\n')] * 3
     assert (server.requests, server.connections) == (3, 1)
 
@@ -432,11 +437,7 @@ def test_a_surprise_inside_post_is_a_retry_not_a_crash(
                      % retry_after)
 
     with raw_server(answer) as server:
-        poster = Poster(server.url, "secret-key", connect_timeout_s=2, read_timeout_s=5)
-        try:
-            results = [poster.post(BATCH) for _ in range(3)]
-        finally:
-            poster.close()
+        results = _post_times(server.url, 3)
     for result in results[:2]:
         assert (result.outcome, result.status, result.reason) == (
             Outcome.RETRY, None, "client_error")
