@@ -16,9 +16,11 @@ Notes that shape this parser:
   (then it is the last): a ticker below a pending one is late too, unless the pending one
   jumped more than `SEQUENCE_JUMP` past the last, when it may be the bad one and the real ones
   after it are kept. And the first ticker after a `subscriptions` ack (every connection's
-  start) is the product's current state, so one below the last means the count started over (a
-  restarted venue or test server, another endpoint): kept, and the count restarts from it. The
-  last `RECENT_SEQUENCES` kept are remembered too: a repeat of any is a duplicate. The dedup
+  start) is the product's current state: the newest one kept again (the replay: dropped), or,
+  if below it, a count that started over (a restarted venue or test server, another endpoint;
+  perhaps at numbers the old count used): kept, and the count restarts from it. Within a
+  connection the last `RECENT_SEQUENCES` kept are remembered too: a repeat of any is a
+  duplicate. Only the products the last ack listed keep this state. The dedup
   mark stored with the records is the newest sequence, pending or last (a replay after a
   restart repeats it).
   A sequence outside 0 .. 2**63-1 is not a sequence (and no SQLite integer): refused.
@@ -139,7 +141,9 @@ class CoinbaseAdapter:
         self._last_sequence: dict[str, int] = {}
         self._pending: dict[str, int] = {}
         self._recent: dict[str, deque[int]] = {}
-        # Products with a ticker since the last `subscriptions` ack (see the module's notes).
+        # The products the last `subscriptions` ack listed (None before one): only they keep
+        # dedup state. And those with a ticker since that ack (see the module's notes).
+        self._acked: frozenset[str] | None = None
         self._seen_since_ack: set[str] = set()
         # product id -> canonical symbol, for ids already validated (bounded: hostile input
         # cannot grow it without limit; past the bound ids are simply validated every time).
@@ -179,6 +183,7 @@ class CoinbaseAdapter:
         if kind == "subscriptions":
             subscribed = _subscribed_tickers(msg)
             self._seen_since_ack.clear()
+            self._acked = frozenset(map(to_product, subscribed))
             return Parsed(Kind.SUBSCRIBED, subscribed=subscribed)
         if kind == "error":
             return _error(msg)
@@ -196,11 +201,14 @@ class CoinbaseAdapter:
     def _is_duplicate(self, product: str, sequence: int) -> bool:
         """A repeat, or (within a connection) a late ticker: see the module's notes."""
         last = self._last_sequence.get(product)
+        if product not in self._seen_since_ack:
+            # A connection's first is the venue's current ticker: a replay of the newest one
+            # kept, or (anything else below it) a count that started over, perhaps at numbers
+            # the old count used too.
+            return sequence == self._pending.get(product, last)
         recent = self._recent.get(product)
         if sequence == last or (recent is not None and sequence in recent):
             return True
-        if product not in self._seen_since_ack:
-            return False  # a connection's first: the current state, kept
         if last is not None and sequence < last:
             return True
         pending = self._pending.get(product)
@@ -214,6 +222,8 @@ class CoinbaseAdapter:
 
     def _remember(self, product: str, sequence: int) -> None:
         """`sequence` was kept (see the module's notes for what becomes the last)."""
+        if self._acked is not None and product not in self._acked:
+            return  # not subscribed (the pipeline drops it): no state, which junk would fill
         recent = self._recent.get(product)
         if recent is None:
             if len(self._recent) >= _SYMBOL_CACHE_MAX:
@@ -221,8 +231,9 @@ class CoinbaseAdapter:
             recent = self._recent[product] = deque(maxlen=RECENT_SEQUENCES)
         last = self._last_sequence.get(product)
         pending = self._pending.get(product)
-        if product not in self._seen_since_ack and last is not None and sequence < last:
-            # a connection's first, below the last: a new count
+        newest = last if pending is None else pending
+        if product not in self._seen_since_ack and newest is not None and sequence < newest:
+            # a connection's first, below the newest: a new count
             recent.clear()
             self._last_sequence[product] = sequence
             self._pending.pop(product, None)

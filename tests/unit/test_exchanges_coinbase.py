@@ -236,3 +236,27 @@ def test_after_a_reconnect_the_replayed_last_ticker_is_still_dropped() -> None:
     assert len(adapter.parse(_ticker(701), RECEIVED_NS).records) == 1
     # within the connection, a step back is a late or repeated message
     assert adapter.parse(_ticker(650), RECEIVED_NS).duplicates == 1
+
+
+def test_a_count_that_starts_over_at_numbers_the_old_one_used_is_kept() -> None:
+    """A test server counting from 1, restarted after 10 tickers: its new 1..10 were taken for
+    replays of the old ones (all in the last 32 kept) and dropped."""
+    adapter = CoinbaseAdapter("w")
+    adapter.parse(_ACK, RECEIVED_NS)
+    assert sum(len(adapter.parse(_ticker(seq), RECEIVED_NS).records)
+               for seq in range(1, 11)) == 10
+    adapter.parse(_ACK, RECEIVED_NS)  # the restarted server's connection
+    kept = [len(adapter.parse(_ticker(seq), RECEIVED_NS).records) for seq in range(1, 15)]
+    assert kept == [1] * 14
+
+
+def test_junk_product_ids_do_not_crowd_out_a_subscribed_products_dedup() -> None:
+    adapter = _restarted(("BTC-USD", 1_000))
+    adapter.parse(_ACK, RECEIVED_NS)
+    assert adapter.parse(_ticker(1_000), RECEIVED_NS).duplicates == 1  # the replay
+    for i in range(5_000):  # the pipeline drops these (not subscribed); they leave no state
+        adapter.parse(_ticker(i + 1, product_id=f"X{i}-USD"), RECEIVED_NS)
+    assert adapter._recent.keys() <= {"BTC-USD"}
+    kept = [len(adapter.parse(_ticker(seq), RECEIVED_NS).records)
+            for seq in (2_000, 2_000, 3_000, 2_000)]
+    assert kept == [1, 0, 1, 0]
