@@ -75,7 +75,8 @@ class CollectorService:
             PlatformCollector(registry=self.registry)
         self.metrics = Metrics(self.registry, config.exchange, config.worker_id, __version__)
         self.adapter = exchanges.create(config.exchange, config.worker_id, decode_frame)
-        self.adapter.check_symbols(config.symbols)  # (checked in the config: this notes them)
+        # (checked in the config already: this notes the markets the adapter cannot vouch for)
+        self._unverified = self.adapter.check_symbols(config.symbols)
         self.stop_event = threading.Event()
         self._notifier = notifier or Notifier()
         self._failed: list[str] = []
@@ -194,11 +195,9 @@ class CollectorService:
             if self.metrics_server else None, "spool_dir": str(cfg.spool_dir),
             "batch_size": cfg.batch_size, "batch_interval_s": cfg.batch_interval_s,
             "delivery_concurrency": cfg.delivery_concurrency})
-        # Binance's configured markets outside its table
-        unverified = getattr(self.adapter, "unverified", None)
-        if unverified:
+        if self._unverified:
             log.warning("symbols_unverified", extra={
-                "symbols": unverified[:20],
+                "symbols": self._unverified[:20],
                 "hint": f"not in the collector's table of {cfg.exchange} markets: if the venue "
                         "does not list one, no data arrives for it and symbol_no_data names it "
                         "after 30 s"})

@@ -159,8 +159,9 @@ class Adapter(Protocol):
     #: must be subscribed again; False when the venue rejects symbols one by one (Kraken).
     resubscribe_after_reject: bool
 
-    def check_symbols(self, symbols: Sequence[str]) -> None:
-        """Raise ConfigError for a symbol this venue is known not to list."""
+    def check_symbols(self, symbols: Sequence[str]) -> list[str]:
+        """Raise ConfigError for a symbol this venue is known not to list; return those it
+        cannot vouch for (outside its table of markets: the service names them at start)."""
 
     def connect_url(self, base_url: str, symbols: Sequence[str]) -> str:
         """The URL to open for these symbols (Binance puts its streams in the path)."""

@@ -235,8 +235,6 @@ class BinanceAdapter:
         self._worker_id = worker_id
         self._to_venue: dict[str, str] = {}
         self._from_venue: dict[str, str] = {}
-        #: Configured symbols outside the table (the service logs them at start).
-        self.unverified: list[str] = []
         for base, quote in venue.markets:
             canonical, venue_symbol = f"{base}/{quote}", f"{base}{quote}"
             # Two markets spelling the same venue symbol would make the reverse map ambiguous.
@@ -278,7 +276,6 @@ class BinanceAdapter:
                                   f"{self.name}", "the market really traded (only one is)")
             self._to_venue[symbol] = venue_symbol
             self._from_venue[venue_symbol] = symbol
-            self.unverified.append(symbol)
         return venue_symbol
 
     def from_venue(self, venue_symbol: str) -> str:
@@ -293,11 +290,13 @@ class BinanceAdapter:
     def stream_name(self, symbol: str) -> str:
         return self.to_venue(symbol).lower() + _TICKER_SUFFIX
 
-    def check_symbols(self, symbols: Sequence[str]) -> None:
-        """Raises ConfigError("SYMBOLS", ...) for the first symbol this venue cannot have; the
-        ones outside the table of known markets are added to `unverified`."""
+    def check_symbols(self, symbols: Sequence[str]) -> list[str]:
+        """Raises ConfigError("SYMBOLS", ...) for the first symbol this venue cannot have;
+        returns those outside the table of known markets."""
+        unverified = [s for s in dict.fromkeys(symbols) if s not in self._to_venue]
         for symbol in symbols:
             self.to_venue(symbol)
+        return unverified
 
     def _unlisted(self, symbol: str) -> ConfigError | None:
         """Why a symbol outside the table cannot be a market of this venue (None: it can)."""

@@ -152,8 +152,9 @@ class CoinbaseAdapter:
         self._typed = (decode.shaped(_SHAPE, decimal_strings=True)
                        if isinstance(decode, ShapedDecoder) else None)
 
-    def check_symbols(self, symbols: Sequence[str]) -> None:
+    def check_symbols(self, symbols: Sequence[str]) -> list[str]:
         """Coinbase validates products itself (error reply naming the product)."""
+        return []
 
     def connect_url(self, base_url: str, symbols: Sequence[str]) -> str:
         return base_url

@@ -160,7 +160,7 @@ class KrakenAdapter:
         # Kraken's numbers are JSON numbers: a decimal string takes the generic path.
         self._typed = decode.shaped(_SHAPE) if isinstance(decode, ShapedDecoder) else None
 
-    def check_symbols(self, symbols: Sequence[str]) -> None:
+    def check_symbols(self, symbols: Sequence[str]) -> list[str]:
         """Raises ConfigError("SYMBOLS", ...) for a symbol v2 would refuse by its spelling.
 
         Unlisted pairs are left to Kraken, which rejects each by name in its subscribe ack.
@@ -177,6 +177,7 @@ class KrakenAdapter:
                 raise ConfigError("SYMBOLS",
                                   f"{symbol} uses Kraken's legacy asset code ({legacy}), which "
                                   "WebSocket v2 rejects", f"use {fixed}")
+        return []
 
     def connect_url(self, base_url: str, symbols: Sequence[str]) -> str:
         return base_url
