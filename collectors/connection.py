@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import websocket
 from websocket import ABNF
@@ -23,7 +23,7 @@ from websocket._abnf import continuous_frame, frame_buffer
 from collectors.backoff import Backoff
 from collectors.batching import Handoff
 from collectors.exchanges.base import Adapter
-from collectors.metrics import Metrics
+from collectors.metrics import Metrics, ReconnectReason
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 #: Planned replacements (the venue asked, or the connection nears the venue's age limit) are
 #: made before the old connection is broken: the old one is read until the new one has
 #: delivered for HANDOVER_OVERLAP_S, at most HANDOVER_MAX_S. Adapters drop the overlap.
-PLANNED_REASONS = frozenset({"server_shutdown", "max_age"})
+PLANNED_REASONS: frozenset[ReconnectReason] = frozenset({"server_shutdown", "max_age"})
 HANDOVER_OVERLAP_S = 2.0
 HANDOVER_MAX_S = 30.0
 #: Socket reads ask for this much at once (frames are cut from the buffer).
@@ -243,7 +243,7 @@ class Connection:
         self._lock = threading.Lock()  # guards the request fields below (set by other threads)
         self._resubscribe: list[str] | None = None
         self._resubscribe_at = 0.0  # monotonic time to send `_resubscribe` at
-        self._reconnect_reason: str | None = None
+        self._reconnect_reason: ReconnectReason | None = None
         self._ws: websocket.WebSocket | None = None
         self._data_seen = False
         self.last_frame_monotonic = 0.0
@@ -281,7 +281,7 @@ class Connection:
                 self._resubscribe = list(symbols)
                 self._resubscribe_at = 0.0
 
-    def request_reconnect(self, reason: str) -> None:
+    def request_reconnect(self, reason: ReconnectReason) -> None:
         with self._lock:
             self._reconnect_reason = reason
 
@@ -318,7 +318,7 @@ class Connection:
             url = self.adapter.connect_url(self.base_url, symbols)
             self._data_seen = False
             reason = self._session(url, symbols, lost_at)
-            if self._stop.is_set():
+            if reason == "stopped" or self._stop.is_set():
                 break
             lost_at = time.monotonic()
             self._metrics.reconnect(reason)
@@ -347,7 +347,8 @@ class Connection:
         ws.settimeout(self._recv_timeout_s)
         return ws
 
-    def _session(self, url: str, symbols: list[str], lost_at: float | None) -> str:
+    def _session(self, url: str, symbols: list[str],
+                 lost_at: float | None) -> ReconnectReason | Literal["stopped"]:
         """One connection's life; returns the reason it ended."""
         self._metrics.connect_attempts.inc()
         started = time.monotonic()
@@ -376,7 +377,7 @@ class Connection:
             self._metrics.last_reconnect_duration.set(now - lost_at)
         log.info("ws_connected", extra=extra)
         self._first_frame_at = None
-        reason = "error"
+        reason: ReconnectReason | Literal["stopped"] = "error"
         try:
             for message in self.adapter.subscribe_messages(symbols):
                 ws.send(message)
@@ -437,7 +438,7 @@ class Connection:
                                                 "overlap_s": round(time.monotonic() - started,
                                                                    3)})
 
-    def _receive(self, ws: websocket.WebSocket) -> str:
+    def _receive(self, ws: websocket.WebSocket) -> ReconnectReason | Literal["stopped"]:
         frames = self._frames
         buffer = ws.frame_buffer if isinstance(ws.frame_buffer, _BoundedFrameBuffer) else None
         cont = ws.cont_frame

@@ -31,7 +31,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from collectors import __version__
 from collectors.backoff import Backoff, Outcome, classify_status, parse_retry_after
 from collectors.errors import SpoolError
-from collectors.metrics import Metrics
+from collectors.metrics import FlushFailureReason, Metrics
 from collectors.model import Metadata, PriceFeed
 from collectors.spool import Batch, Spool
 from collectors.threadnames import name_native_thread
@@ -53,7 +53,8 @@ class PostResult:
     retry_after_s: float | None
     detail: str          # the start of the answer body (or the network error), for logs
     body: bytes = b""    # the answer body, up to MAX_RESPONSE_BYTES
-    reason: str = ""     # the failure reason for metrics and logs, when the status does not say
+    #: the failure reason for metrics and logs, when the status does not say
+    reason: FlushFailureReason | None = None
 
     def rejected_indexes(self, batch_size: int) -> list[int] | None:
         """Positions of the records a 400/422 problem+json names (`errors[].index`), or None
@@ -847,7 +848,7 @@ class Sender:
                                "hint": "kept on disk; delivered after the next start"})
 
 
-def _failure_reason(result: PostResult) -> str:
+def _failure_reason(result: PostResult) -> FlushFailureReason:
     if result.reason:
         return result.reason
     if result.status is None:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -38,12 +38,29 @@ PREFIX = "chrono_collector"
 FLUSH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LAG_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0)
 
+# The label values of the reason-labelled counters: the one list of them. The code that emits a
+# reason is typed with these (mypy refuses any other), and `Metrics` creates every child at 0,
+# so the first event of each shows in increase()/rate() (a child created at its first event
+# starts at 1, and Prometheus sees no increase).
+#: Why a connection was replaced (`connection.py`; the planned ones are its PLANNED_REASONS).
+ReconnectReason = Literal["connect_failed", "handshake_rejected", "error", "liveness_timeout",
+                          "closed_by_server", "server_shutdown", "max_age"]
+RECONNECT_REASONS: tuple[ReconnectReason, ...] = get_args(ReconnectReason)
+#: Why a batch POST failed (`delivery._failure_reason`).
+FlushFailureReason = Literal["network", "client_error", "throttled", "server_error", "auth",
+                             "rejected", "redirect", "timeout", "other"]
+FLUSH_FAILURE_REASONS: tuple[FlushFailureReason, ...] = get_args(FlushFailureReason)
+
 
 class Metrics:
     """The metric families, bound to one exchange. Construct once per process (or per test)."""
 
     def __init__(self, registry: CollectorRegistry, exchange: str, worker_id: str,
-                 version: str = "") -> None:
+                 version: str = "", *, symbols: Iterable[str] = (),
+                 threads: Iterable[str] = ()) -> None:
+        """`symbols` (the configured ones) and `threads` (the names of the threads run under
+        `thread_error`) get their counters created at 0, like every reason: bounded by the
+        configuration, never by what a venue sends."""
         self.registry = registry
         self.exchange = exchange
         ex = ["exchange"]
@@ -59,8 +76,9 @@ class Metrics:
                      ["exchange", "worker_id", "version"], registry=r)
         info.labels(exchange, worker_id, version).set(1)
 
-        self.connected = gauge("connected", "1 while the exchange WebSocket is connected and "
-                               "subscribed, else 0.").labels(exchange)
+        self.connected = gauge("connected", "1 while the exchange WebSocket is connected (set "
+                               "once the handshake is done, before the subscribe is sent and "
+                               "answered), else 0.").labels(exchange)
         self.connect_attempts = counter("connect_attempts_total",
                                         "WebSocket connection attempts.").labels(exchange)
         self._reconnects = counter("reconnects_total", "Connections replaced, by reason.",
@@ -70,7 +88,8 @@ class Metrics:
             "Time from losing the previous connection to the next subscribed one.",
         ).labels(exchange)
         self.last_message_ts = gauge("last_message_timestamp_seconds",
-                                     "Unix time of the last frame of any kind.").labels(exchange)
+                                     "Unix time of the last frame of any kind (0 before the "
+                                     "first).").labels(exchange)
         self._messages = counter("messages_received_total", "Frames received, by kind.",
                                  ["kind"])
         self.parse_errors = counter("parse_errors_total",
@@ -93,6 +112,9 @@ class Metrics:
         self._subscription_errors = counter("subscription_errors_total",
                                             "Symbols the venue refused or never sent.",
                                             ["symbol"])
+        self._symbol_rejected = gauge("symbol_rejected", "1 once the venue refused a "
+                                      "configured symbol (no longer subscribed until a "
+                                      "restart), else 0.", ["symbol"])
         self.lag = ChunkHistogram(f"{PREFIX}_lag_seconds",
                                   "Exchange event time to local receive time.", exchange,
                                   LAG_BUCKETS_S, registry=r)
@@ -112,8 +134,8 @@ class Metrics:
         self.records_delivered = counter("records_delivered_total",
                                          "Records the ingest API accepted.").labels(exchange)
         self.last_flush_success_ts = gauge("last_flush_success_timestamp_seconds",
-                                           "Unix time of the last accepted batch.").labels(
-                                               exchange)
+                                           "Unix time of the last accepted batch (0 before "
+                                           "the first).").labels(exchange)
         self.dead_letter_records = counter("dead_letter_records_total", "Records moved to the "
                                            "dead-letter file (rejected by the API).").labels(
                                                exchange)
@@ -136,6 +158,15 @@ class Metrics:
         self.thread_errors = counter("thread_errors_total", "Unexpected exceptions caught at "
                                      "a thread's top loop.", ["thread"])
         self._per_symbol: dict[str, tuple[Counter, Gauge]] = {}
+        for reason in RECONNECT_REASONS:
+            self._reconnects.labels(exchange, reason)
+        for failure in FLUSH_FAILURE_REASONS:
+            self._flush_failures.labels(exchange, failure)
+        for symbol in symbols:
+            self._subscription_errors.labels(exchange, symbol)
+            self._symbol_rejected.labels(exchange, symbol).set(0)
+        for thread in threads:
+            self.thread_errors.labels(exchange, thread)
 
     # Small helpers keep label handling out of the hot path's callers.
     def message(self, kind: str) -> None:
@@ -144,10 +175,10 @@ class Metrics:
     def messages_counter(self, kind: str) -> Counter:
         return self._messages.labels(self.exchange, kind)
 
-    def reconnect(self, reason: str) -> None:
+    def reconnect(self, reason: ReconnectReason) -> None:
         self._reconnects.labels(self.exchange, reason).inc()
 
-    def flush_failure(self, reason: str) -> None:
+    def flush_failure(self, reason: FlushFailureReason) -> None:
         self._flush_failures.labels(self.exchange, reason).inc()
 
     def symbol_children(self, symbol: str) -> tuple[Counter, Gauge]:
@@ -166,6 +197,10 @@ class Metrics:
 
     def subscription_error(self, symbol: str) -> None:
         self._subscription_errors.labels(self.exchange, symbol).inc()
+
+    def symbol_rejected(self, symbol: str) -> None:
+        """The venue refused `symbol` (the caller counts it in subscription_errors_total)."""
+        self._symbol_rejected.labels(self.exchange, symbol).set(1)
 
     def thread_error(self, thread: str) -> None:
         self.thread_errors.labels(self.exchange, thread).inc()

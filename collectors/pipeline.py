@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 FIRST_DATA_TIMEOUT_S = 30.0
 PARSE_ERROR_LOG_INTERVAL_S = 10.0
 #: Distinct parse-error reasons logged per interval (each at most once); past this they are
-#: only counted, so hostile input cannot flood the log.
+#: only counted, so hostile input cannot flood the log. Venue error messages are held to the
+#: same limits.
 PARSE_ERROR_LOG_REASONS = 20
 # What makes two parse errors' reasons differ only in detail: quoted values and numbers.
 _REASON_DETAIL = re.compile(r"'[^']*'|\"[^\"]*\"|[0-9]+")
@@ -98,6 +99,38 @@ class Freshness:
         return quiet, never
 
 
+class LogSampler:
+    """Decides which of a stream of error messages to log: each kind of message (its quoted
+    values and numbers masked) at most once per `interval_s`, and at most `max_kinds` kinds per
+    interval, so a flood of one defect does not hide another and a hostile peer sending endless
+    different texts cannot flood the log (pure: the caller passes the clock)."""
+
+    def __init__(self, interval_s: float = PARSE_ERROR_LOG_INTERVAL_S,
+                 max_kinds: int = PARSE_ERROR_LOG_REASONS) -> None:
+        self.interval_s = interval_s
+        self.max_kinds = max_kinds
+        # kind -> (time it was last logged, messages of that kind not logged since)
+        self._logged: dict[str, tuple[float, int]] = {}
+
+    def admit(self, message: str, now: float) -> int | None:
+        """None when `message` is not to be logged now; else how many of its kind were not
+        logged since one last was (the `since_last_log` of the log line)."""
+        kind = _REASON_DETAIL.sub("_", message[:200])
+        logged = self._logged
+        last = logged.get(kind)
+        if last is not None and now - last[0] < self.interval_s:
+            logged[kind] = (last[0], last[1] + 1)
+            return None
+        if last is None and len(logged) >= self.max_kinds:
+            stale = now - 2 * self.interval_s
+            for key in [k for k, (at, _n) in logged.items() if at <= stale]:
+                del logged[key]
+            if len(logged) >= self.max_kinds:
+                return None
+        logged[kind] = (now, 0)
+        return 0 if last is None else last[1]
+
+
 class Parser:
     """Runs on the `parse-<exchange>` thread until the connection thread has stopped and the
     frame queue is empty."""
@@ -119,8 +152,8 @@ class Parser:
         self._wanted = frozenset(connection.symbols)
         self._last_unwanted_log = 0.0
         self._kind_counters = {k: metrics.messages_counter(k.value) for k in Kind}
-        # reason (details masked) -> (monotonic time it was last logged, errors since)
-        self._parse_logged: dict[str, tuple[float, int]] = {}
+        self._parse_log = LogSampler()   # parse_failed lines
+        self._venue_log = LogSampler()   # venue_error lines (a venue's own texts)
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=16)
         # Paces subscribes sent again after a venue refused one for a passing reason.
         self._subscribe_backoff = Backoff(base_s=1.0, cap_s=60.0)
@@ -252,10 +285,11 @@ class Parser:
         active = self._conn.symbols
         bad = [s for s in rejected if s in active]
         if not bad:
-            log.error("venue_error", extra={"error": error})
+            self._log_venue_error(error)
             return
         for symbol in bad:
             self._metrics.subscription_error(symbol)
+            self._metrics.symbol_rejected(symbol)
             self.freshness.forget(symbol)
         remaining = [s for s in active if s not in bad]
         self._wanted = frozenset(remaining)
@@ -272,7 +306,7 @@ class Parser:
         active = self._conn.symbols
         symbols = [s for s in named if s in active] if named else active
         if not symbols:
-            log.error("venue_error", extra={"error": error})
+            self._log_venue_error(error)
             return
         delay = self._subscribe_backoff.next_delay()
         log.warning("subscribe_retry", extra={"symbols": symbols, "error": error,
@@ -304,21 +338,18 @@ class Parser:
         reason (the reason with its quoted values and numbers masked), so a flood of one
         defect does not hide another; `since_last_log` counts the ones of its kind not logged."""
         error = str(exc)
-        reason = _REASON_DETAIL.sub("_", error[:200])
-        now = time.monotonic()
-        logged = self._parse_logged
-        last = logged.get(reason)
-        if last is not None and now - last[0] < PARSE_ERROR_LOG_INTERVAL_S:
-            logged[reason] = (last[0], last[1] + 1)
-            return
-        if last is None and len(logged) >= PARSE_ERROR_LOG_REASONS:
-            stale = now - 2 * PARSE_ERROR_LOG_INTERVAL_S
-            for key in [k for k, (at, _n) in logged.items() if at <= stale]:
-                del logged[key]
-            if len(logged) >= PARSE_ERROR_LOG_REASONS:
-                return  # counted in parse_errors_total, like every other
+        not_logged = self._parse_log.admit(error, time.monotonic())
+        if not_logged is None:
+            return  # counted in parse_errors_total, like every other
         log.warning("parse_failed", extra={"error": error,
                                            "sample": payload[:200].decode("utf-8", "replace"),
                                            "frame_bytes": len(payload),
-                                           "since_last_log": 0 if last is None else last[1]})
-        logged[reason] = (now, 0)
+                                           "since_last_log": not_logged})
+
+    def _log_venue_error(self, error: str | None) -> None:
+        """An error message from the venue, sampled like parse errors: the venue writes the
+        text, so it may be a new one every time (each is counted in
+        messages_received_total{kind="error"} when the adapter classed the frame an error)."""
+        not_logged = self._venue_log.admit(error or "", time.monotonic())
+        if not_logged is not None:
+            log.error("venue_error", extra={"error": error, "since_last_log": not_logged})

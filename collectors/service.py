@@ -61,6 +61,13 @@ def _frame_bytes(frame: Frame) -> int:
     return len(frame[0])
 
 
+def thread_names(exchange: str, delivery_workers: int) -> list[str]:
+    """The service's threads run under `_thread` (and so their `thread_errors_total` labels):
+    the WebSocket thread, the parser, then each delivery worker."""
+    return [f"ws-{exchange}", f"parse-{exchange}",
+            *("delivery" if i == 0 else f"delivery-{i + 1}" for i in range(delivery_workers))]
+
+
 class CollectorService:
     def __init__(self, config: CollectorConfig, *, registry: CollectorRegistry | None = None,
                  notifier: Notifier | None = None) -> None:
@@ -73,7 +80,10 @@ class CollectorService:
             # process_start_time_seconds (restart alerts), RSS and CPU, python_info.
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
-        self.metrics = Metrics(self.registry, config.exchange, config.worker_id, __version__)
+        self.metrics = Metrics(self.registry, config.exchange, config.worker_id, __version__,
+                               symbols=config.symbols,
+                               threads=thread_names(config.exchange,
+                                                    config.delivery_concurrency))
         self.adapter = exchanges.create(config.exchange, config.worker_id, decode_frame)
         # (checked in the config already: this notes the markets the adapter cannot vouch for)
         self._unverified = self.adapter.check_symbols(config.symbols)
@@ -175,15 +185,15 @@ class CollectorService:
                              wake=self._wake_delivery,
                              drain_timeout_s=DRAIN_TIMEOUT_S, retry_max_s=cfg.retry_max_s,
                              thread_init=lambda: name_native_thread("delivery-spool"))
+        ws_name, parse_name, *delivery_names = thread_names(cfg.exchange, self.sender.workers)
         threads = [
             # A finished stage closes the queue it fed, which wakes its consumer at once.
-            self._thread(f"ws-{cfg.exchange}", self.connection.run, self._ws_finished,
+            self._thread(ws_name, self.connection.run, self._ws_finished,
                          then=self.frames.close),
-            self._thread(f"parse-{cfg.exchange}", self.parser.run, self._parser_finished,
+            self._thread(parse_name, self.parser.run, self._parser_finished,
                          then=self._wake_delivery.set),
-            *(self._thread("delivery" if i == 0 else f"delivery-{i + 1}",
-                           functools.partial(self.sender.run, i), None)
-              for i in range(self.sender.workers)),
+            *(self._thread(name, functools.partial(self.sender.run, i), None)
+              for i, name in enumerate(delivery_names)),
         ]
         if self.metrics_server:
             self.metrics_server.start()

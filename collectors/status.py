@@ -1,7 +1,9 @@
 """`chrono-collector status`: one table of every collector, for people, cron and health checks.
 
 Reads supervisord over its unix control socket (XML-RPC, as supervisorctl does) and each
-collector's `/healthz`. Exit 0 when every collector is running, connected and fresh; 1 otherwise.
+collector's `/healthz`. Exit 0 when every collector is running, connected and fresh (what
+`/healthz` answers 200 for: "ok", or "degraded" when some symbols are stale, named in the STALE
+column); 1 otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from urllib.parse import urlsplit
 
 from collectors import exchanges
 
+#: The /healthz statuses answered with 200 (`CollectorService.health`: connected and fresh; a
+#: stale symbol makes it "degraded", which a restart would not mend): up for `status` too.
+HEALTHY = frozenset({"ok", "degraded"})
+
 
 @dataclass(slots=True)
 class Row:
@@ -41,7 +47,7 @@ class Row:
 
     @property
     def ok(self) -> bool:
-        return self.process in ("RUNNING", "-") and self.health == "ok"
+        return self.process in ("RUNNING", "-") and self.health in HEALTHY
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

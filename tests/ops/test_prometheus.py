@@ -49,9 +49,9 @@ def test_rule_unit_tests_cover_every_alert() -> None:
     firing = {name for name, rest in cases if rest.strip() != "[]"}
     quiet = {name for name, rest in cases if rest.strip() == "[]"}
     assert alerts <= firing and alerts <= quiet, (alerts - firing, alerts - quiet)
-    assert {"CollectorDown", "CollectorDisconnected", "SymbolNoData", "FlushFailing",
-            "SpoolGrowing", "SpoolNearFull", "RestartsLooping", "RecordsDropped",
-            "DeadLettered"} <= alerts
+    assert {"CollectorDown", "CollectorDisconnected", "CollectorReconnecting", "SymbolNoData",
+            "SymbolRejected", "FlushFailing", "SpoolGrowing", "SpoolNearFull", "SpoolErrors",
+            "RestartsLooping", "RecordsDropped", "DeadLettered", "ThreadCrashed"} <= alerts
 
 
 @pytest.mark.slow

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from collectors.metrics import LAG_BUCKETS_S, ChunkHistogram, Health, Metrics, MetricsServer
+import collectors
+from collectors.backoff import Outcome, classify_status
+from collectors.connection import PLANNED_REASONS
+from collectors.delivery import PostResult, _failure_reason
+from collectors.metrics import (
+    FLUSH_FAILURE_REASONS,
+    LAG_BUCKETS_S,
+    RECONNECT_REASONS,
+    ChunkHistogram,
+    Health,
+    Metrics,
+    MetricsServer,
+)
+from collectors.service import thread_names
 
 
 def _lines(registry: CollectorRegistry) -> list[str]:
@@ -66,3 +81,102 @@ def test_metrics_server_serves_and_stops_without_waiting_for_its_poll() -> None:
     assert time.monotonic() - started < 0.9
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+
+
+# --- counters that start at 0 (increase() and rate() see their first event) --------------------
+
+def _reasons_emitted_in(path: Path, function_names: set[str]) -> set[str]:
+    """The string constants the functions `function_names` of `path` return or pass as the
+    reason of `request_reconnect(...)`/`PostResult(reason=...)` (read from the source, so a
+    reason added without its Literal type is found even if the annotation was loosened)."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and (
+                node.name in function_names):
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Return) and isinstance(sub.value, ast.Constant) and (
+                        isinstance(sub.value.value, str)):
+                    found.add(sub.value.value)
+                if isinstance(sub, ast.Assign) and isinstance(sub.value, ast.Constant) and (
+                        any(isinstance(t, ast.Name) and t.id == "reason" for t in sub.targets)):
+                    found.add(str(sub.value.value))
+                if isinstance(sub, ast.AnnAssign) and isinstance(sub.value, ast.Constant) and (
+                        isinstance(sub.target, ast.Name) and sub.target.id == "reason"):
+                    found.add(str(sub.value.value))
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+            if name == "request_reconnect":
+                found.update(str(a.value) for a in node.args if isinstance(a, ast.Constant))
+            found.update(str(k.value.value) for k in node.keywords
+                         if k.arg == "reason" and isinstance(k.value, ast.Constant)
+                         and isinstance(k.value.value, str))
+    return found
+
+
+PACKAGE = Path(collectors.__file__).parent
+
+
+def test_every_reconnect_reason_the_code_can_emit_starts_at_zero() -> None:
+    emitted = _reasons_emitted_in(PACKAGE / "connection.py", {"_session", "_receive"})
+    emitted |= _reasons_emitted_in(PACKAGE / "pipeline.py", set())
+    assert {"connect_failed", "liveness_timeout", "max_age", "server_shutdown"} <= emitted
+    # "stopped" ends the loop before anything is counted
+    assert emitted - {"stopped"} <= set(RECONNECT_REASONS), emitted - set(RECONNECT_REASONS)
+    assert set(RECONNECT_REASONS) >= PLANNED_REASONS
+    registry = CollectorRegistry()
+    Metrics(registry, "coinbase", "w")
+    for reason in RECONNECT_REASONS:
+        assert registry.get_sample_value("chrono_collector_reconnects_total",
+                                         {"exchange": "coinbase", "reason": reason}) == 0, reason
+
+
+def _every_post_result() -> list[PostResult]:
+    out = [PostResult(Outcome.RETRY, None, None, "", reason=r) for r in FLUSH_FAILURE_REASONS]
+    out.append(PostResult(Outcome.RETRY, None, None, "no answer"))
+    for status in range(100, 600):
+        out.append(PostResult(classify_status(status), status, None, ""))
+    return out
+
+
+def test_every_flush_failure_reason_the_code_can_emit_starts_at_zero() -> None:
+    emitted = {_failure_reason(r) for r in _every_post_result()
+               if r.outcome is not Outcome.STORED}
+    emitted |= _reasons_emitted_in(PACKAGE / "delivery.py", {"_failure_reason"})
+    assert {"network", "server_error", "throttled", "auth", "rejected"} <= emitted
+    assert emitted <= set(FLUSH_FAILURE_REASONS), emitted - set(FLUSH_FAILURE_REASONS)
+    registry = CollectorRegistry()
+    Metrics(registry, "coinbase", "w")
+    for reason in FLUSH_FAILURE_REASONS:
+        assert registry.get_sample_value("chrono_collector_flush_failures_total",
+                                         {"exchange": "coinbase", "reason": reason}) == 0, reason
+
+
+def test_configured_symbols_and_threads_start_at_zero_and_nothing_else() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, "kraken", "w", symbols=("BTC/USD", "ETH/USD"),
+                      threads=thread_names("kraken", 2))
+    for symbol in ("BTC/USD", "ETH/USD"):
+        labels = {"exchange": "kraken", "symbol": symbol}
+        assert registry.get_sample_value("chrono_collector_subscription_errors_total",
+                                         labels) == 0
+        assert registry.get_sample_value("chrono_collector_symbol_rejected", labels) == 0
+    for thread in ("ws-kraken", "parse-kraken", "delivery", "delivery-2"):
+        assert registry.get_sample_value("chrono_collector_thread_errors_total",
+                                         {"exchange": "kraken", "thread": thread}) == 0, thread
+    metrics.subscription_error("ETH/USD")
+    metrics.symbol_rejected("ETH/USD")
+    labels = {"exchange": "kraken", "symbol": "ETH/USD"}
+    assert registry.get_sample_value("chrono_collector_subscription_errors_total", labels) == 1
+    assert registry.get_sample_value("chrono_collector_symbol_rejected", labels) == 1
+    # bounded: no series for a symbol that was not configured
+    text = generate_latest(registry).decode()
+    assert "SOL/USD" not in text
+
+
+def test_the_connected_help_does_not_promise_a_subscription() -> None:
+    registry = CollectorRegistry()
+    Metrics(registry, "coinbase", "w")
+    help_line = next(line for line in generate_latest(registry).decode().splitlines()
+                     if line.startswith("# HELP chrono_collector_connected "))
+    assert "subscribed" not in help_line and "before the subscribe" in help_line

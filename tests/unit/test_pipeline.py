@@ -28,6 +28,7 @@ from collectors.pipeline import (
     FIRST_DATA_TIMEOUT_S,
     PARSE_ERROR_LOG_REASONS,
     Freshness,
+    LogSampler,
     Parser,
 )
 from collectors.service import PROGRESS_WINDOW_S, CollectorService
@@ -396,3 +397,74 @@ def test_a_passing_subscribe_failure_is_sent_again_later_and_keeps_the_symbol() 
                       "result": {"channel": "ticker", "symbol": "ETH/USD"}}).encode()
     parser._handle([(ack, 1_795_948_682_000_000_000)])
     assert parser._subscribe_backoff.attempt == 0
+
+
+def _rejection(product: str) -> bytes:
+    return json.dumps({"type": "error", "message": "Failed to subscribe",
+                       "reason": f"{product} is not a valid product"}).encode()
+
+
+def test_a_rejected_symbol_is_counted_from_zero_and_flagged_until_restart() -> None:
+    registry = CollectorRegistry()
+    symbols = ["BTC/USD", "XRP/USD"]
+    metrics = Metrics(registry, "coinbase", "w1", symbols=symbols)
+    adapter = create("coinbase", "w1", decode_frame)
+    frames: Handoff[Frame] = Handoff(10)
+    conn = Connection(adapter, "ws://127.0.0.1:9", symbols, frames, metrics, threading.Event())
+    parser = Parser(adapter, frames, Handoff[PriceFeed](100), conn, metrics, threading.Event())
+    labels = {"exchange": "coinbase", "symbol": "XRP/USD"}
+    # before: 0, so that Prometheus sees the rejection as an increase
+    assert registry.get_sample_value("chrono_collector_subscription_errors_total", labels) == 0
+    assert registry.get_sample_value("chrono_collector_symbol_rejected", labels) == 0
+    parser._handle([(_rejection("XRP-USD"), time.time_ns())])
+    assert registry.get_sample_value("chrono_collector_subscription_errors_total", labels) == 1
+    assert registry.get_sample_value("chrono_collector_symbol_rejected", labels) == 1
+    assert registry.get_sample_value("chrono_collector_symbol_rejected",
+                                     {"exchange": "coinbase", "symbol": "BTC/USD"}) == 0
+    assert conn.symbols == ["BTC/USD"]
+
+
+def test_the_service_starts_its_symbols_threads_and_reasons_at_zero(tmp_path: Path) -> None:
+    service = CollectorService(CollectorConfig.from_env("kraken", {
+        "API_BASE_URL": "http://127.0.0.1:3000", "API_KEY": "k",
+        "CHRONO_STATE_DIR": str(tmp_path), "SYMBOLS": "BTC/USD,ETH/USD",
+        "DELIVERY_CONCURRENCY": "2"}))
+    registry = service.registry
+    for symbol in ("BTC/USD", "ETH/USD"):
+        assert registry.get_sample_value("chrono_collector_subscription_errors_total",
+                                         {"exchange": "kraken", "symbol": symbol}) == 0
+    for thread in ("ws-kraken", "parse-kraken", "delivery", "delivery-2"):
+        assert registry.get_sample_value("chrono_collector_thread_errors_total",
+                                         {"exchange": "kraken", "thread": thread}) == 0
+    assert registry.get_sample_value("chrono_collector_reconnects_total",
+                                     {"exchange": "kraken", "reason": "liveness_timeout"}) == 0
+    assert registry.get_sample_value("chrono_collector_flush_failures_total",
+                                     {"exchange": "kraken", "reason": "server_error"}) == 0
+
+
+def test_venue_error_messages_are_logged_like_parse_errors(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A hostile venue writing a new error text every time must not write a log line each.
+    parser, _records, _registry = _coinbase_parser(["BTC/USD"])
+    texts = [{"type": "error", "message": f"go away {chr(97 + i // 26)}{chr(97 + i % 26)}"}
+             for i in range(200)]
+    repeated = [{"type": "error", "message": f"slow down, retry in {i} s"} for i in range(50)]
+    with caplog.at_level(logging.ERROR, logger="collectors.pipeline"):
+        parser._handle([(json.dumps(m).encode(), time.time_ns()) for m in repeated])
+        parser._handle([(json.dumps(m).encode(), time.time_ns()) for m in texts])
+    lines = [r for r in caplog.records if r.getMessage() == "venue_error"]
+    # one line for the 50 that differ only in a number, then up to the bound of kinds
+    assert len(lines) == PARSE_ERROR_LOG_REASONS
+    assert getattr(lines[0], "error", "") == "slow down, retry in 0 s"
+    assert [getattr(r, "since_last_log", None) for r in lines] == [0] * len(lines)
+
+
+def test_a_venue_error_kind_logged_again_says_how_many_were_not() -> None:
+    sampler = LogSampler(interval_s=10.0, max_kinds=2)
+    assert sampler.admit("error 1", 0.0) == 0
+    assert sampler.admit("error 2", 1.0) is None
+    assert sampler.admit("error 3", 2.0) is None
+    assert sampler.admit("other 'x'", 3.0) == 0
+    assert sampler.admit("third kind", 4.0) is None  # two kinds this interval already
+    assert sampler.admit("error 4", 11.0) == 2
+    assert sampler.admit("third kind", 25.0) == 0  # the old kinds have aged out

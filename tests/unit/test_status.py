@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -134,3 +135,37 @@ def test_a_health_endpoint_that_is_not_http_is_unreachable_not_a_traceback() -> 
         thread.join(5)
         server.close()
     assert fetch_health("http://127.0.0.1:abc", 2.0) is None
+
+
+@pytest.mark.parametrize(("code", "status", "exit_code"), [
+    (200, "ok", 0), (200, "degraded", 0), (503, "down", 1)])
+def test_status_agrees_with_what_healthz_answers(code: int, status: str, exit_code: int) -> None:
+    # /healthz answers 200 while connected and fresh, stale symbols or not ("degraded"): the
+    # status command calls the same collector up, and names the stale symbols.
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"status": status, "connected": code == 200,
+                               "stale_symbols": ["ETH/USD"] if status == "degraded" else []
+                               }).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "collectors", "status", "--no-supervisor",
+             "--endpoint", f"kraken=http://127.0.0.1:{httpd.server_port}"],
+            capture_output=True, text=True, timeout=30, check=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert result.returncode == exit_code, result
+    assert status in result.stdout
+    if status == "degraded":
+        assert "ETH/USD" in result.stdout
