@@ -5,7 +5,9 @@ takes everything waiting in one call, so per-item locking stays off the hot path
 on the item count and, optionally, on a cost such as bytes; when full, the policy is explicit:
 `put` refuses the item and the caller counts it; `put_many_within` waits a bounded time for room
 first (the socket thread may pause briefly, letting TCP slow the sender down, but never for
-long, or the venue disconnects a slow reader); `put_many_waiting` waits until there is room.
+long, or the venue disconnects a slow reader), and once per stall only: after a wait ran out
+it refuses at once until the consumer takes items again, so a stuck consumer costs items, not
+the producer's time; `put_many_waiting` waits until there is room.
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ class Handoff(Generic[T]):
         self._cond = threading.Condition(lock)      # "not empty", for the consumer
         self._not_full = threading.Condition(lock)  # "room again", for a waiting producer
         self._closed = False
+        # A put_many_within wait ran out and the consumer has taken nothing since: the next
+        # ones refuse at once (cleared by get_all).
+        self._stalled = False
+        #: items accepted and items taken since creation (a producer can tell whether the
+        #: consumer has got past a given item: `taken_total > put_total` read back then)
+        self.put_total = 0
+        self.taken_total = 0
 
     @property
     def cost(self) -> int:
@@ -58,6 +67,7 @@ class Handoff(Generic[T]):
                     return False
                 self._cost += cost
             self._items.append(item)
+            self.put_total += 1
             if len(self._items) == 1:
                 self._cond.notify()
             return True
@@ -78,13 +88,18 @@ class Handoff(Generic[T]):
                 accepted = accepted[:taken]
             was_empty = not self._items
             self._items.extend(accepted)
+            self.put_total += len(accepted)
             if was_empty and accepted:
                 self._cond.notify()
             return len(items) - len(accepted)
 
     def put_many_within(self, items: list[T], timeout_s: float) -> int:
         """Add items in order, waiting up to `timeout_s` in all for room (count and cost) as the
-        consumer takes items; return how many did not fit by then (the newest ones)."""
+        consumer takes items; return how many did not fit by then (the newest ones).
+
+        When a wait runs out, the queue counts as stalled until the consumer next takes items:
+        meanwhile calls add what fits and refuse the rest without waiting (a stuck consumer
+        would otherwise cost `timeout_s` per call, for good)."""
         deadline = time.monotonic() + timeout_s
         rest = items
         while True:
@@ -96,9 +111,15 @@ class Handoff(Generic[T]):
                 # Room may have come between put_many and here (its notify then went unheard).
                 if not self._has_room_for(rest[0]):
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    if self._stalled or remaining <= 0:
+                        self._stalled = True
                         return len(rest)
                     self._not_full.wait(remaining)
+
+    @property
+    def stalled(self) -> bool:
+        """Whether a `put_many_within` wait ran out and the consumer has taken nothing since."""
+        return self._stalled
 
     def _has_room_for(self, item: T) -> bool:
         """Whether `item` fits now; the caller holds the lock."""
@@ -121,6 +142,8 @@ class Handoff(Generic[T]):
             if self._cost_of is not None:
                 self._cost = 0 if not self._items else self._cost - sum(map(self._cost_of, out))
             if out:
+                self.taken_total += len(out)
+                self._stalled = False
                 self._not_full.notify()
             return out
 

@@ -4,13 +4,22 @@ This thread does no parsing, no HTTP and no disk I/O (venues cut slow readers, e
 `ErrSlowConsume`): it receives frames and hands them to the parser thread with their receive
 time. Liveness is its job: any frame (data, heartbeat, ping, pong) proves the connection alive;
 none for `adapter.liveness_timeout_s` replaces the connection. Reconnects use capped
-exponential backoff with full jitter, reset only after the first valid data message (the parser
-reports it through `data_seen`), and every connect re-sends every subscription.
+exponential backoff with full jitter, reset only after the first valid data message of the
+current connection (the parser reports it through `data_seen`), and every connect re-sends
+every subscription.
+
+The loop turns at least once per frame and once per `recv_timeout_s` however the bytes arrive
+(a frame trickled byte by byte, a message fragmented without end: see `_BoundedFrameBuffer`
+and `_recv_step`), and opening a connection is bounded as a whole (`_Handshake`), so liveness,
+pings, requests, `stop` and the watchdog `beat` are never starved. A frame that breaks RFC 6455
+closes the connection with 1002 and reconnects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +28,9 @@ from typing import Any, Literal
 import websocket
 from websocket import ABNF
 from websocket._abnf import continuous_frame, frame_buffer
+from websocket._http import _ssl_socket
+from websocket._socket import DEFAULT_SOCKET_OPTION
+from websocket._url import get_proxy_info, parse_url
 
 from collectors.backoff import Backoff
 from collectors.batching import Handoff
@@ -46,16 +58,23 @@ READ_CHUNK_BYTES = 65536
 FRAMES_PER_TURN = 1000
 #: When the frame queue is full, wait this long for the parser to make room before dropping
 #: frames: meanwhile the socket is not read, so TCP slows the venue down (a burst is absorbed),
-#: while a parser stuck for longer (e.g. the disk is full) costs frames, not the connection.
+#: while a parser stuck for longer (e.g. the disk is full) costs frames, not the connection:
+#: the wait is made once per stall, and until the parser takes frames again the ones that do
+#: not fit are dropped at once (`Handoff.put_many_within`), so pings are answered meanwhile.
 FRAME_QUEUE_WAIT_S = 1.0
+#: A fragmented message may have at most this many fragments (venues send a message in one
+#: frame; each fragment costs a frame's overhead, so a flood of tiny ones is refused).
+MAX_FRAGMENTS_PER_MESSAGE = 1024
 
 
 class FrameTooLarge(websocket.WebSocketException):
-    """A frame above the size limit; its payload was read and discarded, the stream is in sync."""
+    """A frame (or a fragmented message) above the size or fragment limit; it was read and
+    discarded, the stream is in sync."""
 
 
 class _BoundedFrameBuffer(frame_buffer):
-    """websocket-client's frame reader with a payload size limit and buffered socket reads.
+    """websocket-client's frame reader with a payload size limit, buffered socket reads, a time
+    budget per call and the RFC 6455 header checks the library leaves out.
 
     The library reads each frame with three exact-size `recv` calls (header, length, payload);
     here the socket is read in large chunks into one buffer that the frames are cut from, so a
@@ -67,11 +86,25 @@ class _BoundedFrameBuffer(frame_buffer):
     message outgrows the limit fragment by fragment), so the frames after it read as usual. Like
     the library's own reader, both survive a socket timeout in the middle of a frame: the state
     lives in the object and the next call resumes.
+
+    The socket timeout fires only when nothing at all arrives, so a frame trickled a byte at a
+    time would keep a call busy for good: with `budget_s` set, a call that has read for longer
+    raises `WebSocketTimeoutException` as a quiet socket would (the state is kept and the next
+    call resumes), so the receive loop turns; a frame that never completes is then silence to
+    the loop's liveness check.
+
+    A header that breaks RFC 6455 (section 5.2: a 64-bit length with its top bit set, a masked
+    frame from a server, reserved bits or opcodes, a control frame above 125 bytes or without
+    FIN) raises `WebSocketProtocolException` before any payload is read: the stream cannot be
+    trusted after it, and the caller closes the connection (1002).
     """
 
-    def __init__(self, recv_fn: Callable[[int], bytes], max_bytes: int) -> None:
+    def __init__(self, recv_fn: Callable[[int], bytes], max_bytes: int,
+                 budget_s: float | None = None) -> None:
         super().__init__(recv_fn, True)  # skip_utf8_validation: json decoding validates anyway
         self.max_bytes = max_bytes
+        self.budget_s = budget_s
+        self._deadline: float | None = None  # monotonic end of the current call's budget
         self._discard = 0
         self._discarding_length = 0  # > 0: the oversized frame being drained (0: a skipped one)
         self._buf = bytearray()
@@ -82,6 +115,8 @@ class _BoundedFrameBuffer(frame_buffer):
 
     def recv_frame(self) -> Any:
         with self.lock:
+            budget = self.budget_s
+            self._deadline = None if budget is None else time.monotonic() + budget
             while True:
                 if self._discard or self._skip_to_fin:
                     self._drain()  # raises FrameTooLarge after an oversized frame
@@ -89,6 +124,7 @@ class _BoundedFrameBuffer(frame_buffer):
                     self.recv_header()
                 if self.needs_length():
                     self.recv_length()
+                    self._check_header()
                 assert self.header is not None and self.length is not None
                 fin, opcode = self.header[0], self.header[4]
                 skipped = self.skip_fragments and opcode == ABNF.OPCODE_CONT
@@ -109,6 +145,31 @@ class _BoundedFrameBuffer(frame_buffer):
                         self.on_message_refused()
                 self.clear()
         return super().recv_frame()
+
+    def _check_header(self) -> None:
+        """RFC 6455 5.2 and 5.5 on a header just read (before its payload)."""
+        assert self.header is not None and self.length is not None
+        fin, rsv1, rsv2, rsv3, opcode, has_mask, _ = self.header
+        problem = None
+        if self.length >> 63:
+            problem = "64-bit payload length with the most significant bit set"
+        elif has_mask:
+            problem = "masked frame from the server"
+        elif rsv1 or rsv2 or rsv3:
+            problem = "reserved bits set (no extension was negotiated)"
+        elif opcode not in ABNF.OPCODES:
+            problem = f"reserved opcode {opcode:#x}"
+        elif opcode >= 0x8 and not fin:
+            problem = f"fragmented control frame (opcode {opcode:#x})"
+        elif opcode >= 0x8 and self.length > 125:
+            problem = f"control frame (opcode {opcode:#x}) of {self.length} bytes"
+        if problem is not None:
+            self.clear()
+            raise websocket.WebSocketProtocolException(problem)
+
+    def _out_of_time(self) -> bool:
+        deadline = self._deadline
+        return deadline is not None and time.monotonic() >= deadline
 
     def on_message_refused(self) -> None:
         """Set by `_BoundedContinuation`: forget the message being assembled."""
@@ -161,6 +222,10 @@ class _BoundedFrameBuffer(frame_buffer):
                 del buf[:pos]
                 pos = self._pos = 0
             buf += chunk
+            # Bytes keep trickling in: let the loop turn (at least one read per call), resume
+            # on the next call.
+            if len(buf) - pos < bufsize and self._out_of_time():
+                raise websocket.WebSocketTimeoutException("frame not complete within budget")
         end = pos + bufsize
         out = bytes(buf[pos:end])
         if end == len(buf):
@@ -184,6 +249,8 @@ class _BoundedFrameBuffer(frame_buffer):
             if not chunk:
                 raise websocket.WebSocketConnectionClosedException("closed while discarding")
             self._discard -= len(chunk)
+            if self._discard > 0 and self._out_of_time():
+                raise websocket.WebSocketTimeoutException("frame not drained within budget")
         if self._skip_to_fin:
             self.skip_fragments = self._skip_to_fin = False
         size = self._discarding_length
@@ -193,28 +260,131 @@ class _BoundedFrameBuffer(frame_buffer):
 
 
 class _BoundedContinuation(continuous_frame):
-    """Caps a fragmented message's total size (it would otherwise grow without bound): a message
-    that outgrows it is dropped (FrameTooLarge) and its remaining fragments drained by `buffer`,
-    so the connection goes on with the next message."""
+    """Assembles fragmented messages with a cap on their total size and fragment count (either
+    would otherwise grow without bound): a message over a cap is dropped (FrameTooLarge) and
+    its remaining fragments drained by `buffer`, so the connection goes on with the next
+    message. Fragments are appended to a bytearray (the library's `bytes +=` is quadratic);
+    `started` tells the receive loop how long the message has been arriving."""
 
-    def __init__(self, max_bytes: int, buffer: _BoundedFrameBuffer) -> None:
+    def __init__(self, max_bytes: int, buffer: _BoundedFrameBuffer,
+                 max_fragments: int = MAX_FRAGMENTS_PER_MESSAGE) -> None:
         super().__init__(False, True)
         self.max_bytes = max_bytes
+        self.max_fragments = max_fragments
         self._buffer = buffer
+        self._fragments = 0
+        self.started: float | None = None  # monotonic time of the message's first fragment
         buffer.on_message_refused = self.forget  # type: ignore[method-assign]
 
     def forget(self) -> None:
         self.cont_data = None
         self.recving_frames = None
+        self._fragments = 0
+        self.started = None
 
     def add(self, frame: Any) -> None:
+        if frame.opcode != ABNF.OPCODE_CONT and frame.fin:  # a whole message: nothing to copy
+            self.cont_data = [frame.opcode, frame.data]
+            return
         held = len(self.cont_data[1]) if self.cont_data else 0
-        if held + len(frame.data) > self.max_bytes:
+        if held + len(frame.data) > self.max_bytes or self._fragments >= self.max_fragments:
+            what = (f"{self.max_bytes}-byte" if held + len(frame.data) > self.max_bytes
+                    else f"{self.max_fragments}-fragment")
             self.forget()
             self._buffer.skip_fragments = not frame.fin
-            raise FrameTooLarge(
-                f"fragmented message exceeds the {self.max_bytes}-byte limit")
-        super().add(frame)
+            raise FrameTooLarge(f"fragmented message exceeds the {what} limit")
+        self._fragments += 1
+        if self.cont_data is None:  # validate() let only TEXT or BINARY start a message
+            self.cont_data = [frame.opcode, bytearray(frame.data)]
+            self.recving_frames = frame.opcode
+            self.started = time.monotonic()
+        else:
+            self.cont_data[1] += frame.data
+        if frame.fin:
+            self.recving_frames = None
+
+    def extract(self, frame: Any) -> tuple[int, Any]:
+        data = self.cont_data
+        if data is None:
+            raise websocket.WebSocketProtocolException("no continuation data")
+        self.forget()
+        payload = data[1]
+        frame.data = bytes(payload) if isinstance(payload, bytearray) else payload
+        return int(data[0]), frame
+
+
+def _recv_step(ws: websocket.WebSocket) -> tuple[int, Any] | None:
+    """Read one frame: (opcode, frame) for a complete data message or a control frame (a ping
+    is answered here), None for a fragment that does not end its message, so the receive loop
+    turns once per frame, not once per message (`recv_data_frame` loops over the fragments).
+
+    Raises what the frame reader raises (`WebSocketTimeoutException` included) and
+    `WebSocketProtocolException` for a fragment out of order."""
+    frame = ws.frame_buffer.recv_frame()
+    opcode = int(frame.opcode)
+    if opcode in (ABNF.OPCODE_TEXT, ABNF.OPCODE_BINARY, ABNF.OPCODE_CONT):
+        cont = ws.cont_frame
+        cont.validate(frame)
+        cont.add(frame)
+        if not frame.fin:
+            return None
+        return cont.extract(frame)
+    if opcode == ABNF.OPCODE_CLOSE:
+        ws.send_close()
+    elif opcode == ABNF.OPCODE_PING:  # at most 125 bytes: the frame reader checked
+        ws.pong(frame.data)
+    return opcode, frame
+
+
+class _Handshake:
+    """Bounds one connection's opening (TCP connect, TLS, HTTP upgrade) as a whole.
+
+    websocket-client reads the upgrade response a byte per `recv`, with only a per-`recv`
+    timeout, so a venue (or a middlebox) that trickles its answer, or streams a huge error body,
+    would hold the connection thread for good. `kill` shuts the socket down, which wakes any
+    read at once: a timer calls it when the connect timeout has passed, and `Connection.abort`
+    (the stop path) calls it too. It acts on a duplicate of our TCP socket's descriptor
+    (`shutdown` acts on the socket, so it reaches the TLS layer wrapped around it), and on the
+    library's socket (`ws.sock`, set once its TCP and TLS set-up is done: the proxy path and
+    redirects).
+    """
+
+    def __init__(self, ws: websocket.WebSocket) -> None:
+        self._ws = ws
+        self._lock = threading.Lock()  # orders kill against finish: never kill a kept socket
+        self._killer: socket.socket | None = None
+        self._done = False
+        self.killed = False
+
+    def watch(self, sock: socket.socket) -> None:
+        """Make `sock` (our TCP socket, before TLS wraps it) reachable by `kill`."""
+        dup = sock.dup()
+        with self._lock:
+            keep = not self._done and not self.killed
+            if keep:
+                self._killer = dup
+        if not keep:  # killed meanwhile: this socket must not go on either
+            dup.close()
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def kill(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.killed = True
+            targets = [self._killer, getattr(self._ws, "sock", None)]
+        for sock in targets:
+            if sock is not None:
+                with contextlib.suppress(OSError):  # not connected yet, or already closed
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        with self._lock:
+            self._done = True
+            killer, self._killer = self._killer, None
+        if killer is not None:
+            killer.close()
 
 
 class Connection:
@@ -245,7 +415,12 @@ class Connection:
         self._resubscribe_at = 0.0  # monotonic time to send `_resubscribe` at
         self._reconnect_reason: ReconnectReason | None = None
         self._ws: websocket.WebSocket | None = None
+        self._handshake: _Handshake | None = None  # the opening under way, for `abort`
         self._data_seen = False
+        #: the current connection attempt; `data_seen(session)` counts only for this one
+        self.session = 0
+        # frames.put_total when the current session first handed frames on (None: not yet)
+        self._session_mark: int | None = None
         self.last_frame_monotonic = 0.0
         self.connected_since: float | None = None
         self._frames_dropped_logged = 0.0
@@ -256,9 +431,19 @@ class Connection:
         self.beat = time.monotonic()
 
     # ---- requests from other threads -------------------------------------------------------
-    def data_seen(self) -> None:
-        """The parser got a valid data message on the current connection: backoff may reset."""
-        self._data_seen = True
+    def data_seen(self, session: int | None = None) -> None:
+        """The parser got a valid data message: the backoff may reset if it came from the
+        current connection. Pass the `session` the frame was received on to say exactly; without
+        it, data counts once the parser has taken a frame the current session handed on (so an
+        earlier connection's backlog, or a retiring one's frames before the current one has
+        delivered, never reset the backoff)."""
+        if session is not None:
+            if session == self.session:
+                self._data_seen = True
+            return
+        mark = self._session_mark
+        if mark is not None and self._frames.taken_total > mark:
+            self._data_seen = True
 
     def request_resubscribe(self, symbols: Sequence[str], *, after_s: float = 0.0) -> None:
         """Send a subscribe request for `symbols` on this connection, `after_s` from now (a
@@ -286,7 +471,10 @@ class Connection:
             self._reconnect_reason = reason
 
     def abort(self) -> None:
-        """Wake a blocked recv at once (used by the stop path)."""
+        """Wake a blocked recv, or a connection being opened, at once (used by the stop path)."""
+        handshake = self._handshake
+        if handshake is not None:
+            handshake.kill()
         ws = self._ws
         if ws is not None:
             ws.abort()
@@ -316,6 +504,8 @@ class Connection:
                 self._wait(60)
                 continue
             url = self.adapter.connect_url(self.base_url, symbols)
+            self._session_mark = None
+            self.session += 1
             self._data_seen = False
             reason = self._session(url, symbols, lost_at)
             if reason == "stopped" or self._stop.is_set():
@@ -339,13 +529,63 @@ class Connection:
         return self._stop.is_set()
 
     def _open(self, url: str) -> websocket.WebSocket:
+        """Connect and upgrade within `connect_timeout_s` in all (see `_Handshake`); raises
+        OSError or WebSocketException (WebSocketTimeoutException when out of time)."""
         ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=True)
-        ws.frame_buffer = _BoundedFrameBuffer(ws._recv, self._max_frame_bytes)
+        # Each read of a frame is bounded by the receive timeout as a whole, not per recv.
+        ws.frame_buffer = _BoundedFrameBuffer(ws._recv, self._max_frame_bytes,
+                                              self._recv_timeout_s)
         ws.cont_frame = _BoundedContinuation(self._max_frame_bytes, ws.frame_buffer)
-        ws.connect(url, timeout=self._connect_timeout_s,
-                   header={"User-Agent": "chrono-collectors"})
+        handshake = self._handshake = _Handshake(ws)
+        timer = threading.Timer(self._connect_timeout_s, handshake.kill)
+        timer.name = f"ws-{self.adapter.name}-handshake-timer"
+        timer.daemon = True
+        timer.start()
+        if self._stop.is_set():  # abort() may have come before `_handshake` was set
+            handshake.kill()
+        try:
+            sock = self._tcp_socket(url, handshake)
+            try:
+                ws.connect(url, timeout=self._connect_timeout_s, socket=sock,
+                           header={"User-Agent": "chrono-collectors"})
+            except BaseException:
+                if sock is not None:
+                    sock.close()
+                raise
+        except (OSError, websocket.WebSocketException) as exc:
+            if handshake.killed and not self._stop.is_set():
+                raise websocket.WebSocketTimeoutException(
+                    f"handshake not complete within {self._connect_timeout_s} s") from exc
+            raise
+        finally:
+            timer.cancel()
+            handshake.finish()
+            self._handshake = None
+        if handshake.killed:  # killed just as the upgrade completed: the socket is shut
+            ws.shutdown()
+            raise websocket.WebSocketTimeoutException(
+                f"handshake not complete within {self._connect_timeout_s} s")
         ws.settimeout(self._recv_timeout_s)
         return ws
+
+    def _tcp_socket(self, url: str, handshake: _Handshake) -> socket.socket | None:
+        """Our own TCP (and TLS) socket for `url`, watched by `handshake`; None when a proxy
+        from the environment applies (websocket-client then connects through it as before,
+        and only the upgrade itself is bounded as a whole)."""
+        hostname, port, _, is_secure = parse_url(url)
+        if get_proxy_info(hostname, is_secure)[0]:
+            return None
+        sock = socket.create_connection((hostname, port), timeout=self._connect_timeout_s)
+        try:
+            for option in DEFAULT_SOCKET_OPTION:  # what websocket-client sets on its own
+                sock.setsockopt(*option)
+            handshake.watch(sock)
+            if is_secure:  # websocket-client's own TLS set-up (CA bundle, SNI, hostname check)
+                sock = _ssl_socket(sock, {}, hostname)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _session(self, url: str, symbols: list[str],
                  lost_at: float | None) -> ReconnectReason | Literal["stopped"]:
@@ -420,9 +660,12 @@ class Connection:
                         and now - successor > HANDOVER_OVERLAP_S):
                     break
                 try:
-                    opcode, frame = ws.recv_data_frame(True)
-                except websocket.WebSocketTimeoutException:
+                    step = _recv_step(ws)
+                except (websocket.WebSocketTimeoutException, FrameTooLarge):
                     continue
+                if step is None:
+                    continue
+                opcode, frame = step
                 if opcode in (ABNF.OPCODE_TEXT, ABNF.OPCODE_BINARY):
                     if self._frames.put((frame.data, time.time_ns())):
                         forwarded += 1
@@ -442,6 +685,7 @@ class Connection:
         frames = self._frames
         buffer = ws.frame_buffer if isinstance(ws.frame_buffer, _BoundedFrameBuffer) else None
         cont = ws.cont_frame
+        bounded = cont if isinstance(cont, _BoundedContinuation) else None
         ping_every = self.adapter.app_ping_interval_s
         ws_ping_every = self.adapter.ws_ping_interval_s
         liveness = self.liveness_timeout_s
@@ -472,6 +716,12 @@ class Connection:
                 log.warning("ws_liveness_timeout", extra={"silent_s": round(silent_for, 3),
                                                           "limit_s": liveness})
                 return "liveness_timeout"
+            # Fragments are frames, but a message that never ends delivers nothing.
+            begun = bounded.started if bounded is not None else None
+            if begun is not None and now - begun > liveness:
+                log.warning("ws_liveness_timeout", extra={
+                    "message_unfinished_s": round(now - begun, 3), "limit_s": liveness})
+                return "liveness_timeout"
             if ping_every is not None and now - max(last_ping_sent,
                                                     self.last_frame_monotonic) >= ping_every:
                 ping = self.adapter.ping_message()
@@ -483,7 +733,7 @@ class Connection:
                 ws.ping()
                 last_ws_ping_sent = now
             try:
-                opcode, frame = ws.recv_data_frame(True)
+                step = _recv_step(ws)
             except websocket.WebSocketTimeoutException:
                 continue
             except FrameTooLarge as exc:
@@ -491,7 +741,16 @@ class Connection:
                 self._metrics.oversized_frames.inc()
                 log.warning("frame_too_large", extra={"error": str(exc)})
                 continue
+            except websocket.WebSocketProtocolException as exc:
+                log.warning("ws_protocol_error", extra={"error": _describe(exc)})
+                # The stream cannot be trusted any more: say why (RFC 6455 7.4.1).
+                with contextlib.suppress(OSError, websocket.WebSocketException):
+                    ws.send_close(websocket.STATUS_PROTOCOL_ERROR, b"protocol error")
+                return "protocol_error"
             self.last_frame_monotonic = time.monotonic()
+            if step is None:  # a fragment: the message goes on
+                continue
+            opcode, frame = step
             if opcode in (ABNF.OPCODE_TEXT, ABNF.OPCODE_BINARY):
                 if self._first_frame_at is None:
                     self._first_frame_at = self.last_frame_monotonic
@@ -501,6 +760,8 @@ class Connection:
                     # Frames that were read from the socket with this one: same receive time.
                     batch.extend((payload, received_ns)
                                  for payload in buffer.pop_data_frames(FRAMES_PER_TURN))
+                if self._session_mark is None:
+                    self._session_mark = frames.put_total
                 dropped = frames.put_many_within(batch, self._frame_queue_wait_s)
                 if dropped:
                     self._metrics.frames_dropped.inc(dropped)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -109,3 +110,43 @@ def test_put_many_within_drops_the_newest_when_no_room_comes_in_time() -> None:
     # Nobody consumes: after the (short) wait, what does not fit is refused, newest first.
     assert q.put_many_within([b"c" * 10, b"d" * 10, b"e" * 10], timeout_s=0.05) == 2
     assert q.get_all(0) == [b"a" * 60, b"b" * 30, b"c" * 10]
+
+
+def test_put_many_within_waits_once_per_stall_not_once_per_call() -> None:
+    q: Handoff[int] = Handoff(2)
+    q.put_many([0, 1])
+    assert q.put_many_within([2], 0.05) == 1  # the one wait of this stall
+    assert q.stalled
+    started = time.monotonic()
+    for i in range(100):  # a stuck consumer: every later call refuses at once
+        assert q.put_many_within([i], 60.0) == 1
+    assert time.monotonic() - started < 5  # not 100 minutes
+    assert q.get_all(0) == [0, 1]
+    assert not q.stalled  # the consumer made room: the stall is over
+
+
+def test_after_a_stall_a_full_queue_waits_for_the_consumer_again() -> None:
+    q: Handoff[int] = Handoff(1)
+    q.put(0)
+    assert q.put_many_within([1], 0.01) == 1
+    assert q.stalled
+    assert q.get_all(0) == [0]
+    q.put(2)
+    taken: list[int] = []
+    consumer = threading.Thread(target=lambda: taken.extend(q.get_all(0) or []))
+    # The stall is over, so this call waits for room again; a consumer makes it.
+    timer = threading.Timer(0.05, consumer.start)
+    timer.start()
+    assert q.put_many_within([3], 30.0) == 0
+    timer.join()
+    consumer.join()
+    assert taken == [2] and q.get_all(0) == [3]
+
+
+def test_the_totals_count_items_accepted_and_taken() -> None:
+    q: Handoff[int] = Handoff(3)
+    q.put(1)
+    q.put_many([2, 3, 4])
+    assert (q.put_total, q.taken_total) == (3, 0)
+    q.get_all(0, max_items=2)
+    assert (q.put_total, q.taken_total) == (3, 2)
