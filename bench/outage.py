@@ -37,8 +37,12 @@ def spool_records(spool: Path) -> int:
         return 0
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return int(conn.execute("SELECT (SELECT coalesce(sum(n), 0) FROM waiting)"
-                                " + (SELECT coalesce(sum(n), 0) FROM claimed)").fetchone()[0])
+        # Waiting in `front` and in `chunks` from the cursor on, and in claimed batches.
+        return int(conn.execute(
+            "SELECT (SELECT coalesce(sum(n), 0) FROM front)"
+            " + (SELECT coalesce(sum(min(n, id + n - value)), 0) FROM chunks, state"
+            "    WHERE name = 'cursor' AND id + n > value)"
+            " + (SELECT coalesce(sum(n), 0) FROM claimed)").fetchone()[0])
     finally:
         conn.close()
 

@@ -14,40 +14,57 @@ Files in the spool directory (created 0700)::
     dead-letter.jsonl.1                    the previous one, once that reached 64 MiB
     spool.db.corrupt-<UTC time>[-wal]      a damaged database set aside (kept for forensics)
 
-Schema (``PRAGMA user_version`` = 2). Records are stored a chunk per row, so the cost of the
+Schema (``PRAGMA user_version`` = 3). Records are stored a chunk per row, so the cost of the
 database is paid per append, per batch and per acknowledgement, not per record:
 
-* ``waiting(id, appended_ns, n, crc32, crcs, payload)``: records not yet in a batch, oldest
-  first. A row holds the ``n`` records of one append (at most ``chunk_records``), ``payload`` is
-  their JSON joined by ``\\n``, ``crc32`` the payload's CRC-32 and ``crcs`` each record's own
-  (4 bytes each, little-endian). ``id`` is the
-  sequence number of the row's first record and the row holds ``id .. id + n - 1``, so a gap in
-  ids counts lost records exactly. Records put back in front of the others (a split batch) get
-  ids below the smallest, negative if need be.
-* ``claimed(id, key, n, attempts, created_ns, claimed_ns, crc32, crcs, payload)``: one row per
-  claimed, unacknowledged batch (its Idempotency-Key, the same layout of records), in claim
-  order.
+* ``chunks(id, appended_ns, n, crc32, crcs, payload)``: the records appended, oldest first. A
+  row holds the ``n`` records of one append (at most ``chunk_records``), ``payload`` is their
+  JSON joined by ``\\n``, ``crc32`` the payload's CRC-32 and ``crcs`` each record's own (4 bytes
+  each, little-endian). ``id`` is the sequence number of the row's first record and the row
+  holds ``id .. id + n - 1``. A row is never rewritten: it is deleted once none of its records
+  is waiting or in a batch.
+* ``state('cursor', value)``: the first record of ``chunks`` that waits. Every record from the
+  cursor on waits; those before it are in a batch, or delivered (or dropped) and waiting for
+  the rest of their row to go.
+* ``front(...)``: the same layout, for records put back in front of every waiting record (a
+  batch split after a 400/413/422, a batch whose records failed their checksums, a batch
+  released out of order, a version 2 spool's waiting records); ids below the smallest,
+  negative if need be. They are claimed first, in batches of their own.
+* ``claimed(id, key, n, attempts, created_ns, claimed_ns, crc32, crcs, payload, first_id,
+  last_id, bytes)``: one row per claimed, unacknowledged batch (its Idempotency-Key), in claim
+  order. A batch of ``chunks`` is claimed *by reference*: ``first_id .. last_id`` name its
+  records (consecutive ids), ``bytes`` their size, and ``payload`` is empty. A batch of
+  ``front`` holds its records (``payload`` with ``crc32`` and ``crcs``, as in ``chunks``).
 * ``marks(key, value)``: per-key dedup marks (the last exchange sequence or event time seen)
   written with the records that set them.
 
-A claim turns the oldest waiting rows into one ``claimed`` row: whole rows are deleted, a row
-only partly taken keeps its newer records (rewritten once; rows are at most ``chunk_records``,
-which the service sets to the batch size, so a claim rewrites at most one batch's worth). An
-acknowledgement deletes one row. Records never contain a raw newline: they are compact JSON,
-whose strings escape control characters (``append`` refuses anything else). The checksums guard
-against damage SQLite cannot see (the database file has no page checksums): a row is read with
-one CRC over its payload; only when that fails are its records checked one by one, and a record
-is sent only if its own checksum verifies. A claim copies the per-record CRCs, it does not
-recompute them.
+A claim by reference writes one small row and moves the cursor: nothing is copied (a claim used
+to copy the batch's records into its row, which wrote every record twice, and deleting that row
+at the acknowledgement walked its pages again: about a quarter of the collector's CPU in a
+burst, see docs/benchmarks.md). Its records are read back from their rows when the batch has
+to be sent again (a retry, a restart). An acknowledgement deletes the batch's row and the rows
+of ``chunks`` that nothing needs any more: those wholly inside the batch at once, and a row it
+shares with a neighbour once that neighbour is gone too. A batch released before it was sent
+(claimed ahead, then the POST before it failed) goes back by moving the cursor back when it is
+the newest; otherwise its records go to ``front``. Records never contain a raw newline: they are
+compact JSON, whose strings escape control characters (``append`` refuses anything else). The
+checksums guard against damage SQLite cannot see (the database file has no page checksums): a
+row is read with one CRC over its payload; only when that fails are its records checked one by
+one, and a record is sent only if its own checksum verifies. A claim meeting a damaged row of
+``chunks`` moves its verified waiting records to ``front`` and the others to the dead-letter
+file; a batch by reference whose rows fail is taken apart the same way.
 
-Most claims read nothing: while nothing backs up, the spool keeps every waiting row in memory
-too, exactly as committed (at most ``_RECENT_MAX_BYTES``), and a claim joins those; what it
-sends is what ``append`` was given, so there is nothing to check. Appends and claims keep that
-copy exact; the full policy, records put back, or a backlog past the bound turn it off, and
-claims read (and check) the database until one leaves nothing waiting.
+Most claims read nothing: while nothing backs up, the spool keeps every waiting row of
+``chunks`` in memory too, exactly as committed (the row holding the cursor cut to its waiting
+records; at most ``_RECENT_MAX_BYTES``), and a claim joins those; what it sends is what
+``append`` was given, so there is nothing to check. Appends and claims keep that copy exact;
+the full policy, a batch moved back, or a backlog past the bound turn it off, and claims read
+(and check) the database until one leaves nothing waiting.
 
-Version 1 spools (a row per record) are converted in one transaction when opened: claimed
-batches keep their keys, bodies and attempts; waiting records keep their order.
+Older spools are converted in one transaction when opened. Version 2 (batches holding their
+records, waiting rows in ``waiting``): ``waiting`` becomes ``front`` and the batches keep their
+rows, keys and attempts; nothing is copied. Version 1 (a row per record): claimed batches keep
+their keys, bodies and attempts; waiting records keep their order.
 
 Threads: the parser thread calls ``append``; the delivery threads call everything else.
 There are two connections: the append connection (used only by ``append``) and the delivery
@@ -146,7 +163,7 @@ from collectors.model import iso_from_ns
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "spool.db"
 LOCK_NAME = "spool.lock"
 DEAD_LETTER_NAME = "dead-letter.jsonl"
@@ -157,15 +174,21 @@ DEAD_LETTER_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # about 600k records of 400 bytes: hours of API outage
 DEFAULT_CHUNK_RECORDS = 1000
 
-_SCHEMA = (
-    """CREATE TABLE waiting (
+# A table of rows of records (`chunks`, `front`): a row holds the `n` records of one append.
+_ROWS_TABLE = """(
         id INTEGER PRIMARY KEY,
         appended_ns INTEGER NOT NULL,
         n INTEGER NOT NULL,
         crc32 INTEGER NOT NULL,
         crcs BLOB NOT NULL,
         payload BLOB NOT NULL
-    )""",
+    )"""
+_SCHEMA = (
+    "CREATE TABLE chunks " + _ROWS_TABLE,
+    "CREATE TABLE front " + _ROWS_TABLE,
+    # A batch either holds its records (`payload`, as version 2 did: a batch claimed from
+    # `front`) or refers to the records `first_id` .. `last_id` of `chunks` (`payload` empty,
+    # `bytes` their size): a claim by reference.
     """CREATE TABLE claimed (
         id INTEGER PRIMARY KEY,
         key TEXT NOT NULL UNIQUE,
@@ -175,12 +198,20 @@ _SCHEMA = (
         claimed_ns INTEGER NOT NULL,
         crc32 INTEGER NOT NULL,
         crcs BLOB NOT NULL,
-        payload BLOB NOT NULL
+        payload BLOB NOT NULL,
+        first_id INTEGER,
+        last_id INTEGER,
+        bytes INTEGER
     )""",
     # Per-key dedup marks (e.g. the last exchange sequence per product) of the records
     # committed here, so a restarted collector drops the venue's replay of what it already has.
     """CREATE TABLE IF NOT EXISTS marks (
         key TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    )""",
+    # `cursor`: the id of the first record of `chunks` not claimed (nor dropped).
+    """CREATE TABLE state (
+        name TEXT PRIMARY KEY,
         value INTEGER NOT NULL
     )""",
 )
@@ -210,10 +241,14 @@ _RECENT_MAX_BYTES = 1024 * 1024
 _VACUUM_MIN_FREE_BYTES = 4 * 1024 * 1024  # this much free space is kept for reuse
 _VACUUM_STEP_BYTES = 4 * 1024 * 1024  # bounded so one ack never holds the write lock for long
 _NL = b"\n"
-#: A waiting row as stored: (id, appended_ns, n, crc32, crcs, payload).
+#: A row of `chunks` or `front` as stored: (id, appended_ns, n, crc32, crcs, payload).
 _Row = tuple[int, int, int, int, bytes, bytes]
-_INSERT_WAITING = ("INSERT INTO waiting (id, appended_ns, n, crc32, crcs, payload)"
-                   " VALUES (?, ?, ?, ?, ?, ?)")
+_ROW_COLUMNS = "id, appended_ns, n, crc32, crcs, payload"
+_INSERT_CHUNK = f"INSERT INTO chunks ({_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+_SET_CURSOR = "UPDATE state SET value = ? WHERE name = 'cursor'"
+#: The row of `chunks` holding record `?1` or, when none does, the first row after it (`?1`
+#: twice): rows never overlap, so only the last row starting at or before it can hold it.
+_FROM_ROW_OF = "id >= coalesce((SELECT max(id) FROM chunks WHERE id <= ?), ?)"
 _UPSERT_MARK = ("INSERT INTO marks (key, value) VALUES (?, ?)"
                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value")
 #: Page size of a new spool database: SQLite's default, chosen by measurement. 16 KiB pages made
@@ -285,6 +320,37 @@ def _verify(payload: bytes, n: int, crcs: bytes) -> tuple[list[bytes], list[byte
         else:
             bad.append(part)
     return good, bad
+
+
+def _placed(parts: list[bytes], stored: list[int],
+            framed: bool) -> list[tuple[int | None, bytes, bool]]:
+    """(position in the row, piece, whether it verifies) of each piece of a stored row: by
+    order when the row's framing holds; else each piece at the first unused position whose
+    stored CRC it matches (None: no such place, it does not verify)."""
+    if framed:
+        return [(i, p, zlib.crc32(p) == c)
+                for i, (p, c) in enumerate(zip(parts, stored, strict=True))]
+    free: dict[int, list[int]] = {}
+    for i, crc in enumerate(stored):
+        free.setdefault(crc, []).append(i)
+    out: list[tuple[int | None, bytes, bool]] = []
+    for part in parts:
+        places = free.get(zlib.crc32(part))
+        out.append((places.pop(0), part, True) if places else (None, part, False))
+    return out
+
+
+def _waiting_part(rid: int, n: int, payload: bytes, cursor: int) -> tuple[int, int]:
+    """(records, bytes) of a row of `chunks` that wait, as the counters count them: from its
+    stored `n` (a whole row's bytes are its payload less n - 1 separators, as `_load_counters`
+    sums them), so that a damaged row is counted alike wherever it is met."""
+    if rid + n <= cursor:
+        return 0, 0
+    size = len(payload) - (n - 1)
+    if rid >= cursor:
+        return n, size
+    k = cursor - rid
+    return rid + n - cursor, size - sum(map(len, payload.split(_NL, k)[:k]))
 
 
 def _last_record_id(row: tuple[object, ...]) -> int:
@@ -365,6 +431,20 @@ class _Salvage:
     rekeyed: int = 0  # claimed batches whose verified records wait again
 
 
+@dataclass(frozen=True, slots=True)
+class _SalvageRef:
+    """A batch by reference read from a damaged spool, to be rebuilt from its rows."""
+
+    rid: int
+    key: str
+    n: int
+    attempts: int
+    created_ns: int
+    claimed_ns: int
+    first_id: int
+    last_id: int
+
+
 @dataclass(slots=True)
 class _ClaimPlan:
     """A claim read and checked, not yet written (see `Spool._claim`)."""
@@ -372,6 +452,7 @@ class _ClaimPlan:
     first_id: int  # the first waiting row taken
     first_ns: int  # append time of the oldest record taken
     taken: int = 0  # records in the batch
+    last_id: int = 0  # the last record taken (a claim of `chunks`: its rows are contiguous)
     payload: bytes = b""  # the batch's records joined by b"\n"
     crcs: bytes = b""  # their CRC-32s
     whole_upto: int | None = None  # waiting rows up to this id go whole
@@ -434,6 +515,11 @@ class Spool:
         self._claimed_bytes = 0
         self._batches = 0
         self._next_id = 1  # the sequence number of the next appended record
+        # The first record of `chunks` not claimed or dropped (persisted in `state`); every
+        # record of `chunks` from here on waits. Records put back wait in `front` (`_front` of
+        # them), in front of these.
+        self._cursor = 1
+        self._front = 0
         # Append time of the oldest waiting record, cached for the due check (which runs on
         # every wake-up of the delivery thread); None: unknown, read it. Appends never add an
         # older one, so only claims, splits and drops forget it.
@@ -520,9 +606,9 @@ class Spool:
                 # execute() for one row: executemany() costs ~7 µs more a call, and most
                 # appends are one row (a chunk of a few frames) with a mark or two.
                 if len(rows) == 1:
-                    conn.execute(_INSERT_WAITING, rows[0])
+                    conn.execute(_INSERT_CHUNK, rows[0])
                 elif rows:
-                    conn.executemany(_INSERT_WAITING, rows)
+                    conn.executemany(_INSERT_CHUNK, rows)
                 if marks:
                     if len(marks) == 1:
                         conn.execute(_UPSERT_MARK, next(iter(marks.items())))
@@ -650,12 +736,11 @@ class Spool:
         with self._conn_lock:
             conn = self._require(self._conn)
             with self._write_lock, self._txn(conn, "split"):
-                row = conn.execute("SELECT id, n, created_ns, payload FROM claimed WHERE key = ?",
-                                   (key,)).fetchone()
-                if row is None:
+                found = self._claimed_row(conn, key)
+                if found is None:
                     return 0, 0
-                batch_id, n, created_ns, payload = int(row[0]), int(row[1]), int(row[2]), row[3]
-                members = bytes(payload).split(_NL)
+                batch_id, n, created_ns, size, ref = found
+                members = self._batch_records(conn, found)
                 drop = {i for i in reject if 0 <= i < len(members)}
                 bad = [members[i] for i in sorted(drop)]
                 good = [m for i, m in enumerate(members) if i not in drop]
@@ -663,21 +748,47 @@ class Spool:
                     self._write_dead_letter(key, status, reason, bad)
                 self._put_back(conn, good, created_ns)
                 conn.execute("DELETE FROM claimed WHERE id = ?", (batch_id,))
+                if ref is not None:
+                    self._collect(conn, *ref)
             self._oldest_waiting_ns = None  # the released records are waiting again
-            size = _size(bytes(payload), n)
+            # (`members` are the records as stored: a damaged one is sent, or dead-lettered,
+            # as the API answers for it; they count as the batch did.)
             bad_bytes = sum(len(p) for p in bad)
             self._records -= len(bad)
             self._bytes -= bad_bytes
             self._claimed_records -= n
             self._claimed_bytes -= size
             self._batches -= 1
+            self._records += len(good) - (n - len(bad))  # == 0 unless the batch was damaged
+            self._bytes += sum(map(len, good)) - (size - bad_bytes)
             return len(bad), len(good)
 
     def release(self, key: str) -> int:
         """Put claimed batch `key` back in front of every waiting record, in order, as if it
         had never been claimed; its key is dropped. Only for a batch that was never sent (a
         `fresh` one claimed ahead of need): a batch the API may have stored must be re-sent
-        under its key. Returns how many records (0 for an unknown key). Raises SpoolError."""
+        under its key. Returns how many records (0 for an unknown key). Raises SpoolError.
+
+        The newest batch claimed by reference goes back by moving the cursor back: nothing is
+        copied."""
+        with self._conn_lock:
+            conn = self._require(self._conn)
+            with self._write_lock:
+                found = self._claimed_row(conn, key)
+                if found is None:
+                    return 0
+                batch_id, n, _created_ns, size, ref = found
+                if ref is not None and ref[1] + 1 == self._cursor:
+                    with self._txn(conn, "release"):
+                        conn.execute("DELETE FROM claimed WHERE id = ?", (batch_id,))
+                        conn.execute(_SET_CURSOR, (ref[0],))
+                    self._cursor = ref[0]
+                    self._forget_recent()  # its rows wait again: memory no longer holds all
+                    self._oldest_waiting_ns = None
+                    self._claimed_records -= n
+                    self._claimed_bytes -= size
+                    self._batches -= 1
+                    return n
         return self.split(key, (), 0, "")[1]
 
     def stats(self) -> SpoolStats:
@@ -686,10 +797,10 @@ class Spool:
             conn = self._require(self._conn)
             try:
                 claimed = conn.execute("SELECT min(created_ns) FROM claimed").fetchone()
-                waiting = conn.execute(
-                    "SELECT appended_ns FROM waiting ORDER BY id LIMIT 1").fetchone()
             except sqlite3.Error as exc:
                 raise self._error("stats", exc) from exc
+            oldest = self._read_oldest_waiting(conn)  # raises SpoolError itself
+            waiting = None if oldest is None else (oldest,)
             with self._write_lock:
                 counts = (
                     self._records,
@@ -892,6 +1003,8 @@ class Spool:
                     return "quick_check: " + "; ".join(result[:3])
                 if version == 1:
                     self._migrate_v1(conn)
+                elif version == 2:
+                    self._migrate_v2(conn)
         except sqlite3.DatabaseError as exc:
             if conn is not None:
                 conn.close()
@@ -908,13 +1021,31 @@ class Spool:
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            _create_tables(conn)
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
             raise
+
+    def _migrate_v2(self, conn: sqlite3.Connection) -> None:
+        """Convert a version 2 spool in one transaction, moving no record: its waiting rows
+        become `front` (claimed first, by copy, as version 2 did) and its claimed batches keep
+        their rows; new appends go to the new `chunks`."""
+        with self._write_lock, self._txn(conn, "conversion of a version 2 spool"):
+            conn.execute("ALTER TABLE waiting RENAME TO front")
+            conn.execute("CREATE TABLE chunks " + _ROWS_TABLE)
+            for column in ("first_id", "last_id", "bytes"):
+                conn.execute(f"ALTER TABLE claimed ADD COLUMN {column} INTEGER")
+            conn.execute(_SCHEMA[-1])  # state
+            conn.execute("INSERT INTO state (name, value) VALUES ('cursor', 1)")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            waiting, batches = conn.execute(
+                "SELECT (SELECT coalesce(sum(n), 0) FROM front),"
+                " (SELECT count(*) FROM claimed)").fetchone()
+        log.info("spool_converted", extra={"spool_path": str(self._db_path), "from_version": 2,
+                                           "to_version": SCHEMA_VERSION,
+                                           "records": int(waiting), "batches_kept": int(batches),
+                                           "dead_lettered_records": 0})
 
     def _migrate_v1(self, conn: sqlite3.Connection) -> None:
         """Convert a version 1 spool (a row per record) in one transaction.
@@ -928,8 +1059,7 @@ class Spool:
         with self._write_lock, self._txn(conn, "conversion of a version 1 spool"):
             conn.execute("ALTER TABLE records RENAME TO records_v1")
             conn.execute("ALTER TABLE batches RENAME TO batches_v1")
-            for statement in _SCHEMA:
-                conn.execute(statement)
+            _create_tables(conn)
             whole: set[int] = set()
             for bid, key, first_id, last_id, n_records, attempts, created_ns, claimed_ns in (
                     conn.execute("SELECT id, key, first_id, last_id, n_records, attempts,"
@@ -977,7 +1107,6 @@ class Spool:
                                         " (version 1 spool)", bad)
             conn.execute("DROP TABLE records_v1")
             conn.execute("DROP TABLE batches_v1")
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._corrupt_lost_total += len(bad)
         log.info("spool_converted", extra={"spool_path": str(self._db_path), "from_version": 1,
                                            "to_version": SCHEMA_VERSION, "records": migrated,
@@ -986,36 +1115,51 @@ class Spool:
 
     def _insert_waiting(self, conn: sqlite3.Connection, records: list[bytes],
                         appended_ns: int) -> None:
-        """Append one waiting row at the end (the caller holds the write lock, in a txn)."""
-        self._insert_row(conn, self._next_id, appended_ns, records)
+        """Append one row of `chunks` at the end (the caller holds the write lock, in a txn)."""
+        self._insert_row(conn, "chunks", self._next_id, appended_ns, records)
         self._next_id += len(records)
 
     @staticmethod
-    def _insert_row(conn: sqlite3.Connection, rid: int, appended_ns: int,
+    def _insert_row(conn: sqlite3.Connection, table: str, rid: int, appended_ns: int,
                     records: Sequence[bytes]) -> None:
         payload = _NL.join(records)
-        conn.execute("INSERT INTO waiting (id, appended_ns, n, crc32, crcs, payload) VALUES"
-                     " (?, ?, ?, ?, ?, ?)", (rid, appended_ns, len(records), zlib.crc32(payload),
-                                             _crcs(records), payload))
+        conn.execute(f"INSERT INTO {table} ({_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                     (rid, appended_ns, len(records), zlib.crc32(payload), _crcs(records),
+                      payload))
 
     def _load_counters(self) -> None:
         conn = self._require(self._conn)
         try:
-            waiting = conn.execute(
-                "SELECT coalesce(sum(n), 0), coalesce(sum(length(payload) - n + 1), 0),"
-                " coalesce(max(id + n), 1) FROM waiting"
-            ).fetchone()
+            (cursor,) = conn.execute("SELECT value FROM state WHERE name = 'cursor'").fetchone()
+            cursor = int(cursor)
+            front = conn.execute(
+                "SELECT coalesce(sum(n), 0), coalesce(sum(length(payload) - n + 1), 0)"
+                " FROM front").fetchone()
             claimed = conn.execute(
-                "SELECT coalesce(sum(n), 0), coalesce(sum(length(payload) - n + 1), 0),"
-                " count(*) FROM claimed"
+                "SELECT coalesce(sum(n), 0), coalesce(sum(CASE WHEN first_id IS NULL"
+                " THEN length(payload) - n + 1 ELSE bytes END), 0), count(*) FROM claimed"
             ).fetchone()
-        except sqlite3.Error as exc:
-            raise self._error("reading counters", exc) from exc
+            # The rows of `chunks` after the cursor wait whole; the one holding it, its tail.
+            chunks = conn.execute(
+                "SELECT coalesce(sum(n), 0), coalesce(sum(length(payload) - n + 1), 0)"
+                " FROM chunks WHERE id >= ?", (cursor,)).fetchone()
+            held = conn.execute(
+                "SELECT id, n, payload FROM chunks WHERE id < ? ORDER BY id DESC LIMIT 1",
+                (cursor,)).fetchone()
+            last = conn.execute("SELECT id, n FROM chunks ORDER BY id DESC LIMIT 1").fetchone()
+        except (sqlite3.Error, TypeError) as exc:  # TypeError: no cursor row
+            raise SpoolError(f"spool {self._db_path}: reading counters failed: {exc}") from exc
+        tail_n = tail_bytes = 0
+        if held is not None and int(held[0]) + int(held[1]) > cursor:
+            tail_n, tail_bytes = _waiting_part(int(held[0]), int(held[1]), bytes(held[2]),
+                                               cursor)
+        self._cursor = cursor
+        self._front = int(front[0])
         self._claimed_records, self._claimed_bytes = int(claimed[0]), int(claimed[1])
-        self._records = int(waiting[0]) + self._claimed_records
-        self._bytes = int(waiting[1]) + self._claimed_bytes
+        self._records = int(front[0]) + int(chunks[0]) + tail_n + self._claimed_records
+        self._bytes = int(front[1]) + int(chunks[1]) + tail_bytes + self._claimed_bytes
         self._batches = int(claimed[2])
-        self._next_id = max(1, int(waiting[2]))
+        self._next_id = max(1, cursor, 1 if last is None else int(last[0]) + int(last[1]))
 
     # ------------------------------------------------------------------ damaged files
 
@@ -1193,13 +1337,34 @@ class Spool:
         keeps, so the new spool has no gaps either.
         """
         tables = spool_repair.table_names(src)
-        if tables is None or not tables & {"waiting", "claimed", "records"}:
+        if tables is None or not tables & {"waiting", "front", "chunks", "claimed", "records"}:
             found.unknown = True
             return
+        refs: list[_SalvageRef] = []
         if "claimed" in tables:
-            self._copy_damaged_claimed(src, dst, found)
-        if "waiting" in tables:
-            self._copy_damaged_waiting(src, dst, found)
+            self._copy_damaged_claimed(src, dst, found, refs)
+        # Every waiting record lands in `chunks`, in order: version 2's waiting rows and the
+        # records put back (`front`) before those appended. Batches by reference become
+        # batches holding their records.
+        next_id = 1
+        for table in ("waiting", "front"):
+            if table in tables:
+                next_id = self._copy_damaged_rows(src, dst, found, table, next_id)
+        if "chunks" in tables:
+            ok, cursor = spool_repair.query_int(
+                src, "SELECT value FROM state WHERE name = 'cursor'")
+            if not ok or cursor is None:
+                # Unknown: after the last batch by reference (the rows before it were
+                # acknowledged), else every record of `chunks` waits (sent again, not lost).
+                found.unknown |= not ok
+                cursor = max((ref.last_id + 1 for ref in refs), default=None)
+            ref_records: dict[int, bytes] = {}
+            next_id = self._copy_damaged_rows(src, dst, found, "chunks", next_id,
+                                              cursor=cursor, refs=refs, ref_records=ref_records)
+            self._rebuild_refs(dst, found, refs, ref_records)
+        elif refs:
+            self._rebuild_refs(dst, found, refs, {})
+        self._next_id = next_id
         if "records" in tables:
             self._copy_damaged_v1(src, dst, found)
         if "marks" in tables:
@@ -1210,16 +1375,27 @@ class Spool:
                      if isinstance(k, str) and isinstance(v, int)])
 
     def _copy_damaged_claimed(self, src: sqlite3.Connection, dst: sqlite3.Connection,
-                              found: _Salvage) -> None:
+                              found: _Salvage, refs: list[_SalvageRef]) -> None:
         handled: set[int] = set()
+        try:
+            columns = {str(r[1]) for r in src.execute("PRAGMA table_info(claimed)")}
+        except sqlite3.DatabaseError:
+            columns = set()
+        ref_columns = "first_id, last_id" if "first_id" in columns else "NULL, NULL"
 
         def claimed_row(row: tuple[object, ...]) -> None:
-            rid, key, n, attempts, created_ns, claimed_ns, crc, crcs, payload = row
+            rid, key, n, attempts, created_ns, claimed_ns, crc, crcs, payload, first, last = row
             ints = (rid, n, attempts, created_ns, claimed_ns)
             if not (all(isinstance(v, int) for v in ints) and isinstance(key, str)
                     and isinstance(crcs, bytes) and isinstance(payload, bytes)):
                 return  # counted below, from its header if that still reads
             assert isinstance(rid, int) and isinstance(n, int) and isinstance(created_ns, int)
+            assert isinstance(attempts, int) and isinstance(claimed_ns, int)
+            if isinstance(first, int) and isinstance(last, int) and first <= last:
+                handled.add(rid)  # a batch by reference: rebuilt from `chunks`
+                refs.append(_SalvageRef(rid, key, n, attempts, created_ns, claimed_ns, first,
+                                        last))
+                return
             handled.add(rid)
             if _intact(payload, n, crc, crcs):
                 found.salvaged += n
@@ -1240,8 +1416,8 @@ class Spool:
             found.put_back_ns = min(created_ns, found.put_back_ns or created_ns)
 
         spool_repair.read_table(
-            src, "claimed", "id, key, n, attempts, created_ns, claimed_ns, crc32, crcs, payload",
-            claimed_row)
+            src, "claimed", "id, key, n, attempts, created_ns, claimed_ns, crc32, crcs, payload,"
+            f" {ref_columns}", claimed_row)
         # A batch whose row cannot be read whole is lost as a whole: its size counts when its
         # header still reads and agrees with itself.
         try:
@@ -1262,15 +1438,33 @@ class Spool:
             else:
                 found.unknown = True
 
-    def _copy_damaged_waiting(self, src: sqlite3.Connection, dst: sqlite3.Connection,
-                              found: _Salvage) -> None:
-        ok_min, first_id = spool_repair.query_int(src, "SELECT min(id) FROM waiting")
-        ok_max, last_id = spool_repair.query_int(src, "SELECT max(id) FROM waiting")
+    def _copy_damaged_rows(self, src: sqlite3.Connection, dst: sqlite3.Connection,
+                           found: _Salvage, table: str, next_id: int, *,
+                           cursor: int | None = None, refs: Sequence[_SalvageRef] = (),
+                           ref_records: dict[int, bytes] | None = None) -> int:
+        """Copy the waiting records of a table of rows (version 2's `waiting`, `front`, or
+        `chunks` from `cursor` on) into `dst`'s `chunks`, numbered from `next_id`; returns the
+        id after the last. Records of `chunks` before the cursor that batches by reference
+        (`refs`) name go to `ref_records` instead, by id."""
+        ok_min, first_id = spool_repair.query_int(src, f"SELECT min(id) FROM {table}")
+        ok_max, last_id = spool_repair.query_int(src, f"SELECT max(id) FROM {table}")
         found.unknown |= not (ok_min and ok_max)
+        if cursor is not None and first_id is not None:
+            first_id = max(first_id, cursor)
         end: int | None = first_id  # the id after the last trusted row
         between = 0  # records salvaged from untrusted rows since the last trusted one
         gaps = 0  # records missing between trusted rows
-        next_id = first_id if first_id is not None else 1  # the copy's own numbering
+        ranges = sorted((ref.first_id, ref.last_id) for ref in refs)
+
+        def claimed_part(rid: int, placed: list[tuple[int | None, bytes, bool]]) -> None:
+            """Keep the records of batches by reference that lie in this row."""
+            for i, part, ok in placed:
+                if i is None or not any(lo <= rid + i <= hi for lo, hi in ranges):
+                    continue
+                if ok and ref_records is not None:
+                    ref_records[rid + i] = part
+                elif not ok:
+                    found.bad.append(part)
 
         def waiting_row(row: tuple[object, ...]) -> None:
             nonlocal end, between, next_id, gaps
@@ -1281,16 +1475,32 @@ class Spool:
                 return
             good: list[bytes]
             bad: list[bytes] = []
-            if _intact(payload, n, crc, crcs):
+            framed = _framed(payload, n, crcs)
+            if cursor is not None:
+                # Each record's place in the row says whether it waits (from the cursor on)
+                # or belongs to a batch (before it): by its position when the row's framing
+                # holds, else by its checksum's place among the row's stored ones.
+                placed = _placed(payload.split(_NL), _crc_list(crcs), framed)
+                claimed_part(rid, placed)
+                if framed and rid + n <= cursor:
+                    return
+                good = [p for i, p, ok in placed if ok and i is not None and rid + i >= cursor]
+                bad = [p for i, p, ok in placed
+                       if i is None or (not ok and rid + i >= cursor)]
+                found.bad += bad
+                if framed:
+                    skip = max(0, cursor - rid)
+                    rid, n = rid + skip, n - skip
+            elif _intact(payload, n, crc, crcs):
                 good = payload.split(_NL)
             else:
                 good, bad = _verify(payload, n, crcs)
                 found.bad += bad
             if good:
-                self._insert_row(dst, next_id, appended_ns, good)
+                self._insert_row(dst, "chunks", next_id, appended_ns, good)
                 next_id += len(good)
                 found.salvaged += len(good)
-            if not _framed(payload, n, crcs) or (end is not None and rid < end):
+            if not framed or (end is not None and rid < end):
                 between += len(good)  # its size is not trusted: the ids around it count
                 return
             if end is not None:
@@ -1300,16 +1510,40 @@ class Spool:
             end = rid + n
 
         read = spool_repair.read_table(
-            src, "waiting", "id, appended_ns, n, crc32, crcs, payload", waiting_row,
-            last_id_of=_last_record_id)
+            src, table, _ROW_COLUMNS, waiting_row, last_id_of=_last_record_id,
+            count_from=cursor)
         if last_id is not None and end is not None and last_id >= end:
             gaps += max(0, last_id - end + 1 - between)  # the last rows: 1 record at least
             found.unknown = True
         # The reader's count of the ids it jumped over is a lower bound as well (it misses the
         # size of the last row before a damaged region); it is all there is when the table's
-        # end cannot be read.
+        # end cannot be read. (For `chunks`, only from the cursor on: ids before it may be
+        # acknowledged records; the batches that still need theirs count what they miss.)
         found.lost += max(gaps, read.skipped_ids)
         found.unknown |= read.tail_unknown or read.head_unknown
+        return next_id
+
+    def _rebuild_refs(self, dst: sqlite3.Connection, found: _Salvage,
+                      refs: Sequence[_SalvageRef], ref_records: dict[int, bytes]) -> None:
+        """Batches by reference of a damaged spool, as batches holding their records: whole,
+        under their key; else their verified records wait again, in front, under a new key."""
+        for ref in refs:
+            records = [ref_records.get(i) for i in range(ref.first_id, ref.last_id + 1)]
+            good = [r for r in records if r is not None]
+            if len(good) == len(records) == ref.n:
+                payload = _NL.join(good)
+                dst.execute("INSERT INTO claimed (id, key, n, attempts, created_ns, claimed_ns,"
+                            " crc32, crcs, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (ref.rid, ref.key, ref.n, ref.attempts, ref.created_ns,
+                             ref.claimed_ns, zlib.crc32(payload), _crcs(good), payload))
+                found.kept += 1
+                found.salvaged += ref.n
+                continue
+            found.lost += max(0, ref.n - len(good))
+            found.salvaged += len(good)
+            found.put_back += good
+            found.rekeyed += 1
+            found.put_back_ns = min(ref.created_ns, found.put_back_ns or ref.created_ns)
 
     def _copy_damaged_v1(self, src: sqlite3.Connection, dst: sqlite3.Connection,
                          found: _Salvage) -> None:
@@ -1386,29 +1620,47 @@ class Spool:
     # ------------------------------------------------------------------ the work
 
     def _read_oldest_waiting(self, conn: sqlite3.Connection) -> int | None:
+        """Append time of the oldest waiting record: the first row of `front`, else the row
+        of `chunks` holding the cursor (or the first after it). None when nothing waits."""
         try:
-            row = conn.execute(
-                "SELECT appended_ns FROM waiting ORDER BY id LIMIT 1").fetchone()
+            if self._front:
+                row = conn.execute(
+                    "SELECT appended_ns FROM front ORDER BY id LIMIT 1").fetchone()
+                if row is not None:
+                    return int(row[0])
+            cursor = self._cursor
+            for rid, n, appended_ns in conn.execute(
+                    f"SELECT id, n, appended_ns FROM chunks WHERE {_FROM_ROW_OF}"
+                    " ORDER BY id LIMIT 2", (cursor, cursor)).fetchall():
+                if int(rid) + int(n) > cursor:
+                    return int(appended_ns)
         except sqlite3.Error as exc:
             raise self._error("due check", exc) from exc
-        return None if row is None else int(row[0])
+        return None
 
     def _drop_oldest_waiting(self, conn: sqlite3.Connection, excess: int) -> tuple[int, int]:
-        """Delete the oldest waiting records until `excess` bytes are free (or none are left).
-        The row that crosses the line keeps its newest records."""
+        """Drop the oldest waiting records until `excess` bytes are free (or none are left):
+        those of `front` first, then those of `chunks` from the cursor on. Returns (records,
+        bytes) dropped. The caller holds the write lock, in a transaction."""
         self._oldest_waiting_ns = None
         self._forget_recent()
-        waiting = self._records - self._claimed_records
-        waiting_bytes = self._bytes - self._claimed_bytes
-        if waiting <= 0:
-            return 0, 0
-        if excess >= waiting_bytes:
-            conn.execute("DELETE FROM waiting")
-            return waiting, waiting_bytes
+        count = freed = 0
+        if self._front:
+            count, freed = self._drop_front(conn, excess)
+            self._front = max(0, self._front - count)
+        if freed < excess:
+            more, more_bytes = self._drop_chunks(conn, excess - freed)
+            count += more
+            freed += more_bytes
+        return count, freed
+
+    def _drop_front(self, conn: sqlite3.Connection, excess: int) -> tuple[int, int]:
+        """`_drop_oldest_waiting` in `front`: whole rows, and the row that crosses the line
+        keeps its newest records."""
         freed = count = 0
         upto: int | None = None  # rows up to this id go whole
         trim_id: int | None = None  # the row cut in two
-        cur = conn.execute("SELECT id, n, length(payload) FROM waiting ORDER BY id")
+        cur = conn.execute("SELECT id, n, length(payload) FROM front ORDER BY id")
         try:
             while freed < excess:
                 row = cur.fetchone()
@@ -1424,11 +1676,11 @@ class Spool:
         finally:
             cur.close()
         if upto is not None:
-            conn.execute("DELETE FROM waiting WHERE id <= ?", (upto,))
+            conn.execute("DELETE FROM front WHERE id <= ?", (upto,))
         if trim_id is not None:
             rid = trim_id
             appended_ns, payload = conn.execute(
-                "SELECT appended_ns, payload FROM waiting WHERE id = ?", (rid,)).fetchone()
+                "SELECT appended_ns, payload FROM front WHERE id = ?", (rid,)).fetchone()
             members = bytes(payload).split(_NL)
             k = 0
             while freed < excess and k < len(members):
@@ -1436,9 +1688,52 @@ class Spool:
                 k += 1
             count += k
             rest = members[k:]
-            conn.execute("DELETE FROM waiting WHERE id = ?", (rid,))
+            conn.execute("DELETE FROM front WHERE id = ?", (rid,))
             if rest:
-                self._insert_row(conn, rid + k, int(appended_ns), rest)
+                self._insert_row(conn, "front", rid + k, int(appended_ns), rest)
+        return count, freed
+
+    def _drop_chunks(self, conn: sqlite3.Connection, excess: int) -> tuple[int, int]:
+        """`_drop_oldest_waiting` in `chunks`: the cursor moves past the records dropped (a row
+        is never rewritten), then the rows left holding nothing any batch needs are deleted."""
+        start_cursor = cursor = self._cursor
+        freed = count = 0
+        cur = conn.execute(f"SELECT id, n, length(payload) FROM chunks WHERE {_FROM_ROW_OF}"
+                           " ORDER BY id", (cursor, cursor))
+        try:
+            while freed < excess:
+                row = cur.fetchone()
+                if row is None:
+                    break
+                rid, n, length = int(row[0]), int(row[1]), int(row[2])
+                if rid + n <= start_cursor:
+                    continue  # the row before the cursor's: nothing of it waits
+                first = max(start_cursor, rid) - rid  # its first waiting record
+                if first == 0 and freed + length - (n - 1) <= excess:
+                    freed += length - (n - 1)
+                    count += n
+                    cursor = rid + n
+                    continue
+                (payload,) = conn.execute("SELECT payload FROM chunks WHERE id = ?",
+                                          (rid,)).fetchone()
+                members = bytes(payload).split(_NL)[first:]
+                k = 0
+                while freed < excess and k < len(members):
+                    freed += len(members[k])
+                    k += 1
+                count += k
+                cursor = rid + first + k
+                if k < len(members):
+                    break
+        finally:
+            cur.close()
+        if cursor != start_cursor:
+            conn.execute(_SET_CURSOR, (cursor,))
+            self._cursor = cursor
+            # Rows wholly dropped (none of them was claimed: they lay after the cursor).
+            conn.execute("DELETE FROM chunks WHERE id >= ? AND id < ? AND id + n <= ?",
+                         (start_cursor, cursor, cursor))
+            self._collect(conn, start_cursor, start_cursor)  # the row that held the cursor
         return count, freed
 
     def _oldest_claimed(self, conn: sqlite3.Connection,
@@ -1451,38 +1746,50 @@ class Spool:
         while True:
             try:
                 row = conn.execute(
-                    "SELECT key, n, attempts, created_ns, crc32, crcs, payload FROM claimed"
-                    f"{where} ORDER BY id LIMIT 1", skip).fetchone()
+                    "SELECT key, n, attempts, created_ns, crc32, crcs, payload, first_id,"
+                    f" last_id FROM claimed{where} ORDER BY id LIMIT 1", skip).fetchone()
+                if row is None:
+                    return None
+                key, n, attempts, created_ns, crc, crcs, payload, first_id, last_id = row
+                n = int(n)
+                if first_id is not None:
+                    good, bad, intact = self._read_ref(conn, int(first_id), int(last_id), n)
+                    if intact:
+                        return Batch(str(key), _NL.join(good), n, int(attempts),
+                                     int(created_ns))
             except sqlite3.Error as exc:
                 raise self._error("reading the claimed batch", exc) from exc
-            if row is None:
-                return None
-            key, n, attempts, created_ns, crc, crcs, payload = row
-            payload, n, crcs = bytes(payload), int(n), bytes(crcs)
-            if n > 0 and _intact(payload, n, crc, crcs):
-                return Batch(str(key), payload, n, int(attempts), int(created_ns))
-            good, bad = _verify(payload, n, crcs)
+            if first_id is None:
+                payload, crcs = bytes(payload), bytes(crcs)
+                if n > 0 and _intact(payload, n, crc, crcs):
+                    return Batch(str(key), payload, n, int(attempts), int(created_ns))
+                good, bad = _verify(payload, n, crcs)
             with self._write_lock:
                 self._take_apart(conn, str(key), good, bad)
 
     def _take_apart(self, conn: sqlite3.Connection, key: str, good: list[bytes],
                     bad: list[bytes]) -> None:
         with self._txn(conn, "taking apart a damaged batch"):
-            row = conn.execute("SELECT id, n, created_ns, payload FROM claimed WHERE key = ?",
-                               (key,)).fetchone()
-            if row is None:
+            found = self._claimed_row(conn, key)
+            if found is None:
                 return
+            batch_id, n, created_ns, size, ref = found
             if bad:
                 self._write_dead_letter(key, 0, "spool_corrupt: record failed its checksum", bad)
-            self._put_back(conn, good, int(row[2]))
-            conn.execute("DELETE FROM claimed WHERE id = ?", (int(row[0]),))
-        n, size = int(row[1]), _size(bytes(row[3]), int(row[1]))
-        lost = n - len(good)
+            self._put_back(conn, good, created_ns)
+            conn.execute("DELETE FROM claimed WHERE id = ?", (batch_id,))
+            waiting = waiting_bytes = 0
+            if ref is not None:
+                waiting, waiting_bytes = self._drop_unframed(conn, *ref)
+                self._collect(conn, *ref)
+        # The batch's records, and the waiting ones of rows it took whole (see _read_ref),
+        # are now those put back.
+        lost = max(0, n + waiting - len(good))
         self._oldest_waiting_ns = None
         self._claimed_records -= n
         self._claimed_bytes -= size
-        self._records -= lost
-        self._bytes -= size - sum(len(g) for g in good)
+        self._records += len(good) - n - waiting
+        self._bytes += sum(map(len, good)) - size - waiting_bytes
         self._batches -= 1
         self._corrupt_lost_total += lost
         log.error("spool_corrupt", extra={
@@ -1490,17 +1797,131 @@ class Spool:
             "idempotency_key": key, "lost_records": lost, "dead_lettered_records": len(bad),
             "records_waiting_again": len(good)})
 
+    def _drop_unframed(self, conn: sqlite3.Connection, first: int,
+                       last: int) -> tuple[int, int]:
+        """Delete the rows of records `first` .. `last` whose framing is damaged: `_read_ref`
+        gave every verified piece of theirs to the batch being taken apart (put back: sent
+        again rather than lost), so nothing may read them again; the cursor moves past one
+        that held it. Returns the (records, bytes) the counters held waiting in them. The
+        caller holds the write lock, in a transaction."""
+        waiting = waiting_bytes = 0
+        for row in conn.execute(
+                f"SELECT id, n, crcs, payload FROM chunks WHERE {_FROM_ROW_OF} AND id <= ?"
+                " ORDER BY id", (first, first, last)).fetchall():
+            rid, rn, crcs, payload = int(row[0]), int(row[1]), bytes(row[2]), bytes(row[3])
+            if rid + rn <= first or _framed(payload, rn, crcs):
+                continue
+            cursor = self._cursor
+            if rid + rn > cursor:  # as the counters count it (from its stored n)
+                part_n, part_bytes = _waiting_part(rid, rn, payload, cursor)
+                waiting += part_n
+                waiting_bytes += part_bytes
+                after = conn.execute("SELECT min(id) FROM chunks WHERE id > ?",
+                                     (rid,)).fetchone()[0]
+                self._cursor = max(cursor, int(after) if after is not None else self._next_id)
+                conn.execute(_SET_CURSOR, (self._cursor,))
+                self._next_id = max(self._next_id, self._cursor)
+                self._forget_recent()
+            conn.execute("DELETE FROM chunks WHERE id = ?", (rid,))
+        return waiting, waiting_bytes
+
+    def _claimed_row(self, conn: sqlite3.Connection,
+                     key: str) -> tuple[int, int, int, int, tuple[int, int] | None] | None:
+        """(row id, records, created_ns, their bytes, (first, last) record of `chunks` for a
+        batch claimed by reference, else None) of claimed batch `key`; None if unknown."""
+        row = conn.execute("SELECT id, n, created_ns, length(payload), first_id, last_id, bytes"
+                           " FROM claimed WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        n = int(row[1])
+        if row[4] is None:
+            return int(row[0]), n, int(row[2]), int(row[3]) - (n - 1) if n else 0, None
+        return int(row[0]), n, int(row[2]), int(row[6]), (int(row[4]), int(row[5]))
+
+    def _batch_records(self, conn: sqlite3.Connection,
+                       found: tuple[int, int, int, int, tuple[int, int] | None]) -> list[bytes]:
+        """The records of a claimed batch as stored (not checked: for the dead-letter file
+        and a split, which keep whatever is there)."""
+        batch_id, n, _created_ns, _size, ref = found
+        if ref is None:
+            (payload,) = conn.execute("SELECT payload FROM claimed WHERE id = ?",
+                                      (batch_id,)).fetchone()
+            return bytes(payload).split(_NL) if n else []
+        good, bad, _whole = self._read_ref(conn, ref[0], ref[1], n)
+        return good + bad
+
+    def _read_ref(self, conn: sqlite3.Connection, first: int, last: int,
+                  n: int) -> tuple[list[bytes], list[bytes], bool]:
+        """The records `first` .. `last` of `chunks` (a batch claimed by reference, `n` of
+        them): (those that verify, those that do not, whether all `n` are there and verify, so
+        the body is the one first sent).
+
+        A row is checked with one CRC over its payload; only a damaged one is checked record
+        by record (damage elsewhere in a row shared with other records does not touch the
+        batch). When a damaged row's framing no longer says which record is which, all of its
+        verified records count as the batch's (sent again rather than lost)."""
+        good: list[bytes] = []
+        bad: list[bytes] = []
+        intact = True
+        expect = first  # the next record the batch needs
+        for row in conn.execute(
+                f"SELECT {_ROW_COLUMNS} FROM chunks WHERE {_FROM_ROW_OF} AND id <= ?"
+                " ORDER BY id", (first, first, last)).fetchall():
+            rid, rn, crc = int(row[0]), int(row[2]), row[3]
+            crcs, payload = bytes(row[4]), bytes(row[5])
+            if rid + rn <= first:
+                continue  # the row before: it ends before the batch starts
+            lo, hi = max(first, rid) - rid, min(last, rid + rn - 1) - rid
+            if rid + lo != expect:
+                intact = False  # records missing: the rows holding them are gone
+            expect = rid + hi + 1
+            if _intact(payload, rn, crc, crcs):
+                good += payload.split(_NL)[lo:hi + 1]
+                continue
+            if _framed(payload, rn, crcs):  # positions hold: the batch's own records only
+                stored = _crc_list(crcs)
+                for i, part in enumerate(payload.split(_NL)[lo:hi + 1], start=lo):
+                    (good if zlib.crc32(part) == stored[i] else bad).append(part)
+            else:  # which pieces are the batch's is unknown: its body cannot be trusted
+                intact = False
+                row_good, row_bad = _verify(payload, rn, crcs)
+                good += row_good
+                bad += row_bad
+        if expect != last + 1 or len(good) != n or bad:
+            intact = False
+        return good, bad, intact
+
+    def _collect(self, conn: sqlite3.Connection, first: int, last: int) -> None:
+        """Delete the rows of `chunks` no longer needed now that the batch of records `first`
+        .. `last` is gone (acknowledged, dead-lettered, split or taken apart): a row goes
+        when all of its records lie before the cursor and no other batch refers to any of
+        them. The caller holds the write lock, in a transaction."""
+        # Rows within the batch: no other batch shares them (batches never overlap).
+        conn.execute("DELETE FROM chunks WHERE id >= ? AND id <= ? AND id + n - 1 <= ?",
+                     (first, last, last))
+        # The rows it shares at either end with records of another batch, or waiting ones.
+        for rid, rn in conn.execute(
+                f"SELECT id, n FROM chunks WHERE {_FROM_ROW_OF} AND id <= ? ORDER BY id",
+                (first, first, last)).fetchall():
+            end = int(rid) + int(rn) - 1
+            if end >= self._cursor:
+                continue
+            shared = conn.execute(
+                "SELECT 1 FROM claimed WHERE first_id IS NOT NULL AND first_id <= ?"
+                " AND last_id >= ? LIMIT 1", (end, int(rid))).fetchone()
+            if shared is None:
+                conn.execute("DELETE FROM chunks WHERE id = ?", (int(rid),))
+
     def _put_back(self, conn: sqlite3.Connection, records: list[bytes],
                   appended_ns: int) -> None:
-        """Insert `records` as one waiting row in front of every waiting record."""
+        """Insert `records` as one row of `front`, in front of every waiting record (the
+        caller holds the write lock, in a transaction)."""
         if not records:
             return
-        self._forget_recent()
-        row = conn.execute("SELECT min(id) FROM waiting").fetchone()
-        if row is None or row[0] is None:
-            self._insert_waiting(conn, records, appended_ns)
-            return
-        self._insert_row(conn, int(row[0]) - len(records), appended_ns, records)
+        row = conn.execute("SELECT min(id) FROM front").fetchone()
+        first = 0 if row is None or row[0] is None else int(row[0])
+        self._insert_row(conn, "front", first - len(records), appended_ns, records)
+        self._front += len(records)
 
     def _looks_due(
         self, conn: sqlite3.Connection, max_records: int, max_age_s: float, force: bool
@@ -1525,14 +1946,22 @@ class Spool:
     ) -> Batch | None:
         """Claim the oldest waiting records as a new batch. The caller holds _conn_lock.
 
-        The rows come from memory (`_recent`) when it holds them. Else they are read, checked
-        and joined before the write lock is taken (a WAL reader never blocks the writer), so
-        the parser's commits wait only for the short write that follows. Only an append's full
-        policy can change those rows meanwhile (every other writer of `waiting` uses this
-        connection, under _conn_lock): when it dropped rows (`_drop_gen` moved), the rows are
-        read again under the lock.
+        Records put back (`front`) go first, copied into the batch's row. The others are
+        claimed by reference: the batch's row names the first and last record of `chunks` it
+        takes and the cursor moves past them; nothing is copied, and the rows are deleted when
+        the batch is gone. Their rows come from memory (`_recent`) when it holds them. Else
+        they are read and checked before the write lock is taken (a WAL reader never blocks
+        the writer), so the parser's commits wait only for the short write that follows. Only
+        an append's full policy can change those rows or the cursor meanwhile (every other
+        writer uses this connection, under _conn_lock): when it dropped records (`_drop_gen`
+        moved), they are read again under the lock.
         """
         self._oldest_waiting_ns = None
+        if self._front:
+            # Put back, so the oldest waiting: due whenever a batch is.
+            waiting = self._records - self._claimed_records
+            return self._claim_front(conn, max_records, max_age_s,
+                                     force or waiting >= max_records)
         with self._write_lock:
             if self._recent_ok:
                 rows: list[_Row] = []
@@ -1543,7 +1972,116 @@ class Spool:
                     rows.append(row)
                     count += row[2]
                 plan = self._plan_rows(rows, count, max_records, max_age_s, force, check=False)
-                return None if plan is None else self._write_claim(conn, plan)
+                return None if plan is None else self._write_ref_claim(conn, plan)
+            drop_gen = self._drop_gen
+        rows, damaged = self._read_chunks(conn, max_records)
+        with self._write_lock:
+            if self._drop_gen != drop_gen:
+                rows, damaged = self._read_chunks(conn, max_records)
+            if damaged is None:
+                plan = self._plan_rows(rows, sum(row[2] for row in rows), max_records,
+                                       max_age_s, force, check=False)
+                return None if plan is None else self._write_ref_claim(conn, plan)
+            self._quarantine(conn, damaged)
+        # Its verified records wait in `front` now: they go first.
+        return self._claim(conn, max_records, max_age_s, force)
+
+    def _read_chunks(self, conn: sqlite3.Connection,
+                     max_records: int) -> tuple[list[_Row], _Row | None]:
+        """The waiting rows of `chunks` from the database, oldest first, checked: (rows, None),
+        the row holding the cursor cut to its waiting records, up to `max_records` records and
+        up to the first gap in ids (a batch by reference is a run of consecutive records). Or
+        ([], row) for a damaged first row; a damaged row after others ends the run."""
+        cursor = self._cursor
+        rows: list[_Row] = []
+        count = 0
+        expect: int | None = None
+        try:
+            cur = conn.execute(f"SELECT {_ROW_COLUMNS} FROM chunks WHERE {_FROM_ROW_OF}"
+                               " ORDER BY id", (cursor, cursor))
+            try:
+                while count < max_records and (row := cur.fetchone()) is not None:
+                    rid, row_ns, n, crc = int(row[0]), int(row[1]), int(row[2]), int(row[3])
+                    crcs, payload = bytes(row[4]), bytes(row[5])
+                    if rid + n <= cursor:
+                        continue  # the row before the cursor's: nothing of it waits
+                    if not _intact(payload, n, crc, crcs):
+                        if rows:
+                            break  # the next claim meets it first
+                        return [], (rid, row_ns, n, crc, crcs, payload)
+                    if expect is not None and rid != expect:
+                        break
+                    if rid < cursor:  # only its tail waits
+                        k = cursor - rid
+                        payload = _cut(payload, k)[1]
+                        rid, n, crcs, crc = cursor, n - k, crcs[4 * k:], zlib.crc32(payload)
+                    rows.append((rid, row_ns, n, crc, crcs, payload))
+                    count += n
+                    expect = rid + n
+            finally:
+                cur.close()
+        except sqlite3.Error as exc:
+            raise self._error("claim a batch", exc) from exc
+        return rows, None
+
+    def _quarantine(self, conn: sqlite3.Connection, row: _Row) -> None:
+        """A damaged row of `chunks` that a claim met (damage SQLite cannot see): its waiting
+        records that verify move to `front`, in order, to go first; those that do not go to
+        the dead-letter file; the cursor moves past the row. The caller holds the write lock.
+
+        When the row's framing no longer says which of its records were already claimed, all
+        of its verified records wait again: sent twice rather than lost."""
+        rid, _row_ns, n, _crc, crcs, payload = row
+        cursor = self._cursor
+        first = max(cursor, rid) - rid
+        counted, counted_bytes = _waiting_part(rid, n, payload, cursor)  # as counted so far
+        parts = payload.split(_NL)
+        framed = _framed(payload, n, crcs)
+        if framed:
+            stored = _crc_list(crcs)
+            good = [p for i, p in enumerate(parts) if i >= first and zlib.crc32(p) == stored[i]]
+            bad = [p for i, p in enumerate(parts) if i >= first and zlib.crc32(p) != stored[i]]
+        else:
+            good, bad = _verify(payload, n, crcs)
+        lost = max(0, counted - len(good))
+        with self._txn(conn, "setting a damaged row aside"):
+            after = conn.execute("SELECT min(id) FROM chunks WHERE id > ?", (rid,)).fetchone()
+            new_cursor = max(cursor, int(after[0]) if after[0] is not None
+                             else max(self._next_id, rid + 1))
+            if bad:
+                self._write_dead_letter(None, 0, "spool_corrupt: record failed its checksum",
+                                        bad)
+            appended_ns = row[1]
+            self._put_back(conn, good, appended_ns)
+            conn.execute(_SET_CURSOR, (new_cursor,))
+            self._cursor = new_cursor
+            self._next_id = max(self._next_id, new_cursor)
+            if framed:
+                self._collect(conn, rid, rid)  # kept while a batch still needs its head
+            else:
+                # Its size cannot be trusted (it could reach past the cursor and be met
+                # again): it goes. Every verified piece of it waits in `front` now, a batch's
+                # too; that batch, missing them, is taken apart when it is next read.
+                conn.execute("DELETE FROM chunks WHERE id = ?", (rid,))
+        self._forget_recent()
+        self._oldest_waiting_ns = None
+        # `front` gained `good`, the row's waiting records are gone. (From a row whose framing
+        # broke, `good` may hold a claimed batch's records too: that batch, missing them when
+        # next read, is taken apart and its count goes then.)
+        self._records += len(good) - counted
+        self._bytes += sum(map(len, good)) - counted_bytes
+        self._corrupt_lost_total += lost
+        log.error("spool_corrupt", extra={
+            "spool_path": str(self._db_path), "problem": "record checksum mismatch",
+            "lost_records": lost, "dead_lettered_records": len(bad),
+            "records_waiting_again": len(good)})
+
+    def _claim_front(
+        self, conn: sqlite3.Connection, max_records: int, max_age_s: float, force: bool
+    ) -> Batch | None:
+        """Claim the oldest records of `front` (put back), copying them into the batch's row:
+        read and checked before the write lock is taken, like a claim of `chunks`."""
+        with self._write_lock:
             drop_gen = self._drop_gen
         plan = self._plan_claim(conn, max_records, max_age_s, force)
         with self._write_lock:
@@ -1556,12 +2094,11 @@ class Spool:
     def _plan_claim(
         self, conn: sqlite3.Connection, max_records: int, max_age_s: float, force: bool
     ) -> _ClaimPlan | None:
-        """Read the oldest waiting rows for a batch from the database; None when none is due."""
+        """Read the oldest rows of `front` for a batch; None when none is due."""
         rows: list[_Row] = []
         count = 0
         try:
-            cur = conn.execute("SELECT id, appended_ns, n, crc32, crcs, payload FROM waiting"
-                               " ORDER BY id")
+            cur = conn.execute(f"SELECT {_ROW_COLUMNS} FROM front ORDER BY id")
             try:
                 while count < max_records and (row := cur.fetchone()) is not None:
                     rows.append((int(row[0]), int(row[1]), int(row[2]), row[3], bytes(row[4]),
@@ -1603,11 +2140,13 @@ class Spool:
                     crc_parts.append(crcs)
                     plan.taken += n
                 plan.whole_upto = rid
+                plan.last_id = rid + n - 1
                 continue
             head, tail = _cut(payload, room)
             payloads.append(head)
             crc_parts.append(crcs[: 4 * room])
             plan.taken += room
+            plan.last_id = rid + room - 1
             plan.cut = (rid, (rid + stored_n - (n - room), row_ns, n - room, zlib.crc32(tail),
                               crcs[4 * room:], tail))
         plan.payload = _NL.join(payloads)
@@ -1615,16 +2154,18 @@ class Spool:
         return plan
 
     def _write_claim(self, conn: sqlite3.Connection, plan: _ClaimPlan) -> Batch | None:
-        """Commit a planned claim. The caller holds both locks."""
+        """Commit a planned claim of `front`: the records copied into the batch's row. The
+        caller holds both locks."""
         batch: Batch | None = None
         bad = plan.bad
         with self._txn(conn, "claim a batch"):
             if plan.cut is not None:
                 rid, tail_row = plan.cut
-                conn.execute("DELETE FROM waiting WHERE id = ?", (rid,))
-                conn.execute(_INSERT_WAITING, tail_row)
+                conn.execute("DELETE FROM front WHERE id = ?", (rid,))
+                conn.execute(f"INSERT INTO front ({_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                             tail_row)
             if plan.whole_upto is not None:
-                conn.execute("DELETE FROM waiting WHERE id BETWEEN ? AND ?",
+                conn.execute("DELETE FROM front WHERE id BETWEEN ? AND ?",
                              (plan.first_id, plan.whole_upto))
             if bad:
                 self._write_dead_letter(
@@ -1638,8 +2179,7 @@ class Spool:
                      plan.crcs, plan.payload),
                 )
                 batch = Batch(key, plan.payload, plan.taken, 0, plan.first_ns, fresh=True)
-        if self._recent_ok:
-            self._claimed_from_recent(plan)
+        self._front = max(0, self._front - plan.taken - plan.lost_records)
         self._records -= plan.lost_records
         self._bytes -= plan.lost_bytes
         self._corrupt_lost_total += plan.lost_records
@@ -1658,18 +2198,45 @@ class Spool:
             self._claimed_bytes += len(batch.payload) - (batch.size - 1)
             self._batches += 1
             self._wrote(len(batch.payload) // PAGE_SIZE)
+        return batch
+
+    def _write_ref_claim(self, conn: sqlite3.Connection, plan: _ClaimPlan) -> Batch:
+        """Commit a planned claim of `chunks` by reference: a small row naming the batch's
+        first and last record, and the cursor past them. The caller holds both locks."""
+        key = uuid.uuid4().hex
+        size = len(plan.payload) - (plan.taken - 1)
+        cursor = plan.last_id + 1
+        with self._txn(conn, "claim a batch"):
+            conn.execute(
+                "INSERT INTO claimed (key, n, attempts, created_ns, claimed_ns, crc32, crcs,"
+                " payload, first_id, last_id, bytes) VALUES (?, ?, 0, ?, ?, 0, x'', x'', ?, ?, ?)",
+                (key, plan.taken, plan.first_ns, self._clock_ns(), plan.first_id, plan.last_id,
+                 size))
+            conn.execute(_SET_CURSOR, (cursor,))
+        self._cursor = cursor
+        if self._recent_ok:
+            self._claimed_from_recent(plan)
+        self._claimed_records += plan.taken
+        self._claimed_bytes += size
+        self._batches += 1
+        self._wrote(0)
         if self._records == self._claimed_records and not self._recent_ok:
             # Nothing waits, by the counters: memory holds it all (the table is asked too, on
             # the way back from the database only, so a miscount can never hide a row).
             self._recent_ok = self._nothing_waits()
-        return batch
+        return Batch(key, plan.payload, plan.taken, 0, plan.first_ns, fresh=True)
 
     def _nothing_waits(self) -> bool:
-        """Whether the waiting table is empty (False when it cannot be read)."""
+        """Whether no record waits in `front` or `chunks` (False when they cannot be read)."""
         try:
-            return self._require(self._conn).execute(
-                "SELECT 1 FROM waiting LIMIT 1").fetchone() is None
-        except sqlite3.Error:
+            conn = self._require(self._conn)
+            if conn.execute("SELECT 1 FROM front LIMIT 1").fetchone() is not None:
+                return False
+            cursor = self._cursor
+            return all(int(rid) + int(n) <= cursor for rid, n in conn.execute(
+                f"SELECT id, n FROM chunks WHERE {_FROM_ROW_OF} ORDER BY id LIMIT 2",
+                (cursor, cursor)).fetchall())
+        except (sqlite3.Error, SpoolError):
             return False
 
     def _claimed_from_recent(self, plan: _ClaimPlan) -> None:
@@ -1698,21 +2265,15 @@ class Spool:
     ) -> int:
         """Delete batch `key` (writing its records to the dead-letter file first)."""
         with self._txn(conn, what):
-            if dead is None:
-                row = conn.execute("SELECT id, n, length(payload) FROM claimed WHERE key = ?",
-                                   (key,)).fetchone()
-                if row is None:
-                    return 0
-                count, size = int(row[1]), int(row[2]) - (int(row[1]) - 1)
-            else:
-                row = conn.execute("SELECT id, n, payload FROM claimed WHERE key = ?",
-                                   (key,)).fetchone()
-                if row is None:
-                    return 0
-                payload = bytes(row[2])
-                count, size = int(row[1]), _size(payload, int(row[1]))
-                self._write_dead_letter(key, dead[0], dead[1], payload.split(_NL))
-            conn.execute("DELETE FROM claimed WHERE id = ?", (int(row[0]),))
+            found = self._claimed_row(conn, key)
+            if found is None:
+                return 0
+            batch_id, count, _created_ns, size, ref = found
+            if dead is not None:
+                self._write_dead_letter(key, dead[0], dead[1], self._batch_records(conn, found))
+            conn.execute("DELETE FROM claimed WHERE id = ?", (batch_id,))
+            if ref is not None:
+                self._collect(conn, *ref)
         self._records -= count
         self._bytes -= size
         self._claimed_records -= count
@@ -1895,6 +2456,14 @@ class Spool:
             os.close(fd)
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _create_tables(conn: sqlite3.Connection) -> None:
+    """The current schema, in the caller's transaction."""
+    for statement in _SCHEMA:
+        conn.execute(statement)
+    conn.execute("INSERT INTO state (name, value) VALUES ('cursor', 1)")
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

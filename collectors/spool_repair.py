@@ -212,14 +212,23 @@ class TableRead:
 
 def read_table(conn: sqlite3.Connection, table: str, columns: str,
                on_row: Callable[[tuple[object, ...]], None],
-               last_id_of: Callable[[tuple[object, ...]], int] | None = None) -> TableRead:
+               last_id_of: Callable[[tuple[object, ...]], int] | None = None,
+               count_from: int | None = None) -> TableRead:
     """Hand every row of `table` still readable to `on_row`, in id order (`columns` starts
-    with `id`). Unreadable regions are skipped with O(log n) probes and counted in ids.
+    with `id`). Unreadable regions are skipped with O(log n) probes and counted in ids (only
+    those from `count_from` on, when given).
 
     `last_id_of(row)` is the last id a row covers when a row stands for a range of ids (a
     chunk of records numbered from its id); by default a row covers its own id.
     """
     read = TableRead()
+
+    def skipped(after: int, end: int) -> int:
+        """Ids strictly between `after` and `end` that count."""
+        if count_from is not None:
+            after = max(after, count_from - 1)
+        return max(0, end - after - 1)
+
     ok, max_id = query_int(conn, f"SELECT max(id) FROM {table}")
     max_id = max_id if ok else None
     ok, min_id = query_int(conn, f"SELECT min(id) FROM {table}")
@@ -248,14 +257,14 @@ def read_table(conn: sqlite3.Connection, table: str, columns: str,
             read.head_unknown = True  # how many ids precede the first readable one is unknown
         elif next_id is None:
             end = probe if max_id is None else min(probe, max_id + 1)
-            read.skipped_ids += max(0, end - after - 1)
+            read.skipped_ids += skipped(after, end)
         elif next_id == after + 1 and failed_at == after and start == after:
             # Its key is readable but its content is not: skip this one row.
-            read.skipped_ids += 1
+            read.skipped_ids += skipped(after, after + 2)
             after = next_id
             continue
         else:
-            read.skipped_ids += probe - after - 1
+            read.skipped_ids += skipped(after, probe)
         if next_id is None:
             return read
         failed_at = after
