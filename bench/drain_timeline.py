@@ -7,7 +7,10 @@ process -> ingest API on SQLite, BATCH_SIZE=1000, BATCH_INTERVAL_MS=100), plus t
   batch): when the first was stored, the gap between consecutive stores (p50, p90, max), and
   how far storing lagged behind receiving;
 - every 100 ms, the CPU each process used (/proc/<pid>/stat, in cores; 10 ms clock ticks, so
-  each figure is +-0.1): whether the collector or the ingest API is the one saturated.
+  each figure is +-0.1): whether the collector or the ingest API is the one saturated;
+- the whole burst's CPU per record, thread by thread for the collector (its OS thread names),
+  and for the ingest API and this process (the simulator, from its first frame sent: the
+  frames are encoded before) in all: what each record costs the cores they share.
 
     .venv/bin/python bench/drain_timeline.py                   # coinbase, 60k tickers
     .venv/bin/python bench/drain_timeline.py --venue kraken --records 100000
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import sys
 import tempfile
@@ -34,6 +38,7 @@ from bench.harness import (
     cpu_s,
     ingest_process,
     machine,
+    threads,
     wait_until,
     write_results,
 )
@@ -64,12 +69,18 @@ def run(venue: str, records: int, timeout_s: float) -> str:
                     samples.append((time.time_ns(), cpu_s(collector.pid), cpu_s(ingest.pid)))
 
             sampler = threading.Thread(target=sample, name="cpu-sampler", daemon=True)
+            threads0, ingest0 = threads(collector.pid), cpu_s(ingest.pid)
             samples.append((time.time_ns(), cpu_s(collector.pid), cpu_s(ingest.pid)))
             sampler.start()
             sim.burst(records)
+            # The burst's frames are all encoded before its first byte goes out: the
+            # simulator's CPU counts from there (the others idle meanwhile).
+            sim.wait_for(1, timeout_s=timeout_s)
+            bench0 = own_cpu_s()
             complete = wait_until(lambda: ingest.count() >= baseline + records, timeout_s, 0.05)
             done.set()
             sampler.join()
+            threads1, ingest1, bench1 = threads(collector.pid), cpu_s(ingest.pid), own_cpu_s()
             times = ingest.times()[baseline:]
     if not times:
         raise RuntimeError(f"{venue}: nothing stored")
@@ -109,7 +120,33 @@ def run(venue: str, records: int, timeout_s: float) -> str:
         kept = sum(1 for x in stored if x <= t1)
         lines.append(f"| {(t1 - r0) / 1e6:,.0f} | {(c1 - c0) / dt:.2f} | {(i1 - i0) / dt:.2f} "
                      f"| {got:,} | {kept:,} |")
+    per_thread: Counter[str] = Counter()
+    for tid, (name, cpu) in threads1.items():
+        per_thread[name] += cpu - threads0.get(tid, (name, 0.0))[1]
+    collector_total = sum(per_thread.values())
+    lines += [
+        "",
+        "CPU of the whole burst, µs per record stored (10 ms clock ticks: ±0.1 µs a record "
+        "per 100k):",
+        "",
+        "| process | thread | CPU µs per record |",
+        "| --- | --- | ---: |",
+    ]
+    lines += [f"| collector | `{name}` | {cpu / records * 1e6:.2f} |"
+              for name, cpu in per_thread.most_common() if cpu > 0]
+    lines += [
+        f"| **collector** | all threads | **{collector_total / records * 1e6:.2f}** |",
+        f"| **ingest API** | all threads | **{(ingest1 - ingest0) / records * 1e6:.2f}** |",
+        f"| bench (simulator sending, sampler) | all threads "
+        f"| {(bench1 - bench0) / records * 1e6:.2f} |",
+    ]
     return "\n".join(lines) + "\n"
+
+
+def own_cpu_s() -> float:
+    """This process's CPU seconds (the simulator's threads, the sampler, the waits)."""
+    usage = os.times()
+    return usage.user + usage.system
 
 
 def main() -> int:

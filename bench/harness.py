@@ -42,6 +42,21 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def threads(pid: int) -> dict[int, tuple[str, float]]:
+    """(OS thread name, CPU seconds) of each thread of `pid`."""
+    out: dict[int, tuple[str, float]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue  # the thread ended
+        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    return out
+
+
 def status_kb(pid: int, key: str) -> int:
     """A `VmRSS`/`VmHWM`-style line of /proc/<pid>/status, in KiB."""
     with open(f"/proc/{pid}/status", encoding="ascii") as f:

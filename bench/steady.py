@@ -17,7 +17,6 @@ message, in its own process: what receiving alone costs on this machine.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,31 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import (
     BARE_COINBASE_LOOP,
-    CLK_TCK,
     collector_process,
     cpu_s,
     ingest_process,
     machine,
+    threads,
     write_results,
 )
 from collectors.simulator import Simulator
 
 SYMBOLS = 5
-
-
-def threads(pid: int) -> dict[int, tuple[str, float]]:
-    """(OS thread name, CPU seconds) of each thread of `pid`."""
-    out: dict[int, tuple[str, float]] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8") as f:
-                name = f.read().strip()
-            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue  # the thread ended
-        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / CLK_TCK)
-    return out
 
 
 def main() -> int:
