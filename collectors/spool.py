@@ -340,6 +340,17 @@ def _placed(parts: list[bytes], stored: list[int],
     return out
 
 
+def _shape(payload: bytes, n: int, crcs: bytes) -> int | None:
+    """How many records a stored row holds, when its parts agree: its `n`, or (a rotted `n`)
+    the count its CRCs and its newline-separated pieces agree on; None when they disagree."""
+    if _framed(payload, n, crcs):
+        return n
+    count = len(crcs) // 4
+    if count and len(crcs) % 4 == 0 and payload.count(_NL) == count - 1:
+        return count
+    return None
+
+
 def _waiting_part(rid: int, n: int, payload: bytes, cursor: int) -> tuple[int, int]:
     """(records, bytes) of a row of `chunks` that wait, as the counters count them: from its
     stored `n` (a whole row's bytes are its payload less n - 1 separators, as `_load_counters`
@@ -1582,16 +1593,24 @@ class Spool:
 
     @contextlib.contextmanager
     def _txn(self, conn: sqlite3.Connection, what: str) -> Iterator[None]:
-        """One write transaction. The caller holds _write_lock."""
+        """One write transaction. The caller holds _write_lock.
+
+        The state kept beside the tables (the cursor, `front`'s count, the next record id) may
+        change inside the transaction; when it fails it goes back with the tables (a full
+        disk fails an append after its full policy moved the cursor: a claim from the moved
+        one would skip records, an acknowledgement delete their row)."""
+        state = (self._cursor, self._front, self._next_id)
         try:
             conn.execute("BEGIN IMMEDIATE")
             yield
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             _rollback(conn)
+            self._cursor, self._front, self._next_id = state
             raise self._error(what, exc) from exc
         except BaseException:
             _rollback(conn)
+            self._cursor, self._front, self._next_id = state
             raise
         self._commit_gen += 1
         self._wrote(_FRAMES_PER_TXN)
@@ -1897,14 +1916,15 @@ class Spool:
         when all of its records lie before the cursor and no other batch refers to any of
         them. The caller holds the write lock, in a transaction."""
         # Rows within the batch: no other batch shares them (batches never overlap).
-        conn.execute("DELETE FROM chunks WHERE id >= ? AND id <= ? AND id + n - 1 <= ?",
-                     (first, last, last))
+        # (A row whose CRC blob disagrees with its `n` is not trusted to end where `n` says.)
+        conn.execute("DELETE FROM chunks WHERE id >= ? AND id <= ? AND id + n - 1 <= ?"
+                     " AND length(crcs) = 4 * n", (first, last, last))
         # The rows it shares at either end with records of another batch, or waiting ones.
-        for rid, rn in conn.execute(
-                f"SELECT id, n FROM chunks WHERE {_FROM_ROW_OF} AND id <= ? ORDER BY id",
-                (first, first, last)).fetchall():
+        for rid, rn, crcs_len in conn.execute(
+                f"SELECT id, n, length(crcs) FROM chunks WHERE {_FROM_ROW_OF} AND id <= ?"
+                " ORDER BY id", (first, first, last)).fetchall():
             end = int(rid) + int(rn) - 1
-            if end >= self._cursor:
+            if end >= self._cursor or crcs_len != 4 * int(rn):
                 continue
             shared = conn.execute(
                 "SELECT 1 FROM claimed WHERE first_id IS NOT NULL AND first_id <= ?"
@@ -2003,12 +2023,17 @@ class Spool:
                 while count < max_records and (row := cur.fetchone()) is not None:
                     rid, row_ns, n, crc = int(row[0]), int(row[1]), int(row[2]), int(row[3])
                     crcs, payload = bytes(row[4]), bytes(row[5])
-                    if rid + n <= cursor:
-                        continue  # the row before the cursor's: nothing of it waits
                     if not _intact(payload, n, crc, crcs):
+                        # Its size is checked before it is used: a rotted `n` must not hide
+                        # records that wait.
+                        shape = _shape(payload, n, crcs)
+                        if shape is not None and rid + shape <= cursor:
+                            continue  # damaged, but all of it is a batch's: the batch's care
                         if rows:
                             break  # the next claim meets it first
                         return [], (rid, row_ns, n, crc, crcs, payload)
+                    if rid + n <= cursor:
+                        continue  # the row before the cursor's: nothing of it waits
                     if expect is not None and rid != expect:
                         break
                     if rid < cursor:  # only its tail waits
@@ -2036,8 +2061,9 @@ class Spool:
         first = max(cursor, rid) - rid
         counted, counted_bytes = _waiting_part(rid, n, payload, cursor)  # as counted so far
         parts = payload.split(_NL)
-        framed = _framed(payload, n, crcs)
-        if framed:
+        shape = _shape(payload, n, crcs)  # its true size, when its pieces and CRCs agree
+        framed = shape == n
+        if shape is not None:
             stored = _crc_list(crcs)
             good = [p for i, p in enumerate(parts) if i >= first and zlib.crc32(p) == stored[i]]
             bad = [p for i, p in enumerate(parts) if i >= first and zlib.crc32(p) != stored[i]]
@@ -2058,10 +2084,16 @@ class Spool:
             self._next_id = max(self._next_id, new_cursor)
             if framed:
                 self._collect(conn, rid, rid)  # kept while a batch still needs its head
+            elif shape is not None:  # only its `n` is wrong: kept while a batch needs it
+                shared = conn.execute(
+                    "SELECT 1 FROM claimed WHERE first_id IS NOT NULL AND first_id <= ?"
+                    " AND last_id >= ? LIMIT 1", (rid + shape - 1, rid)).fetchone()
+                if shared is None:
+                    conn.execute("DELETE FROM chunks WHERE id = ?", (rid,))
             else:
-                # Its size cannot be trusted (it could reach past the cursor and be met
-                # again): it goes. Every verified piece of it waits in `front` now, a batch's
-                # too; that batch, missing them, is taken apart when it is next read.
+                # Which piece is whose is unknown (and its size could reach past the cursor,
+                # to be met again): it goes. Every verified piece of it waits in `front` now,
+                # a batch's too; that batch, missing them, is taken apart when next read.
                 conn.execute("DELETE FROM chunks WHERE id = ?", (rid,))
         self._forget_recent()
         self._oldest_waiting_ns = None

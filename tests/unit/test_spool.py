@@ -1270,10 +1270,9 @@ class SpoolModel(RuleBasedStateMachine):
         while excess > 0 and self.chunks:
             excess -= len(self.chunks.pop(0)[0])
             dropped += 1
-        while excess > 0 and incoming:
+        while excess > 0 and incoming:  # (the cursor does not move for these)
             excess -= len(incoming.pop(0))
             dropped += 1
-            self.tail = []
         assert self.spool.append(records) == dropped
         self.dropped += dropped
         self.chunks += [(r, self.clock.now_ns) for r in incoming]
@@ -1354,7 +1353,11 @@ class SpoolModel(RuleBasedStateMachine):
     def release(self, pick: int) -> None:
         index = pick % len(self.claimed)
         in_place = bool(self.tail) and self.tail[-1] == self.claimed[index].key
-        batch = self.remove(index)
+        if in_place:  # the cursor moves back: the batch before is now the newest
+            batch = self.claimed.pop(index)
+            self.tail.pop()
+        else:
+            batch = self.remove(index)
         assert self.spool.release(batch.key) == len(batch.records)
         if in_place:
             self.chunks = batch.records + self.chunks
@@ -1412,8 +1415,8 @@ class SpoolModel(RuleBasedStateMachine):
 
 
 SpoolModel.TestCase.settings = settings(
-    max_examples=60,
-    stateful_step_count=30,
+    max_examples=100,
+    stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
@@ -1748,4 +1751,91 @@ def test_a_row_whose_framing_broke_is_read_once_never_twice(
         stats = spool.stats()
         assert (stats.records, stats.claimed_records, stats.payload_bytes) == (0, 0, 0)
     assert sorted(sent) == [0, 1, 2, 3, 5, 6]  # each once; 4 is dead-lettered in pieces
+    assert_rows_consistent(spool_dir)
+
+
+class FailingCommit:
+    """A connection whose next COMMIT fails as a full disk makes it fail."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn, self.armed = conn, True
+
+    def execute(self, sql: str, *args: object) -> object:
+        if self.armed and sql == "COMMIT":
+            self.armed = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.conn, name)
+
+
+def test_a_failed_append_leaves_the_cursor_where_the_database_has_it(spool_dir: Path) -> None:
+    # The full policy moves the cursor inside the append's transaction; the commit fails
+    # ("nothing is stored then"): a claim from a moved cursor skipped records, and the
+    # acknowledgement after it deleted the row still holding them.
+    size = len(rec(0))
+    with Spool(spool_dir, max_bytes=10 * size, fsync_interval_s=0) as spool:
+        spool.append([rec(i) for i in range(10)])  # one row
+        batch = spool.due_batch(5, 0.0, force=True)
+        assert batch is not None
+        real = spool._append_conn
+        spool._append_conn = FailingCommit(real)  # type: ignore[assignment]
+        with pytest.raises(SpoolError, match="full"):
+            spool.append([rec(100 + i) for i in range(5)])  # would drop 5..9
+        spool._append_conn = real
+        assert spool.ack(batch.key) == 5
+        assert numbers(drain_all(spool)) == [5, 6, 7, 8, 9]
+    with Spool(spool_dir, fsync_interval_s=0) as spool:
+        assert spool.stats().records == 0
+
+
+def test_a_real_full_disk_under_the_full_policy_loses_nothing(spool_dir: Path) -> None:
+    big = [b'{"n":%d,"p":"%s"}' % (i, b"x" * 2000) for i in range(13)]
+    with Spool(spool_dir, max_bytes=10 * len(big[0]) + 50, fsync_interval_s=0,
+               chunk_records=10) as spool:
+        spool.append(big[:10])
+        batch = spool.due_batch(5, 0.0, force=True)
+        assert batch is not None
+        conn = spool._append_conn
+        assert conn is not None
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        conn.execute(f"PRAGMA max_page_count={pages}")  # the disk is full
+        with pytest.raises(SpoolError, match="full"):
+            spool.append(big[10:13])  # its full policy would drop 5..7 first
+        conn.execute("PRAGMA max_page_count=1073741823")
+        rest = spool.due_batch(100, 0.0, force=True, exclude={batch.key})
+        assert rest is not None and rest.records == tuple(big[5:10])
+
+
+def test_a_failed_split_leaves_the_batch_claimed_and_claims_going(spool_dir: Path) -> None:
+    with Spool(spool_dir, fsync_interval_s=0) as spool:
+        spool.append([rec(i) for i in range(10)])
+        batch = spool.due_batch(4, 0.0, force=True)
+        assert batch is not None
+        real = spool._conn
+        spool._conn = FailingCommit(real)  # type: ignore[assignment]
+        with pytest.raises(SpoolError):
+            spool.split(batch.key, (), 413, "too large")  # rolled back: still claimed
+        spool._conn = real
+        assert spool.ack(batch.key) == 4
+        assert numbers(drain_all(spool)) == [4, 5, 6, 7, 8, 9]
+
+
+def test_a_rotted_count_does_not_hide_the_records_that_wait(spool_dir: Path) -> None:
+    with Spool(spool_dir, chunk_records=10) as spool:
+        spool.append([rec(i) for i in range(10)])  # row 1-10
+        spool.append([rec(10), rec(11)])
+        batch = spool.due_batch(5, 0.0)
+        assert batch is not None
+        spool.ack(batch.key)  # the row stays: 5..9 wait
+    conn = sqlite3.connect(spool_dir / "spool.db")
+    try:
+        with conn:
+            conn.execute("UPDATE chunks SET n = 5 WHERE id = 1")  # the row now "ends" at 5
+    finally:
+        conn.close()
+    with Spool(spool_dir, chunk_records=10) as spool:
+        assert numbers(drain_all(spool)) == list(range(5, 12))
+        assert spool.stats().corrupt_lost_total == 0
     assert_rows_consistent(spool_dir)
