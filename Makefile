@@ -10,10 +10,11 @@ PYTEST_ARGS ?=
 # How long `make run`/`make demo` wait for the collectors to be connected and healthy.
 START_WAIT_S ?= 20
 
-.PHONY: help venv test lint typecheck run demo stop status logs check-db clean bench
+.PHONY: help venv setup test lint typecheck run demo stop status logs check-db clean bench
 
 help:
 	@echo "make run       set up, then start the collectors + local ingest API under supervisord (real exchanges)"
+	@echo "make setup     set up .venv, the shared API key and var/ (what supervisord by hand needs)"
 	@echo "make demo      same, but the collectors read the local exchange simulator (no internet needed)"
 	@echo "make status    chrono-collector status (one table of every collector)"
 	@echo "make check-db  the check query on the local SQLite store"
@@ -77,7 +78,15 @@ endef
 LEFTOVERS := programs of this checkout still run without supervisord (they stop on their own \
 	within 30 s of losing it; else kill them):
 
+RUN_DOWN_HINT := No internet? 'make stop', then 'make demo' runs offline against the bundled \
+	exchange simulator; else see $(VAR)/log/ and 'make status'.
+DEMO_DOWN_HINT := See $(VAR)/log/ and 'make status'.
+
 # Start supervisord; fail (exit 1, naming them) when it does not come up or programs do not.
+# When collector programs (rows whose PROCESS is not "-") are still not connected after
+# START_WAIT_S: the status table and a warning; supervisord keeps them retrying. `make run`
+# then still exits 0 (the service runs, as it should while a venue is unreachable, and
+# connects when it can); `make demo` exits 1 (its venues are local: something is wrong).
 define start_supervisord
 	@if [ -S $(VAR)/run/supervisor.sock ] && $(SUPERVISORCTL) pid >/dev/null 2>&1; then \
 		echo "supervisord is already running: make stop first"; exit 1; fi
@@ -98,10 +107,18 @@ define start_supervisord
 		echo "$$failed"; \
 		echo "did not start: $$names (see$$(printf ' $(VAR)/log/%s.log' $$names); then make stop)"; \
 		exit 1; fi
-	@$(BIN)/chrono-collector status -c $(SUPERVISORD_CONF) --wait $(START_WAIT_S) >/dev/null || true
+	@table=$$($(BIN)/chrono-collector status -c $(SUPERVISORD_CONF) --wait $(START_WAIT_S)) || \
+	if printf '%s\n' "$$table" | awk 'NR > 1 && !/^supervisord:/ && $$2 != "-"' | grep -q .; then \
+		printf '%s\n' "$$table"; \
+		echo "WARNING: collectors not connected and healthy after $(START_WAIT_S) s (table above)."; \
+		echo "They keep retrying under supervisord ('make stop' stops them). $(if $(filter false,$(1)),$(RUN_DOWN_HINT),$(DEMO_DOWN_HINT))"; \
+		$(if $(filter false,$(1)),true,exit 1); fi
 	@$(SUPERVISORCTL) status || true
 	@echo "logs: $(VAR)/log/   status: make status   stop: make stop   rows: make check-db"
 endef
+
+# What supervisord.conf needs before supervisord can start by hand (README).
+setup: $(STAMP) $(VAR)/secrets/api_key | $(VAR)/run $(VAR)/log
 
 run: $(STAMP) $(VAR)/secrets/api_key | $(VAR)/run $(VAR)/log
 	$(call start_supervisord,false,,,,)

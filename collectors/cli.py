@@ -84,7 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             return _status(args)
     except ConfigError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        # Whatever raised it, a value it echoes (a URL) may hold the key: said redacted.
+        from collectors.keys import Redactor, keys_in_env
+
+        print(f"{PROG}: error: {Redactor(keys_in_env(os.environ))(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK
@@ -104,7 +107,7 @@ def _run(exchange: str) -> int:
     from prometheus_client import disable_created_metrics
 
     from collectors.config import CollectorConfig
-    from collectors.logsetup import setup_logging, warn_if_short
+    from collectors.logsetup import setup_logging, warn_about_keys
     from collectors.service import CollectorService
 
     # `*_created` series double the series count and no dashboard or alert here uses them.
@@ -119,7 +122,7 @@ def _run(exchange: str) -> int:
     setup_logging(config.log_level, static={"exchange": config.exchange,
                                             "worker_id": config.worker_id},
                   secrets=[config.api_key])
-    warn_if_short([config.api_key], "API_KEY")
+    warn_about_keys([config.api_key], "API_KEY")
     service = CollectorService(config)
     # Everything made so far (modules, the service) lives as long as the process: moved out of
     # the cyclic GC's sight, so an occasional full collection has only the recent objects to

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import SplitResult, urlsplit, urlunsplit
@@ -19,6 +20,7 @@ from urllib3.util import parse_url
 
 from collectors import exchanges, paths
 from collectors.errors import ConfigError
+from collectors.keys import Redactor, check_key, read_key_file
 from collectors.logsetup import LEVELS
 from collectors.model import canonical_symbol_ok
 
@@ -57,6 +59,14 @@ class CollectorConfig:
     @classmethod
     def from_env(cls, exchange: str, env: Mapping[str, str] | None = None) -> CollectorConfig:
         env = os.environ if env is None else env
+        # The key first: every later error may echo a value (a URL) the key could hide in,
+        # and is said with the key redacted (_echo_safe).
+        api_key = _api_key(env)
+        with _echo_safe(api_key):
+            return cls._from_env(exchange, env, api_key)
+
+    @classmethod
+    def _from_env(cls, exchange: str, env: Mapping[str, str], api_key: str) -> CollectorConfig:
         if exchange not in exchanges.REGISTRY:
             raise ConfigError("EXCHANGE", f"unknown exchange {exchange!r}",
                               "known: " + ", ".join(exchanges.known()))
@@ -68,7 +78,7 @@ class CollectorConfig:
         return cls(
             exchange=exchange,
             api_base_url=_http_url(env, "API_BASE_URL"),
-            api_key=_api_key(env),
+            api_key=api_key,
             worker_id=_worker_id(env, f"worker-{exchange}"),
             symbols=symbols,
             batch_size=_int(env, "BATCH_SIZE", 100, 1, 10_000),
@@ -89,6 +99,16 @@ class CollectorConfig:
         )
 
 
+@contextmanager
+def _echo_safe(*keys: str) -> Iterator[None]:
+    """A ConfigError raised inside is raised again with every form of `keys` redacted."""
+    try:
+        yield
+    except ConfigError as exc:
+        redact = Redactor(keys)
+        raise ConfigError(exc.variable, redact(exc.problem), redact(exc.allowed)) from None
+
+
 def _get(env: Mapping[str, str], name: str) -> str | None:
     value = env.get(name)
     if value is None:
@@ -101,11 +121,13 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     raw = _get(env, name)
     if raw is None:
         return default
-    try:
-        value = int(raw, 10)
-    except ValueError:
+    # Plain digits only (a minus sign is said to be out of range): int() would also take
+    # "1_0" (as 10), "+5" and non-ASCII digits.
+    digits = raw[1:] if raw.startswith("-") else raw
+    if not (digits.isascii() and digits.isdigit()):
         raise ConfigError(name, f"{raw[:40]!r} is not a whole number",
-                          f"an integer from {lo} to {hi}") from None
+                          f"digits only, an integer from {lo} to {hi}")
+    value = int(raw, 10)
     if not lo <= value <= hi:
         raise ConfigError(name, f"{value} is out of range", f"an integer from {lo} to {hi}")
     return value
@@ -196,28 +218,14 @@ def _api_key(env: Mapping[str, str]) -> str:
     if direct is not None and direct.strip() and path:
         raise ConfigError("API_KEY", "both API_KEY and API_KEY_FILE are set", "set only one")
     if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                key = fh.read(65537).strip()
-        except FileNotFoundError:
-            raise ConfigError("API_KEY_FILE", f"{path} does not exist",
-                              "a readable file holding the key") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError("API_KEY_FILE", f"{path} cannot be read ({type(exc).__name__})",
-                              "a readable UTF-8 file holding the key") from None
-        source = "API_KEY_FILE"
-    else:
-        key = (direct or "").strip()
-        source = "API_KEY"
+        return check_key("API_KEY_FILE", read_key_file("API_KEY_FILE", path))
+    key = (direct or "").strip()
     if not key:
-        raise ConfigError(source if path else "API_KEY", "is required (empty or unset)",
+        raise ConfigError("API_KEY", "is required (empty or unset)",
                           "set API_KEY, or API_KEY_FILE to a file holding the key")
-    if len(key) > 4096 or not all("!" <= ch <= "~" for ch in key):
-        # Said without echoing any part of the key. A header carries visible ASCII only: any
-        # other character could never be sent (every POST would fail).
-        raise ConfigError(source, "the key contains whitespace, control or non-ASCII characters "
-                          "or is too long", "visible ASCII characters, at most 4096")
-    return key
+    # Said without echoing any part of the key: a bearer token's characters only, so the key
+    # can be sent, and found in the logs in every form it may take there (collectors.keys).
+    return check_key("API_KEY", key)
 
 
 def _worker_id(env: Mapping[str, str], default: str) -> str:

@@ -31,6 +31,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from collectors import __version__
 from collectors.backoff import Backoff, Outcome, classify_status, parse_retry_after
 from collectors.errors import SpoolError
+from collectors.keys import Redactor
 from collectors.metrics import FlushFailureReason, Metrics
 from collectors.model import Metadata, PriceFeed
 from collectors.spool import Batch, Spool
@@ -192,9 +193,10 @@ class Poster:
         self._timeout = (connect_timeout_s, read_timeout_s)
         self._total_s = 2 * (connect_timeout_s + read_timeout_s)
         self._deadline = _Deadline()
-        # An API that echoes our headers must not put the key into logs or the dead-letter
-        # file: the longest first, so "Bearer <key>" goes whole.
-        self._secrets = tuple(s for s in (f"Bearer {api_key}", api_key) if s.strip())
+        # An API that echoes our headers, or an error naming a URL that holds the key, must not
+        # put the key into logs or the dead-letter file, in any form (percent-encoded in a URL,
+        # escaped, cut short: collectors.keys).
+        self._redact = Redactor([api_key] if api_key.strip() else [])
         self._logged_at: dict[str, float] = {}  # event -> monotonic time (rate-limited logs)
         #: monotonic time of the first stop_by call: when the collector was asked to stop.
         self.stop_requested_at: float | None = None
@@ -287,11 +289,6 @@ class Poster:
         if self._deadline.stopping:
             return "no complete answer before the collector's stop deadline"
         return f"no complete answer within {self._total_s:.0f} s"
-
-    def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "[REDACTED]")
-        return text
 
     def _describe(self, exc: BaseException) -> str:
         # requests' messages name the URL (no secrets in it) and the cause; keep them short.

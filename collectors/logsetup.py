@@ -2,7 +2,8 @@
 
 Each line carries `timestamp`, `level`, `event` (the stable snake_case message), `logger`, the
 process's static fields (`exchange`, `worker_id`, ...) and the call's `extra` data. A redaction
-filter replaces any configured secret wherever it would appear, as a last line of defence.
+filter replaces any configured secret wherever it would appear, as a last line of defence: as
+written, percent-encoded, JSON- or repr-escaped, and any long enough piece of it (collectors.keys).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
+
+from collectors.keys import KEY_ADVICE, Redactor, key_warnings
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "warn": logging.WARNING, "error": logging.ERROR}
@@ -32,13 +35,10 @@ class _RedactSecrets(logging.Filter):
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
-        self._secrets = tuple(s for s in secrets if s)
+        self._redact = Redactor(secrets)
 
     def _clean_text(self, value: str) -> str:
-        for secret in self._secrets:
-            if secret in value:
-                value = value.replace(secret, "[REDACTED]")
-        return value
+        return self._redact(value)
 
     def _clean(self, value: object, depth: int = 0) -> object:
         """`value` with every secret replaced; containers are copied, never changed in place
@@ -56,7 +56,7 @@ class _RedactSecrets(logging.Filter):
         return tuple(items) if isinstance(value, tuple) else items
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self._secrets:
+        if not self._redact:
             return True
         record.msg = self._clean_text(record.getMessage())
         record.args = None
@@ -74,20 +74,13 @@ class _RedactSecrets(logging.Filter):
         return True
 
 
-#: API keys shorter than this are easy to guess, and hiding one in the logs (every occurrence
-#: of it is replaced) masks pieces of ordinary words too ("networ[REDACTED]" for the key "k").
-SHORT_KEY_CHARS = 16
-
-
-def warn_if_short(keys: Iterable[str], variable: str) -> None:
-    """Log once (a warning, never the key) when a key is shorter than SHORT_KEY_CHARS."""
-    lengths = [len(k) for k in keys if len(k) < SHORT_KEY_CHARS]
-    if lengths:
-        logging.getLogger(__name__).warning("api_key_short", extra={
-            "variable": variable, "characters": min(lengths),
-            "hint": f"use at least {SHORT_KEY_CHARS} random characters (e.g. `python -c 'import "
-                    "secrets; print(secrets.token_urlsafe(32))'`): a short key is easy to guess, "
-                    "and its redaction from these logs masks pieces of ordinary words"})
+def warn_about_keys(keys: Iterable[str], variable: str) -> None:
+    """Log a warning (never the key) for a key that is short or not an RFC 6750 token: it is
+    accepted (the API decides which keys it takes), but easy to guess, or redacted from
+    these logs only where it stands as a whole token."""
+    for problem in key_warnings(keys):
+        logging.getLogger(__name__).warning(f"api_key_{problem}", extra={
+            "variable": variable, "hint": f"use {KEY_ADVICE}"})
 
 
 def setup_logging(level: str = "info", *, static: Mapping[str, str] | None = None,

@@ -1,4 +1,4 @@
-"""One exchange's collector: wires the threads together and runs them until SIGTERM/SIGINT.
+"""One exchange's collector: wires the threads together and runs them until SIGTERM/SIGINT/SIGHUP.
 
 Threads (each named, each stopped through an Event, each with a top-level guard):
 
@@ -285,5 +285,7 @@ class CollectorService:
         def handler(signum: int, _frame: FrameType | None) -> None:
             self.request_stop(signal.Signals(signum).name)
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        # SIGHUP too (a closed terminal, `kill -HUP`): its default action killed the process
+        # at once, losing the queued records; there is no config to reload, so it drains.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, handler)

@@ -12,6 +12,8 @@ import argparse
 import configparser
 import http.client
 import json
+import os
+import re
 import socket
 import sys
 import time
@@ -58,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not ask supervisord (collectors run under systemd)")
     parser.add_argument("--endpoint", action="append", default=[], metavar="EXCHANGE=URL",
                         help="health URL base of a collector, e.g. coinbase=http://127.0.0.1:9101"
-                             " (default: each venue's default metrics port on 127.0.0.1); with"
+                             " (default: on 127.0.0.1, the METRICS_PORT each program's environment="
+                             " line in the supervisord config sets, else the venue's default); with"
                              " --no-supervisor, the collectors given are the ones checked")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument("--wait", type=_seconds(0.0), default=0.0, metavar="SECONDS",
@@ -88,6 +91,14 @@ def main(args: argparse.Namespace) -> int:
     endpoints = {} if args.endpoint and args.no_supervisor else {
         name: f"http://127.0.0.1:{port}"
         for name, port in exchanges.DEFAULT_METRICS_PORTS.items() if name in exchanges.REGISTRY}
+    if not args.no_supervisor:
+        # Each program's METRICS_PORT as supervisord.conf sets it (0: metrics off, no health
+        # to ask); a config that cannot be read is reported by `collect`.
+        for name, port in configured_metrics_ports(Path(args.config)).items():
+            if port:
+                endpoints[name] = f"http://127.0.0.1:{port}"
+            else:
+                endpoints.pop(name, None)
     for item in args.endpoint:
         name, sep, url = item.partition("=")
         if not sep or not url.startswith(("http://", "https://")) or not _host_port_ok(url):
@@ -200,6 +211,37 @@ class _TimedTransport(xmlrpc.client.Transport):
         conn = super().make_connection(host)
         conn.timeout = self._timeout
         return conn
+
+
+#: `METRICS_PORT=...` in a supervisord `environment=` line (KEY="v",KEY='v' or KEY=v, comma
+#: separated): the value in its quotes or up to the next comma.
+_METRICS_PORT_RE = re.compile(
+    r"""(?:^|,)\s*METRICS_PORT\s*=\s*(?:"([^"]*)"|'([^']*)'|([^,]*))""")
+
+
+def configured_metrics_ports(config: Path) -> dict[str, int]:
+    """{program: METRICS_PORT} for every collector program whose `environment=` line in the
+    supervisord config sets one to a port number (a value from supervisord's own environment,
+    `%(ENV_X)s`, is looked up in ours). Never raises: an unreadable config sets nothing."""
+    parser = configparser.RawConfigParser()
+    try:
+        if not parser.read(config):
+            return {}
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return {}
+    out: dict[str, int] = {}
+    for section in parser.sections():
+        name = section.removeprefix("program:")
+        if not section.startswith("program:") or name not in exchanges.REGISTRY:
+            continue
+        found = _METRICS_PORT_RE.search(parser.get(section, "environment", fallback=""))
+        if found is None:
+            continue
+        value = next(group for group in found.groups() if group is not None).strip()
+        value = re.sub(r"%\(ENV_(\w+)\)s", lambda m: os.environ.get(m.group(1), ""), value)
+        if value.isascii() and value.isdigit() and int(value) <= 65535:
+            out[name] = int(value)
+    return out
 
 
 def supervisor_processes(config: Path, timeout: float) -> dict[str, tuple[str, int | None]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from psycopg import Error as PsycopgError
@@ -13,6 +12,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from collectors import paths
 from collectors.errors import ConfigError
+from collectors.keys import KEY_ADVICE, Redactor, check_key, read_key_file
 from collectors.logsetup import LEVELS
 
 DEFAULT_HOST = "127.0.0.1"
@@ -21,8 +21,6 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_FEEDS = 10_000
 DEFAULT_THREADS = 8
 
-# Bearer keys travel in a header: visible ASCII, no spaces or commas (API_KEYS splits on commas).
-_KEY_RE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
 _HOST_RE = re.compile(r"[A-Za-z0-9.:_\[\]-]+")
 _INT_RE = re.compile(r"[0-9]{1,12}")
 
@@ -42,9 +40,19 @@ class IngestConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> IngestConfig:
-        """Read every variable; raises ConfigError naming the first bad one."""
+        """Read every variable; raises ConfigError naming the first bad one (the keys are
+        read first, and a later error that echoes a value says it with the keys redacted)."""
+        api_keys = api_keys_from_env(env)
+        try:
+            return cls._from_env(env, api_keys)
+        except ConfigError as exc:
+            redact = Redactor(api_keys)
+            raise ConfigError(exc.variable, redact(exc.problem), redact(exc.allowed)) from None
+
+    @classmethod
+    def _from_env(cls, env: Mapping[str, str], api_keys: tuple[str, ...]) -> IngestConfig:
         return cls(
-            api_keys=api_keys_from_env(env),
+            api_keys=api_keys,
             database_url=database_url_from_env(env),
             host=_host(env),
             port=_int(env, "INGEST_PORT", DEFAULT_PORT, 0, 65535,
@@ -78,15 +86,8 @@ def api_keys_from_env(env: Mapping[str, str]) -> tuple[str, ...]:
             keys.append(_check_key("API_KEYS", part.strip()))
     key_file = env.get("API_KEY_FILE", "").strip()
     if key_file:
-        try:
-            content = Path(key_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else "unreadable"
-            raise ConfigError("API_KEY_FILE", f"cannot read {key_file}: {problem}",
-                              "a readable UTF-8 file holding one key") from None
-        if not content:
-            raise ConfigError("API_KEY_FILE", f"{key_file} is empty", "a file holding one key")
-        keys.append(_check_key("API_KEY_FILE", content))
+        # Read as the collector reads it: at most 64 KiB (API_KEY_FILE=/dev/zero is refused).
+        keys.append(_check_key("API_KEY_FILE", read_key_file("API_KEY_FILE", key_file)))
     if not keys:
         raise ConfigError("API_KEY", "no API key is set",
                           "set API_KEY, API_KEYS (comma-separated) or API_KEY_FILE")
@@ -154,11 +155,11 @@ def redact_url(url: str) -> str:
 
 
 def _check_key(variable: str, key: str) -> str:
-    if _KEY_RE.fullmatch(key) is None:
-        # Never echo the key, not even in part.
-        raise ConfigError(variable, "a key contains spaces, commas or non-ASCII characters",
-                          "visible ASCII characters except ','")
-    return key
+    # What a header can carry, and no comma (API_KEYS splits on commas); never echoing the
+    # key, not even in part.
+    if "," in key:
+        raise ConfigError(variable, "a key contains a comma", KEY_ADVICE)
+    return check_key(variable, key)
 
 
 def _host(env: Mapping[str, str]) -> str:

@@ -14,10 +14,12 @@ wsgiref server is not meant for production.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import resource
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -45,7 +47,8 @@ from collectors.ingest.config import (
     redact_url,
 )
 from collectors.ingest.storage import Storage, migrate, open_storage
-from collectors.logsetup import setup_logging, warn_if_short
+from collectors.keys import Redactor, keys_in_env
+from collectors.logsetup import setup_logging, warn_about_keys
 
 if TYPE_CHECKING:
     from wsgiref.types import WSGIApplication
@@ -367,10 +370,11 @@ def serve(env: Mapping[str, str], *, stop: threading.Event | None = None) -> int
     try:
         config = IngestConfig.from_env(env)
     except ConfigError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        # (from_env redacts its keys; any key the environment holds, too, to be sure)
+        print(f"{PROG}: {Redactor(keys_in_env(env))(str(exc))}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, static={"service": "ingest"}, secrets=config.secrets())
-    warn_if_short(config.api_keys, "API_KEY / API_KEYS / API_KEY_FILE")
+    warn_about_keys(config.api_keys, "API_KEY / API_KEYS / API_KEY_FILE")
     stop = threading.Event() if stop is None else stop
     restore = _install_signal_handlers(stop)
     try:
@@ -380,10 +384,12 @@ def serve(env: Mapping[str, str], *, stop: threading.Event | None = None) -> int
             log.error("storage_open_failed", extra={"error": str(exc),
                                                     "database": config.database_url_redacted})
             return 1
-        except OSError as exc:
-            log.error("listen_failed", extra={"error": str(exc), "host": config.host,
-                                              "port": config.port})
-            return 1
+        except (ValueError, OSError) as exc:
+            # Where to listen is configuration: one line naming the variable, exit 2 (as the
+            # collector does for METRICS_PORT), not a traceback.
+            error = _listen_error(config, exc)
+            print(f"{PROG}: {Redactor(config.api_keys)(str(error))}", file=sys.stderr)
+            return 2
         log.info("ingest_started", extra={
             "url": running.url, "database": config.database_url_redacted,
             "threads": config.threads, "max_body_bytes": config.max_body_bytes,
@@ -402,6 +408,20 @@ def serve(env: Mapping[str, str], *, stop: threading.Event | None = None) -> int
         return code
     finally:
         restore()
+
+
+def _listen_error(config: IngestConfig, exc: ValueError | OSError) -> ConfigError:
+    """The variable to blame for a failed listen: the port when it is taken or privileged,
+    else the host (waitress raises ValueError for a host it cannot resolve or use)."""
+    where = f"{config.host}:{config.port}"
+    if isinstance(exc, OSError) and not isinstance(exc, socket.gaierror) and exc.errno in (
+            errno.EADDRINUSE, errno.EACCES):
+        return ConfigError("INGEST_PORT", f"cannot listen on {where} ({exc.strerror})",
+                           "a free port (0 for any free port), >= 1024 unless privileged")
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return ConfigError("INGEST_HOST", f"cannot listen on {config.host!r} ({reason})",
+                       "an address of this machine or a name resolving to one, e.g. 127.0.0.1 "
+                       "or 0.0.0.0")
 
 
 def run_migrate(env: Mapping[str, str]) -> int:
@@ -425,7 +445,8 @@ def run_migrate(env: Mapping[str, str]) -> int:
 
 
 def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
-    """SIGTERM and SIGINT set `stop`; returns a function restoring the previous handlers."""
+    """SIGTERM, SIGINT and SIGHUP set `stop` (HUP's default killed the process mid-request;
+    there is nothing to reload); returns a function restoring the previous handlers."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None  # signals are delivered to the main thread only
 
@@ -433,7 +454,8 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
         log.info("stop_requested", extra={"signal": signal.Signals(signum).name})
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, on_signal)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
 
     def restore() -> None:
         for sig, handler in previous.items():

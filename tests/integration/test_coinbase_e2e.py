@@ -199,8 +199,8 @@ def _run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
 
 
 def test_bad_configuration_exits_2_with_one_line(tmp_path: Path) -> None:
-    base = {"API_BASE_URL": "http://127.0.0.1:9", "API_KEY": "k", "METRICS_PORT": "0",
-            "SPOOL_DIR": str(tmp_path / "s")}
+    base = {"API_BASE_URL": "http://127.0.0.1:9", "API_KEY": "test-key-0123456789",
+            "METRICS_PORT": "0", "SPOOL_DIR": str(tmp_path / "s")}
     for over, variable in [({"API_BASE_URL": ""}, "API_BASE_URL"),
                            ({"BATCH_SIZE": "lots"}, "BATCH_SIZE"),
                            ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),

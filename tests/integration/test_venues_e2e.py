@@ -146,7 +146,8 @@ def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_binance_com_has_no_usd_market_and_says_what_to_use() -> None:
-    env = {"API_BASE_URL": "http://127.0.0.1:9", "API_KEY": "k", "SYMBOLS": "BTC/USD"}
+    env = {"API_BASE_URL": "http://127.0.0.1:9", "API_KEY": "test-key-0123456789",
+           "SYMBOLS": "BTC/USD"}
     result = _run("run", "binance", env=env)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()

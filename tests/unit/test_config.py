@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,10 @@ import pytest
 
 from collectors.config import CollectorConfig
 from collectors.errors import ConfigError
+from collectors.keys import key_warnings
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = {"API_BASE_URL": "http://127.0.0.1:3000", "API_KEY": "s3cret-key"}
+BASE = {"API_BASE_URL": "http://127.0.0.1:3000", "API_KEY": "s3cret-key-0123456789"}
 
 
 def load(**over: str) -> CollectorConfig:
@@ -34,15 +36,15 @@ def test_defaults_follow_the_contract(tmp_path: Path) -> None:
 
 def test_key_is_not_in_repr() -> None:
     cfg = load()
-    assert "s3cret-key" not in repr(cfg)
-    assert cfg.api_key == "s3cret-key"
+    assert "s3cret-key-0123456789" not in repr(cfg)
+    assert cfg.api_key == "s3cret-key-0123456789"
 
 
 def test_key_from_file(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
-    key_file.write_text("from-file\n")
+    key_file.write_text("from-file-0123456789\n")
     env = {"API_BASE_URL": "http://127.0.0.1:3000", "API_KEY_FILE": str(key_file)}
-    assert CollectorConfig.from_env("coinbase", env).api_key == "from-file"
+    assert CollectorConfig.from_env("coinbase", env).api_key == "from-file-0123456789"
 
 
 @pytest.mark.parametrize(
@@ -60,11 +62,13 @@ def test_key_from_file(tmp_path: Path) -> None:
         ({"API_BASE_URL": "https://.ingest.example"}, "API_BASE_URL", "not a host name"),
         ({"API_BASE_URL": "http://127.0.0.1:0"}, "API_BASE_URL", "invalid port"),
         ({"WS_URL": "ws://[::1"}, "WS_URL", "is not a URL"),
-        ({"WS_URL": "wss://user:s3cret-key@host"}, "WS_URL", "credentials"),
-        ({"API_BASE_URL": "ftp://user:s3cret-key@host"}, "API_BASE_URL", "not an http(s) URL"),
+        ({"WS_URL": "wss://user:s3cret-key-0123456789@host"}, "WS_URL", "credentials"),
+        ({"API_BASE_URL": "ftp://user:s3cret-key-0123456789@host"}, "API_BASE_URL",
+         "not an http(s) URL"),
         ({"API_KEY": ""}, "API_KEY", "is required"),
-        ({"API_KEY": "has space"}, "API_KEY", "whitespace"),
-        ({"API_KEY": "cl\u00e9-\u20ac"}, "API_KEY", "non-ASCII"),  # no header can carry it
+        ({"API_KEY": "has space 0123456789"}, "API_KEY", "whitespace"),
+        # no header can carry it
+        ({"API_KEY": "cl\u00e9-\u20ac-0123456789abc"}, "API_KEY", "non-ASCII"),
         ({"API_KEY_FILE": "/nonexistent/key"}, "API_KEY", "both"),
         ({"BATCH_SIZE": "0"}, "BATCH_SIZE", "out of range"),
         ({"BATCH_SIZE": "ten"}, "BATCH_SIZE", "not a whole number"),
@@ -90,7 +94,7 @@ def test_bad_values_name_the_variable(env: dict[str, str], variable: str, fragme
     assert info.value.variable == variable
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
-    assert "s3cret-key" not in str(info.value)
+    assert "s3cret-key-0123456789" not in str(info.value)
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:3000", "https://ingest.example.com/api%2Fv1",
@@ -101,7 +105,7 @@ def test_good_api_base_urls_pass(url: str) -> None:
 
 def test_a_bad_api_base_url_exits_2_with_one_line(tmp_path: Path) -> None:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT),
-           "API_KEY": "s3cret-key", "API_BASE_URL": "http://127.0.0.1:0",
+           "API_KEY": "s3cret-key-0123456789", "API_BASE_URL": "http://127.0.0.1:0",
            # loopback only, should it start anyway
            "WS_URL": "ws://127.0.0.1:1", "METRICS_PORT": "0", "CHRONO_STATE_DIR": str(tmp_path)}
     result = subprocess.run([sys.executable, "-m", "collectors", "run", "coinbase"], env=env,
@@ -149,3 +153,87 @@ def test_a_spool_dir_behind_a_parent_we_cannot_search_is_a_config_error(
         load(SPOOL_DIR=str(tmp_path / "locked" / "spool"))
     assert info.value.variable == "SPOOL_DIR"
     assert "Permission denied" in str(info.value) and "\n" not in str(info.value)
+
+
+KEY22 = "abcdefghijklmnopqrstuv"
+
+
+@pytest.mark.parametrize("over", [
+    {"API_BASE_URL": f"ftp://h/{KEY22}"},                    # "... is not an http(s) URL"
+    {"API_BASE_URL": f"http://exa mple.com/{KEY22}"},        # "the host of ..."
+    {"API_BASE_URL": f"http://a..b/{KEY22}"},
+    {"WS_URL": f"http://h/{KEY22}"},                         # "... is not a ws:// URL"
+    {"API_BASE_URL": f"ftp://h/{KEY22[:14]}"},               # a piece of the key
+])
+def test_a_config_error_never_echoes_the_key(over: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        CollectorConfig.from_env("coinbase", {**BASE, "API_KEY": KEY22, **over})
+    assert "[REDACTED]" in str(info.value)
+    assert "abcdefghij" not in str(info.value)
+
+
+def test_a_config_error_of_the_cli_never_prints_the_key(tmp_path: Path) -> None:
+    # The reviewer's repro: API_BASE_URL=ftp://h/<key> printed the key on stderr.
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY22 + "\n")
+    for key_env in ({"API_KEY": KEY22}, {"API_KEY_FILE": str(key_file)}):
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT),
+               "API_BASE_URL": f"ftp://h/{KEY22}", "CHRONO_STATE_DIR": str(tmp_path), **key_env}
+        result = subprocess.run([sys.executable, "-m", "collectors", "run", "coinbase"], env=env,
+                                capture_output=True, text=True, timeout=30, check=False)
+        assert result.returncode == 2, result
+        assert result.stderr.count("\n") == 1 and "API_BASE_URL" in result.stderr, result
+        assert "abcdefghij" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(("key", "problem"), [
+    ("has space 0123456789", "whitespace"),
+    ("tab\tin-0123456789", "control"),
+    ("k" * 4097, "too long"),
+])
+def test_keys_a_header_cannot_carry_are_refused(key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(API_KEY=key)
+    assert info.value.variable == "API_KEY" and problem in str(info.value)
+    assert "\n" not in str(info.value) and key[:8] not in str(info.value)
+
+
+@pytest.mark.parametrize(("key", "warnings"), [
+    ("k", ["short"]),                                       # the API decides what it takes
+    ("short-key-123", ["short"]),
+    ('Sec"ret\'Key-0123456789abcdef', ["not_token68"]),     # quotes: escaped in logs
+    ("key=with-an-inner-equals-sign", ["not_token68"]),    # '=' only at the end
+    ("k" * 4096, []),
+    ("abc+/def.ghi_jkl~mno-pq==", []),
+])
+def test_unwise_keys_are_accepted_and_warned_about(key: str, warnings: list[str]) -> None:
+    assert load(API_KEY=key).api_key == key
+    assert key_warnings([key]) == warnings
+
+
+def test_every_key_the_project_makes_or_documents_fits() -> None:
+    # `make run`/`make demo` make the shared key with secrets.token_urlsafe(32); README says so.
+    for _ in range(200):
+        key = secrets.token_urlsafe(32)
+        assert load(API_KEY=key).api_key == key
+    for text in ((ROOT / "Makefile").read_text(), (ROOT / "README.md").read_text()):
+        assert "secrets.token_urlsafe(32)" in text
+    assert load(API_KEY="abc+/def.ghi_jkl~mno-pq==").api_key == "abc+/def.ghi_jkl~mno-pq=="
+
+
+def test_a_key_file_is_read_up_to_64_kib(tmp_path: Path) -> None:
+    for path in ("/dev/zero", str(tmp_path / "big")):
+        if path != "/dev/zero":
+            Path(path).write_text("k" * (64 * 1024 + 1))
+        env = {"API_BASE_URL": "http://127.0.0.1:3000", "API_KEY_FILE": path}
+        with pytest.raises(ConfigError, match=r"API_KEY_FILE: .* is larger than 65536 bytes"):
+            CollectorConfig.from_env("coinbase", env)
+
+
+@pytest.mark.parametrize("raw", ["1_0", "+5", "\u0663", "0x10", "1e2", "10 0"])
+def test_integers_are_plain_digits_only(raw: str) -> None:
+    # int() took "1_0" as 10.
+    with pytest.raises(ConfigError) as info:
+        load(BATCH_SIZE=raw)
+    assert info.value.variable == "BATCH_SIZE" and "not a whole number" in str(info.value)
+    assert load(BATCH_SIZE=" 10 ").batch_size == 10

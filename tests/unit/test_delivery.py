@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
+from urllib.parse import quote
 
 import pytest
 from hypothesis import given, settings
@@ -553,3 +554,18 @@ def test_an_answer_echoing_the_key_has_it_redacted_before_it_is_cut() -> None:
     assert "[REDACTED]" in result.detail
     assert key[:6] not in result.detail
 
+
+
+def test_a_key_in_the_url_path_is_redacted_percent_encoded_when_the_api_is_down() -> None:
+    # With the key inside API_BASE_URL's path and the ingest down, batch_retry's detail showed
+    # it as requests writes the URL: percent-encoded (`/Sec%2Bret%2FKey...`).
+    key = "Sec+ret/Key-0123456789abcdef=="
+    url = f"http://127.0.0.1:{free_port()}/{quote(key, safe='')}/internal/ingest"
+    poster = Poster(url, key, connect_timeout_s=2, read_timeout_s=2)
+    try:
+        result = poster.post(BATCH)
+    finally:
+        poster.close()
+    assert result.outcome is Outcome.RETRY and result.status is None
+    assert "127.0.0.1" in result.detail and "[REDACTED]" in result.detail, result.detail
+    assert "0123456789" not in result.detail

@@ -26,14 +26,15 @@ def test_defaults(tmp_path: Path) -> None:
 
 def test_all_variables(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
-    key_file.write_text("  file-key-abcdef\n")
+    key_file.write_text("  file-key-abcdef-0123\n")
     cfg = IngestConfig.from_env({
-        "API_KEY": KEY, "API_KEYS": "k1-aaaa, k2-bbbb,,", "API_KEY_FILE": str(key_file),
+        "API_KEY": KEY, "API_KEYS": "k1-aaaa-0123456789, k2-bbbb-0123456789,,",
+        "API_KEY_FILE": str(key_file),
         "INGEST_HOST": "0.0.0.0", "INGEST_PORT": "0", "DATABASE_URL": "postgres://u@h:5433/db",
         "INGEST_MAX_BODY_BYTES": "65536", "INGEST_MAX_FEEDS": "500", "INGEST_THREADS": "2",
         "LOG_LEVEL": "WARN",
     })
-    assert cfg.api_keys == (KEY, "k1-aaaa", "k2-bbbb", "file-key-abcdef")
+    assert cfg.api_keys == (KEY, "k1-aaaa-0123456789", "k2-bbbb-0123456789", "file-key-abcdef-0123")
     assert (cfg.host, cfg.port) == ("0.0.0.0", 0)
     assert cfg.database_url == "postgres://u@h:5433/db"
     assert (cfg.max_body_bytes, cfg.max_feeds, cfg.threads) == (65536, 500, 2)
@@ -106,3 +107,35 @@ def test_redact_url() -> None:
     assert redact_url("postgresql://u:pw@h:1/db") == "postgresql://u:***@h:1/db"
     assert redact_url("postgresql://u@h/db") == "postgresql://u@h/db"
     assert redact_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+@pytest.mark.parametrize(("env", "variable", "problem"), [
+    ({"API_KEY": "has space-0123456789"}, "API_KEY", "whitespace"),
+    ({"API_KEYS": f"{KEY},Sec\"ret Key-0123456789"}, "API_KEYS", "whitespace"),
+    ({"API_KEY": "k" * 4097}, "API_KEY", "too long"),
+])
+def test_keys_a_header_cannot_carry_are_refused(env: dict[str, str], variable: str,
+                                                problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        IngestConfig.from_env(env)
+    assert info.value.variable == variable and problem in str(info.value)
+    assert "0123456789" not in str(info.value) and "kkkkkkkk" not in str(info.value)
+
+
+def test_short_and_unusual_keys_are_accepted() -> None:
+    # The collectors' operator and the API's agree on a key; the API does not judge it.
+    config = IngestConfig.from_env({"API_KEYS": "k,Sec%22ret-Key-0123456789"})
+    assert config.api_keys == ("k", "Sec%22ret-Key-0123456789")
+
+
+def test_the_key_file_is_read_up_to_64_kib() -> None:
+    # read_text() of /dev/zero ended in MemoryError.
+    with pytest.raises(ConfigError, match=r"API_KEY_FILE: /dev/zero is larger than 65536"):
+        IngestConfig.from_env({"API_KEY_FILE": "/dev/zero"})
+
+
+def test_a_later_error_echoing_the_key_is_redacted() -> None:
+    with pytest.raises(ConfigError) as info:
+        IngestConfig.from_env({"API_KEY": KEY, "INGEST_HOST": f"x {KEY}"})
+    assert info.value.variable == "INGEST_HOST"
+    assert "[REDACTED]" in str(info.value) and "value-12" not in str(info.value)

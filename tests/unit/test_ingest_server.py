@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import queue
 import signal
@@ -294,3 +296,83 @@ def test_help_lists_the_environment() -> None:
     assert result.returncode == 0
     assert "DATABASE_URL" in result.stdout
     assert "migrate" in result.stdout
+
+
+def test_a_port_in_use_is_one_line_naming_ingest_port_and_exit_2(tmp_path: Path) -> None:
+    # It was a JSON `listen_failed` log line and exit 1; the collector says METRICS_PORT the
+    # same way: configuration, exit 2, one line on stderr.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "collectors", "ingest"], cwd=REPO,
+                                env=_env(tmp_path, INGEST_HOST="127.0.0.1",
+                                         INGEST_PORT=str(port)),
+                                capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "INGEST_PORT" in lines[0] and str(port) in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_host_waitress_cannot_use_is_one_line_naming_ingest_host_and_exit_2(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # INGEST_HOST=nosuch.invalid (or 999.1.1.1) printed a 38-line traceback ending in
+    # waitress's `ValueError: Invalid host/port specified.` (its name lookup is simulated: no
+    # DNS in tests).
+    from collectors.ingest import server
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise ValueError("Invalid host/port specified.")
+
+    monkeypatch.setattr(server, "start_server", refuse)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        code = server.serve(_env(tmp_path, INGEST_HOST="nosuch.invalid"),
+                            stop=threading.Event())
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "INGEST_HOST" in lines[0] and "nosuch.invalid" in lines[0], lines
+
+
+@pytest.mark.parametrize(("error", "variable"), [
+    (OSError(errno.EADDRINUSE, "Address already in use"), "INGEST_PORT"),
+    (OSError(errno.EACCES, "Permission denied"), "INGEST_PORT"),
+    (OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"), "INGEST_HOST"),
+    (socket.gaierror(-2, "Name or service not known"), "INGEST_HOST"),
+    (ValueError("Invalid host/port specified."), "INGEST_HOST"),
+])
+def test_listen_errors_name_the_variable_to_fix(error: OSError | ValueError,
+                                                 variable: str) -> None:
+    from collectors.ingest.server import _listen_error
+
+    config = IngestConfig(api_keys=(TEST_API_KEY,), database_url="sqlite:///x.db",
+                          host="h.example", port=3000)
+    assert _listen_error(config, error).variable == variable
+
+
+def test_process_drains_and_exits_0_on_sighup(tmp_path: Path) -> None:
+    seen: list[str] = []
+    with ingest_process(_env(tmp_path)) as (proc, lines):
+        _wait_for_event(lines, "ingest_started", seen)
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(30) == 0
+        _wait_for_event(lines, "ingest_stopped", seen)
+
+
+def test_an_unbounded_key_file_is_refused_not_read_whole(tmp_path: Path) -> None:
+    # API_KEY_FILE=/dev/zero ended in MemoryError.
+    result = subprocess.run([sys.executable, "-m", "collectors", "ingest"], cwd=REPO,
+                            env=_env(tmp_path, API_KEY="", API_KEY_FILE="/dev/zero"),
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "API_KEY_FILE" in lines[0] and "larger than" in lines[0], lines

@@ -324,7 +324,7 @@ def test_the_watchdog_window_covers_the_longest_honest_post(tmp_path: Path) -> N
     # A POST may take twice connect + read timeout before its deadline cuts it: the watchdog
     # must not call a delivery thread waiting that long stuck (systemd would kill it and
     # restart it into the same wait).
-    base = {"API_BASE_URL": "http://127.0.0.1:3000", "API_KEY": "k",
+    base = {"API_BASE_URL": "http://127.0.0.1:3000", "API_KEY": "test-key-0123456789",
             "CHRONO_STATE_DIR": str(tmp_path)}
     default = CollectorService(CollectorConfig.from_env("coinbase", base))
     slow = CollectorService(CollectorConfig.from_env(
@@ -426,7 +426,7 @@ def test_a_rejected_symbol_is_counted_from_zero_and_flagged_until_restart() -> N
 
 def test_the_service_starts_its_symbols_threads_and_reasons_at_zero(tmp_path: Path) -> None:
     service = CollectorService(CollectorConfig.from_env("kraken", {
-        "API_BASE_URL": "http://127.0.0.1:3000", "API_KEY": "k",
+        "API_BASE_URL": "http://127.0.0.1:3000", "API_KEY": "test-key-0123456789",
         "CHRONO_STATE_DIR": str(tmp_path), "SYMBOLS": "BTC/USD,ETH/USD",
         "DELIVERY_CONCURRENCY": "2"}))
     registry = service.registry

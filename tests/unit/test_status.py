@@ -169,3 +169,56 @@ def test_status_agrees_with_what_healthz_answers(code: int, status: str, exit_co
     assert status in result.stdout
     if status == "degraded":
         assert "ETH/USD" in result.stdout
+
+
+def test_each_programs_metrics_port_is_read_from_its_environment_line(tmp_path: Path) -> None:
+    # status always asked 9101-9104, whatever METRICS_PORT supervisord.conf gave a program.
+    from xmlrpc.server import SimpleXMLRPCServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"status": "ok", "connected": True}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    rpc = SimpleXMLRPCServer(("127.0.0.1", 0), logRequests=False, allow_none=True)
+    rpc.register_function(lambda: [{"name": "kraken", "statename": "RUNNING", "pid": 4242}],
+                          "supervisor.getAllProcessInfo")
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (httpd, rpc)]
+    for thread in threads:
+        thread.start()
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(
+        f"[supervisorctl]\nserverurl=http://127.0.0.1:{rpc.server_address[1]}\n\n"
+        "[program:kraken]\ncommand=true\n"
+        f"environment=WS_URL=\"ws://x\",METRICS_PORT=\"{httpd.server_port}\",LOG_LEVEL=info\n"
+        "[program:coinbase]\ncommand=true\nenvironment=METRICS_PORT='0'\n")
+    try:
+        result = subprocess.run([sys.executable, "-m", "collectors", "status", "-c", str(conf),
+                                 "--json"], capture_output=True, text=True, timeout=30,
+                                check=False)
+    finally:
+        for server in (httpd, rpc):
+            server.shutdown()
+            server.server_close()
+    assert result.returncode == 0, result
+    [row] = json.loads(result.stdout)["collectors"]
+    assert (row["exchange"], row["health"], row["pid"]) == ("kraken", "ok", 4242)
+
+
+def test_configured_metrics_ports_forms(tmp_path: Path) -> None:
+    from collectors.status import configured_metrics_ports
+
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text("[program:kraken]\nenvironment=METRICS_PORT=9300\n"
+                    "[program:binance]\nenvironment=A=\"1,2\", METRICS_PORT = '9301'\n"
+                    "[program:coinbase]\nenvironment=METRICS_PORT=\"abc\"\n"
+                    "[program:ingest]\nenvironment=METRICS_PORT=\"9302\"\n")
+    assert configured_metrics_ports(conf) == {"kraken": 9300, "binance": 9301}
+    assert configured_metrics_ports(tmp_path / "missing.conf") == {}
