@@ -72,10 +72,11 @@ def run(venue: str, records: int, timeout_s: float) -> str:
             threads0, ingest0 = threads(collector.pid), cpu_s(ingest.pid)
             samples.append((time.time_ns(), cpu_s(collector.pid), cpu_s(ingest.pid)))
             sampler.start()
+            sent0 = sim.sent_count
             sim.burst(records)
             # The burst's frames are all encoded before its first byte goes out: the
             # simulator's CPU counts from there (the others idle meanwhile).
-            sim.wait_for(1, timeout_s=timeout_s)
+            sim.wait_for(sent0 + 1, timeout_s=timeout_s)
             bench0 = own_cpu_s()
             complete = wait_until(lambda: ingest.count() >= baseline + records, timeout_s, 0.05)
             done.set()
