@@ -87,16 +87,20 @@ def main() -> int:
                 assert wait_until(lambda: spool_records(col.spool_dir) == 0, 300, 0.25)
                 drain_s = time.monotonic() - started
                 rss_after = status_kb(col.proc.pid, "VmRSS") / 1024
-                _ = ingest
+                # The first POST waits out the retry backoff the outage built up (up to
+                # DELIVERY_RETRY_MAX_S); the drain itself runs from the first row stored.
+                stored = sorted(t[1] for t in ingest.times())
+                store_s = (stored[-1] - stored[0]) / 1e9 if len(stored) > 1 else 0.0
     text = "\n".join([
         "# Memory through an ingest outage", "",
         machine() + f"; {args.records:,} Coinbase tickers burst while the API is down.", "",
         "| RSS idle MB | RSS peak MB | RSS with backlog MB | backlog on disk | disk bytes/record"
-        " | drained in s | drain records/s | RSS after drain MB |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        " | API up -> drained s | first to last row stored s | drain records/s"
+        " | RSS after drain MB |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         f"| {rss_idle:.1f} | {peak:.1f} | {rss_backlog:.1f} | {spooled:,} | "
-        f"{files / max(spooled, 1):.0f} | {drain_s:.1f} | {spooled / drain_s:,.0f} | "
-        f"{rss_after:.1f} |", ""])
+        f"{files / max(spooled, 1):.0f} | {drain_s:.1f} | {store_s:.1f} | "
+        f"{len(stored) / max(store_s, 1e-9):,.0f} | {rss_after:.1f} |", ""])
     print(text)
     write_results("outage", text)
     return 0
