@@ -1991,11 +1991,11 @@ class Spool:
                     count += row[2]
                 plan = self._plan_rows(rows, count, max_records, max_age_s, force, check=False)
                 return None if plan is None else self._write_ref_claim(conn, plan)
-            drop_gen = self._drop_gen
-        rows, damaged = self._read_chunks(conn, max_records)
+            drop_gen, cursor = self._drop_gen, self._cursor
+        rows, damaged = self._read_chunks(conn, max_records, cursor)
         with self._write_lock:
-            if self._drop_gen != drop_gen:
-                rows, damaged = self._read_chunks(conn, max_records)
+            if self._drop_gen != drop_gen or self._cursor != cursor:
+                rows, damaged = self._read_chunks(conn, max_records, self._cursor)
             if damaged is None:
                 plan = self._plan_rows(rows, sum(row[2] for row in rows), max_records,
                                        max_age_s, force, check=False)
@@ -2004,13 +2004,12 @@ class Spool:
         # Its verified records wait in `front` now: they go first.
         return self._claim(conn, max_records, max_age_s, force)
 
-    def _read_chunks(self, conn: sqlite3.Connection,
-                     max_records: int) -> tuple[list[_Row], _Row | None]:
+    def _read_chunks(self, conn: sqlite3.Connection, max_records: int,
+                     cursor: int) -> tuple[list[_Row], _Row | None]:
         """The waiting rows of `chunks` from the database, oldest first, checked: (rows, None),
         the row holding the cursor cut to its waiting records, up to `max_records` records and
         up to the first gap in ids (a batch by reference is a run of consecutive records). Or
         ([], row) for a damaged first row; a damaged row after others ends the run."""
-        cursor = self._cursor
         rows: list[_Row] = []
         count = 0
         expect: int | None = None

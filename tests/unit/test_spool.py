@@ -1864,3 +1864,72 @@ def test_acks_look_at_the_free_list_once_a_second_when_there_is_nothing_to_vacuu
     spool.append([rec(9)])
     drain_all(spool)
     assert len(looks) == 2
+
+
+def test_a_claim_beside_an_append_that_fails_after_its_full_policy_skips_nothing(
+        spool_dir: Path) -> None:
+    # The claim reads the rows without the write lock. An append at the bound moved the cursor
+    # inside its transaction, then failed (disk full) and put it back: the claim, having read
+    # the moved cursor, committed a batch from there, and the records between were never sent.
+    size = len(rec(0))
+    spool = Spool(spool_dir, max_bytes=100 * size, fsync_interval_s=0, chunk_records=10)
+    try:
+        appended = 0
+        while spool.append([rec(appended)]) == 0:  # to the bound, a record a row
+            appended += 1
+        first_kept = 1  # the append that crossed the bound dropped record 0
+        appended += 1
+        spool._forget_recent()  # a backlog: the claim reads the database
+        in_txn, go_on, reading = threading.Event(), threading.Event(), threading.Event()
+        real_conn, real_read = spool._append_conn, spool._read_chunks
+
+        class FailingInsert:
+            def __init__(self) -> None:
+                self.armed = True
+
+            def execute(self, sql: str, *args: object) -> object:
+                if self.armed and sql.startswith("INSERT INTO chunks"):
+                    self.armed = False
+                    in_txn.set()  # the full policy has moved the cursor by now
+                    assert go_on.wait(5)
+                    raise sqlite3.OperationalError("database or disk is full")
+                return real_conn.execute(sql, *args)  # type: ignore[union-attr]
+
+            executemany = execute
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(real_conn, name)
+
+        def read_during_the_append(*args: object) -> object:
+            reading.set()
+            assert in_txn.wait(5)
+            try:
+                return real_read(*args)  # type: ignore[arg-type]
+            finally:
+                go_on.set()
+
+        spool._append_conn = FailingInsert()  # type: ignore[assignment]
+        spool._read_chunks = read_during_the_append  # type: ignore[method-assign]
+        failed: list[BaseException] = []
+
+        def parser() -> None:
+            assert reading.wait(5)
+            try:
+                spool.append([rec(appended + i) for i in range(20)])
+            except SpoolError as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=parser)
+        thread.start()
+        batch = spool.due_batch(5, 0.0, force=True)
+        thread.join(10)
+        spool._read_chunks = real_read  # type: ignore[method-assign]
+        spool._append_conn = real_conn
+        assert failed and batch is not None
+        sent = numbers(batch.records)
+        spool.ack(batch.key)
+        sent += numbers(drain_all(spool))
+        assert sent == list(range(first_kept, appended))
+        assert spool.stats().records == 0
+    finally:
+        spool.close()
