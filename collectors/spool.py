@@ -352,10 +352,13 @@ def _shape(payload: bytes, n: int, crcs: bytes) -> int | None:
     return None
 
 
-def _waiting_part(rid: int, n: int, payload: bytes, cursor: int) -> tuple[int, int]:
+def _waiting_part(rid: int, n: int, payload: bytes, crcs: bytes,
+                  cursor: int) -> tuple[int, int]:
     """(records, bytes) of a row of `chunks` that wait, as the counters count them: from its
-    stored `n` (a whole row's bytes are its payload less n - 1 separators, as `_load_counters`
-    sums them), so that a damaged row is counted alike wherever it is met."""
+    size (its `n`, or the size its CRCs and pieces agree on when `n` alone rotted, as appended;
+    a whole row's bytes are its payload less n - 1 separators), so that a damaged row is
+    counted alike wherever it is met."""
+    n = _shape(payload, n, crcs) or n
     if rid + n <= cursor:
         return 0, 0
     size = len(payload) - (n - 1)
@@ -1157,19 +1160,27 @@ class Spool:
                 " THEN length(payload) - n + 1 ELSE bytes END), 0), count(*) FROM claimed"
             ).fetchone()
             # The rows of `chunks` after the cursor wait whole; the one holding it, its tail.
+            # A row whose CRC blob disagrees with its `n` (damage) is sized by _waiting_part.
             chunks = conn.execute(
                 "SELECT coalesce(sum(n), 0), coalesce(sum(length(payload) - n + 1), 0)"
-                " FROM chunks WHERE id >= ?", (cursor,)).fetchone()
+                " FROM chunks WHERE id >= ? AND length(crcs) = 4 * n", (cursor,)).fetchone()
+            odd = conn.execute("SELECT id, n, payload, crcs FROM chunks WHERE id >= ?"
+                               " AND length(crcs) != 4 * n", (cursor,)).fetchall()
             held = conn.execute(
-                "SELECT id, n, payload FROM chunks WHERE id < ? ORDER BY id DESC LIMIT 1",
+                "SELECT id, n, payload, crcs FROM chunks WHERE id < ? ORDER BY id DESC LIMIT 1",
                 (cursor,)).fetchone()
             last = conn.execute("SELECT id, n FROM chunks ORDER BY id DESC LIMIT 1").fetchone()
         except (sqlite3.Error, TypeError) as exc:  # TypeError: no cursor row
             raise SpoolError(f"spool {self._db_path}: reading counters failed: {exc}") from exc
         tail_n = tail_bytes = 0
-        if held is not None and int(held[0]) + int(held[1]) > cursor:
-            tail_n, tail_bytes = _waiting_part(int(held[0]), int(held[1]), bytes(held[2]),
+        for rid, n, payload, crcs in odd:
+            part_n, part_bytes = _waiting_part(int(rid), int(n), bytes(payload), bytes(crcs),
                                                cursor)
+            tail_n, tail_bytes = tail_n + part_n, tail_bytes + part_bytes
+        if held is not None:
+            part_n, part_bytes = _waiting_part(int(held[0]), int(held[1]), bytes(held[2]),
+                                               bytes(held[3]), cursor)
+            tail_n, tail_bytes = tail_n + part_n, tail_bytes + part_bytes
         self._cursor = cursor
         self._front = int(front[0])
         self._claimed_records, self._claimed_bytes = int(claimed[0]), int(claimed[1])
@@ -1817,6 +1828,9 @@ class Spool:
         self._bytes += sum(map(len, good)) - size - waiting_bytes
         self._batches -= 1
         self._corrupt_lost_total += lost
+        # Damage: the tables say what is left (a size that rotted misleads any arithmetic on
+        # the counters, which were made from the sizes as appended).
+        self._load_counters()
         log.error("spool_corrupt", extra={
             "spool_path": str(self._db_path), "problem": "claimed batch failed its checksum",
             "idempotency_key": key, "lost_records": lost, "dead_lettered_records": len(bad),
@@ -1838,7 +1852,7 @@ class Spool:
                 continue
             cursor = self._cursor
             if rid + rn > cursor:  # as the counters count it (from its stored n)
-                part_n, part_bytes = _waiting_part(rid, rn, payload, cursor)
+                part_n, part_bytes = _waiting_part(rid, rn, payload, crcs, cursor)
                 waiting += part_n
                 waiting_bytes += part_bytes
                 after = conn.execute("SELECT min(id) FROM chunks WHERE id > ?",
@@ -1929,6 +1943,18 @@ class Spool:
             " AND length(crcs) = 4 * n AND NOT EXISTS (SELECT 1 FROM claimed"
             " WHERE first_id IS NOT NULL AND first_id < chunks.id + chunks.n"
             " AND last_id >= chunks.id)", (first, first, last, self._cursor))
+        # Such a row (damage, rare) goes by the size its CRCs and pieces agree on, if they do.
+        for rid, rn, crcs, payload in conn.execute(
+                f"SELECT id, n, crcs, payload FROM chunks WHERE {_FROM_ROW_OF} AND id <= ?"
+                " AND length(crcs) != 4 * n", (first, first, last)).fetchall():
+            size = _shape(bytes(payload), int(rn), bytes(crcs))
+            if size is None or int(rid) + size > self._cursor:
+                continue
+            shared = conn.execute(
+                "SELECT 1 FROM claimed WHERE first_id IS NOT NULL AND first_id < ?"
+                " AND last_id >= ? LIMIT 1", (int(rid) + size, int(rid))).fetchone()
+            if shared is None:
+                conn.execute("DELETE FROM chunks WHERE id = ?", (int(rid),))
 
     def _put_back(self, conn: sqlite3.Connection, records: list[bytes],
                   appended_ns: int) -> None:
@@ -2056,7 +2082,7 @@ class Spool:
         rid, _row_ns, n, _crc, crcs, payload = row
         cursor = self._cursor
         first = max(cursor, rid) - rid
-        counted, counted_bytes = _waiting_part(rid, n, payload, cursor)  # as counted so far
+        counted, counted_bytes = _waiting_part(rid, n, payload, crcs, cursor)  # as counted
         parts = payload.split(_NL)
         shape = _shape(payload, n, crcs)  # its true size, when its pieces and CRCs agree
         framed = shape == n
@@ -2100,6 +2126,7 @@ class Spool:
         self._records += len(good) - counted
         self._bytes += sum(map(len, good)) - counted_bytes
         self._corrupt_lost_total += lost
+        self._load_counters()  # as in _take_apart
         log.error("spool_corrupt", extra={
             "spool_path": str(self._db_path), "problem": "record checksum mismatch",
             "lost_records": lost, "dead_lettered_records": len(bad),

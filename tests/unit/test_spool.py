@@ -437,7 +437,7 @@ def waiting_reads(spool: Spool) -> list[str]:
     seen: list[str] = []
     assert spool._conn is not None
     spool._conn.set_trace_callback(
-        lambda sql: seen.append(sql) if "payload FROM chunks" in sql else None)
+        lambda sql: seen.append(sql) if "crc32, crcs, payload FROM chunks" in sql else None)
     return seen
 
 
@@ -1933,3 +1933,59 @@ def test_a_claim_beside_an_append_that_fails_after_its_full_policy_skips_nothing
         assert spool.stats().records == 0
     finally:
         spool.close()
+
+
+def rot_count(directory: Path, n: int) -> None:
+    """One rotted integer: the first row of `chunks` says it holds `n` records."""
+    conn = sqlite3.connect(directory / "spool.db")
+    try:
+        with conn:
+            conn.execute("UPDATE chunks SET n = ? WHERE id = 1", (n,))
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("head_acked", [False, True])
+def test_a_rotted_count_leaves_the_counters_true(spool_dir: Path, head_acked: bool) -> None:
+    # A claim meeting the row sized its waiting part by the rotted count, while the counters
+    # had counted the records as appended: 64 phantom records, nothing claimed any more.
+    spool = Spool(spool_dir, chunk_records=1000, fsync_interval_s=0)
+    try:
+        spool.append([rec(i) for i in range(10)])
+        head = spool.due_batch(5, 0.0, force=True)
+        assert head is not None
+        if head_acked:
+            spool.ack(head.key)
+        spool._forget_recent()  # a backlog: claims read the database
+        rot_count(spool_dir, 74)
+        sent = numbers(drain_all_but(spool, head.key))
+        if not head_acked:
+            spool.ack(head.key)
+        assert sent == [5, 6, 7, 8, 9]
+        stats = spool.stats()
+        assert (stats.records, stats.payload_bytes, stats.corrupt_lost_total) == (0, 0, 0)
+    finally:
+        spool.close()
+    assert_rows_consistent(spool_dir)
+
+
+def drain_all_but(spool: Spool, key: str) -> list[bytes]:
+    out: list[bytes] = []
+    while (batch := spool.due_batch(1000, 0.0, force=True, exclude={key})) is not None:
+        out.extend(batch.records)
+        spool.ack(batch.key)
+    return out
+
+
+def test_a_row_whose_count_rotted_goes_with_its_batch(spool_dir: Path) -> None:
+    with Spool(spool_dir, chunk_records=1000, fsync_interval_s=0) as spool:
+        spool.append([rec(i) for i in range(5)])
+        batch = spool.due_batch(5, 0.0, force=True)
+        assert batch is not None
+        rot_count(spool_dir, 69)
+        spool.ack(batch.key)
+    with Spool(spool_dir, fsync_interval_s=0) as spool:
+        assert spool.stats().records == 0
+        assert spool.due_batch(50, 0.0, force=True) is None
+        assert spool.seconds_until_due(1.0) is None  # no phantom record to wait for
+    assert_rows_consistent(spool_dir)
