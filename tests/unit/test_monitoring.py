@@ -51,6 +51,14 @@ def _alert_expr(name: str) -> str:
     return block.split("expr:", 1)[1].split("\n        for:")[0].split("\n        labels:")[0]
 
 
+def _alert_test(tmp_path: Path, series: str, alert_rule_tests: str) -> None:
+    """`promtool test rules` of the shipped rules: one-minute steps over `series` (lines made
+    by `_series`), checked by `alert_rule_tests` (the YAML items under alert_rule_test)."""
+    _promtool_test(tmp_path, "rule_files: [chrono.rules.yml]\nevaluation_interval: 1m\n"
+                   "tests:\n  - interval: 1m\n    input_series:\n" + series
+                   + "    alert_rule_test:\n" + alert_rule_tests)
+
+
 def _promtool_test(tmp_path: Path, test_yaml: str) -> None:
     (tmp_path / "chrono.rules.yml").write_text(RULES.read_text())
     (tmp_path / "case.test.yml").write_text(test_yaml)
@@ -157,13 +165,7 @@ def test_flush_failing_fires_on_a_rare_failure_with_records_waiting(tmp_path: Pa
                 exchange="coinbase"),
         _series("chrono_collector_spool_records", "0 500+50x40", exchange="coinbase"),
     ])
-    _promtool_test(tmp_path, f"""
-rule_files: [chrono.rules.yml]
-evaluation_interval: 1m
-tests:
-  - interval: 1m
-    input_series:
-{series}    alert_rule_test:
+    _alert_test(tmp_path, series, f"""
       - alertname: FlushFailing
         eval_time: 15m
         exp_alerts: []
@@ -189,13 +191,7 @@ def test_the_first_reconnects_and_rejections_alert(tmp_path: Path) -> None:
         _series("chrono_collector_symbol_rejected", "0 0 1x10", exchange="kraken",
                 symbol="FOO/USD"),
     ])
-    _promtool_test(tmp_path, f"""
-rule_files: [chrono.rules.yml]
-evaluation_interval: 1m
-tests:
-  - interval: 1m
-    input_series:
-{series}    alert_rule_test:
+    _alert_test(tmp_path, series, f"""
       - alertname: CollectorReconnecting
         eval_time: 4m
         exp_alerts:

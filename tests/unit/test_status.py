@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -61,13 +63,14 @@ def test_bad_arguments_are_one_line_on_stderr_and_exit_2(args: list[str]) -> Non
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-def test_without_supervisord_only_the_endpoints_given_are_checked() -> None:
-    # A systemd host running only Kraken (deploy/install.sh kraken checks it this way): the
-    # venues not named are not reported down.
+@contextlib.contextmanager
+def healthz(doc: dict[str, object], code: int = 200) -> Iterator[ThreadingHTTPServer]:
+    """A /healthz on 127.0.0.1 answering `doc` with `code` to every GET, for the `with`."""
+    body = json.dumps(doc).encode()
+
     class Health(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = b'{"status": "ok", "connected": true, "last_message_age_s": 0.5}'
-            self.send_response(200)
+            self.send_response(code)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -78,13 +81,20 @@ def test_without_supervisord_only_the_endpoints_given_are_checked() -> None:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_without_supervisord_only_the_endpoints_given_are_checked() -> None:
+    # A systemd host running only Kraken (deploy/install.sh kraken checks it this way): the
+    # venues not named are not reported down.
+    with healthz({"status": "ok", "connected": True, "last_message_age_s": 0.5}) as httpd:
         result = subprocess.run(
             [sys.executable, "-m", "collectors", "status", "--no-supervisor", "--json",
              "--endpoint", f"kraken=http://127.0.0.1:{httpd.server_port}"],
             capture_output=True, text=True, timeout=30, check=False)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert "kraken" in result.stdout
     for other in ("coinbase", "binance"):
         assert f'"{other}"' not in result.stdout, result.stdout
@@ -142,29 +152,13 @@ def test_a_health_endpoint_that_is_not_http_is_unreachable_not_a_traceback() -> 
 def test_status_agrees_with_what_healthz_answers(code: int, status: str, exit_code: int) -> None:
     # /healthz answers 200 while connected and fresh, stale symbols or not ("degraded"): the
     # status command calls the same collector up, and names the stale symbols.
-    class Health(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps({"status": status, "connected": code == 200,
-                               "stale_symbols": ["ETH/USD"] if status == "degraded" else []
-                               }).encode()
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
+    doc = {"status": status, "connected": code == 200,
+           "stale_symbols": ["ETH/USD"] if status == "degraded" else []}
+    with healthz(doc, code) as httpd:
         result = subprocess.run(
             [sys.executable, "-m", "collectors", "status", "--no-supervisor",
              "--endpoint", f"kraken=http://127.0.0.1:{httpd.server_port}"],
             capture_output=True, text=True, timeout=30, check=False)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert result.returncode == exit_code, result
     assert status in result.stdout
     if status == "degraded":
@@ -175,38 +169,25 @@ def test_each_programs_metrics_port_is_read_from_its_environment_line(tmp_path: 
     # status always asked 9101-9104, whatever METRICS_PORT supervisord.conf gave a program.
     from xmlrpc.server import SimpleXMLRPCServer
 
-    class Health(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps({"status": "ok", "connected": True}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
     rpc = SimpleXMLRPCServer(("127.0.0.1", 0), logRequests=False, allow_none=True)
     rpc.register_function(lambda: [{"name": "kraken", "statename": "RUNNING", "pid": 4242}],
                           "supervisor.getAllProcessInfo")
-    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (httpd, rpc)]
-    for thread in threads:
-        thread.start()
-    conf = tmp_path / "supervisord.conf"
-    conf.write_text(
-        f"[supervisorctl]\nserverurl=http://127.0.0.1:{rpc.server_address[1]}\n\n"
-        "[program:kraken]\ncommand=true\n"
-        f"environment=WS_URL=\"ws://x\",METRICS_PORT=\"{httpd.server_port}\",LOG_LEVEL=info\n"
-        "[program:coinbase]\ncommand=true\nenvironment=METRICS_PORT='0'\n")
+    threading.Thread(target=rpc.serve_forever, daemon=True).start()
     try:
-        result = subprocess.run([sys.executable, "-m", "collectors", "status", "-c", str(conf),
-                                 "--json"], capture_output=True, text=True, timeout=30,
-                                check=False)
+        with healthz({"status": "ok", "connected": True}) as httpd:
+            conf = tmp_path / "supervisord.conf"
+            conf.write_text(
+                f"[supervisorctl]\nserverurl=http://127.0.0.1:{rpc.server_address[1]}\n\n"
+                "[program:kraken]\ncommand=true\n"
+                f"environment=WS_URL=\"ws://x\",METRICS_PORT=\"{httpd.server_port}\","
+                "LOG_LEVEL=info\n"
+                "[program:coinbase]\ncommand=true\nenvironment=METRICS_PORT='0'\n")
+            result = subprocess.run([sys.executable, "-m", "collectors", "status", "-c",
+                                     str(conf), "--json"], capture_output=True, text=True,
+                                    timeout=30, check=False)
     finally:
-        for server in (httpd, rpc):
-            server.shutdown()
-            server.server_close()
+        rpc.shutdown()
+        rpc.server_close()
     assert result.returncode == 0, result
     [row] = json.loads(result.stdout)["collectors"]
     assert (row["exchange"], row["health"], row["pid"]) == ("kraken", "ok", 4242)
