@@ -541,8 +541,11 @@ class Sender:
             self._wake.clear()  # before looking: an append from now on ends the wait below
             try:
                 ahead, self._ahead[worker] = self._ahead[worker], None
-                # The batch claimed during the last POST, or (none was due then) one now.
-                batch = self._claim(final) if ahead is None else ahead.result()
+                # The batch claimed during the last POST, or (none was due then) one now: a
+                # stop during that POST makes the records it left waiting due at once.
+                batch = None if ahead is None else ahead.result()
+                if batch is None:
+                    batch = self._claim(final)
             except SpoolError as exc:
                 self._metrics.spool_errors.inc()
                 log.error("spool_read_failed", extra={"error": str(exc)})

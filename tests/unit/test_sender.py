@@ -105,13 +105,14 @@ def records(n: int) -> list[bytes]:
 
 
 @contextmanager
-def workers(r: Rig, n: int, batch_size: int) -> Iterator[tuple[Sender, threading.Event]]:
+def workers(r: Rig, n: int, batch_size: int,
+            batch_interval_s: float = 0.01) -> Iterator[tuple[Sender, threading.Event]]:
     """`n` delivery workers on threads; on exit they are stopped, drained and joined."""
     stop, writer_done, wake = threading.Event(), threading.Event(), threading.Event()
     posters = [Poster(r.url, TEST_API_KEY, connect_timeout_s=2, read_timeout_s=10)
                for _ in range(n)]
     sender = Sender(r.spool, posters, Metrics(CollectorRegistry(), "coinbase", "w"),
-                    batch_size=batch_size, batch_interval_s=0.01, stop=stop,
+                    batch_size=batch_size, batch_interval_s=batch_interval_s, stop=stop,
                     writer_finished=writer_done, wake=wake, drain_timeout_s=5.0,
                     retry_max_s=1.0)
     threads = [threading.Thread(target=sender.run, args=(i,), daemon=True) for i in range(n)]
@@ -203,6 +204,25 @@ def test_the_next_batch_is_claimed_while_a_post_is_on_the_wire(tmp_path: Path) -
         assert first_sequences(r.faults.bodies) == [0, 10, 20]
         assert r.spool.stats().records == 0  # every acknowledgement committed before the end
         assert stored_sequences(r.db_path) == list(range(30))
+
+
+def test_a_stop_during_a_post_still_drains_what_was_not_due_at_its_start(
+        tmp_path: Path) -> None:
+    with rig(tmp_path) as r:
+        r.faults.hang(10, times=1)  # the first POST waits until released
+        with workers(r, 1, batch_size=10, batch_interval_s=60.0) as (sender, wake):
+            r.spool.append(records(15))
+            wake.set()
+            assert r.faults.wait_for_requests(1, timeout_s=10)
+            # The look-ahead claim ran during the POST and found nothing due (5 records, young).
+            assert wait_until(lambda: (ahead := sender._ahead[0]) is not None and ahead.done(),
+                              timeout_s=10)
+            sender._writer_finished.set()  # the service stops while the POST is on the wire
+            sender._stop.set()
+            r.faults.release()
+            assert r.faults.wait_for_completed(2, timeout_s=10)
+        assert stored_sequences(r.db_path) == list(range(15))
+        assert r.spool.stats().records == 0
 
 
 def test_a_batch_claimed_ahead_goes_back_behind_the_failed_one(tmp_path: Path) -> None:
