@@ -6,10 +6,10 @@ $BENCH_STAMPS_PATH: `[point, ns, [[symbol, sequence(, received ns)], ...]]`. Not
 changes.
 
 - `parsed`: `SpoolWriter.put_many_waiting` is entered (the parser hands a chunk's records on)
-- `spooled`: the chunk's `Spool.append` returns (the chunk is committed to the spool: it
-  survives `kill -9`, and it may be claimed into a batch); not when `put_many_waiting` returns,
-  so whatever the writer does after its commit (waking the delivery thread) is not counted as
-  the commit's
+- `spooled`: the chunk's `Spool.append` (or `append_claiming`) returns (the chunk is
+  committed to the spool: it survives `kill -9`, and it may be claimed into a batch); not when
+  `put_many_waiting` returns, so whatever the writer does after its commit (waking the delivery
+  thread) is not counted as the commit's
 - `posted`: `Poster.post` is entered with a batch (the record starts leaving the process);
   the keys come from the batch's own bytes
 
@@ -45,6 +45,7 @@ _stamps: list[tuple[str, int, tuple[tuple[Any, ...], ...] | bytes]] = []
 _put_many_waiting = SpoolWriter.put_many_waiting
 _post = Poster.post
 _append = Spool.append
+_append_claiming = Spool.append_claiming  # the write that fills a batch for a waiting worker
 _appended_ns = [0]  # when the parser thread's last Spool.append returned
 
 
@@ -67,6 +68,12 @@ def append(self: Spool, records: Any, marks: Any = None) -> int:
     dropped = _append(self, records, marks)
     _appended_ns[0] = time.time_ns()
     return dropped
+
+
+def append_claiming(self: Spool, *args: Any, **kwargs: Any) -> Any:
+    result = _append_claiming(self, *args, **kwargs)
+    _appended_ns[0] = time.time_ns()
+    return result
 
 
 def put_many_waiting(self: SpoolWriter, records: list[PriceFeed], stop: Any) -> int:
@@ -98,6 +105,7 @@ def _dump() -> None:
 
 SpoolWriter.put_many_waiting = put_many_waiting  # type: ignore[method-assign]
 Spool.append = append  # type: ignore[method-assign]
+Spool.append_claiming = append_claiming  # type: ignore[method-assign]
 Poster.post = post  # type: ignore[method-assign]
 atexit.register(_dump)
 

@@ -17,7 +17,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -345,6 +346,8 @@ class SpoolWriter:
                  retry_wait_s: float = 0.5) -> None:
         self._mark_of = mark_of  # the adapter's dedup mark, persisted with the records
         self._spool = spool  # None until attach(): the service opens the spool when it runs
+        self._append: Callable[[Sequence[bytes], Mapping[str, int]], int] | None = (
+            None if spool is None else spool.append)
         self._metrics = metrics
         # Wakes the delivery thread, but only when that changes its plan: a full batch waits
         # (`due_size()` records: the Sender's batch size), or the first record after none (it
@@ -356,16 +359,20 @@ class SpoolWriter:
         self._last_error_log = 0.0
         self.beat = time.monotonic()  # last write attempt (watchdog progress while retrying)
 
-    def attach(self, spool: Spool) -> None:
+    def attach(self, spool: Spool,
+               append: Callable[[Sequence[bytes], Mapping[str, int]], int] | None = None) -> None:
+        """Write to `spool`, through `append` when given (the Sender's, which may claim the
+        batch a write fills for a worker waiting for one) instead of `spool.append`."""
         self._spool = spool
+        self._append = append or spool.append
 
     def put_many_waiting(self, records: list[PriceFeed], stop: threading.Event) -> int:
         """Spool `records` (with their dedup marks) in one transaction; returns how many could
         not be stored: 0, or all of them when `stop` is set and the spool still refuses."""
         if not records:
             return 0
-        spool = self._spool
-        if spool is None:
+        spool, append = self._spool, self._append
+        if spool is None or append is None:
             raise RuntimeError("SpoolWriter used before attach()")
         encoded = [encode(r) for r in records]
         # The adapter's dedup state after this chunk, per key (it may have started a count
@@ -381,7 +388,7 @@ class SpoolWriter:
             self.beat = time.monotonic()
             waited = spool.waiting_records
             try:
-                dropped = spool.append(encoded, marks)
+                dropped = append(encoded, marks)
             except SpoolError as exc:
                 self._metrics.spool_errors.inc()
                 now = time.monotonic()
@@ -477,6 +484,10 @@ class Sender:
         self._resume_at = 0.0  # monotonic time before which no worker POSTs (after a failure)
         self._probe = threading.Lock()  # held by the one POST allowed while the API is failing
         self._in_flight: set[str] = set()  # keys of the batches the workers hold
+        # Batches the parser claimed in its own commit for a worker waiting for one (`append`);
+        # their keys are in _in_flight. `_idle`: workers waiting for a batch.
+        self._handed: deque[Batch] = deque()
+        self._idle = 0
         self._acking: set[str] = set()  # keys of stored batches whose acknowledgement is queued
         # The spool writes of every worker run on one thread, in the order they are handed in
         # (a batch's attempt is counted before it can be acknowledged); `thread_init` names it.
@@ -561,7 +572,13 @@ class Sender:
                             self._drained_logged = True
                             log.info("delivery_drained")
                     return
-                self._wake.wait(self._idle_wait_s(drain_deadline))
+                with self._lock:
+                    self._idle += 1
+                try:
+                    self._wake.wait(self._idle_wait_s(drain_deadline))
+                finally:
+                    with self._lock:
+                        self._idle -= 1
                 continue
             try:
                 sent = self._deliver(batch, poster, worker, final)
@@ -573,15 +590,46 @@ class Sender:
                 return
 
     # ---- spool bookkeeping (mostly on the bookkeeping thread) --------------------------------
+    def append(self, records: Sequence[bytes], marks: Mapping[str, int]) -> int:
+        """`Spool.append` for the parser's spool writer (returns what the full policy dropped).
+
+        When a worker waits for a batch (the feed is not busy enough to keep one claimed ahead)
+        and this write fills one, it is claimed in the same transaction (`append_claiming`) and
+        handed to the worker, which POSTs it as soon as it wakes: the claim's own transaction,
+        the worker's wait for the spool's write lock (the parser's next commit) and for the
+        GIL to make it are off the path from a record's commit to its POST. Not while the API
+        fails, nor when stopping: the batches then come from `due_batch` as before."""
+        spool = self._spool
+        if (not self._idle or self._handed
+                or spool.waiting_records + len(records) < self._size_cap):
+            return spool.append(records, marks)
+        with self._claim_lock:
+            with self._lock:
+                size = self._size_cap if (self._idle and not self._handed
+                                          and self._backoff.attempt == 0
+                                          and not self._stop.is_set()) else 0
+                exclude = self._in_flight | self._acking
+            dropped, batch = spool.append_claiming(records, marks, size, exclude)
+            if batch is not None:
+                with self._lock:
+                    self._in_flight.add(batch.key)
+                    self._handed.append(batch)
+        if batch is not None:
+            self._wake.set()
+        return dropped
+
     def _claim(self, final: bool) -> Batch | None:
-        """The next batch to send (see Spool.due_batch), reserved for the caller. One claim at
-        a time (`_claim_lock`), so the keys read under `_lock` are still the ones to skip when
-        the claim commits (keys only leave the sets meanwhile), without holding `_lock`, which
-        the workers need between POSTs, for the length of a claim. A claimed batch whose
+        """The next batch to send (see Spool.due_batch), reserved for the caller: first one
+        the parser claimed for a waiting worker (`append`). One claim at a time
+        (`_claim_lock`), so the keys read under `_lock` are still the ones to skip when the
+        claim commits (keys only leave the sets meanwhile), without holding `_lock`, which the
+        workers need between POSTs, for the length of a claim. A claimed batch whose
         acknowledgement is still queued is skipped (`_acking`), so a claim need not wait for
         the bookkeeping thread."""
         with self._claim_lock:
             with self._lock:
+                if self._handed:
+                    return self._handed.popleft()
                 exclude = self._in_flight | self._acking
                 size = self._size_cap
             batch = self._spool.due_batch(size, self._interval_s, force=final, exclude=exclude)

@@ -178,13 +178,14 @@ class CollectorService:
                           connect_timeout_s=cfg.http_connect_timeout_s,
                           read_timeout_s=cfg.http_read_timeout_s)
                    for _ in range(cfg.delivery_concurrency)]
-        self._writer.attach(self.spool)
         self.sender = Sender(self.spool, posters, self.metrics, batch_size=cfg.batch_size,
                              batch_interval_s=cfg.batch_interval_s, stop=self.stop_event,
                              writer_finished=self._parser_finished,
                              wake=self._wake_delivery,
                              drain_timeout_s=DRAIN_TIMEOUT_S, retry_max_s=cfg.retry_max_s,
                              thread_init=lambda: name_native_thread("delivery-spool"))
+        # The parser's commits go through the Sender, which may claim the batch one fills.
+        self._writer.attach(self.spool, self.sender.append)
         ws_name, parse_name, *delivery_names = thread_names(cfg.exchange, self.sender.workers)
         threads = [
             # A finished stage closes the queue it fed, which wakes its consumer at once.

@@ -141,8 +141,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
+import math
 import os
 import sqlite3
 import sys
@@ -588,8 +590,28 @@ class Spool:
         holds a newline byte (records are compact JSON) and SpoolError if the write fails (for
         example "database or disk is full"); nothing is stored then.
         """
+        return self._append(records, marks, 0, ())[0]
+
+    def append_claiming(
+        self, records: Sequence[bytes], marks: Mapping[str, int] | None, max_records: int,
+        exclude: Collection[str] = (),
+    ) -> tuple[int, Batch | None]:
+        """`append`, and in the same transaction the claim `due_batch(max_records, ...)` would
+        make right after it when the append fills a batch: (dropped, the batch or None).
+
+        For a delivery worker that waits for a batch: the claim costs no transaction and no
+        wake-up of its own, and a commit of the parser's cannot hold it up. Claimed only when
+        it is the batch `due_batch` would return: `max_records` records wait after the append,
+        none of them put back (`front`), all still in memory, none dropped by the full policy,
+        and every claimed batch is in `exclude` (none is owed a send first). Else nothing is
+        claimed and the batch comes from `due_batch` as before. `max_records` 0: plain append.
+        """
+        return self._append(records, marks, max_records, exclude)
+
+    def _append(self, records: Sequence[bytes], marks: Mapping[str, int] | None,
+                claim: int, exclude: Collection[str]) -> tuple[int, Batch | None]:
         if not records:
-            return 0
+            return 0, None
         joined = _NL.join(records)
         if joined.count(_NL) != len(records) - 1:
             raise ValueError("a spool record must not contain a newline byte (compact JSON)")
@@ -599,6 +621,8 @@ class Spool:
             conn = self._require(self._append_conn)
             freed_records = freed_bytes = skip = 0
             dropping = False
+            plan: _ClaimPlan | None = None
+            key = ""
             with self._txn(conn, f"append of {len(records)} records"):
                 # Claimed bytes count against the bound but cannot be freed (see the docstring).
                 excess = self._bytes + total - self._max_bytes
@@ -630,6 +654,12 @@ class Spool:
                         conn.execute(_UPSERT_MARK, next(iter(marks.items())))
                     else:
                         conn.executemany(_UPSERT_MARK, list(marks.items()))
+                if (claim > 0 and not dropping and self._recent_ok and not self._front
+                        and self._records + len(kept) - self._claimed_records >= claim
+                        and self._all_claimed_in(conn, exclude)):
+                    plan = self._plan_recent(rows, claim)
+                    if plan is not None:
+                        key = self._insert_ref_claim(conn, plan)
             self._next_id = next_id
             self._wrote(len(joined) // PAGE_SIZE)
             kept_bytes = total - sum(len(r) for r in records[:skip])
@@ -642,9 +672,30 @@ class Spool:
             elif self._recent_ok:
                 self._recent.extend(rows)
                 self._recent_bytes += sum(len(row[5]) for row in rows)
-                if self._recent_bytes > _RECENT_MAX_BYTES:
-                    self._forget_recent()
-        return dropped  # the caller counts and logs drops (one place, one metric)
+            batch = None if plan is None else self._ref_claimed(plan, key)
+            if self._recent_bytes > _RECENT_MAX_BYTES:
+                self._forget_recent()
+        return dropped, batch  # the caller counts and logs drops (one place, one metric)
+
+    def _all_claimed_in(self, conn: sqlite3.Connection, exclude: Collection[str]) -> bool:
+        """Whether every claimed batch's key is in `exclude` (the caller holds the write
+        lock; no batch is claimed meanwhile)."""
+        if self._batches <= 0:
+            return True
+        keys = conn.execute("SELECT key FROM claimed").fetchall()
+        return all(str(k) in exclude for (k,) in keys)
+
+    def _plan_recent(self, rows: list[_Row], max_records: int) -> _ClaimPlan | None:
+        """The claim of the oldest `max_records` waiting records, all in `_recent` or in
+        `rows` (appended in the open transaction, after them)."""
+        taken: list[_Row] = []
+        count = 0
+        for row in itertools.chain(self._recent, rows):
+            if count >= max_records:
+                break
+            taken.append(row)
+            count += row[2]
+        return self._plan_rows(taken, count, max_records, math.inf, False, check=False)
 
     def marks(self) -> dict[str, int]:
         """The dedup marks stored by `append`. Raises SpoolError."""
@@ -2259,17 +2310,26 @@ class Spool:
     def _write_ref_claim(self, conn: sqlite3.Connection, plan: _ClaimPlan) -> Batch:
         """Commit a planned claim of `chunks` by reference: a small row naming the batch's
         first and last record, and the cursor past them. The caller holds both locks."""
-        key = uuid.uuid4().hex
-        size = len(plan.payload) - (plan.taken - 1)
-        cursor = plan.last_id + 1
         with self._txn(conn, "claim a batch"):
-            conn.execute(
-                "INSERT INTO claimed (key, n, attempts, created_ns, claimed_ns, crc32, crcs,"
-                " payload, first_id, last_id, bytes) VALUES (?, ?, 0, ?, ?, 0, x'', x'', ?, ?, ?)",
-                (key, plan.taken, plan.first_ns, self._clock_ns(), plan.first_id, plan.last_id,
-                 size))
-            conn.execute(_SET_CURSOR, (cursor,))
-        self._cursor = cursor
+            key = self._insert_ref_claim(conn, plan)
+        return self._ref_claimed(plan, key)
+
+    def _insert_ref_claim(self, conn: sqlite3.Connection, plan: _ClaimPlan) -> str:
+        """The writes of a claim by reference, in the caller's transaction; its key."""
+        key = uuid.uuid4().hex
+        conn.execute(
+            "INSERT INTO claimed (key, n, attempts, created_ns, claimed_ns, crc32, crcs,"
+            " payload, first_id, last_id, bytes) VALUES (?, ?, 0, ?, ?, 0, x'', x'', ?, ?, ?)",
+            (key, plan.taken, plan.first_ns, self._clock_ns(), plan.first_id, plan.last_id,
+             len(plan.payload) - (plan.taken - 1)))
+        conn.execute(_SET_CURSOR, (plan.last_id + 1,))
+        return key
+
+    def _ref_claimed(self, plan: _ClaimPlan, key: str) -> Batch:
+        """The state beside the tables once a claim by reference has committed."""
+        size = len(plan.payload) - (plan.taken - 1)
+        self._cursor = plan.last_id + 1
+        self._oldest_waiting_ns = None
         if self._recent_ok:
             self._claimed_from_recent(plan)
         self._claimed_records += plan.taken

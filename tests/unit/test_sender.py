@@ -206,6 +206,28 @@ def test_the_next_batch_is_claimed_while_a_post_is_on_the_wire(tmp_path: Path) -
         assert stored_sequences(r.db_path) == list(range(30))
 
 
+def test_the_write_that_fills_a_batch_claims_it_for_the_waiting_worker(tmp_path: Path) -> None:
+    with rig(tmp_path) as r:
+        sent = records(25)
+        with workers(r, 1, batch_size=10, batch_interval_s=60.0) as (sender, _wake):
+            assert wait_until(lambda: sender._idle == 1, timeout_s=10)  # waiting for a batch
+            assert sender.append(sent[:9], {}) == 0
+            assert r.spool.waiting_records == 9  # not a batch yet: nothing claimed
+            # The write that fills the batch claims it in its own transaction and hands it to
+            # the worker (nobody set the wake event here: the hand-over does).
+            assert sender.append(sent[9:12], {"BTC-USD": 11}) == 0
+            assert r.spool.waiting_records == 2
+            assert r.spool.marks() == {"BTC-USD": 11}
+            assert r.faults.wait_for_completed(1, timeout_s=10)
+            assert wait_until(lambda: sender._idle == 1, timeout_s=10)
+            assert sender.append(sent[12:25], {}) == 0
+            assert r.faults.wait_for_completed(2, timeout_s=10)
+            assert r.spool.waiting_records == 5
+        # The drain at the stop sent the rest; one worker keeps the spool's order.
+        assert first_sequences(r.faults.bodies) == [0, 10, 20]
+        assert stored_sequences(r.db_path) == list(range(25))
+
+
 def test_a_stop_during_a_post_still_drains_what_was_not_due_at_its_start(
         tmp_path: Path) -> None:
     with rig(tmp_path) as r:

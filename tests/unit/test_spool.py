@@ -1253,10 +1253,48 @@ class SpoolModel(RuleBasedStateMachine):
 
     @rule(pads=st.lists(st.integers(0, 120), max_size=8))
     def append(self, pads: list[int]) -> None:
+        records = self.new_records(pads)
+        dropped, incoming = self.model_append(records)
+        assert self.spool.append(records) == dropped
+        self.dropped += dropped
+        self.chunks += [(r, self.clock.now_ns) for r in incoming]
+
+    @rule(pads=st.lists(st.integers(0, 120), max_size=8), max_records=st.integers(0, 6),
+          hold_all=st.booleans())
+    def append_claiming(self, pads: list[int], max_records: int, hold_all: bool) -> None:
+        # The claim `due_batch` would make right after the append, made in its transaction,
+        # when every claimed batch is held (`exclude`) and the waiting records are appended
+        # ones still in memory; else a plain append.
+        records = self.new_records(pads)
+        exclude = {b.key for b in self.claimed[(0 if hold_all else 1):]}
+        in_memory = self.spool._recent_ok
+        dropped, incoming = self.model_append(records)
+        got_dropped, batch = self.spool.append_claiming(records, None, max_records, exclude)
+        assert got_dropped == dropped
+        self.dropped += dropped
+        self.chunks += [(r, self.clock.now_ns) for r in incoming]
+        due = (max_records > 0 and records and not dropped and not self.front
+               and len(self.chunks) >= max_records and len(exclude) == len(self.claimed))
+        if not (due and in_memory):
+            assert batch is None
+            return
+        assert batch is not None and batch.fresh
+        taken = self.chunks[:max_records]
+        assert list(batch.records) == [r for r, _ in taken]
+        assert (batch.attempts, batch.created_ns) == (0, taken[0][1])
+        del self.chunks[:max_records]
+        self.claimed.append(ModelBatch(batch.key, taken, 0, taken[0][1]))
+        self.tail.append(batch.key)
+
+    def new_records(self, pads: list[int]) -> list[bytes]:
         records = [
             json.dumps({"n": self.seq + i, "p": "x" * pad}).encode() for i, pad in enumerate(pads)
         ]
         self.seq += len(pads)
+        return records
+
+    def model_append(self, records: list[bytes]) -> tuple[int, list[bytes]]:
+        """The full policy on the model: (records dropped, those of `records` kept)."""
         incoming = list(records)
         claimed_bytes = sum(len(r) for b in self.claimed for r, _ in b.records)
         excess = (claimed_bytes + sum(len(r) for r, _ in self.waiting())
@@ -1273,9 +1311,7 @@ class SpoolModel(RuleBasedStateMachine):
         while excess > 0 and incoming:  # (the cursor does not move for these)
             excess -= len(incoming.pop(0))
             dropped += 1
-        assert self.spool.append(records) == dropped
-        self.dropped += dropped
-        self.chunks += [(r, self.clock.now_ns) for r in incoming]
+        return dropped, incoming
 
     @rule(seconds=st.sampled_from([0.1, 1.0, 5.0]))
     def tick(self, seconds: float) -> None:
@@ -1989,3 +2025,66 @@ def test_a_row_whose_count_rotted_goes_with_its_batch(spool_dir: Path) -> None:
         assert spool.due_batch(50, 0.0, force=True) is None
         assert spool.seconds_until_due(1.0) is None  # no phantom record to wait for
     assert_rows_consistent(spool_dir)
+
+
+def test_append_claiming_claims_the_batch_the_append_fills(spool_dir: Path,
+                                                             clock: FakeClock) -> None:
+    spool = Spool(spool_dir, clock_ns=clock)
+    records = [b'{"n":%d}' % i for i in range(7)]
+    try:
+        assert spool.append(records[:3], {"BTC-USD": 3}) == 0
+        # Not yet a batch's worth: a plain append.
+        assert spool.append_claiming(records[3:4], None, 5) == (0, None)
+        assert spool.stats().batches_claimed == 0
+        dropped, batch = spool.append_claiming(records[4:], {"BTC-USD": 7}, 5)
+        assert dropped == 0 and batch is not None and batch.fresh
+        assert batch.records == tuple(records[:5])
+        assert spool.marks() == {"BTC-USD": 7}
+        stats = spool.stats()
+        assert (stats.records, stats.claimed_records, stats.batches_claimed) == (7, 5, 1)
+        assert spool.waiting_records == 2
+        # The claim is the one due_batch hands out: read back under its key after a restart.
+        spool.close()
+        spool = Spool(spool_dir, clock_ns=clock)
+        again = spool.due_batch(5, 1000.0)
+        assert again is not None and (again.key, again.records) == (batch.key, batch.records)
+        assert not again.fresh
+        assert spool.ack(batch.key) == 5
+        rest = spool.due_batch(5, 0.0, force=True)
+        assert rest is not None and rest.records == tuple(records[5:])
+    finally:
+        spool.close()
+
+
+def test_append_claiming_leaves_the_claim_to_due_batch_when_another_batch_comes_first(
+        spool: Spool) -> None:
+    records = [b'{"n":%d}' % i for i in range(20)]
+    spool.append(records[:5])
+    held = spool.due_batch(5, 1000.0)
+    assert held is not None
+    # A claimed batch no worker holds (a retry owed first): no claim.
+    assert spool.append_claiming(records[5:10], None, 5, exclude=()) == (0, None)
+    # Held by a worker: the waiting records are claimed.
+    _, batch = spool.append_claiming(records[10:11], None, 5, exclude={held.key})
+    assert batch is not None and batch.records == tuple(records[5:10])
+    # Records put back wait in front: due_batch claims them first, in a batch of their own.
+    assert spool.release(held.key) == 5
+    assert spool.append_claiming(records[11:20], None, 5, exclude={batch.key}) == (0, None)
+    first = spool.due_batch(5, 1000.0, exclude={batch.key})
+    assert first is not None and first.records == tuple(records[:5])
+    # Size 0: a plain append.
+    assert spool.append_claiming([b'{"n":20}'], None, 0, exclude={batch.key, first.key}) == (
+        0, None)
+
+
+def test_append_claiming_does_not_claim_when_the_full_policy_drops(spool_dir: Path,
+                                                                    clock: FakeClock) -> None:
+    spool = Spool(spool_dir, max_bytes=100, clock_ns=clock)
+    try:
+        assert spool.append([b'{"n":%d,"pad":"xxxxxxxxxx"}' % i for i in range(3)]) == 0
+        dropped, batch = spool.append_claiming([b'{"n":9,"pad":"xxxxxxxxxx"}'], None, 2)
+        assert dropped == 1 and batch is None
+        claimed = spool.due_batch(2, 1000.0)
+        assert claimed is not None and claimed.records[0] == b'{"n":1,"pad":"xxxxxxxxxx"}'
+    finally:
+        spool.close()
