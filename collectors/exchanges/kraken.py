@@ -275,7 +275,10 @@ class KrakenAdapter:
         last_ns, last_content = self._last.get(record.symbol, (0, ()))
         if record.exchange_ns == last_ns and last_content in (None, content):
             return True
-        if record.exchange_ns >= last_ns:
+        if record.exchange_ns >= last_ns and (
+                last_ns or len(self._last) < _SYMBOL_CACHE_MAX):
+            # Bounded like the pair cache: a flood of pairs nobody subscribed to (dropped by the
+            # pipeline) must not grow this for ever (410 B each: 369 MB for 800k pairs).
             self._last[record.symbol] = (record.exchange_ns, content)
         return False
 

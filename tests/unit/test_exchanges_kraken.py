@@ -10,7 +10,7 @@ import pytest
 
 from collectors.decoding import FrameDecoder, decode_frame
 from collectors.errors import ConfigError, ParseError
-from collectors.exchanges import create
+from collectors.exchanges import create, kraken
 from collectors.exchanges.base import Kind
 from collectors.exchanges.kraken import KrakenAdapter, from_pair
 from tests.unit.golden import frame_text, load_cases
@@ -311,3 +311,16 @@ def test_the_dedup_mark_is_the_symbols_newest_time_even_when_items_come_out_of_o
     restarted = KrakenAdapter("w")
     restarted.restore_marks(dict([mark]))
     assert restarted.parse(ALGO_WITH_TIME, RECEIVED_NS).duplicates == 1
+
+
+def test_dedup_state_stays_bounded_under_a_flood_of_pairs_nobody_subscribed_to() -> None:
+    # Every distinct pair with a timestamp used to add an entry for good (369 MB for 800k); the
+    # pipeline drops their records, so past the bound they get no dedup state at all.
+    adapter = KrakenAdapter("w")
+    t = "2023-09-25T09:04:31.742599Z"
+    for i in range(kraken._SYMBOL_CACHE_MAX + 500):
+        frame = _update(t).replace('"BTC/USD"', f'"X{i}/USD"')
+        assert len(adapter.parse(frame, RECEIVED_NS).records) == 1
+    assert len(adapter._last) == kraken._SYMBOL_CACHE_MAX
+    # A pair already known keeps its state: its replay is still a duplicate.
+    assert adapter.parse(_update(t).replace('"BTC/USD"', '"X0/USD"'), RECEIVED_NS).duplicates == 1
