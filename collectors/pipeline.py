@@ -56,19 +56,39 @@ class RecordSink(Protocol):
 
 
 class Freshness:
-    """Per-symbol last-data times; reports symbols going stale and coming back (pure, no I/O)."""
+    """Per-symbol last-data times; reports symbols going stale and coming back (pure, no I/O).
+
+    Times are read on a clock that runs only while a connection is up: a symbol is stale after
+    `stale_after_s` connected seconds without data, and one that never had data is named after
+    FIRST_DATA_TIMEOUT_S connected seconds, whether they came in one connection or in many. A
+    window restarted by every new connection never ended when each lasted less than it (a venue
+    that voids the subscribe and goes silent: the liveness timeout replaced the connection every
+    10 s, and symbols that never had data were never named), and an outage must not make every
+    symbol look stale at once when the connection comes back.
+    """
 
     def __init__(self, symbols: Sequence[str], stale_after_s: float, now: float) -> None:
         self.stale_after_s = stale_after_s
-        self._since = now                     # when watching started (subscription time)
+        self._connected_s = 0.0  # connected seconds counted up to `_counted_at`
+        # When the connected time was last counted (watching starts as if connected, until the
+        # first check says otherwise); None while no connection is up.
+        self._counted_at: float | None = now
+        # Per symbol: the connected clock at its last data (None: none yet).
         self.last: dict[str, float | None] = dict.fromkeys(symbols)
         self.stale: set[str] = set()
+
+    def clock(self, now: float) -> float:
+        """Connected seconds since watching started, at monotonic time `now`."""
+        counted_at = self._counted_at
+        if counted_at is None:
+            return self._connected_s
+        return self._connected_s + max(0.0, now - counted_at)
 
     def seen(self, symbol: str, now: float) -> bool:
         """Record data for a symbol; True when it was stale until now."""
         if symbol not in self.last:
             return False
-        self.last[symbol] = now
+        self.last[symbol] = self.clock(now)
         if symbol in self.stale:
             self.stale.discard(symbol)
             return True
@@ -78,21 +98,30 @@ class Freshness:
         self.last.pop(symbol, None)
         self.stale.discard(symbol)
 
-    def restart_clock(self, now: float) -> None:
-        """A new connection: symbols that never had data get a fresh first-data window."""
-        self._since = now
-
-    def check(self, now: float) -> tuple[list[str], list[str]]:
-        """(newly stale symbols that had data, newly stale symbols that never had any)."""
+    def check(self, now: float, connected_since: float | None = 0.0
+              ) -> tuple[list[str], list[str]]:
+        """(newly stale symbols that had data, newly stale symbols that never had any), given
+        when the current connection came up (monotonic; None: none is up, and nothing is
+        reported, the clock stops). Called about once a second."""
+        counted_at = self._counted_at
+        if connected_since is None:
+            self._counted_at = None  # the time since the last check is not counted
+            return [], []
+        if counted_at is None or counted_at < connected_since:
+            counted_at = connected_since  # a new connection: count from when it came up
+        self._connected_s += max(0.0, now - counted_at)
+        self._counted_at = now
+        clock = self._connected_s
+        first_data_s = min(FIRST_DATA_TIMEOUT_S, self.stale_after_s)
         quiet: list[str] = []
         never: list[str] = []
         for symbol, last in self.last.items():
             if symbol in self.stale:
                 continue
             if last is None:
-                if now - self._since > min(FIRST_DATA_TIMEOUT_S, self.stale_after_s):
+                if clock > first_data_s:
                     never.append(symbol)
-            elif now - last > self.stale_after_s:
+            elif clock - last > self.stale_after_s:
                 quiet.append(symbol)
         self.stale.update(quiet)
         self.stale.update(never)
@@ -159,15 +188,19 @@ class Parser:
         self._subscribe_backoff = Backoff(base_s=1.0, cap_s=60.0)
         self.records_total = 0
         self.last_message_unix: float | None = None
-        self._connected_since: float | None = None
         self.beat = time.monotonic()  # last loop turn (watchdog progress)
+        # The freshness clock when a reconnect was last asked for because every symbol was
+        # stale (None: not all are).
+        self._all_stale_at: float | None = None
 
     def records_per_s(self) -> float:
-        """Records/s over the last ~10 s (for /healthz and `status`)."""
+        """Records/s over the last ~15 s, up to now (for /healthz and `status`): a parser held
+        up (a spool refusing writes) shows its rate falling, not the last one it saw."""
         window = list(self._rate_window)
-        if len(window) < 2:
+        if not window:
             return 0.0
-        (t0, n0), (t1, n1) = window[0], window[-1]
+        t0, n0 = window[0]
+        t1, n1 = time.monotonic(), self.records_total
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
     def run(self) -> None:
@@ -315,13 +348,9 @@ class Parser:
 
     def _periodic(self, now: float) -> None:
         self._rate_window.append((now, self.records_total))
-        since = self._conn.connected_since
-        if since is not None and since != self._connected_since:
-            self._connected_since = since
-            self.freshness.restart_clock(since)
-        if since is None:
-            return  # no connection: staleness is the connection's problem, not the symbols'
-        quiet, never = self.freshness.check(now)
+        # No connection: staleness is the connection's problem, not the symbols' (nothing is
+        # reported, and the freshness clock stops).
+        quiet, never = self.freshness.check(now, self._conn.connected_since)
         for symbol in quiet:
             self._metrics.set_stale(symbol, True)
             log.warning("symbol_stale", extra={"symbol": symbol,
@@ -332,6 +361,26 @@ class Parser:
             log.error("symbol_no_data", extra={
                 "symbol": symbol, "waited_s": FIRST_DATA_TIMEOUT_S,
                 "hint": "subscribed but the venue sent nothing for it: is the market listed?"})
+        self._maybe_reconnect_all_stale(now)
+
+    def _maybe_reconnect_all_stale(self, now: float) -> None:
+        """Every subscribed symbol stale while the connection stays up (its heartbeats or
+        pongs still arrive): the stream is stuck, and only a new connection can mend that, so
+        ask for one (the connection's backoff paces them while none delivers). Once per
+        `stale_after_s` of connected time while nothing comes back."""
+        freshness = self.freshness
+        watched = freshness.last.keys()
+        if not watched or not freshness.stale >= watched:
+            self._all_stale_at = None
+            return
+        clock = freshness.clock(now)
+        if self._all_stale_at is not None and clock - self._all_stale_at < freshness.stale_after_s:
+            return
+        self._all_stale_at = clock
+        log.warning("all_symbols_stale", extra={
+            "symbols": sorted(watched), "threshold_s": freshness.stale_after_s,
+            "action": "reconnecting"})
+        self._conn.request_reconnect("all_symbols_stale")
 
     def _log_parse_error(self, exc: ParseError, payload: bytes) -> None:
         """Log the error with its reason, once per PARSE_ERROR_LOG_INTERVAL_S per kind of

@@ -38,7 +38,7 @@ from collectors.errors import ConfigError, SpoolError
 from collectors.metrics import Health, Metrics, MetricsServer
 from collectors.pipeline import Parser
 from collectors.sdnotify import Notifier
-from collectors.spool import Spool
+from collectors.spool import Spool, is_disk_full
 from collectors.threadnames import name_native_thread
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ FRAME_QUEUE_MAX_BYTES = 16 * 1024 * 1024  # ...and their bytes (frames may be up
 #: connect + read timeout, 26 s by default; HTTP_READ_TIMEOUT_S may be up to 300 s).
 PROGRESS_WINDOW_S = 25.0
 DRAIN_TIMEOUT_S = 5.0        # supervisord's stopwaitsecs / systemd's TimeoutStopSec exceed this
+SPOOL_OPEN_RETRY_S = 5.0     # opening the spool again while its disk is full
 
 
 def _frame_bytes(frame: Frame) -> int:
@@ -119,9 +120,12 @@ class CollectorService:
         last_flush = self.sender.last_success_unix if self.sender else None
         now = time.time()
         spool_stats = self.spool.stats() if self.spool else None
+        # Every symbol stale: connected, but nothing comes (a stuck stream): not healthy.
+        all_stale = bool(stale) and set(stale) >= set(self.parser.freshness.last)
+        up = connected and fresh and not all_stale
         body: dict[str, object] = {
-            "status": "ok" if (connected and fresh and not stale) else
-                      ("degraded" if connected and fresh else "down"),
+            "status": "ok" if (up and not stale) else "degraded" if up else
+                      "stale" if connected and fresh else "down",
             "exchange": self.config.exchange,
             "worker_id": self.config.worker_id,
             "connected": connected,
@@ -133,7 +137,7 @@ class CollectorService:
             "symbols": self.connection.symbols,
             "stale_symbols": stale,
         }
-        return Health(connected and fresh, body)
+        return Health(up, body)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
@@ -146,15 +150,12 @@ class CollectorService:
         """Run until stopped. Returns the exit code. Raises ConfigError for start-up problems
         the operator must fix (unusable spool directory, metrics port taken)."""
         cfg = self.config
-        try:
-            # A waiting row holds at most a batch's worth of records, so a claim rewrites at
-            # most one row's remainder.
-            self.spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes,
-                               fsync_interval_s=cfg.spool_fsync_interval_s,
-                               chunk_records=cfg.batch_size,
-                               thread_init=lambda: name_native_thread("spool-fsync"))
-        except SpoolError as exc:
-            raise ConfigError("SPOOL_DIR", str(exc), "a writable directory") from None
+        if install_signals:  # first: a stop may come while the spool waits for disk space
+            self._install_signals()
+        spool = self._open_spool()
+        if spool is None:  # stopped while waiting for disk space
+            return 0
+        self.spool = spool
         self.metrics.spool_max_bytes.set(cfg.spool_max_bytes)
         try:
             # Before the first frame: the venue's replay of what we already have is dropped.
@@ -170,8 +171,6 @@ class CollectorService:
             raise ConfigError("METRICS_PORT", f"cannot listen on {cfg.metrics_host}:"
                               f"{cfg.metrics_port} ({exc.strerror or exc})",
                               "a free port, or 0 to turn metrics off") from None
-        if install_signals:
-            self._install_signals()
 
         # One Poster (keep-alive session, deadline watchdog) per delivery worker.
         posters = [Poster(cfg.ingest_url, cfg.api_key,
@@ -224,7 +223,9 @@ class CollectorService:
         for poster in posters:
             poster.stop_by(stop_by)
         for t in threads:
-            t.join(timeout=DRAIN_TIMEOUT_S + cfg.http_read_timeout_s + 5)
+            # (A POST may still be connecting: the deadline cuts a read, not a connect.)
+            t.join(timeout=DRAIN_TIMEOUT_S + cfg.http_connect_timeout_s
+                   + cfg.http_read_timeout_s + 5)
         alive = [t.name for t in threads if t.is_alive()]
         if self.metrics_server:
             self.metrics_server.stop()
@@ -237,6 +238,34 @@ class CollectorService:
         log.info("collector_stopped", extra={"threads_still_running": alive or None,
                                              "unspooled_messages": left or None})
         return 1 if self._failed or alive else 0
+
+    def _open_spool(self) -> Spool | None:
+        """The spool; None when stopped first. Raises ConfigError for a directory that cannot
+        be used. A full disk is not a setting to fix: it waits, retrying every
+        SPOOL_OPEN_RETRY_S (exiting 2 made supervisord and systemd give up on the collector
+        for good, and it stayed down once space came back)."""
+        cfg = self.config
+        last_log = -60.0
+        while True:
+            try:
+                # A waiting row holds at most a batch's worth of records, so a claim rewrites
+                # at most one row's remainder.
+                return Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes,
+                             fsync_interval_s=cfg.spool_fsync_interval_s,
+                             chunk_records=cfg.batch_size,
+                             thread_init=lambda: name_native_thread("spool-fsync"))
+            except SpoolError as exc:
+                if not is_disk_full(exc):
+                    raise ConfigError("SPOOL_DIR", str(exc), "a writable directory") from None
+                now = time.monotonic()
+                if now - last_log >= 60.0:
+                    last_log = now
+                    log.error("spool_disk_full", extra={
+                        "error": str(exc), "retry_every_s": SPOOL_OPEN_RETRY_S,
+                        "hint": "free space on the spool's disk: the collector starts as soon "
+                                "as it can write"})
+            if self.stop_event.wait(SPOOL_OPEN_RETRY_S):
+                return None
 
     def _wait(self, threads: list[threading.Thread]) -> None:
         interval = self._notifier.watchdog_interval_s

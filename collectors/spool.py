@@ -140,6 +140,7 @@ disk full) raise :class:`SpoolError` instead; the caller decides.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import json
@@ -2598,6 +2599,22 @@ def _int_or_none(row: object) -> int | None:
     if isinstance(row, tuple) and row and isinstance(row[0], int):
         return row[0]
     return None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether a SpoolError (or what caused it) is a full disk or quota: a passing condition,
+    not a setting to fix."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(cause, sqlite3.Error) and getattr(
+                cause, "sqlite_errorname", "") == "SQLITE_FULL":
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _is_corruption(exc: sqlite3.DatabaseError) -> bool:

@@ -20,7 +20,7 @@ from collectors.config import CollectorConfig
 from collectors.connection import Connection, Frame
 from collectors.decoding import decode_frame
 from collectors.delivery import SpoolWriter
-from collectors.errors import ParseError, SpoolError
+from collectors.errors import ConfigError, ParseError, SpoolError
 from collectors.exchanges import create
 from collectors.metrics import Metrics
 from collectors.model import PriceFeed
@@ -63,10 +63,35 @@ def test_forgotten_symbols_are_not_watched() -> None:
     assert f.seen("XRP/FOO", 1.0) is False
 
 
-def test_new_connection_restarts_the_first_data_window() -> None:
+def test_the_first_data_window_counts_connected_time_across_short_connections() -> None:
+    # A venue that voids the subscribe and goes silent: each connection ends at the 10 s
+    # liveness timeout. A window restarted by every connection never ended, so the symbols that
+    # never had data were never named; connected time adds up over the connections instead.
     f = Freshness(["BTC/USD"], stale_after_s=120, now=0.0)
-    f.restart_clock(100.0)
-    assert f.check(100.0 + FIRST_DATA_TIMEOUT_S - 1) == ([], [])
+    assert f.check(0.5, None) == ([], [])  # connecting
+    reported: list[str] = []
+    up_at = 1.0
+    while up_at < 100 and not reported:
+        for t in range(1, 11):  # up for 10 s, checked every second
+            reported += f.check(up_at + t, up_at)[1]
+        assert f.check(up_at + 11.5, None) == ([], [])  # down, backing off
+        up_at += 13.0
+    assert reported == ["BTC/USD"]
+    assert FIRST_DATA_TIMEOUT_S < f.clock(up_at) < FIRST_DATA_TIMEOUT_S + 11
+
+
+def test_time_without_a_connection_does_not_make_symbols_stale() -> None:
+    f = Freshness(["BTC/USD", "ETH/USD"], stale_after_s=60, now=0.0)
+    f.seen("BTC/USD", 1.0)
+    assert f.check(2.0, 0.0) == ([], [])
+    assert f.check(3.0, None) == ([], [])  # a 10-minute outage follows
+    assert f.check(600.0, None) == ([], [])
+    # Back up: neither the symbol that had data nor the one without is stale at once...
+    assert f.check(601.0, 600.5) == ([], [])
+    assert f.check(601.0 + FIRST_DATA_TIMEOUT_S - 5, 600.5) == ([], [])
+    # ...but each after its own threshold of connected time.
+    assert f.check(601.0 + FIRST_DATA_TIMEOUT_S, 600.5) == ([], ["ETH/USD"])
+    assert f.check(660.0, 600.5) == (["BTC/USD"], [])
 
 
 # ---- the parser thread's per-chunk work --------------------------------------------------------
@@ -128,6 +153,70 @@ def test_a_chunk_updates_records_and_metrics_once_per_symbol() -> None:
     assert sample("lag_seconds_bucket", le="0.005") == 3
     assert parser.records_total == 3
     assert parser.freshness.last["BTC/USD"] is not None
+
+
+class _UpConnection:
+    """What the parser asks of a connection that is up since `since`; records its requests."""
+
+    def __init__(self, symbols: list[str], since: float) -> None:
+        self.symbols = symbols
+        self.connected_since: float | None = since
+        self.reconnects: list[str] = []
+
+    def request_reconnect(self, reason: str) -> None:
+        self.reconnects.append(reason)
+
+
+def test_every_symbol_stale_on_a_live_connection_asks_for_a_new_one(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Pongs or heartbeats keep the connection alive while no stream delivers (a stuck stream):
+    # only a new connection can mend it. Asked once per stale_after_s of connected time.
+    parser, _records, _registry = _coinbase_parser(["BTC/USD", "ETH/USD"])
+    conn = _UpConnection(["BTC/USD", "ETH/USD"], 0.0)
+    parser._conn = conn  # type: ignore[assignment]
+    stale_after = parser.freshness.stale_after_s
+    freshness = parser.freshness = Freshness(conn.symbols, stale_after, now=0.0)
+    freshness.seen("BTC/USD", 1.0)
+    parser._periodic(stale_after / 2)
+    assert conn.reconnects == []
+    parser._periodic(stale_after + 2)  # BTC quiet, ETH never had data: both stale
+    assert freshness.stale == {"BTC/USD", "ETH/USD"}
+    assert conn.reconnects == ["all_symbols_stale"]
+    assert "all_symbols_stale" in caplog.text
+    parser._periodic(stale_after + 10)
+    assert conn.reconnects == ["all_symbols_stale"]  # not on every check
+    parser._periodic(2 * stale_after + 3)
+    assert conn.reconnects == ["all_symbols_stale"] * 2
+    # One symbol back: not all stale any more, no further requests.
+    freshness.seen("ETH/USD", 2 * stale_after + 4)
+    freshness.stale.discard("ETH/USD")
+    parser._periodic(2 * stale_after + 10)
+    assert conn.reconnects == ["all_symbols_stale"] * 2
+
+
+def test_health_is_503_when_every_symbol_is_stale(tmp_path: Path) -> None:
+    service = CollectorService(CollectorConfig.from_env("coinbase", {
+        "API_BASE_URL": "http://127.0.0.1:3000", "API_KEY": "test-key-0123456789",
+        "CHRONO_STATE_DIR": str(tmp_path), "SYMBOLS": "BTC/USD,ETH/USD"}))
+    service.connection.connected_since = time.monotonic()
+    service.connection.last_frame_monotonic = time.monotonic()
+    assert (service.health().ok, service.health().body["status"]) == (True, "ok")
+    service.parser.freshness.stale.add("ETH/USD")
+    assert (service.health().ok, service.health().body["status"]) == (True, "degraded")
+    service.parser.freshness.stale.add("BTC/USD")
+    health = service.health()
+    assert (health.ok, health.body["status"]) == (False, "stale")
+    assert health.body["stale_symbols"] == ["BTC/USD", "ETH/USD"]
+
+
+def test_the_record_rate_falls_while_the_parser_is_held_up() -> None:
+    # The rate was read between the window's own samples, which only the parser loop takes:
+    # a parser stuck in a spool write retry showed its last rate for as long as it was stuck.
+    parser, _records, _registry = _coinbase_parser(["BTC/USD"])
+    now = time.monotonic()
+    parser._rate_window.extend([(now - 20.0, 0), (now - 10.0, 1000)])
+    parser.records_total = 1000
+    assert 45 < parser.records_per_s() < 55  # 1000 records over the last 20 s, none since
 
 
 def test_records_for_symbols_not_subscribed_are_dropped_not_delivered() -> None:
@@ -468,3 +557,60 @@ def test_a_venue_error_kind_logged_again_says_how_many_were_not() -> None:
     assert sampler.admit("third kind", 4.0) is None  # two kinds this interval already
     assert sampler.admit("error 4", 11.0) == 2
     assert sampler.admit("third kind", 25.0) == 0  # the old kinds have aged out
+
+
+def test_a_full_disk_at_start_is_waited_out_not_a_configuration_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # ENOSPC made the spool "not writable": exit 2, which supervisord and systemd take for a
+    # setting to fix, so the collector stayed down (FATAL) after space came back.
+    import errno
+
+    from collectors import service as service_module
+
+    attempts: list[int] = []
+    real_spool = service_module.Spool
+
+    def spool_on_a_full_disk(*args: object, **kwargs: object) -> Spool:
+        attempts.append(1)
+        if len(attempts) < 3:
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as exc:
+                raise SpoolError("spool directory x: not writable: No space left on "
+                                 "device") from exc
+        return real_spool(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service_module, "Spool", spool_on_a_full_disk)
+    monkeypatch.setattr(service_module, "SPOOL_OPEN_RETRY_S", 0.01)
+    service = CollectorService(CollectorConfig.from_env("coinbase", {
+        "API_BASE_URL": "http://127.0.0.1:3000", "API_KEY": "test-key-0123456789",
+        "CHRONO_STATE_DIR": str(tmp_path)}))
+    spool = service._open_spool()
+    assert spool is not None and len(attempts) == 3
+    spool.close()
+    assert caplog.text.count("spool_disk_full") == 1  # once a minute, not once a try
+    # Stopped while waiting: no spool, no error.
+    attempts.clear()
+    service.stop_event.set()
+    assert service._open_spool() is None
+    # Anything else is still the operator's to fix: one line naming SPOOL_DIR.
+    monkeypatch.setattr(service_module, "Spool", lambda *a, **k: (_ for _ in ()).throw(
+        SpoolError("spool directory x: not writable: Permission denied")))
+    with pytest.raises(ConfigError, match="SPOOL_DIR"):
+        service._open_spool()
+
+
+def test_is_disk_full_reads_the_cause() -> None:
+    import sqlite3
+
+    from collectors.spool import is_disk_full
+
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorname = "SQLITE_FULL"  # type: ignore[attr-defined]
+    for cause, expected in ((full, True), (OSError(28, "No space left on device"), True),
+                            (OSError(13, "Permission denied"), False), (None, False)):
+        try:
+            raise SpoolError("x") from cause
+        except SpoolError as exc:
+            assert is_disk_full(exc) is expected, cause

@@ -148,12 +148,12 @@ def test_a_health_endpoint_that_is_not_http_is_unreachable_not_a_traceback() -> 
 
 
 @pytest.mark.parametrize(("code", "status", "exit_code"), [
-    (200, "ok", 0), (200, "degraded", 0), (503, "down", 1)])
+    (200, "ok", 0), (200, "degraded", 0), (503, "stale", 1), (503, "down", 1)])
 def test_status_agrees_with_what_healthz_answers(code: int, status: str, exit_code: int) -> None:
     # /healthz answers 200 while connected and fresh, stale symbols or not ("degraded"): the
     # status command calls the same collector up, and names the stale symbols.
     doc = {"status": status, "connected": code == 200,
-           "stale_symbols": ["ETH/USD"] if status == "degraded" else []}
+           "stale_symbols": ["ETH/USD"] if status in ("degraded", "stale") else []}
     with healthz(doc, code) as httpd:
         result = subprocess.run(
             [sys.executable, "-m", "collectors", "status", "--no-supervisor",
@@ -161,7 +161,7 @@ def test_status_agrees_with_what_healthz_answers(code: int, status: str, exit_co
             capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == exit_code, result
     assert status in result.stdout
-    if status == "degraded":
+    if status in ("degraded", "stale"):
         assert "ETH/USD" in result.stdout
 
 
