@@ -49,7 +49,8 @@ def classify_status(status: int) -> Outcome:
         return Outcome.AUTH
     if 400 <= status < 500:
         return Outcome.REJECT
-    # 1xx/3xx are not answers the contract allows: treat as transient server trouble.
+    # 3xx is not an answer the contract allows: treat as transient server trouble. So is a 1xx,
+    # which is never a final answer (the Poster skips interim ones: delivery._FinalResponse).
     return Outcome.RETRY
 
 

@@ -25,6 +25,8 @@ from collectors.logsetup import LEVELS
 from collectors.model import canonical_symbol_ok
 
 _WORKER_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: Appended to API_BASE_URL by the collector (contract.md, "Ingest HTTP API").
+INGEST_PATH = "/internal/ingest"
 MAX_SYMBOLS = 1000
 
 
@@ -54,7 +56,7 @@ class CollectorConfig:
 
     @property
     def ingest_url(self) -> str:
-        return self.api_base_url.rstrip("/") + "/internal/ingest"
+        return self.api_base_url.rstrip("/") + INGEST_PATH
 
     @classmethod
     def from_env(cls, exchange: str, env: Mapping[str, str] | None = None) -> CollectorConfig:
@@ -77,7 +79,7 @@ class CollectorConfig:
         metrics_port_default = exchanges.DEFAULT_METRICS_PORTS.get(exchange, 9100)
         return cls(
             exchange=exchange,
-            api_base_url=_http_url(env, "API_BASE_URL"),
+            api_base_url=_api_base_url(env),
             api_key=api_key,
             worker_id=_worker_id(env, f"worker-{exchange}"),
             symbols=symbols,
@@ -167,6 +169,23 @@ def _http_url(env: Mapping[str, str], name: str) -> str:
         raise ConfigError(name, "has an invalid port (0)", "1-65535")
     _check_host(name, raw)
     return raw.rstrip("/")
+
+
+def _api_base_url(env: Mapping[str, str]) -> str:
+    """API_BASE_URL, refused when it is the full ingest URL: the collector would POST to
+    .../internal/ingest/internal/ingest, get 404 and (a 4xx: the contract's dead letter)
+    dead-letter every batch while the API is healthy."""
+    url = _http_url(env, "API_BASE_URL")
+    parts = urlsplit(url)  # _http_url split it already: no ValueError
+    path = parts.path.rstrip("/")
+    if path.endswith(INGEST_PATH):
+        base = urlunsplit(parts._replace(path=path.removesuffix(INGEST_PATH)))
+        # (credentials were refused before: the URL may be echoed; _echo_safe hides a key)
+        raise ConfigError("API_BASE_URL",
+                          f"{_shown_url(parts)!r} ends in {INGEST_PATH}, which the collector "
+                          "appends itself",
+                          f"set the base URL: API_BASE_URL={base[:80]}")
+    return url
 
 
 def _check_host(name: str, raw: str) -> None:

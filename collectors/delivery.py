@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import http.cookiejar
 import json
 import logging
 import socket
@@ -28,6 +29,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
 from collectors import __version__
 from collectors.backoff import Backoff, Outcome, classify_status, parse_retry_after
@@ -46,6 +48,10 @@ RETRY_AFTER_FLOOR_S = 0.25
 
 #: At most this much of an answer body is read (a hostile or broken API cannot exhaust memory).
 MAX_RESPONSE_BYTES = 64 * 1024
+
+#: At most this many interim (1xx) answers are skipped before the final one; more is an error
+#: (the time they may take is bounded by the POST's total deadline already).
+MAX_INTERIM_RESPONSES = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +147,33 @@ class _Deadline:
                         sock.shutdown(socket.SHUT_RDWR)
 
 
+class _FinalResponse(http.client.HTTPResponse):
+    """A response that skips every interim 1xx answer, headers and all, and is the final one.
+
+    RFC 9110 15.2: a client must parse and ignore interim answers. http.client skips only
+    `100 Continue`; any other 1xx (a `103 Early Hints` a proxy or CDN adds, a `102 Processing`)
+    came back as *the* answer, with no body: a retry of a batch the API had stored, and the
+    same again on every retry, for ever. `101 Switching Protocols` is no interim answer: the
+    connection would go on in a protocol we never ask for, so it is an error (a network retry
+    on a new connection: urllib3 drops one whose answer failed)."""
+
+    # http.client's begin() reads the status line through _read_status (in a loop that skips
+    # 100 Continue only): overriding it skips the other interim answers at the same place.
+    # Private, so not in the type stubs; stable since Python 3.0 and still in 3.13.
+    def _read_status(self) -> tuple[str, int, str]:
+        read_status: Callable[[], tuple[str, int, str]] = super()._read_status  # type: ignore[misc]
+        for _ in range(MAX_INTERIM_RESPONSES + 1):
+            version, status, reason = read_status()
+            if status == 101:
+                raise http.client.HTTPException("unexpected 101 Switching Protocols")
+            if not 100 <= status < 200:
+                return version, status, reason
+            # Its headers (bounded in number and length by http.client) are of no use to us.
+            http.client.parse_headers(self.fp)
+        raise http.client.HTTPException(
+            f"more than {MAX_INTERIM_RESPONSES} interim (1xx) answers before the final one")
+
+
 class _NoRedirectSession(requests.Session):
     """A Session that never looks at a redirect. requests runs its redirect machinery even
     with `allow_redirects=False` (to fill `Response.next`): it parses the Location header (a
@@ -162,11 +195,15 @@ def _tracking_adapter(deadline: _Deadline) -> HTTPAdapter:
                 sock.shutdown(socket.SHUT_RDWR)
 
     class Tracked(HTTPConnection):
+        response_class = _FinalResponse  # urllib3 2.x reads the answer through http.client
+
         def connect(self) -> None:
             super().connect()
             track(self.sock)
 
     class TrackedTLS(HTTPSConnection):
+        response_class = _FinalResponse
+
         def connect(self) -> None:
             super().connect()
             track(self.sock)
@@ -211,6 +248,13 @@ class Poster:
                                       "Accept-Encoding": "identity",
                                       "User-Agent": f"chrono-collectors/{__version__}"})
         self._session.trust_env = False  # no proxies/netrc from the environment
+        # No cookie state: a Session keeps every cookie an API sets and sends them all back on
+        # each POST, so an API (or a load balancer in front of it) that sets new ones on every
+        # answer grows our memory and our request headers without bound, until a proxy's header
+        # limit answers every batch 400 (dead-lettered). The contract uses none. A policy that
+        # allows no domain refuses every cookie where requests stores them (CookieJar.
+        # extract_cookies asks the policy), so the jar stays empty and no Cookie header is sent.
+        self._session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
 
     def post(self, batch: Batch) -> PostResult:
         try:
@@ -228,7 +272,7 @@ class Poster:
 
     def _post(self, batch: Batch) -> PostResult:
         if not self._deadline.arm(self._total_s):
-            return PostResult(Outcome.RETRY, None, None, self._cut_short())
+            return self._cut_short()
         try:
             try:
                 resp = self._session.post(self.url, data=batch.body(), timeout=self._timeout,
@@ -240,7 +284,7 @@ class Poster:
                 if self._deadline.fired:
                     # Cut while the headers came: http.client takes the end of the stream for
                     # their end, so they may not be whole.
-                    return PostResult(Outcome.RETRY, None, None, self._cut_short())
+                    return self._cut_short()
                 body = _bounded_body(resp)
             except _NETWORK_ERRORS as exc:
                 if not 200 <= resp.status_code < 300:
@@ -257,7 +301,7 @@ class Poster:
             self._deadline.disarm()
         outcome = classify_status(resp.status_code)
         if self._deadline.fired and outcome is not Outcome.STORED:
-            return PostResult(Outcome.RETRY, None, None, self._cut_short())  # not a whole answer
+            return self._cut_short()  # not a whole answer
         detail = ""
         if outcome is not Outcome.STORED:
             # Redacted before it is cut: a key straddling the cut would escape the log filter.
@@ -282,14 +326,22 @@ class Poster:
         return self._deadline.past_stop()
 
     def _no_answer(self, exc: BaseException) -> PostResult:
+        """No (whole) answer came. `timeout` when the API was reached but did not answer in
+        time (connect or read timeout, or our deadline cut it), `network` when the connection
+        failed (refused, reset, closed): an operator looks at a slow API for the one and at the
+        network or a down API for the other."""
         if self._deadline.fired:
-            return PostResult(Outcome.RETRY, None, None, self._cut_short())
-        return PostResult(Outcome.RETRY, None, None, self._describe(exc))
+            return self._cut_short()
+        reason: FlushFailureReason = "timeout" if isinstance(exc, _TIMEOUT_ERRORS) else "network"
+        return PostResult(Outcome.RETRY, None, None, self._describe(exc), reason=reason)
 
-    def _cut_short(self) -> str:
+    def _cut_short(self) -> PostResult:
+        """The deadline (ours, or stop_by's) cut the exchange: a retry, counted as a timeout."""
         if self._deadline.stopping:
-            return "no complete answer before the collector's stop deadline"
-        return f"no complete answer within {self._total_s:.0f} s"
+            detail = "no complete answer before the collector's stop deadline"
+        else:
+            detail = f"no complete answer within {self._total_s:.0f} s"
+        return PostResult(Outcome.RETRY, None, None, detail, reason="timeout")
 
     def _describe(self, exc: BaseException) -> str:
         # requests' messages name the URL (no secrets in it) and the cause; keep them short.
@@ -310,6 +362,9 @@ class Poster:
 # Reading the body goes through urllib3 directly, whose errors requests does not wrap (a
 # chunked answer cut or stalled mid-stream).
 _NETWORK_ERRORS = (requests.RequestException, Urllib3Error, http.client.HTTPException, OSError)
+# requests' ConnectTimeout/ReadTimeout; urllib3's own while the body is read; a bare socket
+# timeout (the builtin TimeoutError) should one escape both.
+_TIMEOUT_ERRORS = (requests.Timeout, Urllib3TimeoutError, TimeoutError)
 
 
 def _bounded_body(resp: requests.Response) -> bytes:
@@ -897,6 +952,9 @@ class Sender:
 
 
 def _failure_reason(result: PostResult) -> FlushFailureReason:
+    """The `reason` label of a failed POST. With no status, the Poster says which (`timeout`:
+    the API was reached but did not answer in time; `network`: the connection failed;
+    `client_error`); `network` for a result that does not say."""
     if result.reason:
         return result.reason
     if result.status is None:

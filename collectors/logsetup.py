@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
@@ -74,6 +75,57 @@ class _RedactSecrets(logging.Filter):
         return True
 
 
+#: Libraries whose records are tamed by _LibraryRecords (their loggers and every child).
+LIBRARY_LOGGERS = ("urllib3", "requests")
+#: A library's message (its template: the same warning about another URL is the same message)
+#: is logged at most once in this many seconds.
+LIBRARY_LOG_INTERVAL_S = 60.0
+LIBRARY_DETAIL_CHARS = 300
+
+
+class _LibraryRecords(logging.Filter):
+    """A record of a library we use (urllib3, requests) becomes one line of ours: the stable
+    event `library_warning` (or `library_error`), the library's own text in `detail` (cut
+    short), no traceback, and at most once a minute per message, with the number dropped
+    meanwhile in `suppressed`.
+
+    urllib3 logs "Failed to parse headers" with a full traceback (`exc_info=True`) for every
+    answer with a malformed header: an API that always sends one would put a free-text event
+    and a traceback into our logs on every POST. The fact (the API's headers are broken, which
+    URL) is worth a line; its traceback (urllib3's own frames) is not, and every failure that
+    matters reaches our code as an exception and is logged there."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._clock = clock
+        self._lock = threading.Lock()  # records come from every thread
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}  # -> (logged at, dropped)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.partition(".")[0] not in LIBRARY_LOGGERS:
+            return True
+        key = (record.name, str(record.msg))
+        now = self._clock()
+        with self._lock:
+            if len(self._last) >= 1000:  # a library writing its data into the template
+                self._last.clear()
+            last, dropped = self._last.get(key, (None, 0))
+            if last is not None and now - last < LIBRARY_LOG_INTERVAL_S:
+                self._last[key] = (last, dropped + 1)
+                return False
+            self._last[key] = (now, 0)
+        try:
+            detail = record.getMessage()
+        except (TypeError, ValueError):  # a library's bad %-arguments must not lose the line
+            detail = str(record.msg)
+        record.detail = detail[:LIBRARY_DETAIL_CHARS]
+        record.msg = "library_error" if record.levelno >= logging.ERROR else "library_warning"
+        record.args = None
+        record.suppressed = dropped
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
 def warn_about_keys(keys: Iterable[str], variable: str) -> None:
     """Log a warning (never the key) for a key that is short or not an RFC 6750 token: it is
     accepted (the API decides which keys it takes), but easy to guess, or redacted from
@@ -99,13 +151,15 @@ def setup_logging(level: str = "info", *, static: Mapping[str, str] | None = Non
     formatter.default_msec_format = "%s.%03dZ"
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
+    handler.addFilter(_LibraryRecords())  # first: what it keeps is redacted next
     handler.addFilter(_RedactSecrets(secrets))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(LEVELS.get(level.lower(), logging.INFO))
-    # urllib3 logs every retry/connection at DEBUG with URLs; keep it at WARNING.
+    # urllib3 logs every retry/connection at DEBUG with URLs; keep it at WARNING (its warnings
+    # are made one rate-limited line without a traceback by _LibraryRecords).
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     logging.getLogger("websocket").setLevel(logging.CRITICAL)
 

@@ -97,15 +97,33 @@ def test_bad_values_name_the_variable(env: dict[str, str], variable: str, fragme
     assert "s3cret-key-0123456789" not in str(info.value)
 
 
+@pytest.mark.parametrize(("url", "base"), [
+    ("http://127.0.0.1:3000/internal/ingest", "http://127.0.0.1:3000"),
+    ("http://127.0.0.1:3000/internal/ingest/", "http://127.0.0.1:3000"),
+    ("https://gw.example.com/chrono/internal/ingest//", "https://gw.example.com/chrono"),
+])
+def test_the_full_ingest_url_is_refused_with_the_base_to_use(url: str, base: str) -> None:
+    # Posted to .../internal/ingest/internal/ingest: 404, so every batch was dead-lettered
+    # while the API was healthy.
+    with pytest.raises(ConfigError) as info:
+        load(API_BASE_URL=url)
+    message = str(info.value)
+    assert info.value.variable == "API_BASE_URL"
+    assert "appends itself" in message and f"API_BASE_URL={base})" in message
+    assert "\n" not in message and "s3cret-key-0123456789" not in message
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:3000", "https://ingest.example.com/api%2Fv1",
-                                 "http://[::1]:3000", "http://localhost:65535/", "http://h:1"])
+                                 "http://[::1]:3000", "http://localhost:65535/", "http://h:1",
+                                 "http://h/internal/ingest-v2", "http://h/my-internal/ingest"])
 def test_good_api_base_urls_pass(url: str) -> None:
     assert load(API_BASE_URL=url).api_base_url == url.rstrip("/")
 
 
-def test_a_bad_api_base_url_exits_2_with_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("url", ["http://127.0.0.1:0", "http://127.0.0.1:3000/internal/ingest"])
+def test_a_bad_api_base_url_exits_2_with_one_line(tmp_path: Path, url: str) -> None:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT),
-           "API_KEY": "s3cret-key-0123456789", "API_BASE_URL": "http://127.0.0.1:0",
+           "API_KEY": "s3cret-key-0123456789", "API_BASE_URL": url,
            # loopback only, should it start anyway
            "WS_URL": "ws://127.0.0.1:1", "METRICS_PORT": "0", "CHRONO_STATE_DIR": str(tmp_path)}
     result = subprocess.run([sys.executable, "-m", "collectors", "run", "coinbase"], env=env,
@@ -164,6 +182,7 @@ KEY22 = "abcdefghijklmnopqrstuv"
     {"API_BASE_URL": f"http://a..b/{KEY22}"},
     {"WS_URL": f"http://h/{KEY22}"},                         # "... is not a ws:// URL"
     {"API_BASE_URL": f"ftp://h/{KEY22[:14]}"},               # a piece of the key
+    {"API_BASE_URL": f"http://h/{KEY22}/internal/ingest"},   # "... ends in /internal/ingest"
 ])
 def test_a_config_error_never_echoes_the_key(over: dict[str, str]) -> None:
     with pytest.raises(ConfigError) as info:

@@ -20,7 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collectors.backoff import Outcome
-from collectors.delivery import MAX_RESPONSE_BYTES, Poster, PostResult
+from collectors.delivery import (
+    MAX_INTERIM_RESPONSES,
+    MAX_RESPONSE_BYTES,
+    Poster,
+    PostResult,
+    _failure_reason,
+)
 from collectors.spool import Batch
 from tests.support.waiting import free_port
 
@@ -218,6 +224,7 @@ class RawServer:
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/internal/ingest"
         self.requests = 0
         self.connections = 0
+        self.heads: list[bytes] = []  # each request's request line and headers, as received
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
         self._threads[0].start()
 
@@ -244,6 +251,7 @@ class RawServer:
                     length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n")
                                    if h.lower().startswith(b"content-length:")), 0)
                     reader.read(length)
+                    self.heads.append(head)
                     n, self.requests = self.requests, self.requests + 1
                     if self._answer(conn, n) is False:
                         reader.close()  # the socket's last reference: it closes now
@@ -569,3 +577,93 @@ def test_a_key_in_the_url_path_is_redacted_percent_encoded_when_the_api_is_down(
     assert result.outcome is Outcome.RETRY and result.status is None
     assert "127.0.0.1" in result.detail and "[REDACTED]" in result.detail, result.detail
     assert "0123456789" not in result.detail
+
+
+# ------------------------------------------------------------------- interim (1xx) answers
+
+def test_interim_answers_are_skipped_for_the_final_one() -> None:
+    # RFC 9110 15.2. http.client skips only 100 Continue: the 103 was taken for the answer and
+    # the stored batch re-sent for ever.
+    def answer(sock: socket.socket, _n: int) -> None:
+        sock.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n"
+                     b"Link: </app.js>; rel=preload\r\n\r\n"
+                     b"HTTP/1.1 102 Processing\r\n\r\n"
+                     b"HTTP/1.1 100 Continue\r\n\r\n"
+                     b"HTTP/1.1 201 Created\r\nContent-Length: 13\r\n\r\n{\"stored\":1}\n")
+
+    with raw_server(answer) as server:
+        results = _post_times(server.url, 2)
+    assert [(r.outcome, r.status, r.body) for r in results] == [
+        (Outcome.STORED, 201, b'{"stored":1}\n')] * 2
+    # Read to its end: the keep-alive connection serves the next POST.
+    assert (server.requests, server.connections) == (2, 1)
+
+
+@pytest.mark.parametrize(("interim", "why"), [
+    # A protocol switch we never asked for: the connection is no longer HTTP/1.1.
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", "101"),
+    (b"HTTP/1.1 103 Early Hints\r\n\r\n" * (MAX_INTERIM_RESPONSES + 1), "interim"),
+])
+def test_a_switch_or_endless_interim_answers_are_a_retry(interim: bytes, why: str) -> None:
+    def answer(sock: socket.socket, _n: int) -> bool:
+        sock.sendall(interim + b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}")
+        return False
+
+    with raw_server(answer) as server:
+        result = post(server.url)
+    assert (result.outcome, result.status, result.reason) == (Outcome.RETRY, None, "network")
+    assert why in result.detail
+
+
+# ---------------------------------------------------------------------------- no cookie state
+
+def test_cookies_the_api_sets_are_never_sent_back() -> None:
+    # A Session kept them all and sent them on every POST: a Cookie header of 27 MB, then 400
+    # (dead letter) on every batch behind a proxy's header limit.
+    def answer(sock: socket.socket, n: int) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\n"
+                     b"Set-Cookie: c%d=%s; Path=/\r\n"
+                     b"Set-Cookie: d%d=v; Domain=127.0.0.1; Path=/internal; Max-Age=3600\r\n"
+                     b"Set-Cookie2: e%d=v; Version=1\r\n"
+                     b"Content-Length: 2\r\n\r\n{}" % (n, b"v" * 3000, n, n))
+
+    with raw_server(answer) as server:
+        results = _post_times(server.url, 4)
+    assert [r.outcome for r in results] == [Outcome.STORED] * 4
+    assert len(server.heads) == 4
+    for head in server.heads:
+        assert b"\r\ncookie" not in head.lower(), head
+
+
+# --------------------------------------------------------- failure reasons: timeout or network
+
+def test_an_api_that_never_answers_is_a_timeout() -> None:
+    def answer(_sock: socket.socket, _n: int) -> None:
+        pass  # reads the request, never answers (the client gives up and closes)
+
+    with raw_server(answer) as server:
+        result = post(server.url, read_timeout_s=0.3)
+    assert (result.outcome, result.status) == (Outcome.RETRY, None)
+    assert "ReadTimeout" in result.detail
+    assert (result.reason, _failure_reason(result)) == ("timeout", "timeout")
+
+
+def test_an_answer_cut_by_our_deadline_is_a_timeout(server: str) -> None:
+    Script.drip_s = 0.2  # every byte inside the read timeout; the whole past the deadline
+    result = post(server, read_timeout_s=0.5, connect_timeout_s=0.5)
+    assert "no complete answer within 2 s" in result.detail
+    assert _failure_reason(result) == "timeout"
+
+
+def test_a_refused_or_reset_connection_is_a_network_failure() -> None:
+    refused = post(f"http://127.0.0.1:{free_port()}/internal/ingest")
+
+    def answer(sock: socket.socket, _n: int) -> bool:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return False  # closed with a zero linger, no answer: a reset
+
+    with raw_server(answer) as server:
+        reset = post(server.url)
+    for result in (refused, reset):
+        assert (result.outcome, result.status) == (Outcome.RETRY, None)
+        assert _failure_reason(result) == "network", result.detail

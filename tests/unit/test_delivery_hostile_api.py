@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from collectors.backoff import Outcome
 from collectors.delivery import Poster, Sender, encode
 from collectors.metrics import Metrics
 from collectors.model import PriceFeed
-from collectors.spool import DEAD_LETTER_NAME, Spool
+from collectors.spool import DEAD_LETTER_NAME, Batch, Spool
 from tests.support.waiting import wait_until
 from tests.unit.test_delivery import RawServer, raw_server, straddling
+from tests.unit.test_logsetup import logging_into_buffer
 
 KEY = "sk-live-0123456789abcdef"
 
@@ -43,9 +45,9 @@ class Worker:
         """Nothing waits in the spool any more, or the worker died."""
         return bool(self.errors) or self.spool.stats().records == 0
 
-    def sample(self, name: str) -> float:
+    def sample(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(f"chrono_collector_{name}",
-                                                       {"exchange": "coinbase"})
+                                                       {"exchange": "coinbase", **labels})
         return value or 0.0
 
 
@@ -157,3 +159,58 @@ def test_a_stored_answer_whose_body_stalls_is_acknowledged_once(tmp_path: Path) 
             assert server.requests == 1
     finally:
         release.set()
+
+
+def test_interim_answers_before_the_final_one_store_the_batch_once(tmp_path: Path) -> None:
+    # The 103 (a CDN's Early Hints) was taken for the answer: a retry of a stored batch, for
+    # ever, and nothing ever counted delivered.
+    def answer(sock: socket.socket, _n: int) -> None:
+        sock.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+                     b"HTTP/1.1 102 Processing\r\n\r\n"
+                     b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}")
+
+    with raw_server(answer) as server, worker(tmp_path, server) as w:
+        assert wait_until(w.settled)
+        assert w.errors == []
+        assert wait_until(lambda: w.sample("records_delivered_total") == 10)
+        assert server.requests == 1
+        assert w.sample("flush_failures_total", reason="other") == 0
+
+
+def test_an_api_that_never_answers_counts_timeouts_not_network_failures(
+        tmp_path: Path) -> None:
+    def answer(sock: socket.socket, n: int) -> None:
+        if n > 0:
+            sock.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}")
+        # the first request is read and never answered
+
+    with raw_server(answer) as server, worker(tmp_path, server, read_timeout_s=0.3) as w:
+        assert wait_until(w.settled)
+        assert w.errors == []
+        assert wait_until(lambda: w.sample("records_delivered_total") == 10)
+        assert w.sample("flush_failures_total", reason="timeout") == 1
+        assert w.sample("flush_failures_total", reason="network") == 0
+
+
+def test_a_malformed_header_in_every_answer_is_one_line_without_a_traceback(
+        tmp_path: Path) -> None:
+    # urllib3 logged "Failed to parse headers ..." with a full traceback on every POST.
+    def answer(sock: socket.socket, _n: int) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                     b"X-Broken-Header-Without-Colon\r\n\r\n{}")
+
+    with logging_into_buffer(KEY) as stream, raw_server(answer) as server:
+        for i in range(3):
+            poster = Poster(server.url, KEY, connect_timeout_s=2, read_timeout_s=5)
+            try:
+                assert poster.post(Batch.of(f"k-{i}", records(1))).outcome is Outcome.STORED
+            finally:
+                poster.close()
+    assert "Traceback" not in stream.getvalue()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    from_urllib3 = [doc for doc in lines if str(doc["logger"]).startswith("urllib3")]
+    assert len(from_urllib3) == 1, lines  # once a minute, not once a POST
+    [doc] = from_urllib3
+    assert doc["event"] == "library_warning" and doc["level"] == "WARNING"
+    assert "Failed to parse headers" in str(doc["detail"])
+    assert "exc_info" not in doc

@@ -15,7 +15,12 @@ import pytest
 
 from collectors.ingest.validate import validate_body
 from collectors.keys import Redactor, fragment_chars
-from collectors.logsetup import MAX_REDACT_DEPTH, setup_logging
+from collectors.logsetup import (
+    LIBRARY_LOG_INTERVAL_S,
+    MAX_REDACT_DEPTH,
+    _LibraryRecords,
+    setup_logging,
+)
 from tests.support.servers import batch_body, make_feed
 
 SECRET = "test-key-0123456789abcdef"
@@ -102,6 +107,58 @@ def test_tracebacks_are_redacted(lines: io.StringIO) -> None:
         logging.getLogger("x").exception("thread_crashed")
     assert SECRET not in lines.getvalue()
     assert "failed with [REDACTED]" in lines.getvalue()
+
+
+def _urllib3_header_warning(url: str) -> None:
+    """What urllib3.connection logs for an answer with a malformed header, traceback and all."""
+    try:
+        raise ValueError("[MissingHeaderBodySeparatorDefect()], unparsed data: 'X-Broken'")
+    except ValueError as exc:
+        logging.getLogger("urllib3.connection").warning(
+            "Failed to parse headers (url=%s): %s", url, exc, exc_info=True)
+
+
+def test_a_library_warning_is_one_line_without_its_traceback(lines: io.StringIO) -> None:
+    for port in (1, 2, 3):  # the same message about another URL is the same message
+        _urllib3_header_warning(f"http://127.0.0.1:{port}/internal/ingest?k={SECRET}")
+    try:
+        raise RuntimeError("ours")
+    except RuntimeError:
+        logging.getLogger("collectors.delivery").exception("thread_crashed")
+    [library, ours] = _logged(lines)
+    assert library == {
+        "timestamp": library["timestamp"], "level": "WARNING", "event": "library_warning",
+        "logger": "urllib3.connection", "service": "test", "suppressed": 0,
+        "detail": "Failed to parse headers (url=http://127.0.0.1:1/internal/ingest?k=[REDACTED])"
+                  ": [MissingHeaderBodySeparatorDefect()], unparsed data: 'X-Broken'"}
+    # Our own records keep their tracebacks.
+    assert ours["event"] == "thread_crashed" and "RuntimeError: ours" in str(ours["exc_info"])
+
+
+def test_a_library_message_is_logged_once_a_window_with_the_count_dropped() -> None:
+    now = [100.0]
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    handler.addFilter(_LibraryRecords(clock=lambda: now[0]))
+    log = logging.getLogger("urllib3.connectionpool")
+    log.addHandler(handler)
+    try:
+        for step in (0.0, 1.0, 1.0, LIBRARY_LOG_INTERVAL_S, 1.0):
+            now[0] += step
+            log.warning("Connection pool is full, discarding connection: %s", "127.0.0.1")
+        log.error("Certificate did not match expected hostname: %s", "h")  # another message
+    finally:
+        log.removeHandler(handler)
+    assert [(r.getMessage(), getattr(r, "suppressed", None)) for r in records] == [
+        ("library_warning", 0), ("library_warning", 2), ("library_error", 0)]
+    assert [getattr(r, "detail", None) for r in records] == [
+        "Connection pool is full, discarding connection: 127.0.0.1"] * 2 + [
+        "Certificate did not match expected hostname: h"]
 
 
 # A token68 key with every character that percent-encoding changes (`+`, `/`, `=`).
