@@ -5,8 +5,9 @@ This thread does no parsing, no HTTP and no disk I/O (venues cut slow readers, e
 time. Liveness is its job: any frame (data, heartbeat, ping, pong) proves the connection alive;
 none for `adapter.liveness_timeout_s` replaces the connection. Reconnects use capped
 exponential backoff with full jitter, reset only after the first valid data message of the
-current connection (the parser reports it through `data_seen`), and every connect re-sends
-every subscription.
+current connection (the parser reports it through `data_seen`); only a planned handover of a
+connection that delivered data skips it, and a handshake refused with `Retry-After` waits that
+long too. Every connect re-sends every subscription.
 
 The loop turns at least once per frame and once per `recv_timeout_s` however the bytes arrive
 (a frame trickled byte by byte, a message fragmented without end: see `_BoundedFrameBuffer`
@@ -32,7 +33,7 @@ from websocket._http import _ssl_socket
 from websocket._socket import DEFAULT_SOCKET_OPTION
 from websocket._url import get_proxy_info, parse_url
 
-from collectors.backoff import Backoff
+from collectors.backoff import Backoff, parse_retry_after
 from collectors.batching import Handoff
 from collectors.exchanges.base import Adapter
 from collectors.metrics import Metrics, ReconnectReason
@@ -45,12 +46,20 @@ Frame = tuple[bytes, int]  # (payload, received epoch ns)
 #: memory (websocket-client itself has no maximum frame size).
 DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 
-#: Planned replacements (the venue asked, or the connection nears the venue's age limit) are
-#: made before the old connection is broken: the old one is read until the new one has
-#: delivered for HANDOVER_OVERLAP_S, at most HANDOVER_MAX_S. Adapters drop the overlap.
+#: Planned replacements (the venue asked, or the connection nears the venue's age limit) of a
+#: connection that delivered data are made before it is broken: the old one is read until the
+#: new one has delivered for HANDOVER_OVERLAP_S, at most HANDOVER_MAX_S. Adapters drop the
+#: overlap. One that delivered nothing is closed, and replaced after the backoff.
 PLANNED_REASONS: frozenset[ReconnectReason] = frozenset({"server_shutdown", "max_age"})
 HANDOVER_OVERLAP_S = 2.0
 HANDOVER_MAX_S = 30.0
+#: A handshake refused with a `Retry-After` (Binance's 429 "too many requests" and 418 "IP
+#: banned" carry one) is not tried again before it has passed, but never waits longer than
+#: this: Binance's bans run from 2 minutes to 3 days, and one refused attempt an hour costs
+#: little, while a bogus value (a year, a date far ahead) must not stop collection for good.
+RETRY_AFTER_MAX_S = 3600.0
+#: What a 429 means when the venue has no better explanation of its own.
+RATE_LIMITED_HINT = "the venue rate-limited this IP; waiting as Retry-After says"
 #: Socket reads ask for this much at once (frames are cut from the buffer).
 READ_CHUNK_BYTES = 65536
 #: At most this many buffered frames are handed off per loop turn (liveness, pings and
@@ -427,6 +436,13 @@ class Connection:
         self._max_age_s = adapter.max_connection_age_s
         self._first_frame_at: float | None = None   # first text frame of the current connection
         self._retiring: list[threading.Thread] = []
+        # Retiring connections still being read, and `frames.put_total` once the last of them
+        # stopped: until the parser has taken that far, a frame it parses may be an old
+        # connection's (both guarded by `_lock`; see `request_reconnect`).
+        self._draining = 0
+        self._retired_put_mark = 0
+        self._handover = False  # the last connection was retired (handed over), not closed
+        self._retry_after_s: float | None = None  # the last refused handshake's Retry-After
         #: monotonic time of the loop's last turn: the systemd watchdog is fed only while it moves
         self.beat = time.monotonic()
 
@@ -466,9 +482,27 @@ class Connection:
                 self._resubscribe = list(symbols)
                 self._resubscribe_at = 0.0
 
-    def request_reconnect(self, reason: ReconnectReason) -> None:
+    def request_reconnect(self, reason: ReconnectReason, *, session: int | None = None) -> None:
+        """Replace the current connection (the loop acts at its next turn). Pass the `session`
+        the frame asking for it was received on, as for `data_seen`: a request from an earlier
+        connection is then ignored.
+
+        Without it, a planned request (the venue's `serverShutdown`) is ignored while a retiring
+        connection's frames may still be the ones the parser reads: they share the frame queue
+        with the new connection's, and a venue repeats `serverShutdown` on the connection it is
+        draining, which must not replace the healthy successor (each repeat would otherwise
+        cost a connection). A new connection that really is told to go is closed by the venue
+        soon after, and replaced then."""
         with self._lock:
-            self._reconnect_reason = reason
+            if session is not None and session != self.session:
+                ignored = f"from connection {session}, not the current {self.session}"
+            elif session is None and reason in PLANNED_REASONS and (
+                    self._draining or self._frames.taken_total < self._retired_put_mark):
+                ignored = "a retiring connection's frames are still being read"
+            else:
+                self._reconnect_reason = reason
+                return
+        log.info("ws_reconnect_request_ignored", extra={"reason": reason, "why": ignored})
 
     def abort(self) -> None:
         """Wake a blocked recv, or a connection being opened, at once (used by the stop path)."""
@@ -507,6 +541,7 @@ class Connection:
             self._session_mark = None
             self.session += 1
             self._data_seen = False
+            self._handover = False
             reason = self._session(url, symbols, lost_at)
             if reason == "stopped" or self._stop.is_set():
                 break
@@ -514,8 +549,21 @@ class Connection:
             self._metrics.reconnect(reason)
             if self._data_seen:
                 self._backoff.reset()
-            # A planned replacement reconnects at once; the old connection is still being read.
-            delay = 0.0 if reason in PLANNED_REASONS else self._backoff.next_delay()
+            if self._handover:
+                # A healthy connection handed over: its successor comes at once, the old one is
+                # still being read.
+                delay = 0.0
+            else:
+                # Planned or not, a connection that delivered no data backs off: a venue that
+                # asks every new connection to go (a node being drained that its load balancer
+                # keeps choosing) would otherwise be reconnected to in a tight loop, and
+                # Binance allows 300 connections per 5 minutes per IP.
+                delay = self._backoff.next_delay()
+                retry_after, self._retry_after_s = self._retry_after_s, None
+                if retry_after is not None:
+                    # The jitter on top keeps the collectors behind one IP from all coming
+                    # back in the same second.
+                    delay += retry_after
         for t in self._retiring:
             t.join(timeout=2)
 
@@ -597,8 +645,17 @@ class Connection:
         except websocket.WebSocketBadStatusException as exc:
             status = getattr(exc, "status_code", None)
             hint = self.adapter.http_error_hint(status) if isinstance(status, int) else None
+            if hint is None and status == 429:
+                hint = RATE_LIMITED_HINT
             log.error("ws_handshake_rejected", extra={"url": _safe_url(url), "status": status,
                                                       "hint": hint})
+            # Binance bans an IP (418, for 2 minutes to 3 days) that does not back off after a
+            # 429; both say how long to wait.
+            retry_after = _retry_after(exc)
+            if retry_after is not None:
+                self._retry_after_s = retry_after
+                log.warning("ws_handshake_rate_limited", extra={
+                    "status": status, "retry_in_s": round(retry_after, 3)})
             return "handshake_rejected"
         except (OSError, websocket.WebSocketException) as exc:
             log.warning("ws_connect_failed", extra={"url": _safe_url(url),
@@ -634,7 +691,11 @@ class Connection:
             self._metrics.connected.set(0)
             self.connected_since = None
             self._ws = None
-            if reason in PLANNED_REASONS and not self._stop.is_set():
+            # Only a connection that delivered data is worth reading on while its successor
+            # starts; one that did not is closed at once (and the next one backs off).
+            self._handover = (reason in PLANNED_REASONS and self._data_seen
+                              and not self._stop.is_set())
+            if self._handover:
                 self._retire(ws)
             else:
                 _close_quietly(ws, graceful=self._stop.is_set())
@@ -646,6 +707,8 @@ class Connection:
         thread = threading.Thread(target=self._drain_old, args=(ws,), daemon=True,
                                   name=f"ws-{self.adapter.name}-retiring")
         self._retiring.append(thread)
+        with self._lock:
+            self._draining += 1
         thread.start()
 
     def _drain_old(self, ws: websocket.WebSocket) -> None:
@@ -677,6 +740,9 @@ class Connection:
             pass  # the venue closed it: exactly what we were waiting for
         finally:
             _close_quietly(ws, graceful=True)
+            with self._lock:
+                self._draining -= 1
+                self._retired_put_mark = max(self._retired_put_mark, self._frames.put_total)
             log.info("ws_handover_done", extra={"old_frames_after_switch": forwarded,
                                                 "overlap_s": round(time.monotonic() - started,
                                                                    3)})
@@ -786,6 +852,14 @@ def _close_quietly(ws: websocket.WebSocket, graceful: bool) -> None:
             ws.shutdown()
     except (OSError, websocket.WebSocketException):
         ws.shutdown()
+
+
+def _retry_after(exc: websocket.WebSocketBadStatusException) -> float | None:
+    """Seconds a refused handshake's `Retry-After` (delta-seconds or an HTTP-date) asks for,
+    at most RETRY_AFTER_MAX_S; None without a readable one."""
+    headers = getattr(exc, "resp_headers", None)  # websocket-client lowercases the names
+    value = headers.get("retry-after") if isinstance(headers, dict) else None
+    return parse_retry_after(value if isinstance(value, str) else None, max_s=RETRY_AFTER_MAX_S)
 
 
 def _describe(exc: BaseException) -> str:

@@ -337,6 +337,15 @@ class BinanceAdapter:
         """Explanation for a failed WebSocket handshake status, if this venue has one."""
         if status == 451 and self.name == BINANCE_COM.name:
             return _RESTRICTED_HINT
+        # Binance's limits page: an IP that does not back off after a 429 is banned (418) for
+        # 2 minutes to 3 days; both carry Retry-After, which the connection waits out.
+        # https://developers.binance.com/docs/binance-spot-api-docs/rest-api/limits
+        if status == 429:
+            return ("the venue rate-limited this IP (too many connections or requests); "
+                    "waiting as Retry-After says")
+        if status == 418:
+            return ("the venue banned this IP for not backing off after a 429; waiting as "
+                    "Retry-After says (check for other clients on this IP)")
         return None
 
     # ---- parsing ---------------------------------------------------------------------------

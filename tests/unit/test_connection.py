@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from collectors.backoff import Backoff
 from collectors.batching import Handoff
 from collectors.connection import Connection, Frame
+from collectors.errors import ParseError
 from collectors.exchanges.binance import BinanceAdapter
 from collectors.exchanges.coinbase import CoinbaseAdapter
 from collectors.metrics import Metrics
@@ -27,6 +28,7 @@ class Harness:
                  stop: threading.Event) -> None:
         self.conn, self.frames, self.registry, self.stop = conn, frames, registry, stop
         self.got: list[Frame] = []
+        self.shutdowns = 0  # reconnects the venue asked for, as `parsing` saw them
 
     def value(self, name: str, **labels: str) -> float:
         """Sum of the samples named `name` whose labels include `labels`."""
@@ -51,6 +53,39 @@ class Harness:
         while not predicate(self.messages()) and time.monotonic() < deadline:
             self.got.extend(self.frames.get_all(0.1))
         return predicate(self.messages())
+
+    @contextmanager
+    def parsing(self) -> Iterator[None]:
+        """Stand in for `pipeline.Parser` meanwhile, in its order: take each chunk of frames
+        into `got`, parse them with the connection's adapter one by one (a reconnect the venue
+        asks for is requested at once), then report `data_seen` if the chunk had records."""
+        done = threading.Event()
+        adapter, conn = self.conn.adapter, self.conn
+
+        def parse() -> None:
+            while not done.is_set():
+                chunk = self.frames.get_all(0.05)
+                self.got.extend(chunk)
+                records = 0
+                for payload, received_ns in chunk:
+                    try:
+                        parsed = adapter.parse(payload, received_ns)
+                    except ParseError:
+                        continue
+                    if parsed.reconnect:
+                        self.shutdowns += 1
+                        conn.request_reconnect("server_shutdown")
+                    records += len(parsed.records)
+                if records:
+                    conn.data_seen()
+
+        thread = threading.Thread(target=parse, name="parse-test")
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(5)
 
 
 @contextmanager
@@ -149,11 +184,13 @@ class _ShortLived(CoinbaseAdapter):
 
 def test_max_age_hands_over_without_a_gap() -> None:
     with Simulator("coinbase", rate_hz=50) as sim, running(sim.url, _ShortLived("w")) as h:
-        assert sim.wait_for(lambda: sim.connections_total >= 2, 10)
-        # The first connection is closed by us (client_close) only after its successor has
-        # delivered for a while: make-before-break.
-        assert sim.wait_for(lambda: any(c.connection_id == 1 for c in sim.closed_connections()),
-                            10)
+        # A connection is handed over only when it delivered data: the parser says so.
+        with h.parsing():
+            assert sim.wait_for(lambda: sim.connections_total >= 2, 10)
+            # The first connection is closed by us (client_close) only after its successor
+            # has delivered for a while: make-before-break.
+            assert sim.wait_for(
+                lambda: any(c.connection_id == 1 for c in sim.closed_connections()), 10)
         assert h.wait_frames(200)
         assert h.value("chrono_collector_reconnects_total", reason="max_age") >= 1
         first_id = 1

@@ -1,0 +1,185 @@
+"""When and how soon the WebSocket loop reconnects, against a raw-socket server on 127.0.0.1:
+a venue's `serverShutdown` repeated on the connection being handed over, a venue that asks every
+connection to go, a handshake refused with 429/418 and `Retry-After`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import pytest
+
+from collectors.backoff import Backoff
+from collectors.connection import RATE_LIMITED_HINT, RETRY_AFTER_MAX_S
+from collectors.exchanges.binance import BinanceAdapter
+from collectors.exchanges.coinbase import CoinbaseAdapter
+from tests.unit.test_connection import running
+from tests.unit.test_connection_faults import Peer, raw_server, wait_for
+from tests.unit.test_frame_buffer import server_frame
+
+SYMBOLS = ["BTC/USDT"]
+# The combined-stream shape of Binance's docs (tests/fixtures/binance/cases.jsonl).
+SHUTDOWN = b'{"stream":"!serverShutdown","data":{"e":"serverShutdown","E":1770123456789}}'
+
+
+def ticker() -> bytes:
+    """A BTCUSDT `24hrTicker` as the combined stream wraps it (the fixtures' shape), new each
+    time: its event time is now (the adapter drops an `E` it has seen as a duplicate)."""
+    event_ms = time.time_ns() // 1_000_000
+    data = {"e": "24hrTicker", "E": event_ms, "s": "BTCUSDT", "p": "-5.0", "P": "-1.2",
+            "w": "100", "x": "105", "c": "100.5", "Q": "1", "b": "100.4", "B": "2",
+            "a": "100.6", "A": "3", "o": "105.5", "h": "110", "l": "90", "v": "1234.5",
+            "q": "123456", "O": event_ms - 86_400_000, "C": event_ms, "F": 1, "L": 2, "n": 2}
+    return json.dumps({"stream": "btcusdt@ticker", "data": data}).encode()
+
+
+# ---- a planned handover: the retiring connection's frames do not replace its successor -------
+
+def test_serverShutdown_repeated_on_the_retiring_connection_keeps_its_successor() -> None:
+    backoff = Backoff(base_s=0.01, cap_s=0.05)
+    data_parsed = threading.Event()
+    successor_delivering = threading.Event()
+    repeats_sent = threading.Event()
+
+    def scenario(peer: Peer) -> None:
+        peer.accept()
+        if peer.number == 1:  # a node being drained: it says so, and says it again
+            peer.sock.sendall(server_frame(ticker()))
+            # Told to go only once its data was parsed, as a connection live for hours is.
+            if not data_parsed.wait(10):
+                return
+            peer.sock.sendall(server_frame(SHUTDOWN))
+            if not successor_delivering.wait(10):
+                return
+            peer.sock.sendall(server_frame(SHUTDOWN) * 3)
+            repeats_sent.set()
+            return
+        while not peer.stop.wait(0.05):  # healthy nodes stream at their own pace
+            peer.sock.sendall(server_frame(ticker()))
+
+    adapter = BinanceAdapter("w")
+    with raw_server(scenario) as server, running(server.url, adapter, symbols=SYMBOLS,
+                                             backoff=backoff, recv_timeout_s=0.2) as h, \
+            h.parsing():
+        assert wait_for(lambda: h.conn._data_seen, 10)
+        data_parsed.set()
+        assert wait_for(lambda: h.conn.session == 2 and h.conn._data_seen, 10)
+        successor_delivering.set()
+        assert repeats_sent.wait(10)
+        # The old connection is read until its successor has delivered for a while:
+        # every repeat reaches the parser (and asks for a reconnect) meanwhile.
+        assert wait_for(lambda: h.shutdowns == 4, 10), h.shutdowns
+        assert wait_for(lambda: not any(t.is_alive() for t in h.conn._retiring), 10)
+        assert h.conn._reconnect_reason is None
+        assert h.conn.session == 2
+        assert server.connections == 2
+        assert h.value("chrono_collector_reconnects_total", reason="server_shutdown") == 1
+        # The healthy connection was handed over at once, without a backoff.
+        assert backoff.attempt == 0
+
+
+def test_a_reconnect_request_from_an_earlier_connection_is_ignored() -> None:
+    def scenario(peer: Peer) -> None:
+        peer.accept()
+        while not peer.stop.wait(0.05):
+            peer.sock.sendall(server_frame(ticker()))
+
+    with raw_server(scenario) as server, running(server.url, BinanceAdapter("w"),
+                                                 symbols=SYMBOLS, recv_timeout_s=0.2) as h:
+        assert h.wait_frames(1)
+        session = h.conn.session
+        h.conn.request_reconnect("server_shutdown", session=session - 1)
+        assert h.conn._reconnect_reason is None
+        h.conn.request_reconnect("server_shutdown", session=session)
+        assert wait_for(lambda: server.connections == 2, 5)
+
+
+# ---- a planned reconnect backs off unless the connection delivered data -----------------------
+
+def test_a_venue_that_asks_every_connection_to_go_meets_a_growing_backoff() -> None:
+    """A node being drained that the load balancer keeps choosing: each new connection gets
+    `serverShutdown` and nothing else."""
+    backoff = Backoff(base_s=0.01, cap_s=0.05)
+
+    def scenario(peer: Peer) -> None:
+        peer.accept()
+        peer.sock.sendall(server_frame(SHUTDOWN))
+
+    with raw_server(scenario) as server, running(server.url, BinanceAdapter("w"),
+                                                 symbols=SYMBOLS, backoff=backoff,
+                                                 recv_timeout_s=0.2) as h, h.parsing():
+        assert wait_for(lambda: backoff.attempt >= 3, 5), backoff.attempt
+        assert server.connections >= 3
+        assert h.value("chrono_collector_reconnects_total", reason="server_shutdown") >= 3
+        # Nothing to hand over: each connection was closed at once, none kept being read.
+        assert h.conn._retiring == []
+
+
+# ---- a handshake refused with Retry-After waits that long -------------------------------------
+
+@pytest.mark.parametrize(("status", "reason"), [(429, "Too Many Requests"),
+                                                 (418, "I'm a teapot")])
+def test_a_handshake_refused_with_retry_after_waits_that_long(
+        status: int, reason: str, caplog: pytest.LogCaptureFixture) -> None:
+    attempts: list[float] = []
+
+    def scenario(peer: Peer) -> None:
+        attempts.append(time.monotonic())
+        peer.read_request()
+        peer.sock.sendall(f"HTTP/1.1 {status} {reason}\r\nRetry-After: 1\r\n"
+                          "Content-Length: 0\r\n\r\n".encode())
+
+    with caplog.at_level(logging.INFO, logger="collectors.connection"), \
+            raw_server(scenario) as server, \
+            running(server.url, BinanceAdapter("w"), symbols=SYMBOLS,
+                    backoff=Backoff(base_s=0.01, cap_s=0.05), recv_timeout_s=0.2):
+        assert wait_for(lambda: server.connections >= 2, 5)
+    assert attempts[1] - attempts[0] >= 1.0
+    [limited, *_] = [r for r in caplog.records if r.getMessage() == "ws_handshake_rate_limited"]
+    assert (limited.status, limited.retry_in_s) == (status, 1.0)  # type: ignore[attr-defined]
+    [rejected, *_] = [r for r in caplog.records if r.getMessage() == "ws_handshake_rejected"]
+    assert "Retry-After" in rejected.hint  # type: ignore[attr-defined]
+
+
+def test_a_429_gets_a_hint_from_any_venue(caplog: pytest.LogCaptureFixture) -> None:
+    def scenario(peer: Peer) -> None:
+        peer.read_request()
+        peer.sock.sendall(b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 0\r\n\r\n")
+
+    with caplog.at_level(logging.INFO, logger="collectors.connection"), \
+            raw_server(scenario) as server, \
+            running(server.url, CoinbaseAdapter("w"), backoff=Backoff(base_s=0.01, cap_s=0.05),
+                    recv_timeout_s=0.2):
+        assert wait_for(lambda: server.connections >= 2, 5)
+    [rejected, *_] = [r for r in caplog.records if r.getMessage() == "ws_handshake_rejected"]
+    assert rejected.hint == RATE_LIMITED_HINT  # type: ignore[attr-defined]
+    # Without a Retry-After the backoff alone paces the attempts.
+    assert not [r for r in caplog.records if r.getMessage() == "ws_handshake_rate_limited"]
+
+
+def test_a_long_retry_after_is_capped_and_stop_interrupts_the_wait(
+        caplog: pytest.LogCaptureFixture) -> None:
+    def scenario(peer: Peer) -> None:
+        peer.read_request()
+        # An HTTP-date far ahead: a long ban, or a bogus header.
+        peer.sock.sendall(b"HTTP/1.1 418 I'm a teapot\r\n"
+                          b"Retry-After: Wed, 21 Oct 2099 07:28:00 GMT\r\n"
+                          b"Content-Length: 0\r\n\r\n")
+
+    with caplog.at_level(logging.INFO, logger="collectors.connection"), \
+            raw_server(scenario) as server:
+        with running(server.url, BinanceAdapter("w"), symbols=SYMBOLS,
+                     recv_timeout_s=0.2) as h:
+            assert wait_for(lambda: any(r.getMessage() == "ws_reconnect_wait"
+                                        for r in caplog.records), 5)
+            started = time.monotonic()
+        # `running` joined the thread: the stop ended the wait at once.
+        assert time.monotonic() - started < 3
+        assert server.connections == 1
+        assert h.value("chrono_collector_connect_attempts_total") == 1
+    [limited] = [r for r in caplog.records if r.getMessage() == "ws_handshake_rate_limited"]
+    assert limited.retry_in_s == RETRY_AFTER_MAX_S  # type: ignore[attr-defined]
+    [waited] = [r for r in caplog.records if r.getMessage() == "ws_reconnect_wait"]
+    assert waited.delay_s >= RETRY_AFTER_MAX_S  # type: ignore[attr-defined]
