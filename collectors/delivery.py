@@ -395,10 +395,14 @@ class SpoolWriter:
     (bounded, see the service) and the ws thread pauses reading before anything is dropped.
     """
 
+    #: At most one `spool_full_dropped_oldest` line this often (the metric counts every record).
+    FULL_LOG_INTERVAL_S = 10.0
+
     def __init__(self, spool: Spool | None, metrics: Metrics, wake: threading.Event, *,
                  mark_of: Callable[[PriceFeed], tuple[str, int] | None] = lambda _r: None,
                  due_size: Callable[[], int] = lambda: 1,
-                 retry_wait_s: float = 0.5) -> None:
+                 retry_wait_s: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._mark_of = mark_of  # the adapter's dedup mark, persisted with the records
         self._spool = spool  # None until attach(): the service opens the spool when it runs
         self._append: Callable[[Sequence[bytes], Mapping[str, int]], int] | None = (
@@ -412,6 +416,11 @@ class SpoolWriter:
         self._due_size = due_size
         self._retry_wait_s = retry_wait_s
         self._last_error_log = 0.0
+        # While the spool is full every write drops (a line each was thousands a minute): one
+        # line per FULL_LOG_INTERVAL_S with the count since the last one; the metric is exact.
+        self._clock = clock
+        self._drop_logged_at: float | None = None
+        self._dropped_unlogged = 0
         self.beat = time.monotonic()  # last write attempt (watchdog progress while retrying)
 
     def attach(self, spool: Spool,
@@ -457,10 +466,23 @@ class SpoolWriter:
                 continue
             if dropped:
                 self._metrics.spool_dropped.inc(dropped)
-                log.error("spool_full_dropped_oldest", extra={"dropped": dropped})
+                self._log_dropped(dropped)
             if waited <= 0 or spool.waiting_records >= self._due_size():
                 self._wake.set()
             return 0
+
+    def _log_dropped(self, dropped: int) -> None:
+        """Log the full policy's drops: the first at once, then at most one line per
+        FULL_LOG_INTERVAL_S, with every record dropped since the line before (`dropped`)."""
+        self._dropped_unlogged += dropped
+        now = self._clock()
+        last = self._drop_logged_at
+        if last is not None and now - last < self.FULL_LOG_INTERVAL_S:
+            return
+        since_s = None if last is None else round(now - last, 1)
+        self._drop_logged_at = now
+        count, self._dropped_unlogged = self._dropped_unlogged, 0
+        log.error("spool_full_dropped_oldest", extra={"dropped": count, "over_s": since_s})
 
 
 # msgspec's encoder is 6x faster than json.dumps here (1.1 vs 7.2 us a record) and writes the
@@ -510,14 +532,23 @@ class Sender:
     the POST before it fails, so the failed batch, retried or split, keeps its place. The attempt
     count is persisted while the POST runs, not before it: a `kill -9` in that instant loses
     only the count (the batch is re-sent under its key, so the API still stores it once).
+
+    A spool that refuses a write (a full disk, an I/O error) never ends a worker: the service
+    would exit and lose the frames it holds in memory, while a full disk passes. A count of
+    attempts it cannot write is skipped; an acknowledgement it cannot write is retried every
+    `ack_retry_s`, its batch kept out of claims meanwhile (the API has it: no POST for nothing).
     """
+
+    #: At most one line per kind of failed spool write this often (a full disk fails them all).
+    SPOOL_ERROR_LOG_INTERVAL_S = 10.0
 
     def __init__(self, spool: Spool, posters: Poster | Sequence[Poster], metrics: Metrics, *,
                  batch_size: int, batch_interval_s: float, stop: threading.Event,
                  writer_finished: threading.Event, wake: threading.Event,
                  drain_timeout_s: float = 5.0, backoff: Backoff | None = None,
                  retry_max_s: float = 30.0,
-                 thread_init: Callable[[], object] | None = None) -> None:
+                 thread_init: Callable[[], object] | None = None,
+                 ack_retry_s: float = 1.0, refusal_memory_s: float = 600.0) -> None:
         self._spool = spool
         self._posters = [posters] if isinstance(posters, Poster) else list(posters)
         if not self._posters:
@@ -551,15 +582,38 @@ class Sender:
         self._ahead: list[Future[Batch | None] | None] = [None] * len(self._posters)
         self._acks: list[list[Future[None]]] = [[] for _ in self._posters]
         self._tried: set[str] = set()
-        # After a 413 the batch size is halved until batches fit, then grows back on success.
+        # Acknowledgements the spool refused: key -> (records, monotonic time of the next try).
+        # Their keys stay in _acking, so no claim hands the stored batch out again meanwhile.
+        self._ack_retry: dict[str, tuple[int, float]] = {}
+        self._ack_retry_s = ack_retry_s
+        self._unacked_logged = False
+        self._spool_error_logged_at: dict[str, float] = {}  # event -> last line (monotonic)
+        self._spool_errors_unlogged: dict[str, int] = {}  # event -> failures since that line
+        # After a 413 the batch size is halved until batches fit, then grows back on success,
+        # but not past the smallest size refused (`_too_large`, at `_too_large_at`) while that
+        # refusal is younger than `refusal_memory_s`: it bisects between that and the largest
+        # size stored since (`_fits`), so a fixed body limit costs a few 413s, not every other
+        # POST. A refusal that old is probed once (a batch of its size), so a raised limit is
+        # found again.
         self._size_cap = batch_size
+        self._too_large: int | None = None
+        self._too_large_at = 0.0
+        self._fits = 0
+        self._refusal_memory_s = refusal_memory_s
         self._drain_deadline: float | None = None
         self._drained_logged = False
         self._left_logged = False
-        self._gauges_at = 0.0
+        self._gauges_at = float("-inf")  # monotonic time of the last stats() for the gauges
+        self._gauge_values = (0.0, 0.0, 0.0)  # records, payload bytes, oldest record (unix s)
         self._corrupt_seen = 0
         self.last_success_unix: float | None = None
         self._beats = [time.monotonic()] * len(self._posters)  # per worker (watchdog progress)
+        # The spool gauges are read when scraped (from a snapshot at most a second old), not
+        # set from the workers' loop: a worker waits out a 600 s Retry-After, a 401's 30 s or
+        # a hung POST while the spool fills and drops, and the spool alerts must see that.
+        metrics.spool_records.set_function(lambda: self._spool_gauges()[0])
+        metrics.spool_bytes.set_function(lambda: self._spool_gauges()[1])
+        metrics.spool_oldest_ts.set_function(lambda: self._spool_gauges()[2])
 
     @property
     def workers(self) -> int:
@@ -597,7 +651,7 @@ class Sender:
     def _loop(self, worker: int) -> None:
         poster = self._posters[worker]
         while True:
-            self._check_acks(worker)  # a failed acknowledgement fails this thread, as before
+            self._check_acks(worker)  # and queues the acknowledgements due for another try
             now = self._beats[worker] = time.monotonic()
             drain_deadline = self._drain_deadline_if_stopping()
             final = drain_deadline is not None and self._writer_finished.is_set()
@@ -613,12 +667,12 @@ class Sender:
                 if batch is None:
                     batch = self._claim(final)
             except SpoolError as exc:
-                self._metrics.spool_errors.inc()
-                log.error("spool_read_failed", extra={"error": str(exc)})
+                # (A full disk fails every claim: one line per interval, each counted.)
+                self._spool_failed("spool_read_failed", exc, retry_in_s=1.0)
                 if not self._sleep(worker, 1.0):
                     return
                 continue
-            self._update_spool_gauges()
+            self._spool_gauges()  # also counts records lost to corruption without a scrape
             if batch is None:
                 if final:
                     self._settle(worker, raise_errors=True)
@@ -694,20 +748,51 @@ class Sender:
             return batch
 
     def _acknowledge(self, key: str, n: int) -> None:
-        """The API stored batch `key`: delete it from the spool, then count it delivered."""
+        """The API stored batch `key`: delete it from the spool, then count it delivered.
+
+        When the spool refuses the deletion (disk full, I/O error) the batch stays claimed on
+        disk and out of claims (its key stays in `_acking`), and the deletion is tried again
+        after `ack_retry_s` (`_check_acks`): re-sending it would only cost POSTs (the API
+        answers a replay without storing twice), in a loop while the disk stays full. Should
+        the process stop first, the next start re-sends it under its key."""
         try:
             self._spool.ack(key)
-        finally:
+        except SpoolError as exc:
+            with self._lock:
+                self._ack_retry[key] = (n, time.monotonic() + self._ack_retry_s)
+            self._spool_failed("spool_ack_failed", exc, idempotency_key=key,
+                               retry_in_s=self._ack_retry_s)
+            return
+        except BaseException:
             with self._lock:
                 self._acking.discard(key)
+            raise
+        with self._lock:
+            self._acking.discard(key)
         self._metrics.records_delivered.inc(n)
         self.last_success_unix = time.time()
         self._metrics.last_flush_success_ts.set(self.last_success_unix)
 
     def _check_acks(self, worker: int) -> None:
+        """Collect this worker's finished acknowledgements, and queue again those the spool
+        refused whose retry time has come."""
         pending = self._acks[worker]
         while pending and pending[0].done():
-            pending.pop(0).result()  # raises what the acknowledgement raised
+            # Raises what the acknowledgement raised: a bug (a refusing spool is retried).
+            pending.pop(0).result()
+        self._retry_acks(worker, all_now=False)
+
+    def _retry_acks(self, worker: int, *, all_now: bool) -> None:
+        """Queue again the acknowledgements the spool refused whose retry time has come
+        (every one with `all_now`), on this worker's list."""
+        pending = self._acks[worker]
+        now = time.monotonic()
+        with self._lock:
+            due = [(key, n) for key, (n, at) in self._ack_retry.items() if all_now or at <= now]
+            for key, _n in due:
+                del self._ack_retry[key]
+        for key, n in due:
+            pending.append(self._bookkeeper.submit(self._acknowledge, key, n))
 
     def _put_back_ahead(self, worker: int) -> None:
         """The POST before the batch claimed ahead did not store its batch. A batch this claim
@@ -730,11 +815,13 @@ class Sender:
                         self._in_flight.discard(batch.key)
 
     def _settle(self, worker: int, *, raise_errors: bool) -> None:
-        """Wait for this worker's queued spool writes."""
+        """Wait for this worker's queued spool writes, with one more try of every
+        acknowledgement the spool refused (it may take them again by now)."""
         ahead, self._ahead[worker] = self._ahead[worker], None
         if ahead is not None:
             with contextlib.suppress(Exception):
                 ahead.result(timeout=60)
+        self._retry_acks(worker, all_now=True)
         pending, self._acks[worker] = self._acks[worker], []
         for future in pending:
             try:
@@ -743,6 +830,16 @@ class Sender:
                 if raise_errors:
                     raise
                 log.error("spool_ack_failed", extra={"error": str(exc)})
+        with self._lock:
+            unacknowledged = len(self._ack_retry)
+            if self._unacked_logged:
+                return
+            self._unacked_logged = unacknowledged > 0
+        if unacknowledged:
+            log.warning("delivery_stopped_unacknowledged", extra={
+                "batches": unacknowledged,
+                "hint": "stored by the API but still on disk (the spool refused to delete "
+                        "them): re-sent under the same keys after the next start, stored once"})
 
     # ---- waiting ---------------------------------------------------------------------------
     def _idle_wait_s(self, drain_deadline: float | None) -> float:
@@ -855,12 +952,17 @@ class Sender:
         started = time.monotonic()
         result = poster.post(batch)
         self._metrics.flush_duration.observe(time.monotonic() - started)
-        attempt.result()  # a spool that cannot count the attempt fails the thread, as before
+        try:
+            attempt.result()
+        except SpoolError as exc:
+            # Bookkeeping only (`batch_replayed` and its metric): it decides nothing about this
+            # POST, and a full disk must not end the worker.
+            self._spool_failed("spool_attempt_count_failed", exc, idempotency_key=batch.key)
         if result.outcome is Outcome.STORED:
             with self._lock:
                 self._acking.add(batch.key)  # skipped by claims until the deletion commits
                 self._tried.discard(batch.key)
-                self._size_cap = min(self._batch_size, self._size_cap * 2)
+                self._size_cap = self._grown_cap(n)
                 recovered_after = self._backoff.attempt
                 self._backoff.reset()
             self._acks[worker].append(self._bookkeeper.submit(self._acknowledge, batch.key, n))
@@ -873,7 +975,14 @@ class Sender:
         reason = _failure_reason(result)
         self._metrics.flush_failure(reason)
         if result.outcome is Outcome.REJECT:
-            self._reject(batch, result)
+            try:
+                self._reject(batch, result)
+            except SpoolError as exc:
+                # The spool refused to split or dead-letter it (disk full): the batch stays
+                # claimed and is sent again after a pause, and the API's answer decides again.
+                self._spool_failed("spool_reject_failed", exc, idempotency_key=batch.key,
+                                   status=result.status, retry_in_s=1.0)
+                self._sleep(worker, 1.0)  # a drain deadline that comes first ends the loop
             return
         with self._lock:
             delay = self._backoff.next_delay()
@@ -904,7 +1013,7 @@ class Sender:
         if status == 413 and n > 1:
             self._spool.split(batch.key, (), status, result.detail)
             with self._lock:
-                self._size_cap = max(1, min(self._size_cap, n // 2))
+                self._size_cap = self._shrunk_cap(n)
                 next_size = self._size_cap
             log.warning("batch_too_large_split", extra={"idempotency_key": batch.key,
                                                         "records": n,
@@ -923,28 +1032,85 @@ class Sender:
         log.error("batch_rejected", extra={"idempotency_key": batch.key, "records": n,
                                            "status": status, "detail": result.detail[:500]})
 
-    def _update_spool_gauges(self) -> None:
+    def _spool_gauges(self) -> tuple[float, float, float]:
+        """(records, payload bytes, the oldest record's Unix time or 0) for the spool gauges,
+        from `Spool.stats()` at most once a second: it reads two rows and the in-memory
+        counters, under the spool's locks, so a scrape or a worker may call it. A spool that
+        cannot answer leaves the last values (a scrape must not fail; it is counted)."""
         with self._lock:
             now = time.monotonic()
-            if now - self._gauges_at < 1.0:  # stats() counts rows: once a second is plenty
-                return
+            if now - self._gauges_at < 1.0:
+                return self._gauge_values
             self._gauges_at = now
-        stats = self._spool.stats()
-        self._metrics.spool_records.set(stats.records)
-        self._metrics.spool_bytes.set(stats.payload_bytes)
+        try:
+            stats = self._spool.stats()
+        except SpoolError as exc:
+            self._spool_failed("spool_stats_failed", exc)
+            return self._gauge_values
+        values = (float(stats.records), float(stats.payload_bytes),
+                  (stats.oldest_record_ns or 0) / 1e9)
         with self._lock:
+            self._gauge_values = values
             lost = stats.corrupt_lost_total - self._corrupt_seen
             self._corrupt_seen = max(self._corrupt_seen, stats.corrupt_lost_total)
         if lost > 0:
             self._metrics.spool_corrupt_lost.inc(lost)
-        self._metrics.spool_oldest_ts.set((stats.oldest_record_ns or 0) / 1e9)
+        return values
+
+    def _spool_failed(self, event: str, exc: SpoolError, **extra: object) -> None:
+        """A spool operation delivery can do without for now failed: count every one, and
+        log `event` (stable: one per kind of operation) at most once per
+        SPOOL_ERROR_LOG_INTERVAL_S, with the failures since its last line."""
+        self._metrics.spool_errors.inc()
+        now = time.monotonic()
+        with self._lock:
+            failures = self._spool_errors_unlogged.get(event, 0) + 1
+            last = self._spool_error_logged_at.get(event)
+            if last is not None and now - last < self.SPOOL_ERROR_LOG_INTERVAL_S:
+                self._spool_errors_unlogged[event] = failures
+                return
+            self._spool_error_logged_at[event] = now
+            self._spool_errors_unlogged[event] = 0
+        log.error(event, extra={"error": str(exc), "failures": failures, **extra})
+
+    # ---- the batch size cap after a 413 (callers hold _lock) ----------------------------------
+    def _grown_cap(self, n: int) -> int:
+        """The cap after a batch of `n` records was stored: double it, up to the batch size,
+        but below a size refused within `refusal_memory_s` only halfway from the largest size
+        stored (a bisection: the few 413s it costs find the limit). A refusal that old allows
+        one batch of its size: stored, the limit went up and the cap grows on."""
+        if self._too_large is not None and n >= self._too_large:
+            self._too_large = None  # a batch that large was stored: the limit went up
+        self._fits = max(self._fits, n)
+        cap = min(self._batch_size, self._size_cap * 2)
+        if self._too_large is None:
+            return cap
+        if time.monotonic() - self._too_large_at >= self._refusal_memory_s:
+            return min(cap, self._too_large)
+        return min(cap, max(self._fits, (self._fits + self._too_large) // 2))
+
+    def _shrunk_cap(self, n: int) -> int:
+        """The cap after the API refused a batch of `n` records as too large: the largest
+        size stored since, if smaller, else half of `n`."""
+        now = time.monotonic()
+        if (self._too_large is None or n <= self._too_large
+                or now - self._too_large_at >= self._refusal_memory_s):
+            self._too_large, self._too_large_at = n, now
+        if self._fits >= n:
+            self._fits = 0  # it fit before, not now: bigger records, or a lowered limit
+        below = self._fits or n // 2
+        return max(1, min(self._size_cap, below))
 
     def _log_left_behind(self) -> None:
         with self._lock:
             if self._left_logged:
                 return
             self._left_logged = True
-        stats = self._spool.stats()
+        try:
+            stats = self._spool.stats()
+        except SpoolError as exc:
+            self._spool_failed("spool_stats_failed", exc)
+            return
         if stats.records:
             log.warning("delivery_stopped_with_backlog",
                         extra={"spool_records": stats.records,
