@@ -589,6 +589,8 @@ class Sender:
         self._unacked_logged = False
         self._spool_error_logged_at: dict[str, float] = {}  # event -> last line (monotonic)
         self._spool_errors_unlogged: dict[str, int] = {}  # event -> failures since that line
+        self._retry_logged_at: float | None = None  # the last batch_retry line (monotonic)
+        self._retries_unlogged = 0  # failed POSTs since it
         # After a 413 the batch size is halved until batches fit, then grows back on success,
         # but not past the smallest size refused (`_too_large`, at `_too_large_at`) while that
         # refusal is younger than `refusal_memory_s`: it bisects between that and the largest
@@ -998,10 +1000,22 @@ class Sender:
                 "hint": "the ingest API refused the key; check API_KEY/API_KEY_FILE. Records "
                         "stay in the spool until it is fixed."})
         else:
+            # An API answering `Retry-After: 0` (obeyed, with a 0.25 s floor) failed four
+            # times a second for as long as it lasted, a warning each: one line per
+            # SPOOL_ERROR_LOG_INTERVAL_S (10 s), with the retries since; every one is counted.
+            now = time.monotonic()
+            with self._lock:
+                retries = self._retries_unlogged + 1
+                logged_at = self._retry_logged_at
+                if logged_at is not None and now - logged_at < self.SPOOL_ERROR_LOG_INTERVAL_S:
+                    self._retries_unlogged = retries
+                    return
+                self._retry_logged_at, self._retries_unlogged = now, 0
             log.warning("batch_retry", extra={"idempotency_key": batch.key, "records": n,
                                               "status": result.status, "reason": reason,
                                               "detail": result.detail[:200] or None,
-                                              "retry_in_s": round(delay, 3)})
+                                              "retry_in_s": round(delay, 3),
+                                              "retries_since_last_log": retries})
 
     def _reject(self, batch: Batch, result: PostResult) -> None:
         """The API refused the batch for good and stored none of it. Keep what was good:

@@ -183,3 +183,21 @@ def test_a_refused_size_is_tried_again_after_a_while_and_a_raised_limit_found(
                 return False
 
             assert wait_until(full_batch_stored, timeout_s=15, interval_s=0.02)
+
+
+def test_an_api_saying_retry_at_once_gets_one_retry_line_per_interval(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # `503 Retry-After: 0` is obeyed (a 0.25 s floor): a warning per failure was four lines a
+    # second for as long as the API kept answering so.
+    registry = CollectorRegistry()
+    with rig(tmp_path) as r:
+        r.faults.respond(503, retry_after=0, times=6)
+        r.spool.append(records(10))
+        with caplog.at_level(logging.WARNING, logger="collectors.delivery"), \
+                workers(r, 1, batch_size=10, registry=registry):
+            assert r.faults.wait_for_completed(7, timeout_s=15)  # six 503s, then stored
+        assert stored_sequences(r.db_path) == list(range(10))
+    lines = [rec for rec in caplog.records if rec.getMessage() == "batch_retry"]
+    assert len(lines) == 1 and lines[0].retries_since_last_log == 1  # type: ignore[attr-defined]
+    assert registry.get_sample_value("chrono_collector_flush_failures_total",
+                                     {**LABELS, "reason": "server_error"}) == 6
