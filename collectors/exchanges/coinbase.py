@@ -20,9 +20,10 @@ Notes that shape this parser:
   if below it, a count that started over (a restarted venue or test server, another endpoint;
   perhaps at numbers the old count used): kept, and the count restarts from it. Within a
   connection the last `RECENT_SEQUENCES` kept are remembered too: a repeat of any is a
-  duplicate. Only the products the last ack listed keep this state. The dedup
-  mark stored with the records is the newest sequence, pending or last (a replay after a
-  restart repeats it).
+  duplicate. `LATE_RUN_RESTART` late tickers in a row, each above the one before, restart the
+  count too (two bad values in a row confirm each other, and silenced the product). Only the
+  products the last ack listed keep this state. The dedup mark stored with the records is the
+  newest sequence, pending or last (a replay after a restart repeats it).
   A sequence outside 0 .. 2**63-1 is not a sequence (and no SQLite integer): refused.
 """
 
@@ -60,6 +61,11 @@ _SYMBOL_CACHE_MAX = 4096
 SEQUENCE_JUMP = 10_000
 #: Sequences remembered per product: a ticker repeating one of them is a duplicate.
 RECENT_SEQUENCES = 32
+#: This many late tickers in a row, each above the one before, mean the last sequence is the
+#: bad one (two bad values in a row confirm each other) or the count started over within the
+#: connection: the last of them is kept and the count restarts from it. A venue's stream is
+#: ordered, so real late tickers come one at a time (a replay), not as a rising run.
+LATE_RUN_RESTART = 10
 _SEQUENCE_MAX = 2**63 - 1
 #: (metadata key, ticker field) of the optional decimal-string fields, in output order.
 _META_NUMBERS = (("bid", "best_bid"), ("bid_size", "best_bid_size"), ("ask", "best_ask"),
@@ -141,6 +147,8 @@ class CoinbaseAdapter:
         self._last_sequence: dict[str, int] = {}
         self._pending: dict[str, int] = {}
         self._recent: dict[str, deque[int]] = {}
+        # product -> (late tickers in a row, each above the one before; the last of them)
+        self._late_run: dict[str, tuple[int, int]] = {}
         # The products the last `subscriptions` ack listed (None before one): only they keep
         # dedup state. And those with a ticker since that ack (see the module's notes).
         self._acked: frozenset[str] | None = None
@@ -211,10 +219,27 @@ class CoinbaseAdapter:
         if sequence == last or (recent is not None and sequence in recent):
             return True
         if last is not None and sequence < last:
-            return True
+            return not self._count_restarted(product, sequence)
         pending = self._pending.get(product)
         return (pending is not None and sequence < pending
                 and pending - (sequence if last is None else last) <= SEQUENCE_JUMP)
+
+    def _count_restarted(self, product: str, sequence: int) -> bool:
+        """A late ticker: True when it ends a rising run of LATE_RUN_RESTART of them, and the
+        product's count then restarts from it (see LATE_RUN_RESTART)."""
+        run = self._late_run.get(product)
+        count = run[0] + 1 if run is not None and run[1] < sequence else 1
+        if count < LATE_RUN_RESTART:
+            if run is not None or len(self._late_run) < _SYMBOL_CACHE_MAX:
+                self._late_run[product] = (count, sequence)
+            return False
+        del self._late_run[product]
+        self._last_sequence[product] = sequence
+        self._pending.pop(product, None)
+        recent = self._recent.get(product)
+        if recent is not None:
+            recent.clear()
+        return True
 
     def restore_marks(self, marks: Mapping[str, int]) -> None:
         for product, sequence in marks.items():
@@ -223,6 +248,8 @@ class CoinbaseAdapter:
 
     def _remember(self, product: str, sequence: int) -> None:
         """`sequence` was kept (see the module's notes for what becomes the last)."""
+        if self._late_run:
+            self._late_run.pop(product, None)  # a run of late tickers is one without a gap
         if self._acked is not None and product not in self._acked:
             return  # not subscribed (the pipeline drops it): no state, which junk would fill
         recent = self._recent.get(product)

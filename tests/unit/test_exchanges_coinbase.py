@@ -10,6 +10,7 @@ from collectors.decoding import decode_frame
 from collectors.errors import ParseError
 from collectors.exchanges.base import Decoder, Kind, load_json
 from collectors.exchanges.coinbase import (
+    LATE_RUN_RESTART,
     SEQUENCE_JUMP,
     CoinbaseAdapter,
     from_product,
@@ -183,6 +184,35 @@ def test_one_ticker_far_ahead_does_not_silence_the_product(ahead: int) -> None:
     assert len(adapter.parse(_ticker(1_000 + ahead), RECEIVED_NS).records) == 1
     kept = [len(adapter.parse(_ticker(seq), RECEIVED_NS).records) for seq in (1_003, 1_005, 1_009)]
     assert kept == [1, 1, 1]
+
+
+@pytest.mark.parametrize("decode", [load_json, decode_frame], ids=["generic", "shaped"])
+def test_two_bad_sequences_in_a_row_silence_the_product_for_a_few_tickers_only(
+        decode: Decoder) -> None:
+    """The second bad value confirmed the first as the last sequence: every real ticker after
+    them was dropped as late, for as long as the connection lasted (heartbeats kept it up)."""
+    adapter = CoinbaseAdapter("w", decode)
+    for seq in (101, 102, 103, 10**12, 10**12 + 1):
+        assert len(adapter.parse(_ticker(seq), RECEIVED_NS).records) == 1
+    kept = [len(adapter.parse(_ticker(seq), RECEIVED_NS).records) for seq in range(104, 124)]
+    assert kept == [0] * (LATE_RUN_RESTART - 1) + [1] * (20 - LATE_RUN_RESTART + 1)
+    # The count goes on from there: repeats are duplicates again, a replay of the last kept too.
+    assert adapter.parse(_ticker(123), RECEIVED_NS).duplicates == 1
+    assert adapter.parse(_ticker(110), RECEIVED_NS).duplicates == 1
+
+
+def test_late_tickers_that_do_not_rise_never_restart_the_count() -> None:
+    adapter = CoinbaseAdapter("w")
+    for seq in (5_000_000, 5_000_100):
+        adapter.parse(_ticker(seq), RECEIVED_NS)
+    # Replays and stragglers below the last, in any order but a rising run: all dropped.
+    late = [4_999_990, 4_999_980, 4_999_995, 4_999_970] * LATE_RUN_RESTART
+    assert [adapter.parse(_ticker(seq), RECEIVED_NS).duplicates for seq in late] == [1] * len(late)
+    # A kept ticker ends a run: late ones before it do not count towards the next.
+    for seq in range(4_999_900, 4_999_900 + LATE_RUN_RESTART - 1):
+        assert adapter.parse(_ticker(seq), RECEIVED_NS).duplicates == 1
+    assert len(adapter.parse(_ticker(5_000_101), RECEIVED_NS).records) == 1
+    assert adapter.parse(_ticker(4_999_999), RECEIVED_NS).duplicates == 1
 
 
 def test_a_late_ticker_does_not_lower_the_mark_a_restart_dedups_by() -> None:
