@@ -29,6 +29,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import NewConnectionError
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
 from collectors import __version__
@@ -46,6 +47,8 @@ AUTH_RETRY_S = 30.0
 RETRY_AFTER_FLOOR_S = 0.25
 
 
+#: How long a metrics scrape or a health check waits for the spool's stats (`stats_within`).
+STATS_WAIT_S = 0.25
 #: At most this much of an answer body is read (a hostile or broken API cannot exhaust memory).
 MAX_RESPONSE_BYTES = 64 * 1024
 
@@ -332,7 +335,7 @@ class Poster:
         network or a down API for the other."""
         if self._deadline.fired:
             return self._cut_short()
-        reason: FlushFailureReason = "timeout" if isinstance(exc, _TIMEOUT_ERRORS) else "network"
+        reason: FlushFailureReason = "timeout" if _timed_out(exc) else "network"
         return PostResult(Outcome.RETRY, None, None, self._describe(exc), reason=reason)
 
     def _cut_short(self) -> PostResult:
@@ -365,6 +368,25 @@ _NETWORK_ERRORS = (requests.RequestException, Urllib3Error, http.client.HTTPExce
 # requests' ConnectTimeout/ReadTimeout; urllib3's own while the body is read; a bare socket
 # timeout (the builtin TimeoutError) should one escape both.
 _TIMEOUT_ERRORS = (requests.Timeout, Urllib3TimeoutError, TimeoutError)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a timeout is what failed, however it was wrapped: a send that stalls past the
+    timeout reaches us as requests' ConnectionError holding urllib3's ProtocolError("Connection
+    aborted.", TimeoutError(...)), the timeout in their args, not their type."""
+    todo: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while todo and len(seen) < 16:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        # (urllib3's NewConnectionError derives from its ConnectTimeoutError for old code's
+        # sake: a refused connection is one, and is no timeout.)
+        if isinstance(e, _TIMEOUT_ERRORS) and not isinstance(e, NewConnectionError):
+            return True
+        todo += [x for x in (e.__cause__, e.__context__, *e.args) if isinstance(x, BaseException)]
+    return False
 
 
 def _bounded_body(resp: requests.Response) -> bytes:
@@ -984,7 +1006,11 @@ class Sender:
                 # claimed and is sent again after a pause, and the API's answer decides again.
                 self._spool_failed("spool_reject_failed", exc, idempotency_key=batch.key,
                                    status=result.status, retry_in_s=1.0)
-                self._sleep(worker, 1.0)  # a drain deadline that comes first ends the loop
+                # No POST before then, from any worker: the next turn waits for it (and, when
+                # stopping, gives up once the drain deadline comes first). A sleep here ended
+                # at once near the deadline, and the batch was POSTed back to back.
+                with self._lock:
+                    self._resume_at = max(self._resume_at, time.monotonic() + 1.0)
             return
         with self._lock:
             delay = self._backoff.next_delay()
@@ -1043,23 +1069,32 @@ class Sender:
             return
         self._spool.dead_letter(batch.key, status, result.detail)
         self._metrics.dead_letter_records.inc(n)
+        if status == 413:
+            # One record the API takes in no batch: the 413s on the way down to it were its,
+            # not a limit on the batch size, which must not stay bisected below them.
+            with self._lock:
+                self._too_large = None
         log.error("batch_rejected", extra={"idempotency_key": batch.key, "records": n,
                                            "status": status, "detail": result.detail[:500]})
 
     def _spool_gauges(self) -> tuple[float, float, float]:
         """(records, payload bytes, the oldest record's Unix time or 0) for the spool gauges,
-        from `Spool.stats()` at most once a second: it reads two rows and the in-memory
+        from the spool's stats at most once a second: it reads two rows and the in-memory
         counters, under the spool's locks, so a scrape or a worker may call it. A spool that
-        cannot answer leaves the last values (a scrape must not fail; it is counted)."""
+        cannot answer leaves the last values (a scrape must not fail; it is counted), and so
+        does one busy for longer than STATS_WAIT_S: an operation stuck on a stalled disk holds
+        its locks, and every scrape of /metrics would have hung with it."""
         with self._lock:
             now = time.monotonic()
             if now - self._gauges_at < 1.0:
                 return self._gauge_values
             self._gauges_at = now
         try:
-            stats = self._spool.stats()
+            stats = self._spool.stats_within(STATS_WAIT_S)
         except SpoolError as exc:
             self._spool_failed("spool_stats_failed", exc)
+            return self._gauge_values
+        if stats is None:
             return self._gauge_values
         values = (float(stats.records), float(stats.payload_bytes),
                   (stats.oldest_record_ns or 0) / 1e9)

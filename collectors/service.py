@@ -33,7 +33,7 @@ from collectors.batching import Handoff
 from collectors.config import CollectorConfig
 from collectors.connection import Connection, Frame
 from collectors.decoding import decode_frame
-from collectors.delivery import Poster, Sender, SpoolWriter
+from collectors.delivery import STATS_WAIT_S, Poster, Sender, SpoolWriter
 from collectors.errors import ConfigError, SpoolError
 from collectors.metrics import Health, Metrics, MetricsServer
 from collectors.pipeline import Parser
@@ -119,7 +119,8 @@ class CollectorService:
         last_msg = self.parser.last_message_unix
         last_flush = self.sender.last_success_unix if self.sender else None
         now = time.time()
-        spool_stats = self.spool.stats() if self.spool else None
+        # (Not waiting long for a spool stuck on a stalled disk: the answer matters more.)
+        spool_stats = self.spool.stats_within(STATS_WAIT_S) if self.spool else None
         # Every symbol stale: connected, but nothing comes (a stuck stream): not healthy.
         all_stale = bool(stale) and set(stale) >= set(self.parser.freshness.last)
         up = connected and fresh and not all_stale

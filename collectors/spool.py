@@ -861,7 +861,21 @@ class Spool:
 
     def stats(self) -> SpoolStats:
         """Counts for metrics. Raises SpoolError if the spool is closed or the database fails."""
-        with self._conn_lock:
+        stats = self._stats(None)
+        assert stats is not None  # waits as long as it takes
+        return stats
+
+    def stats_within(self, wait_s: float) -> SpoolStats | None:
+        """`stats()`, or None when another operation has held the spool for `wait_s` (a disk
+        that stalls an fsync holds the spool's locks): for a metrics scrape or a health check,
+        which must answer whatever the disk does. Raises SpoolError as `stats()` does."""
+        return self._stats(wait_s)
+
+    def _stats(self, wait_s: float | None) -> SpoolStats | None:
+        timeout = -1 if wait_s is None else wait_s
+        if not self._conn_lock.acquire(timeout=timeout):
+            return None
+        try:
             conn = self._require(self._conn)
             try:
                 claimed = conn.execute("SELECT min(created_ns) FROM claimed").fetchone()
@@ -869,7 +883,9 @@ class Spool:
                 raise self._error("stats", exc) from exc
             oldest = self._read_oldest_waiting(conn)  # raises SpoolError itself
             waiting = None if oldest is None else (oldest,)
-            with self._write_lock:
+            if not self._write_lock.acquire(timeout=timeout):
+                return None
+            try:
                 counts = (
                     self._records,
                     self._claimed_records,
@@ -878,6 +894,10 @@ class Spool:
                     self._dropped_total,
                     self._corrupt_lost_total,
                 )
+            finally:
+                self._write_lock.release()
+        finally:
+            self._conn_lock.release()
         times = [int(r[0]) for r in (claimed, waiting) if r is not None and r[0] is not None]
         file_bytes = 0
         for path in (self._db_path, self._wal_path):

@@ -648,6 +648,28 @@ def test_an_api_that_never_answers_is_a_timeout() -> None:
     assert (result.reason, _failure_reason(result)) == ("timeout", "timeout")
 
 
+def test_an_api_that_never_reads_the_body_is_a_timeout() -> None:
+    # The send stalls once the socket buffers are full: urllib3 wraps the socket timeout in
+    # ProtocolError("Connection aborted.", TimeoutError(...)), requests in ConnectionError.
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[tuple[socket.socket, object]] = []
+    accepting = threading.Thread(target=lambda: held.append(listener.accept()), daemon=True)
+    accepting.start()
+    try:
+        poster = Poster(f"http://127.0.0.1:{listener.getsockname()[1]}/internal/ingest",
+                        "k" * 24, connect_timeout_s=1, read_timeout_s=0.5)
+        try:
+            result = poster.post(Batch.of("k1", [b'{"x":"' + b"a" * 200_000 + b'"}'] * 100))
+        finally:
+            poster.close()
+    finally:
+        for sock, _addr in held:
+            sock.close()
+        listener.close()
+    assert (result.outcome, result.status) == (Outcome.RETRY, None)
+    assert (result.reason, _failure_reason(result)) == ("timeout", "timeout"), result.detail
+
+
 def test_an_answer_cut_by_our_deadline_is_a_timeout(server: str) -> None:
     Script.drip_s = 0.2  # every byte inside the read timeout; the whole past the deadline
     result = post(server, read_timeout_s=0.5, connect_timeout_s=0.5)

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from collectors.delivery import SpoolWriter
+from collectors.delivery import Poster, Sender, SpoolWriter, encode
 from collectors.errors import SpoolError
-from collectors.metrics import Metrics
+from collectors.metrics import Health, Metrics, MetricsServer
 from collectors.model import PriceFeed
 from collectors.spool import Spool
-from tests.support.servers import iso_ago
+from tests.support.servers import TEST_API_KEY, iso_ago
 from tests.support.waiting import wait_until
 from tests.unit.test_sender import Rig, records, rig, stored_sequences, workers
 
@@ -201,3 +202,94 @@ def test_an_api_saying_retry_at_once_gets_one_retry_line_per_interval(
     assert len(lines) == 1 and lines[0].retries_since_last_log == 1  # type: ignore[attr-defined]
     assert registry.get_sample_value("chrono_collector_flush_failures_total",
                                      {**LABELS, "reason": "server_error"}) == 6
+
+
+def _big_record() -> bytes:
+    return encode(PriceFeed(symbol="BTC/USD", price=1.0, volume=1.0, timestamp=iso_ago(60),
+                            source="coinbase", worker_id="w",
+                            metadata={"received_at": iso_ago(59), "sequence": -1,
+                                      "note": "x" * 200_000}))
+
+
+def test_one_record_too_large_for_any_batch_does_not_pin_the_batch_size(
+        tmp_path: Path) -> None:
+    # The 413s on the way down to the one oversized record were its, not a batch size limit:
+    # the bisection kept every batch at 2 records for 10 minutes after it was dead-lettered.
+    normal = records(1600)
+    with rig(tmp_path, max_body_bytes=150 * (len(normal[0]) + 1)) as r:
+        r.spool.append([_big_record(), *normal])
+        with workers(r, 1, batch_size=100):
+            assert wait_until(lambda: r.spool.stats().records == 0, timeout_s=60)
+        assert stored_sequences(r.db_path) == list(range(1600))
+        assert (tmp_path / "spool" / "dead-letter.jsonl").read_text().count("\n") == 1
+        statuses = [seen.status[:3] for seen in sorted(r.timeline.requests,
+                                                       key=lambda seen: seen.start)]
+        sizes = [body.count(b'"symbol"') for body in r.faults.bodies]
+        last_413 = max(i for i, status in enumerate(statuses) if status == "413")
+        assert max(sizes[last_413:]) == 100
+        assert len(sizes) < 60  # not 800 batches of 2
+
+
+def test_a_refused_batch_the_spool_cannot_set_aside_is_not_posted_back_to_back_at_stop(
+        tmp_path: Path) -> None:
+    # A 413 while the disk is full (the split fails): the batch is sent again after a pause.
+    # Near the drain deadline the pause ended at once, and the batch went out again and again.
+    with rig(tmp_path) as r:
+        r.faults.respond(413, times=100_000)
+
+        def split(*_a: object, **_k: object) -> tuple[int, int]:
+            raise SpoolError("spool: split failed: database or disk is full")
+
+        r.spool.split = split  # type: ignore[method-assign]
+        r.spool.append(records(10))
+        stop, writer_done, wake = threading.Event(), threading.Event(), threading.Event()
+        poster = Poster(r.url, TEST_API_KEY, connect_timeout_s=2, read_timeout_s=10)
+        sender = Sender(r.spool, [poster], Metrics(CollectorRegistry(), "coinbase", "w"),
+                        batch_size=10, batch_interval_s=0.01, stop=stop,
+                        writer_finished=writer_done, wake=wake, drain_timeout_s=0.9)
+        thread = threading.Thread(target=sender.run, daemon=True)
+        thread.start()
+        try:
+            assert r.faults.wait_for_requests(1, timeout_s=10)
+            before = r.faults.requests_seen
+            writer_done.set()
+            stop.set()  # a 0.9 s drain window, within the 1 s pause
+            thread.join(10)
+            assert not thread.is_alive()
+            assert r.faults.requests_seen - before <= 1
+        finally:
+            stop.set()
+            sender.close()
+            poster.close()
+
+
+def test_a_scrape_answers_while_a_spool_operation_hangs_on_the_disk(tmp_path: Path) -> None:
+    # The spool gauges are read at scrape time: a spool operation stuck on a stalled disk
+    # (holding the spool's locks) made every scrape of /metrics hang with it.
+    disk_hung, release = threading.Event(), threading.Event()
+    registry = CollectorRegistry()
+    with rig(tmp_path) as r:
+        real = r.spool._write_dead_letter
+
+        def hung(*args: object, **kwargs: object) -> None:  # under both of the spool's locks
+            disk_hung.set()
+            release.wait(30)
+            real(*args, **kwargs)  # type: ignore[arg-type]
+
+        r.spool._write_dead_letter = hung  # type: ignore[method-assign]
+        r.faults.respond(400)  # the batch is dead-lettered
+        server = MetricsServer(registry, lambda: Health(True, {}), "127.0.0.1", 0)
+        server.start()
+        try:
+            with workers(r, 1, batch_size=10, registry=registry) as (sender, wake):
+                r.spool.append(records(10))
+                wake.set()
+                assert disk_hung.wait(10)
+                sender._gauges_at = float("-inf")  # the snapshot is older than a second
+                url = f"http://127.0.0.1:{server.port}/metrics"
+                with urllib.request.urlopen(url, timeout=3) as resp:
+                    assert b"chrono_collector_spool_records" in resp.read()
+                release.set()
+        finally:
+            release.set()
+            server.stop()
