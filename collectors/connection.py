@@ -42,6 +42,14 @@ log = logging.getLogger(__name__)
 
 Frame = tuple[bytes, int]  # (payload, received epoch ns)
 
+
+class RetiredFrame(tuple[bytes, int]):
+    """A frame read from a connection being handed over (make-before-break): its successor's
+    frames share the queue, and what the old one asks for (a repeated `serverShutdown`) must
+    not replace the new one (see `request_reconnect`)."""
+
+    __slots__ = ()
+
 #: A ticker frame is well under 2 KiB; 4 MiB leaves room for venue snapshots while bounding
 #: memory (websocket-client itself has no maximum frame size).
 DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
@@ -436,11 +444,6 @@ class Connection:
         self._max_age_s = adapter.max_connection_age_s
         self._first_frame_at: float | None = None   # first text frame of the current connection
         self._retiring: list[threading.Thread] = []
-        # Retiring connections still being read, and `frames.put_total` once the last of them
-        # stopped: until the parser has taken that far, a frame it parses may be an old
-        # connection's (both guarded by `_lock`; see `request_reconnect`).
-        self._draining = 0
-        self._retired_put_mark = 0
         self._handover = False  # the last connection was retired (handed over), not closed
         self._retry_after_s: float | None = None  # the last refused handshake's Retry-After
         #: monotonic time of the loop's last turn: the systemd watchdog is fed only while it moves
@@ -482,23 +485,19 @@ class Connection:
                 self._resubscribe = list(symbols)
                 self._resubscribe_at = 0.0
 
-    def request_reconnect(self, reason: ReconnectReason, *, session: int | None = None) -> None:
-        """Replace the current connection (the loop acts at its next turn). Pass the `session`
-        the frame asking for it was received on, as for `data_seen`: a request from an earlier
-        connection is then ignored.
-
-        Without it, a planned request (the venue's `serverShutdown`) is ignored while a retiring
-        connection's frames may still be the ones the parser reads: they share the frame queue
-        with the new connection's, and a venue repeats `serverShutdown` on the connection it is
-        draining, which must not replace the healthy successor (each repeat would otherwise
-        cost a connection). A new connection that really is told to go is closed by the venue
-        soon after, and replaced then."""
+    def request_reconnect(self, reason: ReconnectReason, *, session: int | None = None,
+                          retired: bool = False) -> None:
+        """Replace the current connection (the loop acts at its next turn). `retired`: the
+        frame asking for it came from a connection being handed over (a `RetiredFrame`), whose
+        successor shares the frame queue: a venue repeats `serverShutdown` on the connection
+        it is draining, and each repeat replaced the healthy successor; such a request is
+        ignored. A `session` other than the current one (the frame's connection, when the
+        caller knows it) is ignored too."""
         with self._lock:
-            if session is not None and session != self.session:
+            if retired:
+                ignored = "from the connection being handed over"
+            elif session is not None and session != self.session:
                 ignored = f"from connection {session}, not the current {self.session}"
-            elif session is None and reason in PLANNED_REASONS and (
-                    self._draining or self._frames.taken_total < self._retired_put_mark):
-                ignored = "a retiring connection's frames are still being read"
             else:
                 self._reconnect_reason = reason
                 return
@@ -707,8 +706,6 @@ class Connection:
         thread = threading.Thread(target=self._drain_old, args=(ws,), daemon=True,
                                   name=f"ws-{self.adapter.name}-retiring")
         self._retiring.append(thread)
-        with self._lock:
-            self._draining += 1
         thread.start()
 
     def _drain_old(self, ws: websocket.WebSocket) -> None:
@@ -730,7 +727,7 @@ class Connection:
                     continue
                 opcode, frame = step
                 if opcode in (ABNF.OPCODE_TEXT, ABNF.OPCODE_BINARY):
-                    if self._frames.put((frame.data, time.time_ns())):
+                    if self._frames.put(RetiredFrame((frame.data, time.time_ns()))):
                         forwarded += 1
                     else:  # the queue is full: counted as the live connection's drops are
                         self._metrics.frames_dropped.inc()
@@ -740,9 +737,6 @@ class Connection:
             pass  # the venue closed it: exactly what we were waiting for
         finally:
             _close_quietly(ws, graceful=True)
-            with self._lock:
-                self._draining -= 1
-                self._retired_put_mark = max(self._retired_put_mark, self._frames.put_total)
             log.info("ws_handover_done", extra={"old_frames_after_switch": forwarded,
                                                 "overlap_s": round(time.monotonic() - started,
                                                                    3)})

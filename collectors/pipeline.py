@@ -21,7 +21,7 @@ from typing import Protocol
 
 from collectors.backoff import Backoff
 from collectors.batching import Handoff
-from collectors.connection import Connection, Frame
+from collectors.connection import Connection, Frame, RetiredFrame
 from collectors.errors import ParseError
 from collectors.exchanges.base import Adapter, Kind
 from collectors.metrics import Metrics
@@ -229,7 +229,8 @@ class Parser:
         out: list[PriceFeed] = []
         duplicates = 0
         parse_errors = 0
-        for payload, received_ns in chunk:
+        for frame in chunk:
+            payload, received_ns = frame
             try:
                 parsed = parse(payload, received_ns)
             except ParseError as exc:
@@ -256,8 +257,9 @@ class Parser:
                 self._subscribe_backoff.reset()
             elif kind is Kind.STATUS and parsed.error:
                 log.warning("venue_status", extra={"status": parsed.error})
-            if parsed.reconnect:
-                self._conn.request_reconnect("server_shutdown")
+            if parsed.reconnect:  # (not for a connection being handed over already)
+                self._conn.request_reconnect("server_shutdown",
+                                             retired=type(frame) is RetiredFrame)
         per_symbol = TallyCounter(rec.symbol for rec in out)
         if not per_symbol.keys() <= self._wanted:
             parsed_records = len(out)
@@ -364,13 +366,15 @@ class Parser:
         self._maybe_reconnect_all_stale(now)
 
     def _maybe_reconnect_all_stale(self, now: float) -> None:
-        """Every subscribed symbol stale while the connection stays up (its heartbeats or
-        pongs still arrive): the stream is stuck, and only a new connection can mend that, so
-        ask for one (the connection's backoff paces them while none delivers). Once per
-        `stale_after_s` of connected time while nothing comes back."""
+        """Every subscribed symbol stale while the connection stays up (its pongs still
+        arrive), on a venue that pushes tickers on a clock (`reconnect_when_all_stale`): the
+        stream is stuck, and only a new connection can mend that, so ask for one (the
+        connection's backoff paces them while none delivers). Once per `stale_after_s` of
+        connected time while nothing comes back."""
         freshness = self.freshness
         watched = freshness.last.keys()
-        if not watched or not freshness.stale >= watched:
+        if (not self._adapter.reconnect_when_all_stale or not watched
+                or not freshness.stale >= watched):
             self._all_stale_at = None
             return
         clock = freshness.clock(now)

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from collectors.backoff import Backoff
 from collectors.batching import Handoff
-from collectors.connection import Connection, Frame
+from collectors.connection import Connection, Frame, RetiredFrame
 from collectors.errors import ParseError
 from collectors.exchanges.binance import BinanceAdapter
 from collectors.exchanges.coinbase import CoinbaseAdapter
@@ -67,14 +67,15 @@ class Harness:
                 chunk = self.frames.get_all(0.05)
                 self.got.extend(chunk)
                 records = 0
-                for payload, received_ns in chunk:
+                for frame in chunk:
                     try:
-                        parsed = adapter.parse(payload, received_ns)
+                        parsed = adapter.parse(*frame)
                     except ParseError:
                         continue
                     if parsed.reconnect:
                         self.shutdowns += 1
-                        conn.request_reconnect("server_shutdown")
+                        conn.request_reconnect("server_shutdown",
+                                               retired=type(frame) is RetiredFrame)
                     records += len(parsed.records)
                 if records:
                     conn.data_seen()

@@ -80,6 +80,40 @@ def test_serverShutdown_repeated_on_the_retiring_connection_keeps_its_successor(
         assert backoff.attempt == 0
 
 
+def test_serverShutdown_on_the_successor_during_the_handover_is_acted_on() -> None:
+    # The successor landed on a node being drained too, and says so while its predecessor is
+    # still read. Ignoring every planned request in that window dropped this one: the venue
+    # then cut the connection minutes later, with a gap, instead of a handover now.
+    backoff = Backoff(base_s=0.01, cap_s=0.05)
+    data_parsed = threading.Event()
+
+    def scenario(peer: Peer) -> None:
+        peer.accept()
+        if peer.number == 1:
+            peer.sock.sendall(server_frame(ticker()))
+            if not data_parsed.wait(10):
+                return
+            peer.sock.sendall(server_frame(SHUTDOWN))
+            while not peer.stop.wait(0.05):  # read on during the handover
+                peer.sock.sendall(server_frame(ticker()))
+            return
+        if peer.number == 2:
+            peer.sock.sendall(server_frame(ticker()))
+            time.sleep(0.3)  # the venue's own pace: its notice comes after its first data
+            peer.sock.sendall(server_frame(SHUTDOWN))
+        while not peer.stop.wait(0.05):
+            peer.sock.sendall(server_frame(ticker()))
+
+    with raw_server(scenario) as server, running(server.url, BinanceAdapter("w"),
+                                                 symbols=SYMBOLS, backoff=backoff,
+                                                 recv_timeout_s=0.2) as h, h.parsing():
+        assert wait_for(lambda: h.conn._data_seen, 10)
+        data_parsed.set()
+        assert wait_for(lambda: server.connections == 3, 10), server.connections
+        assert h.value("chrono_collector_reconnects_total", reason="server_shutdown") == 2
+        assert backoff.attempt == 0  # both were handovers of a healthy connection
+
+
 def test_a_reconnect_request_from_an_earlier_connection_is_ignored() -> None:
     def scenario(peer: Peer) -> None:
         peer.accept()
