@@ -121,8 +121,10 @@ class CollectorService:
         now = time.time()
         # (Not waiting long for a spool stuck on a stalled disk: the answer matters more.)
         spool_stats = self.spool.stats_within(STATS_WAIT_S) if self.spool else None
-        # Every symbol stale: connected, but nothing comes (a stuck stream): not healthy.
-        all_stale = bool(stale) and set(stale) >= set(self.parser.freshness.last)
+        # Every symbol stale on a venue that pushes tickers on a clock: connected, but nothing
+        # comes (a stuck stream): not healthy. Where tickers follow trades, quiet markets.
+        all_stale = (self.adapter.reconnect_when_all_stale and bool(stale)
+                     and set(stale) >= set(self.parser.freshness.last))
         up = connected and fresh and not all_stale
         body: dict[str, object] = {
             "status": "ok" if (up and not stale) else "degraded" if up else
@@ -265,7 +267,13 @@ class CollectorService:
                         "error": str(exc), "retry_every_s": SPOOL_OPEN_RETRY_S,
                         "hint": "free space on the spool's disk: the collector starts as soon "
                                 "as it can write"})
-            if self.stop_event.wait(SPOOL_OPEN_RETRY_S):
+                # Under systemd (Type=notify) a start that never says READY fails after
+                # TimeoutStartSec, and after StartLimitBurst restarts systemd gives up: the
+                # process is up and waiting by design, so it says so, and feeds the watchdog.
+                self._notifier.notify("READY=1\nSTATUS=waiting for disk space for the spool")
+                self._notifier.notify("WATCHDOG=1")
+            interval = self._notifier.watchdog_interval_s
+            if self.stop_event.wait(min(SPOOL_OPEN_RETRY_S, interval or SPOOL_OPEN_RETRY_S)):
                 return None
 
     def _wait(self, threads: list[threading.Thread]) -> None:

@@ -965,6 +965,12 @@ class Spool:
             self._load_counters()
             self._recent_ok = self._nothing_waits()
             self._fsync_dir()
+        except sqlite3.Error as exc:
+            # (Damage was dealt with in _open_main: this is the environment's, a disk too full
+            # for a new connection's first write, say: one line, and is_disk_full can tell.)
+            self._close_connections()
+            self._release_lock()
+            raise SpoolError(f"spool database {self._db_path}: cannot open: {exc}") from exc
         except BaseException:
             self._close_connections()
             self._release_lock()

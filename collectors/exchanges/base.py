@@ -153,6 +153,11 @@ class Adapter(Protocol):
     ws_ping_interval_s: float | None
     #: A symbol with no data for this long is stale (reported, not reconnected).
     symbol_stale_after_s: float
+    #: True when every subscribed symbol stale means the stream is stuck, not that the markets
+    #: are quiet: the venue pushes each symbol's ticker on a clock (Binance, every second), so
+    #: the collector asks for a new connection and /healthz says "stale" (503). False where
+    #: tickers follow trades (Coinbase, Kraken): quiet markets are only reported ("degraded").
+    reconnect_when_all_stale: bool
     #: Replace the connection before the venue cuts it at this age (Binance: 24 h); None: never.
     max_connection_age_s: float | None
     #: True when a rejected symbol voids the whole subscribe request (Coinbase), so the others

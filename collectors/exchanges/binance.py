@@ -223,6 +223,8 @@ class BinanceAdapter:
     # A listed market's ticker updates every second; a minute of silence for one symbol while
     # others flow means its stream is stuck (or the market was halted): report it.
     symbol_stale_after_s = 60.0
+    # `24hrTicker` is pushed every second: every stream silent for a minute is a stuck one.
+    reconnect_when_all_stale = True
     #: Binance's limit of streams on one connection; the connection layer splits above it.
     max_streams_per_connection = 1024
 

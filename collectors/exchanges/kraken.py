@@ -146,6 +146,9 @@ class KrakenAdapter:
     # Tickers follow trades (event_trigger defaults to `trades`); Kraken's USD majors trade every
     # few seconds but DOGE/USD or XRP/USD can pause for minutes. Staleness is only reported.
     symbol_stale_after_s = 300.0
+    # Tickers follow trades: one quiet market (or several) is reported, not reconnected (a
+    # new connection's snapshot repeats the last update, so it would not even mend the stale).
+    reconnect_when_all_stale = False
 
     def __init__(self, worker_id: str, decode: Decoder = load_json) -> None:
         self._worker_id = worker_id
@@ -154,6 +157,8 @@ class KrakenAdapter:
         # symbol -> (exchange ns, content) of the newest item; content None after a restore.
         # (The mark persisted across restarts is the newest time, see dedup_mark.)
         self._last: dict[str, tuple[int, tuple[object, ...] | None]] = {}
+        # Every symbol asked for (kept whatever the bound on `_last`).
+        self._subscribed: set[str] = set()
         # pair -> canonical symbol, for pairs already validated (bounded, like Coinbase's).
         self._symbols: dict[str, str] = {}
         # Tickers decoded straight into their shape when the decoder can (the service's can).
@@ -185,6 +190,7 @@ class KrakenAdapter:
     def subscribe_messages(self, symbols: Sequence[str]) -> list[str]:
         if not symbols:
             return []
+        self._subscribed.update(symbols)
         return [json.dumps({"method": "subscribe",
                             "params": {"channel": "ticker", "symbol": list(symbols),
                                        "snapshot": True},
@@ -276,9 +282,11 @@ class KrakenAdapter:
         if record.exchange_ns == last_ns and last_content in (None, content):
             return True
         if record.exchange_ns >= last_ns and (
-                last_ns or len(self._last) < _SYMBOL_CACHE_MAX):
+                last_ns or len(self._last) < _SYMBOL_CACHE_MAX
+                or record.symbol in self._subscribed):
             # Bounded like the pair cache: a flood of pairs nobody subscribed to (dropped by the
-            # pipeline) must not grow this for ever (410 B each: 369 MB for 800k pairs).
+            # pipeline) must not grow this for ever (410 B each: 369 MB for 800k pairs), nor
+            # take the room of the symbols subscribed to.
             self._last[record.symbol] = (record.exchange_ns, content)
         return False
 

@@ -324,3 +324,8 @@ def test_dedup_state_stays_bounded_under_a_flood_of_pairs_nobody_subscribed_to()
     assert len(adapter._last) == kraken._SYMBOL_CACHE_MAX
     # A pair already known keeps its state: its replay is still a duplicate.
     assert adapter.parse(_update(t).replace('"BTC/USD"', '"X0/USD"'), RECEIVED_NS).duplicates == 1
+    # And a symbol subscribed to, whose first data comes after the flood, gets its own.
+    adapter.subscribe_messages(["DOGE/USD"])
+    doge = _update(t).replace('"BTC/USD"', '"DOGE/USD"')
+    assert len(adapter.parse(doge, RECEIVED_NS).records) == 1
+    assert adapter.parse(doge, RECEIVED_NS).duplicates == 1  # the snapshot after a reconnect

@@ -31,6 +31,7 @@ from collectors.pipeline import (
     LogSampler,
     Parser,
 )
+from collectors.sdnotify import Notifier
 from collectors.service import PROGRESS_WINDOW_S, CollectorService
 from collectors.spool import Spool
 
@@ -167,20 +168,29 @@ class _UpConnection:
         self.reconnects.append(reason)
 
 
+def _binance_parser(symbols: list[str]) -> Parser:
+    adapter = create("binance", "w1", decode_frame)
+    metrics = Metrics(CollectorRegistry(), "binance", "w1")
+    frames: Handoff[Frame] = Handoff(10)
+    conn = Connection(adapter, "ws://127.0.0.1:9", symbols, frames, metrics, threading.Event())
+    return Parser(adapter, frames, Handoff(100), conn, metrics, threading.Event())
+
+
 def test_every_symbol_stale_on_a_live_connection_asks_for_a_new_one(
         caplog: pytest.LogCaptureFixture) -> None:
-    # Pongs or heartbeats keep the connection alive while no stream delivers (a stuck stream):
-    # only a new connection can mend it. Asked once per stale_after_s of connected time.
-    parser, _records, _registry = _coinbase_parser(["BTC/USD", "ETH/USD"])
-    conn = _UpConnection(["BTC/USD", "ETH/USD"], 0.0)
+    # Binance pushes each ticker every second; pongs keep the connection alive while no stream
+    # delivers (a stuck stream): only a new connection can mend it. Asked once per
+    # stale_after_s of connected time.
+    parser = _binance_parser(["BTC/USDT", "ETH/USDT"])
+    conn = _UpConnection(["BTC/USDT", "ETH/USDT"], 0.0)
     parser._conn = conn  # type: ignore[assignment]
     stale_after = parser.freshness.stale_after_s
     freshness = parser.freshness = Freshness(conn.symbols, stale_after, now=0.0)
-    freshness.seen("BTC/USD", 1.0)
+    freshness.seen("BTC/USDT", 1.0)
     parser._periodic(stale_after / 2)
     assert conn.reconnects == []
     parser._periodic(stale_after + 2)  # BTC quiet, ETH never had data: both stale
-    assert freshness.stale == {"BTC/USD", "ETH/USD"}
+    assert freshness.stale == {"BTC/USDT", "ETH/USDT"}
     assert conn.reconnects == ["all_symbols_stale"]
     assert "all_symbols_stale" in caplog.text
     parser._periodic(stale_after + 10)
@@ -188,25 +198,53 @@ def test_every_symbol_stale_on_a_live_connection_asks_for_a_new_one(
     parser._periodic(2 * stale_after + 3)
     assert conn.reconnects == ["all_symbols_stale"] * 2
     # One symbol back: not all stale any more, no further requests.
-    freshness.seen("ETH/USD", 2 * stale_after + 4)
-    freshness.stale.discard("ETH/USD")
+    freshness.seen("ETH/USDT", 2 * stale_after + 4)
+    freshness.stale.discard("ETH/USDT")
     parser._periodic(2 * stale_after + 10)
     assert conn.reconnects == ["all_symbols_stale"] * 2
 
 
-def test_health_is_503_when_every_symbol_is_stale(tmp_path: Path) -> None:
-    service = CollectorService(CollectorConfig.from_env("coinbase", {
+@pytest.mark.parametrize("exchange", ["coinbase", "kraken"])
+def test_quiet_markets_where_tickers_follow_trades_are_not_reconnected(exchange: str) -> None:
+    # Coinbase's and Kraken's tickers follow trades: every symbol quiet is quiet markets (one
+    # thin market, say), reported, never a reason for a new connection (whose snapshot would
+    # repeat the last update anyway).
+    adapter = create(exchange, "w1", decode_frame)
+    metrics = Metrics(CollectorRegistry(), exchange, "w1")
+    frames: Handoff[Frame] = Handoff(10)
+    conn_ = Connection(adapter, "ws://127.0.0.1:9", ["DOGE/USD"], frames, metrics,
+                       threading.Event())
+    parser = Parser(adapter, frames, Handoff(100), conn_, metrics, threading.Event())
+    conn = _UpConnection(["DOGE/USD"], 0.0)
+    parser._conn = conn  # type: ignore[assignment]
+    stale_after = parser.freshness.stale_after_s
+    parser.freshness = Freshness(["DOGE/USD"], stale_after, now=0.0)
+    parser.freshness.seen("DOGE/USD", 1.0)
+    for t in range(2, int(4 * stale_after), 5):
+        parser._periodic(float(t))
+    assert parser.freshness.stale == {"DOGE/USD"}
+    assert conn.reconnects == []
+
+
+@pytest.mark.parametrize(("exchange", "symbols", "all_stale"), [
+    ("binance", ("BTC/USDT", "ETH/USDT"), (False, "stale")),  # a stuck stream
+    ("kraken", ("BTC/USD", "ETH/USD"), (True, "degraded")),    # quiet markets
+])
+def test_health_when_every_symbol_is_stale(tmp_path: Path, exchange: str,
+                                           symbols: tuple[str, str],
+                                           all_stale: tuple[bool, str]) -> None:
+    service = CollectorService(CollectorConfig.from_env(exchange, {
         "API_BASE_URL": "http://127.0.0.1:3000", "API_KEY": "test-key-0123456789",
-        "CHRONO_STATE_DIR": str(tmp_path), "SYMBOLS": "BTC/USD,ETH/USD"}))
+        "CHRONO_STATE_DIR": str(tmp_path), "SYMBOLS": ",".join(symbols)}))
     service.connection.connected_since = time.monotonic()
     service.connection.last_frame_monotonic = time.monotonic()
     assert (service.health().ok, service.health().body["status"]) == (True, "ok")
-    service.parser.freshness.stale.add("ETH/USD")
+    service.parser.freshness.stale.add(symbols[1])
     assert (service.health().ok, service.health().body["status"]) == (True, "degraded")
-    service.parser.freshness.stale.add("BTC/USD")
+    service.parser.freshness.stale.add(symbols[0])
     health = service.health()
-    assert (health.ok, health.body["status"]) == (False, "stale")
-    assert health.body["stale_symbols"] == ["BTC/USD", "ETH/USD"]
+    assert (health.ok, health.body["status"]) == all_stale
+    assert health.body["stale_symbols"] == sorted(symbols)
 
 
 def test_the_record_rate_falls_while_the_parser_is_held_up() -> None:
@@ -583,13 +621,24 @@ def test_a_full_disk_at_start_is_waited_out_not_a_configuration_error(
 
     monkeypatch.setattr(service_module, "Spool", spool_on_a_full_disk)
     monkeypatch.setattr(service_module, "SPOOL_OPEN_RETRY_S", 0.01)
+
+    said: list[str] = []
+
+    class Told(Notifier):  # what systemd would be told
+        def notify(self, state: str) -> None:
+            said.append(state)
+
     service = CollectorService(CollectorConfig.from_env("coinbase", {
         "API_BASE_URL": "http://127.0.0.1:3000", "API_KEY": "test-key-0123456789",
-        "CHRONO_STATE_DIR": str(tmp_path)}))
+        "CHRONO_STATE_DIR": str(tmp_path)}), notifier=Told({}))
     spool = service._open_spool()
     assert spool is not None and len(attempts) == 3
     spool.close()
     assert caplog.text.count("spool_disk_full") == 1  # once a minute, not once a try
+    # Type=notify: a start that never says READY is failed after TimeoutStartSec, and systemd
+    # gives up after StartLimitBurst restarts. Waiting is the plan: it says READY, and pings.
+    assert said[:2] == ["READY=1\nSTATUS=waiting for disk space for the spool",
+                             "WATCHDOG=1"]
     # Stopped while waiting: no spool, no error.
     attempts.clear()
     service.stop_event.set()

@@ -2088,3 +2088,29 @@ def test_append_claiming_does_not_claim_when_the_full_policy_drops(spool_dir: Pa
         assert claimed is not None and claimed.records[0] == b'{"n":1,"pad":"xxxxxxxxxx"}'
     finally:
         spool.close()
+
+
+def test_a_disk_too_full_for_a_new_connection_is_a_spool_error_that_says_so(
+        spool_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A nearly full disk failed the append connection's first PRAGMA with a raw sqlite3 error:
+    # the service, which waits out a full disk on a SpoolError, crashed with a traceback.
+    from collectors.spool import is_disk_full
+
+    Spool(spool_dir).close()
+    real_connect = Spool._connect
+    calls: list[int] = []
+
+    def connect(self: Spool, path: Path) -> sqlite3.Connection:
+        calls.append(1)
+        if len(calls) == 2:  # the append connection, after the main one opened
+            full = sqlite3.OperationalError("database or disk is full")
+            full.sqlite_errorname = "SQLITE_FULL"  # type: ignore[attr-defined]
+            raise full
+        return real_connect(self, path)
+
+    monkeypatch.setattr(Spool, "_connect", connect)
+    with pytest.raises(SpoolError, match="database or disk is full") as caught:
+        Spool(spool_dir)
+    assert is_disk_full(caught.value)
+    monkeypatch.setattr(Spool, "_connect", real_connect)
+    Spool(spool_dir).close()  # the lock was released
