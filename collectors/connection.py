@@ -445,6 +445,7 @@ class Connection:
         self._first_frame_at: float | None = None   # first text frame of the current connection
         self._retiring: list[threading.Thread] = []
         self._handover = False  # the last connection was retired (handed over), not closed
+        self._session_first = 0  # frames.put_total when the current connection began
         self._retry_after_s: float | None = None  # the last refused handshake's Retry-After
         #: monotonic time of the loop's last turn: the systemd watchdog is fed only while it moves
         self.beat = time.monotonic()
@@ -486,15 +487,16 @@ class Connection:
                 self._resubscribe_at = 0.0
 
     def request_reconnect(self, reason: ReconnectReason, *, session: int | None = None,
-                          retired: bool = False) -> None:
-        """Replace the current connection (the loop acts at its next turn). `retired`: the
-        frame asking for it came from a connection being handed over (a `RetiredFrame`), whose
-        successor shares the frame queue: a venue repeats `serverShutdown` on the connection
-        it is draining, and each repeat replaced the healthy successor; such a request is
-        ignored. A `session` other than the current one (the frame's connection, when the
-        caller knows it) is ignored too."""
+                          retired: bool = False, frame_index: int | None = None) -> None:
+        """Replace the current connection (the loop acts at its next turn), unless the frame
+        asking for it came from an earlier connection: a venue repeats `serverShutdown` on the
+        connection it is draining, and each repeat replaced the healthy successor. The caller
+        says so with `retired` (the frame is a `RetiredFrame`: read from a connection being
+        handed over), `frame_index` (its place in the frame queue, `taken_total` counting:
+        one queued before the current connection began is an earlier one's, read before the
+        switch), or `session` (the frame's connection, when it knows it)."""
         with self._lock:
-            if retired:
+            if retired or (frame_index is not None and frame_index < self._session_first):
                 ignored = "from the connection being handed over"
             elif session is not None and session != self.session:
                 ignored = f"from connection {session}, not the current {self.session}"
@@ -538,7 +540,10 @@ class Connection:
                 continue
             url = self.adapter.connect_url(self.base_url, symbols)
             self._session_mark = None
-            self.session += 1
+            with self._lock:
+                self.session += 1
+                # Every frame queued before this one is an earlier connection's.
+                self._session_first = self._frames.put_total
             self._data_seen = False
             self._handover = False
             reason = self._session(url, symbols, lost_at)

@@ -212,7 +212,9 @@ class Parser:
             # parsed records (far bigger than their frames) never pile up in memory.
             chunk = self._frames.get_all(timeout_s=IDLE_WAIT_S, max_items=PARSE_CHUNK_MAX)
             if chunk:
-                self._handle(chunk)
+                # (its first frame's place in the queue: the connection tells which frames
+                # came from a connection already replaced)
+                self._handle(chunk, self._frames.taken_total - len(chunk))
                 self._metrics.queue_records.set(len(self._frames))
             now = time.monotonic()
             if now - last_check >= 1.0:
@@ -222,14 +224,14 @@ class Parser:
             if ws_done and not chunk and not len(self._frames):
                 return
 
-    def _handle(self, chunk: list[Frame]) -> None:
+    def _handle(self, chunk: list[Frame], first_index: int | None = None) -> None:
         adapter, metrics = self._adapter, self._metrics
         parse = adapter.parse
         kinds: dict[Kind, int] = {}
         out: list[PriceFeed] = []
         duplicates = 0
         parse_errors = 0
-        for frame in chunk:
+        for i, frame in enumerate(chunk):
             payload, received_ns = frame
             try:
                 parsed = parse(payload, received_ns)
@@ -258,8 +260,9 @@ class Parser:
             elif kind is Kind.STATUS and parsed.error:
                 log.warning("venue_status", extra={"status": parsed.error})
             if parsed.reconnect:  # (not for a connection being handed over already)
-                self._conn.request_reconnect("server_shutdown",
-                                             retired=type(frame) is RetiredFrame)
+                self._conn.request_reconnect(
+                    "server_shutdown", retired=type(frame) is RetiredFrame,
+                    frame_index=None if first_index is None else first_index + i)
         per_symbol = TallyCounter(rec.symbol for rec in out)
         if not per_symbol.keys() <= self._wanted:
             parsed_records = len(out)

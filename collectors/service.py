@@ -90,6 +90,7 @@ class CollectorService:
         self._unverified = self.adapter.check_symbols(config.symbols)
         self.stop_event = threading.Event()
         self._notifier = notifier or Notifier()
+        self._status_said = False  # a STATUS= line was sent to systemd (cleared at READY)
         self._failed: list[str] = []
         self.frames: Handoff[Frame] = Handoff(FRAME_QUEUE_MAX, max_cost=FRAME_QUEUE_MAX_BYTES,
                                               cost_of=_frame_bytes)
@@ -214,7 +215,8 @@ class CollectorService:
                 "hint": f"not in the collector's table of {cfg.exchange} markets: if the venue "
                         "does not list one, no data arrives for it and symbol_no_data names it "
                         "after 30 s"})
-        self._notifier.notify("READY=1")
+        # (A status line said while waiting for disk space is cleared.)
+        self._notifier.notify("READY=1\nSTATUS=" if self._status_said else "READY=1")
         self._wait(threads)
 
         # Ordered shutdown: each stage finishes once the one before it has.
@@ -271,6 +273,7 @@ class CollectorService:
                 # TimeoutStartSec, and after StartLimitBurst restarts systemd gives up: the
                 # process is up and waiting by design, so it says so, and feeds the watchdog.
                 self._notifier.notify("READY=1\nSTATUS=waiting for disk space for the spool")
+                self._status_said = True
                 self._notifier.notify("WATCHDOG=1")
             interval = self._notifier.watchdog_interval_s
             if self.stop_event.wait(min(SPOOL_OPEN_RETRY_S, interval or SPOOL_OPEN_RETRY_S)):

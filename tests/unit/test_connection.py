@@ -65,16 +65,17 @@ class Harness:
         def parse() -> None:
             while not done.is_set():
                 chunk = self.frames.get_all(0.05)
+                first = self.frames.taken_total - len(chunk)
                 self.got.extend(chunk)
                 records = 0
-                for frame in chunk:
+                for i, frame in enumerate(chunk):
                     try:
                         parsed = adapter.parse(*frame)
                     except ParseError:
                         continue
                     if parsed.reconnect:
                         self.shutdowns += 1
-                        conn.request_reconnect("server_shutdown",
+                        conn.request_reconnect("server_shutdown", frame_index=first + i,
                                                retired=type(frame) is RetiredFrame)
                     records += len(parsed.records)
                 if records:

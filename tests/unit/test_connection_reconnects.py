@@ -8,13 +8,20 @@ import json
 import logging
 import threading
 import time
+from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from collectors.backoff import Backoff
-from collectors.connection import RATE_LIMITED_HINT, RETRY_AFTER_MAX_S
+from collectors.batching import Handoff
+from collectors.connection import RATE_LIMITED_HINT, RETRY_AFTER_MAX_S, Connection, Frame
+from collectors.decoding import decode_frame
+from collectors.exchanges import create
 from collectors.exchanges.binance import BinanceAdapter
 from collectors.exchanges.coinbase import CoinbaseAdapter
+from collectors.metrics import Metrics, ReconnectReason
+from collectors.pipeline import Parser
 from tests.unit.test_connection import running
 from tests.unit.test_connection_faults import Peer, raw_server, wait_for
 from tests.unit.test_frame_buffer import server_frame
@@ -112,6 +119,74 @@ def test_serverShutdown_on_the_successor_during_the_handover_is_acted_on() -> No
         assert wait_for(lambda: server.connections == 3, 10), server.connections
         assert h.value("chrono_collector_reconnects_total", reason="server_shutdown") == 2
         assert backoff.attempt == 0  # both were handovers of a healthy connection
+
+
+class _SlowSink:
+    """The parser's record sink, committing in 100 ms (a busy disk): the parser reads the
+    frames of a connection already replaced after the switch."""
+
+    def put_many_waiting(self, items: list[object], stop: threading.Event) -> int:
+        time.sleep(0.1)
+        return 0
+
+
+def test_a_notice_repeated_before_the_switch_keeps_the_successor() -> None:
+    # The repeat was read by the old connection's own loop, before the switch, so it is no
+    # RetiredFrame; the parser, behind by a commit, took it after the new connection began,
+    # and replaced it (a review's reproduction, with the real parser).
+    data_parsed = threading.Event()
+
+    def scenario(peer: Peer) -> None:
+        peer.accept()
+        if peer.number == 1:
+            peer.sock.sendall(server_frame(ticker()))
+            if not data_parsed.wait(10):
+                return
+            time.sleep(0.3)  # the venue's pace: the parser is idle again
+            peer.sock.sendall(server_frame(ticker()) + server_frame(SHUTDOWN))
+            time.sleep(0.03)  # the loop switches meanwhile; the parser commits the ticker
+            peer.sock.sendall(server_frame(SHUTDOWN))
+        while not peer.stop.wait(0.05):
+            peer.sock.sendall(server_frame(ticker()))
+
+    adapter = create("binance", "w", decode_frame)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, "binance", "w")
+    frames: Handoff[Frame] = Handoff(100_000)
+    stop, ws_done = threading.Event(), threading.Event()
+    with raw_server(scenario) as server:
+        conn = Connection(adapter, server.url, SYMBOLS, frames, metrics, stop,
+                          backoff=Backoff(base_s=0.01, cap_s=0.05), recv_timeout_s=0.2)
+        asked: list[str] = []
+        request = conn.request_reconnect
+
+        def counted(reason: ReconnectReason, **kw: Any) -> None:
+            request(reason, **kw)
+            asked.append(reason)
+
+        conn.request_reconnect = counted  # type: ignore[method-assign]
+        parser = Parser(adapter, frames, _SlowSink(), conn, metrics, ws_done, stop)
+        threads = [threading.Thread(target=conn.run, daemon=True),
+                   threading.Thread(target=parser.run, daemon=True)]
+        for t in threads:
+            t.start()
+        try:
+            assert wait_for(lambda: conn._data_seen, 10)
+            data_parsed.set()
+            # Both notices parsed, and what they asked for done: the one switch (a request
+            # the second made would be pending, or counted, by then).
+            assert wait_for(lambda: len(asked) == 2 and conn._reconnect_reason is None, 10)
+            assert conn.session == 2 and server.connections == 2
+            assert registry.get_sample_value("chrono_collector_reconnects_total",
+                                             {"exchange": "binance",
+                                              "reason": "server_shutdown"}) == 1
+        finally:
+            stop.set()
+            conn.abort()
+            ws_done.set()
+            frames.close()
+            for t in threads:
+                t.join(5)
 
 
 def test_a_reconnect_request_from_an_earlier_connection_is_ignored() -> None:

@@ -34,6 +34,7 @@ from collectors.pipeline import (
 from collectors.sdnotify import Notifier
 from collectors.service import PROGRESS_WINDOW_S, CollectorService
 from collectors.spool import Spool
+from tests.support.waiting import wait_until
 
 
 def test_quiet_symbol_goes_stale_once_and_recovers() -> None:
@@ -164,7 +165,7 @@ class _UpConnection:
         self.connected_since: float | None = since
         self.reconnects: list[str] = []
 
-    def request_reconnect(self, reason: str) -> None:
+    def request_reconnect(self, reason: str, **_which_frame: object) -> None:
         self.reconnects.append(reason)
 
 
@@ -639,6 +640,21 @@ def test_a_full_disk_at_start_is_waited_out_not_a_configuration_error(
     # gives up after StartLimitBurst restarts. Waiting is the plan: it says READY, and pings.
     assert said[:2] == ["READY=1\nSTATUS=waiting for disk space for the spool",
                              "WATCHDOG=1"]
+    # Once running, the status line is cleared with the run's own READY.
+    attempts.clear()
+    said.clear()
+    runner = CollectorService(CollectorConfig.from_env("coinbase", {
+        "API_BASE_URL": "http://127.0.0.1:9", "API_KEY": "test-key-0123456789",
+        "WS_URL": "ws://127.0.0.1:9", "METRICS_PORT": "0",
+        "CHRONO_STATE_DIR": str(tmp_path / "run")}), notifier=Told({}))
+    thread = threading.Thread(target=runner.run, kwargs={"install_signals": False})
+    thread.start()
+    try:
+        assert wait_until(lambda: "READY=1\nSTATUS=" in said, 10), said
+    finally:
+        runner.request_stop("test")
+        thread.join(20)
+    assert said[:2] == ["READY=1\nSTATUS=waiting for disk space for the spool", "WATCHDOG=1"]
     # Stopped while waiting: no spool, no error.
     attempts.clear()
     service.stop_event.set()
