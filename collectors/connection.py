@@ -486,20 +486,18 @@ class Connection:
                 self._resubscribe = list(symbols)
                 self._resubscribe_at = 0.0
 
-    def request_reconnect(self, reason: ReconnectReason, *, session: int | None = None,
-                          retired: bool = False, frame_index: int | None = None) -> None:
+    def request_reconnect(self, reason: ReconnectReason, *, retired: bool = False,
+                          frame_index: int | None = None) -> None:
         """Replace the current connection (the loop acts at its next turn), unless the frame
         asking for it came from an earlier connection: a venue repeats `serverShutdown` on the
         connection it is draining, and each repeat replaced the healthy successor. The caller
         says so with `retired` (the frame is a `RetiredFrame`: read from a connection being
-        handed over), `frame_index` (its place in the frame queue, `taken_total` counting:
+        handed over) or `frame_index` (its place in the frame queue, `taken_total` counting:
         one queued before the current connection began is an earlier one's, read before the
-        switch), or `session` (the frame's connection, when it knows it)."""
+        switch)."""
         with self._lock:
             if retired or (frame_index is not None and frame_index < self._session_first):
-                ignored = "from the connection being handed over"
-            elif session is not None and session != self.session:
-                ignored = f"from connection {session}, not the current {self.session}"
+                ignored = "from an earlier connection"
             else:
                 self._reconnect_reason = reason
                 return

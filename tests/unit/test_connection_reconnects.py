@@ -198,10 +198,10 @@ def test_a_reconnect_request_from_an_earlier_connection_is_ignored() -> None:
     with raw_server(scenario) as server, running(server.url, BinanceAdapter("w"),
                                                  symbols=SYMBOLS, recv_timeout_s=0.2) as h:
         assert h.wait_frames(1)
-        session = h.conn.session
-        h.conn.request_reconnect("server_shutdown", session=session - 1)
+        first = h.conn._session_first  # where the current connection's frames begin
+        h.conn.request_reconnect("server_shutdown", frame_index=first - 1)
         assert h.conn._reconnect_reason is None
-        h.conn.request_reconnect("server_shutdown", session=session)
+        h.conn.request_reconnect("server_shutdown", frame_index=first)
         assert wait_for(lambda: server.connections == 2, 5)
 
 
