@@ -19,7 +19,10 @@ closes the connection with 1002 and reconnects.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
+import select
 import socket
 import threading
 import time
@@ -375,13 +378,14 @@ class _Handshake:
 
     def watch(self, sock: socket.socket) -> None:
         """Make `sock` (our TCP socket, before TLS wraps it) reachable by `kill`."""
-        dup = sock.dup()
+        dup: socket.socket | None = sock.dup()
         with self._lock:
             keep = not self._done and not self.killed
-            if keep:
-                self._killer = dup
-        if not keep:  # killed meanwhile: this socket must not go on either
+            if keep:  # (one address after another: only the last socket is ours to kill)
+                dup, self._killer = self._killer, dup
+        if dup is not None:
             dup.close()
+        if not keep:  # killed meanwhile: this socket must not go on either
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
@@ -625,11 +629,10 @@ class Connection:
         hostname, port, _, is_secure = parse_url(url)
         if get_proxy_info(hostname, is_secure)[0]:
             return None
-        sock = socket.create_connection((hostname, port), timeout=self._connect_timeout_s)
+        sock = _tcp_connect(hostname, port, handshake, self._connect_timeout_s)
         try:
             for option in DEFAULT_SOCKET_OPTION:  # what websocket-client sets on its own
                 sock.setsockopt(*option)
-            handshake.watch(sock)
             if is_secure:  # websocket-client's own TLS set-up (CA bundle, SNI, hostname check)
                 sock = _ssl_socket(sock, {}, hostname)
         except BaseException:
@@ -660,6 +663,8 @@ class Connection:
                     "status": status, "retry_in_s": round(retry_after, 3)})
             return "handshake_rejected"
         except (OSError, websocket.WebSocketException) as exc:
+            if self._stop.is_set():
+                return "stopped"  # (the stop path shut the opening connection down)
             log.warning("ws_connect_failed", extra={"url": _safe_url(url),
                                                     "error": _describe(exc)})
             return "connect_failed"
@@ -839,6 +844,48 @@ class Connection:
                 return "closed_by_server"
             else:  # ping (already answered by websocket-client) or pong
                 self._metrics.message("ping" if opcode == ABNF.OPCODE_PING else "pong")
+
+
+def _tcp_connect(host: str, port: int, handshake: _Handshake, timeout_s: float) -> socket.socket:
+    """`socket.create_connection`, but each socket is watched by `handshake` before it connects,
+    so that `kill` (the stop path, or the connect timeout) wakes a connect that the peer never
+    answers (a firewall dropping SYNs, a listener with a full backlog) instead of leaving the
+    stop to wait for the connect timeout.
+
+    The connect is started non-blocking and `killed` is read after it has started: a kill from
+    then on shuts a connecting socket down, which wakes the wait for it at once, and one from
+    before is seen here. (Name resolution cannot be interrupted: it keeps its own timeouts.)
+    """
+    error: OSError | None = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            handshake.watch(sock)
+            sock.setblocking(False)
+            code = sock.connect_ex(address)
+            if handshake.killed:
+                raise OSError(errno.ECANCELED, "connect interrupted")
+            if code in (errno.EINPROGRESS, errno.EAGAIN):
+                poller = select.poll()
+                poller.register(sock, select.POLLOUT)
+                if not poller.poll(timeout_s * 1000):
+                    raise TimeoutError(errno.ETIMEDOUT, "connect timed out")
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if handshake.killed:
+                raise OSError(errno.ECANCELED, "connect interrupted")
+            if code:
+                raise OSError(code, os.strerror(code))
+            sock.settimeout(timeout_s)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if handshake.killed:
+                raise
+            error = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise error if error is not None else OSError(f"no address for {host}:{port}")
 
 
 def _close_quietly(ws: websocket.WebSocket, graceful: bool) -> None:

@@ -255,6 +255,49 @@ def test_stop_interrupts_a_handshake_in_progress() -> None:
         assert time.monotonic() - started < 3
 
 
+@contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A port on 127.0.0.1 whose listener never accepts and whose backlog is full: the kernel
+    drops further SYNs, so a connect to it waits (as for a firewall that drops them)."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):  # more than the backlog holds (it admits backlog + 1)
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        probe = socket.socket()
+        probe.settimeout(0.3)
+        with probe, suppress(OSError):
+            probe.connect(("127.0.0.1", port))
+            raise AssertionError("the backlog did not fill: a connect was answered")
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+def test_stop_interrupts_a_tcp_connect_the_peer_never_answers() -> None:
+    with unanswered_port() as port:
+        with running(f"ws://127.0.0.1:{port}", connect_timeout_s=60.0,
+                     **FAST) as h:  # type: ignore[arg-type]
+            assert wait_for(lambda: h.value("chrono_collector_connect_attempts_total") >= 1, 5)
+            started = time.monotonic()
+        # `running` joined the thread: abort() shut the connecting socket down.
+        assert time.monotonic() - started < 3
+        assert h.value("chrono_collector_reconnects_total", reason="connect_failed") == 0
+
+
+def test_a_tcp_connect_the_peer_never_answers_times_out() -> None:
+    with unanswered_port() as port, running(f"ws://127.0.0.1:{port}", connect_timeout_s=0.3,
+                                            **FAST) as h:  # type: ignore[arg-type]
+        assert wait_for(lambda: h.value("chrono_collector_reconnects_total",
+                                        reason="connect_failed") >= 2, 5)
+
+
 # ---- 3: a stuck parser costs frames, not the connection --------------------------------------
 
 def test_with_a_stuck_parser_pings_are_still_answered_promptly() -> None:
