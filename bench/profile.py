@@ -7,7 +7,8 @@ py-spy is not a project dependency: install it into a separate virtualenv first.
     .venv/bin/python bench/profile.py --venue kraken --records 100000
 
 py-spy samples the collector subprocess (all threads, 250 Hz, `--nonblocking`, idle threads
-left out; with `--gil` only the thread holding the GIL) into collapsed stacks; the summary ranks
+left out; with `--gil` only the thread holding the GIL; with `--idle` waiting threads too, so the
+summary says where each thread waits) into collapsed stacks; the summary ranks
 functions by the share of samples in which they are on the stack (inclusive) and at its top
 (self), per thread. The collapsed file is kept under bench/results/ for flame graphs.
 """
@@ -31,11 +32,13 @@ from bench.throughput import HEADER, run_venue
 
 
 @contextmanager
-def py_spy(binary: str, out: Path, rate_hz: int, gil: bool) -> Iterator[object]:
+def py_spy(binary: str, out: Path, rate_hz: int, gil: bool,
+           idle: bool = False) -> Iterator[object]:
     def attach(pid: int) -> Iterator[None]:
         proc = subprocess.Popen([binary, "record", "--pid", str(pid), "--rate", str(rate_hz),
                                  "--format", "raw", "--threads", "--nonblocking",
-                                 *(["--gil"] if gil else []), "--output", str(out)],
+                                 *(["--gil"] if gil else []), *(["--idle"] if idle else []),
+                                 "--output", str(out)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.5)  # py-spy attaches before the burst starts
         try:
@@ -102,16 +105,23 @@ def main() -> int:
     parser.add_argument("--gil", action="store_true",
                         help="only samples holding the GIL (py-spy --gil): where the "
                              "GIL-bound pipeline spends its one core")
+    parser.add_argument("--idle", action="store_true",
+                        help="wall-clock samples (py-spy --idle): waiting threads too, so "
+                             "where each thread waits shows as well as where it works")
     parser.add_argument("--name", default="profile")
     args = parser.parse_args()
+    if args.gil and args.idle:
+        parser.error("--gil and --idle exclude each other")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "-gil" if args.gil else ""
+    suffix = "-gil" if args.gil else "-idle" if args.idle else ""
     collapsed = RESULTS / f"{args.name}-{args.venue}{suffix}.collapsed.txt"
-    with py_spy(args.py_spy, collapsed, args.rate, args.gil) as around:
+    with py_spy(args.py_spy, collapsed, args.rate, args.gil, args.idle) as around:
         result = run_venue(args.venue, args.records, 90.0, around=around)  # type: ignore[arg-type]
     text = (f"### Profile of the collector during a {args.records:,}-ticker {args.venue} burst\n\n"
             f"{machine()}; py-spy {args.rate} Hz, --nonblocking"
-            f"{', --gil (only samples holding the GIL)' if args.gil else ', on-CPU samples'} "
+            f"{', --gil (only samples holding the GIL)' if args.gil else ''}"
+            f"{', --idle (wall clock: waiting threads too)' if args.idle else ''}"
+            f"{'' if args.gil or args.idle else ', on-CPU samples'} "
             f"(profiling slows the run itself).\n\n{HEADER}\n{result.row()}\n\n" + summarize(collapsed, args.top))
     write_results(f"{args.name}-{args.venue}{suffix}", text)
     return 0
