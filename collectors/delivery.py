@@ -97,6 +97,11 @@ class _Deadline:
         self._cond = threading.Condition()
         self._expires: float | None = None
         self._stop_at: float | None = None  # see stop_by
+        # When the watcher wakes next (None: not before a notify). `arm` wakes it only for an
+        # earlier expiry than that: a request's deadline is seconds away while it takes
+        # milliseconds, so the watcher wakes about once per deadline's length, not per POST
+        # (a thread woken on every POST wanted the GIL just as the POST did).
+        self._wakes_at: float | None = None
         self.sock: socket.socket | None = None  # set by the connection classes below
         self.fired = False
         self.stopping = False  # the deadline that fired was stop_by's
@@ -111,9 +116,12 @@ class _Deadline:
             self.stopping = self._stop_at is not None and self._stop_at < expires
             if self.stopping and self._stop_at is not None and self._stop_at <= now:
                 return False
-            self._expires = self._stop_at if self.stopping else expires
+            if self.stopping and self._stop_at is not None:
+                expires = self._stop_at
+            self._expires = expires
             self.fired = False
-            self._cond.notify()
+            if self._wakes_at is None or expires < self._wakes_at:
+                self._cond.notify()
             return True
 
     def stop_by(self, at: float) -> None:
@@ -137,10 +145,12 @@ class _Deadline:
         with self._cond:
             while True:
                 if self._expires is None:
+                    self._wakes_at = None
                     self._cond.wait()
                     continue
                 left = self._expires - time.monotonic()
                 if left > 0:
+                    self._wakes_at = self._expires
                     self._cond.wait(left)
                     continue
                 self._expires = None
@@ -258,6 +268,11 @@ class Poster:
         # allows no domain refuses every cookie where requests stores them (CookieJar.
         # extract_cookies asks the policy), so the jar stays empty and no Cookie header is sent.
         self._session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        # Every POST is the same request but for its body and key: prepared once (URL checks,
+        # the session's headers merged), copied for each batch. `Session.post` prepared it
+        # anew each time, about 70 µs of GIL-holding Python a POST, on the path from a batch
+        # due to its bytes on the wire (docs/benchmarks.md, latency).
+        self._template = self._session.prepare_request(requests.Request("POST", url))
 
     def post(self, batch: Batch) -> PostResult:
         try:
@@ -278,8 +293,10 @@ class Poster:
             return self._cut_short()
         try:
             try:
-                resp = self._session.post(self.url, data=batch.body(), timeout=self._timeout,
-                                          headers={"Idempotency-Key": batch.key},
+                request = self._template.copy()
+                request.headers["Idempotency-Key"] = batch.key
+                request.prepare_body(batch.body(), None)  # (and its Content-Length)
+                resp = self._session.send(request, timeout=self._timeout,
                                           allow_redirects=False, stream=True)
             except _NETWORK_ERRORS as exc:
                 return self._no_answer(exc)

@@ -42,6 +42,7 @@ class Script:
     chunked = False
     drip_s = 0.0  # > 0: answer one byte at a time, this far apart
     seen: ClassVar[list[dict[str, str]]] = []
+    bodies: ClassVar[list[bytes]] = []
     dripped = threading.Event()  # never set: its wait() paces the drip
 
 
@@ -53,7 +54,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", "0"))
-        self.rfile.read(length)
+        Script.bodies.append(self.rfile.read(length))
         Script.seen.append(dict(self.headers))
         if Script.drip_s:
             answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
@@ -89,7 +90,7 @@ class Handler(BaseHTTPRequestHandler):
 def server() -> Iterator[str]:
     Script.status, Script.headers, Script.body, Script.chunked = 200, {}, b"{}", False
     Script.drip_s, Script.dripped = 0.0, threading.Event()
-    Script.seen = []
+    Script.seen, Script.bodies = [], []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
@@ -118,6 +119,22 @@ def test_stored_with_the_contract_headers(server: str) -> None:
     assert headers["Authorization"] == "Bearer secret-key"
     assert headers["Idempotency-Key"] == "k-123"
     assert headers["Content-Type"] == "application/json"
+
+
+def test_each_post_carries_its_own_batch_and_key(server: str) -> None:
+    # (the request is prepared once and copied: nothing of one batch may stick to the next)
+    poster = Poster(server, "secret-key", connect_timeout_s=2, read_timeout_s=5)
+    batches = [Batch.of("k-1", [b'{"a":1}']), Batch.of("k-2", [b'{"b":22}', b'{"c":333}']),
+               Batch.of("k-3", [b'{"d":4}'])]
+    try:
+        assert [poster.post(b).outcome for b in batches] == [Outcome.STORED] * 3
+    finally:
+        poster.close()
+    assert [h["Idempotency-Key"] for h in Script.seen] == ["k-1", "k-2", "k-3"]
+    assert Script.bodies == [b.body() for b in batches]
+    assert [int(h["Content-Length"]) for h in Script.seen] == [len(b.body()) for b in batches]
+    assert all(h["Authorization"] == "Bearer secret-key" and "Cookie" not in h
+               for h in Script.seen)
 
 
 def test_throttled_with_retry_after(server: str) -> None:
