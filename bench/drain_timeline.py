@@ -156,8 +156,12 @@ def main() -> int:
                         choices=("coinbase", "binance", "kraken"))
     parser.add_argument("--records", type=int, default=60_000)
     parser.add_argument("--timeout", type=float, default=60.0)
-    parser.add_argument("--name", default="drain_timeline", help="results file name")
+    parser.add_argument("--name", default=None,
+                        help="results file name (default: drain_timeline for coinbase, "
+                             "drain_timeline-VENUE for the others)")
     args = parser.parse_args()
+    if args.name is None:
+        args.name = "drain_timeline" + ("" if args.venue == "coinbase" else f"-{args.venue}")
     write_results(args.name, run(args.venue, args.records, args.timeout))
     return 0
 

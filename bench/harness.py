@@ -8,6 +8,7 @@ Everything listens on 127.0.0.1 only; every wait here has a deadline.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import queue
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from fractions import Fraction
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,11 +86,14 @@ def machine() -> str:
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of already sorted values (q in 0..100)."""
+    """Nearest-rank percentile of already sorted values (q in 0..100): the value of rank
+    ceil(q/100 * n), clamped to 1..n (q taken as its decimal text, so 99.9 % of 1,000 is rank
+    999, not 1,000 from float dust)."""
     if not sorted_values:
         return float("nan")
-    rank = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
-    return sorted_values[rank]
+    n = len(sorted_values)
+    rank = max(1, min(n, math.ceil(Fraction(str(q)) * n / 100)))
+    return sorted_values[rank - 1]
 
 
 def iso_to_ns(text: str) -> int:

@@ -17,11 +17,14 @@ Per record, all on this machine's wall clock:
 - received: `metadata.received_at`, stamped by the ws thread right after the frame was read
 - parsed: the parser hands the record's chunk to the spool writer
 - spooled: that chunk is committed to the spool (durable against `kill -9`; claimable)
-- left: the POST carrying the record starts (`Poster.post`), **minus the batch wait**: a batch
-  is due when its last record is spooled (a full batch) or when its oldest has waited
-  `BATCH_INTERVAL_MS`, whichever is first; `left = spooled + (POST start - due)`. The wait for a
-  batch to fill is deliberate; what is counted is the pipeline before the spool and the claim
-  and wake-up after the batch is due.
+- POST starts: the POST carrying the record starts (`Poster.post`), **minus the batch wait**:
+  a batch is due when its last record is spooled (a full batch) or when its oldest has waited
+  `BATCH_INTERVAL_MS`, whichever is first; `POST starts = spooled + (POST start - due)`. The
+  wait for a batch to fill is deliberate; what is counted is the pipeline before the spool and
+  the claim and wake-up after the batch is due.
+- left: the POST's request, body and all, has been written to the socket (urllib3's
+  `HTTPConnection.request` returns), minus the same batch wait: the record has left the
+  process. This is the issue's "record leaving the process".
 
 The first `--warmup` seconds of each phase are not counted.
 
@@ -144,6 +147,7 @@ def collector_phase(rate: float, warmup: float, duration: float
         parsed: dict[tuple[str, int], int] = {}
         spooled: dict[tuple[str, int], int] = {}
         batches: list[tuple[int, list[tuple[str, int]]]] = []
+        sent_at: dict[tuple[tuple[str, int], ...], list[int]] = {}  # a batch's keys -> sent ns
         for line in stamps_path.read_text().splitlines():
             point, ns, keys = json.loads(line)
             ids = [(str(k[0]).replace("/", "-"), int(k[1])) for k in keys]
@@ -155,21 +159,31 @@ def collector_phase(rate: float, warmup: float, duration: float
                 spooled.update(dict.fromkeys(ids, ns))
             elif point == "posted":
                 batches.append((ns, ids))
+            elif point == "sent":
+                sent_at.setdefault(tuple(ids), []).append(ns)
 
+    posted: dict[tuple[str, int], int] = {}
     left: dict[tuple[str, int], int] = {}
     for posted_ns, ids in batches:
         times = [spooled[k] for k in ids if k in spooled]
+        sends_of_batch = sent_at.get(tuple(ids))
+        # (each POST's `sent` follows its `posted`: the first not before it is this POST's)
+        sent_ns = next((ns for ns in sends_of_batch or () if ns >= posted_ns), None)
         if len(times) != len(ids):
             continue  # records spooled before the window's stamps (none after warm-up)
         due_ns = min(max(times), min(times) + int(BATCH_INTERVAL_S * 1e9))
         for key in ids:
             # A re-sent batch (a retry) keeps its first POST.
-            left.setdefault(key, spooled[key] + max(0, posted_ns - due_ns))
+            posted.setdefault(key, spooled[key] + max(0, posted_ns - due_ns))
+            if sent_ns is not None:
+                left.setdefault(key, spooled[key] + max(0, sent_ns - due_ns))
 
     window = [k for k, ns in sends.items() if start_ns <= ns < end_ns]
-    points: dict[str, list[float]] = {"received": [], "parsed": [], "spooled": [], "left": [],
-                                      "to parsed": [], "to spooled": [], "to left": []}
-    stages = (("received", received), ("parsed", parsed), ("spooled", spooled), ("left", left))
+    points: dict[str, list[float]] = {"received": [], "parsed": [], "spooled": [],
+                                      "posted": [], "left": [], "to parsed": [],
+                                      "to spooled": [], "to posted": [], "to left": []}
+    stages = (("received", received), ("parsed", parsed), ("spooled", spooled),
+              ("posted", posted), ("left", left))
     for key in window:
         sent_ns = sends[key]
         for name, table in stages:
@@ -205,7 +219,9 @@ def main() -> int:
                 row("received (ws thread, `metadata.received_at`)", points["received"]),
                 row("parsed (chunk handed to the spool writer)", points["parsed"]),
                 row("spooled (chunk committed)", points["spooled"]),
-                row("**left: POST starts, batch wait excluded**", points["left"]),
+                row("POST starts, batch wait excluded", points["posted"]),
+                row("**left: request written to the socket, batch wait excluded**",
+                    points["left"]),
             ])
             + "\n\nEach step alone, per record (µs; percentiles of the step, so they do not "
               "add up to the rows above):\n\n"
@@ -215,7 +231,10 @@ def main() -> int:
                 row("received -> parsed (the parse thread's wake-up and work)",
                     points["to parsed"]),
                 row("parsed -> spooled (the chunk's commit)", points["to spooled"]),
-                row("spooled -> left (batch due -> claim -> POST starts)", points["to left"]),
+                row("spooled -> POST starts (batch due -> the worker's wake-up)",
+                    points["to posted"]),
+                row("POST starts -> left (requests and urllib3 write the request)",
+                    points["to left"]),
             ])
             + f"\n\n{counted:,} tickers sent in the collector's window; {missing} of them not "
               "seen leaving (should be 0).\n")

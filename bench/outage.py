@@ -3,9 +3,11 @@
     .venv/bin/python bench/outage.py [--records 200000]
 
 The ingest API is down (API_BASE_URL points at a closed port on 127.0.0.1) while the simulator
-bursts `--records` Coinbase tickers into one collector; RSS is sampled every 0.25 s. Then the
-API comes up and the backlog drains. Reports RSS before/peak/after, the spool's size and bytes
-on disk per record, and the drain rate.
+bursts `--records` Coinbase tickers into one collector. Then the API comes up and the backlog
+drains. Reports RSS before/peak/after, the spool's size and bytes on disk per record, and the
+drain rate. The peak is the kernel's high-water mark, VmHWM in /proc/<pid>/status, read once the
+backlog is all spooled (before the API comes up): the process's largest RSS up to then, not a
+sample that could miss a short spike.
 """
 
 from __future__ import annotations
@@ -69,13 +71,12 @@ def main() -> int:
             rss_idle = status_kb(col.proc.pid, "VmRSS") / 1024
             if sim.burst(args.records) != 1:
                 raise RuntimeError("the burst found no subscribed connection")
-            peak = rss_idle
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
-                peak = max(peak, status_kb(col.proc.pid, "VmRSS") / 1024)
                 if sim.bursts_active == 0 and spool_records(col.spool_dir) >= args.records:
                     break
-                time.sleep(0.25)  # sampling another process's memory
+                time.sleep(0.25)  # polling another process's spool
+            peak = status_kb(col.proc.pid, "VmHWM") / 1024  # the high-water mark so far
             spooled = spool_records(col.spool_dir)
             if spooled < args.records:
                 raise RuntimeError(f"only {spooled:,} of {args.records:,} tickers reached the "
@@ -93,7 +94,8 @@ def main() -> int:
                 store_s = (stored[-1] - stored[0]) / 1e9 if len(stored) > 1 else 0.0
     text = "\n".join([
         "# Memory through an ingest outage", "",
-        machine() + f"; {args.records:,} Coinbase tickers burst while the API is down.", "",
+        machine() + f"; {args.records:,} Coinbase tickers burst while the API is down; RSS peak:"
+        " the collector's VmHWM once the backlog is spooled.", "",
         "| RSS idle MB | RSS peak MB | RSS with backlog MB | backlog on disk | disk bytes/record"
         " | API up -> drained s | first to last row stored s | drain records/s"
         " | RSS after drain MB |",

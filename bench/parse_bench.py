@@ -21,6 +21,7 @@ Numbers are microseconds per message (per record for `encode`), CPU time of this
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
 import time
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prometheus_client import CollectorRegistry
 
+from bench.ceiling import is_ticker
 from bench.harness import machine, write_results
 from collectors import exchanges
 from collectors.batching import Handoff
@@ -48,8 +50,18 @@ from collectors.simulator import Simulator
 VENUES = ("coinbase", "binance", "kraken")
 
 
+def is_ticker_data(venue: str, payload: bytes) -> bool:
+    """A ticker data frame, not an ack, status, heartbeat or snapshot (as bench/ceiling.py
+    counts them)."""
+    try:
+        return is_ticker(venue, json.loads(payload))
+    except ValueError:
+        return False
+
+
 def capture(venue: str, records: int) -> list[Frame]:
-    """`records` ticker frames (plus whatever else the venue sends) as the collector sees them."""
+    """Frames as the collector sees them (acks, snapshots, heartbeats included) up to the
+    `records`-th ticker data frame."""
     adapter = exchanges.create(venue, "bench")
     symbols = adapter.default_symbols
     with Simulator(venue, rate_hz=1e-6, seed=1) as sim:
@@ -64,11 +76,14 @@ def capture(venue: str, records: int) -> list[Frame]:
             sim.burst(records)
             frames: list[Frame] = []
             tickers = 0
+            deadline = time.monotonic() + 60 + records / 5_000  # heartbeats keep recv() busy
             while tickers < records:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{venue}: only {tickers:,} of {records:,} tickers")
                 data = ws.recv()
                 payload = data.encode() if isinstance(data, str) else data
                 frames.append((payload, time.time_ns()))
-                if b"ticker" in payload[:200]:
+                if is_ticker_data(venue, payload):
                     tickers += 1
             return frames
         finally:

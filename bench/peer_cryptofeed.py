@@ -16,10 +16,22 @@ to cryptofeed's own `_ticker` (which reads `s`, `b`, `a`, `E`, all present), (c)
 endpoint at the local simulator (cryptofeed refuses non-`wss://` addresses, so that check is
 bypassed) and (d) pre-fills its symbol table instead of calling Binance's REST API.
 
-The simulator (`chrono-collector simulate binance --burst N`, a subprocess from the project
-venv) sends N pre-encoded tickers when the connection opens. The callback only counts; the rate
-is first to last callback. CPU is this process's (one asyncio loop, like the collector's one
-process). Writes bench/results/peer_cryptofeed.md.
+Decoding is cryptofeed's own: the subclass's `message_handler` decodes with the very `json`
+module cryptofeed's Binance feed imports (`from yapic import json`, i.e. yapic.json, with
+`parse_float=Decimal`, as `Binance.message_handler` does), unwraps the combined stream the same
+way, and hands each 24hrTicker to cryptofeed's own `_ticker`; any other message goes to
+cryptofeed's own `Binance.message_handler` unchanged. (That handler cannot take the 24hrTicker
+itself: it logs any `e` it does not know as unexpected.) The event loop is plain asyncio:
+cryptofeed's default config turns uvloop on (installed with it), this bench turns it off
+(`"uvloop": False`); the results header says so.
+
+The simulator (`chrono-collector simulate binance --seed 1 --rate 0.000001 --burst N`, a
+subprocess from the project venv) sends N pre-encoded tickers when the connection opens: the same
+options as bench/throughput.py's in-process `Simulator("binance", rate_hz=1e-6, seed=1)` and the
+same five streams in the same order, so the same frames (same prices, sizes, trade ids, same
+length) except the wall-clock fields (`E`, `O`, `C`), which differ between any two runs. The
+callback only counts; the rate is first to last callback. CPU is this process's (one asyncio
+loop, like the collector's one process). Writes bench/results/peer_cryptofeed.md.
 
 `--backend postgres` (needs `/tmp/cf-venv/bin/pip install asyncpg`) adds cryptofeed's own
 storage: its `TickerPostgres` backend, which batches whatever its in-memory queue holds into one
@@ -38,6 +50,7 @@ import json
 import os
 import platform
 import resource
+import select
 import subprocess
 import sys
 import time
@@ -49,9 +62,12 @@ from cryptofeed import FeedHandler
 from cryptofeed.connection import WebsocketEndpoint, WSAsyncConn
 from cryptofeed.defines import BINANCE, TICKER
 from cryptofeed.exchanges import Binance
+from cryptofeed.exchanges import binance as cf_binance
 from cryptofeed.symbols import Symbols
 
 REPO = Path(__file__).resolve().parents[1]
+SEED = 1  # bench/throughput.py's Simulator(..., seed=1)
+START_TIMEOUT_S = 30.0  # the simulator's first line (bench/throughput.py's start deadline)
 PAIRS = {"BTC-USDT": "BTCUSDT", "ETH-USDT": "ETHUSDT", "SOL-USDT": "SOLUSDT",
          "XRP-USDT": "XRPUSDT", "DOGE-USDT": "DOGEUSDT"}
 
@@ -72,8 +88,10 @@ def make_feed_class(url: str) -> type[Binance]:
         websocket_channels = {**Binance.websocket_channels, TICKER: "ticker"}
 
         async def message_handler(self, msg: str, conn: object, timestamp: float) -> None:
-            # Same as Binance.message_handler for the combined stream, plus 24hrTicker.
-            doc = json.loads(msg, parse_float=__import__("decimal").Decimal)
+            # Binance.message_handler's own steps for the combined stream (its module's `json`,
+            # yapic.json, with its Decimal; the stream split), plus the 24hrTicker route.
+            doc = cf_binance.json.loads(msg, parse_float=cf_binance.Decimal)
+            _pair = doc["stream"].split("@", 1)[0].upper()  # unused, as in Binance's handler
             data = doc["data"]
             if data.get("e") == "24hrTicker":
                 await self._ticker(data, timestamp)
@@ -85,13 +103,23 @@ def make_feed_class(url: str) -> type[Binance]:
 
 @contextmanager
 def burst_simulator(args: argparse.Namespace) -> Iterator[str]:
-    """`chrono-collector simulate binance --burst N` as a subprocess; yields its ws:// URL, with
-    cryptofeed's Binance symbol table pre-filled (instead of a REST call to Binance)."""
+    """`chrono-collector simulate binance --seed 1 --burst N` as a subprocess; yields its ws://
+    URL, with cryptofeed's Binance symbol table pre-filled (instead of a REST call to Binance).
+    Its listening line must come within START_TIMEOUT_S."""
     sim = subprocess.Popen([args.simulate, "simulate", "binance", "--rate", "0.000001",
-                            "--burst", str(args.records)], stdout=subprocess.PIPE, text=True)
+                            "--seed", str(SEED), "--burst", str(args.records)],
+                           stdout=subprocess.PIPE, text=True)
     try:
         assert sim.stdout is not None
-        doc = json.loads(sim.stdout.readline())
+        ready, _, _ = select.select([sim.stdout], [], [], START_TIMEOUT_S)
+        if not ready:
+            raise RuntimeError(f"{args.simulate} simulate printed no listening line within "
+                               f"{START_TIMEOUT_S:.0f} s")
+        line = sim.stdout.readline()  # printed whole and flushed: a readable pipe has it all
+        if not line:
+            raise RuntimeError(f"{args.simulate} simulate exited (code {sim.wait(10)}) "
+                               f"before printing its port")
+        doc = json.loads(line)
         Symbols.set(BINANCE, dict(PAIRS), {"tick_size": {}, "instrument_type": {}})
         yield f"ws://127.0.0.1:{doc['port']}"
     finally:
@@ -138,8 +166,10 @@ def main() -> int:
     rate = n / seconds if seconds else 0.0
     text = (f"### Peer: cryptofeed 2.4.1, Binance `@ticker` (combined stream), callback only\n\n"
             f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} "
-            f"CPUs; asyncio loop (no uvloop), websockets, its own json.loads(parse_float="
-            f"Decimal).\n\n| tickers | seen | msgs/s | CPU s/100k (incl. connect) | peak RSS MB |\n"
+            f"CPUs; plain asyncio loop (uvloop off; cryptofeed's default config turns it on), "
+            f"websockets, cryptofeed's own Binance decoding (yapic.json, parse_float=Decimal); "
+            f"simulator seed {SEED} as bench/throughput.py (same frames but the clock fields)."
+            f"\n\n| tickers | seen | msgs/s | CPU s/100k (incl. connect) | peak RSS MB |\n"
             f"| ---: | ---: | ---: | ---: | ---: |\n| {args.records:,} | {n:,} | {rate:,.0f} "
             f"| {cpu / max(n, 1) * 100_000:.2f} | {usage1.ru_maxrss / 1024:.1f} |\n")
     out = REPO / "bench" / "results"
@@ -218,8 +248,10 @@ def run_postgres(args: argparse.Namespace) -> int:
     cpu = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
     text = (f"### Peer: cryptofeed 2.4.1, Binance `@ticker` -> its TickerPostgres backend -> "
             f"PostgreSQL\n\n{platform.python_implementation()} {platform.python_version()}, "
-            f"{os.cpu_count()} CPUs; asyncio loop (no uvloop), asyncpg, one multi-row INSERT per "
-            f"queue drain; the row holds bid and ask only.\n\n"
+            f"{os.cpu_count()} CPUs; plain asyncio loop (uvloop off; cryptofeed's default "
+            f"config turns it on), cryptofeed's own Binance decoding (yapic.json, "
+            f"parse_float=Decimal), asyncpg, one multi-row INSERT per queue drain; the row holds "
+            f"bid and ask only; simulator seed {SEED} as bench/throughput.py.\n\n"
             f"| tickers | stored | recv/s | stored/s (end to end) | end-to-end s "
             f"| CPU s/100k | peak RSS MB |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
             f"| {args.records:,} | {n:,} | {n / recv if recv else 0:,.0f} "

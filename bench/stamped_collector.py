@@ -1,4 +1,4 @@
-"""`chrono-collector run EXCHANGE` with three timing hooks, for bench/latency.py only.
+"""`chrono-collector run EXCHANGE` with four timing hooks, for bench/latency.py only.
 
 Each hook notes `time.time_ns()` once per call and, per record, its (symbol, sequence) key, in
 memory; at exit (SIGTERM stops the collector cleanly) the stamps are written as JSON lines to
@@ -10,11 +10,14 @@ changes.
   committed to the spool: it survives `kill -9`, and it may be claimed into a batch); not when
   `put_many_waiting` returns, so whatever the writer does after its commit (waking the delivery
   thread) is not counted as the commit's
-- `posted`: `Poster.post` is entered with a batch (the record starts leaving the process);
-  the keys come from the batch's own bytes
+- `posted`: `Poster.post` is entered with a batch (its POST starts); the keys come from the
+  batch's own bytes
+- `sent`: urllib3's `HTTPConnection.request` returns for that POST: the request line, headers
+  and the whole body were written to the socket (on loopback, handed to the kernel: the
+  record has left the process)
 
-Cost: two clock reads per chunk and a tuple per record on the parser thread; a clock read and a
-reference to the batch's bytes on the delivery thread, whose records are decoded at exit (decoding
+Cost: two clock reads per chunk and a tuple per record on the parser thread; two clock reads and
+two references to the batch's bytes a POST on the delivery thread, whose records are decoded at exit (decoding
 them in the hook, about 0.5 ms of GIL a batch, delayed the other threads it measures).
 
     BENCH_STAMPS_PATH=/tmp/stamps.jsonl python bench/stamped_collector.py run coinbase
@@ -26,11 +29,14 @@ import atexit
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import urllib3.connection
 
 from collectors.cli import main
 from collectors.delivery import Poster, PostResult, SpoolWriter
@@ -47,6 +53,8 @@ _post = Poster.post
 _append = Spool.append
 _append_claiming = Spool.append_claiming  # the write that fills a batch for a waiting worker
 _appended_ns = [0]  # when the parser thread's last Spool.append returned
+_request = urllib3.connection.HTTPConnection.request
+_posting = threading.local()  # the batch a delivery worker is POSTing (its bytes), for `sent`
 
 
 def _note(point: str, ns: int, keys: tuple[tuple[Any, ...], ...] | bytes) -> None:
@@ -89,7 +97,19 @@ def put_many_waiting(self: SpoolWriter, records: list[PriceFeed], stop: Any) -> 
 
 def post(self: Poster, batch: Batch) -> PostResult:
     _note("posted", time.time_ns(), batch.payload)  # decoded at exit
-    return _post(self, batch)
+    _posting.payload = batch.payload
+    try:
+        return _post(self, batch)
+    finally:
+        _posting.payload = None
+
+
+def request(self: urllib3.connection.HTTPConnection, *args: Any, **kwargs: Any) -> None:
+    _request(self, *args, **kwargs)
+    payload = getattr(_posting, "payload", None)
+    if payload is not None:
+        _note("sent", time.time_ns(), payload)
+        _posting.payload = None
 
 
 def _dump() -> None:
@@ -107,6 +127,7 @@ SpoolWriter.put_many_waiting = put_many_waiting  # type: ignore[method-assign]
 Spool.append = append  # type: ignore[method-assign]
 Spool.append_claiming = append_claiming  # type: ignore[method-assign]
 Poster.post = post  # type: ignore[method-assign]
+urllib3.connection.HTTPConnection.request = request  # type: ignore[method-assign,assignment]
 atexit.register(_dump)
 
 if __name__ == "__main__":

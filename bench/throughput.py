@@ -144,13 +144,19 @@ def main() -> int:
                         type=lambda s: [v for v in s.split(",") if v])
     parser.add_argument("--records", type=int, default=60_000, help="tickers per venue")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per venue burst")
-    parser.add_argument("--name", default="throughput", help="results file name")
+    parser.add_argument("--name", default=None,
+                        help="results file name (default: throughput, plus -postgres for "
+                             "--backend postgres and -cN for --concurrency N other than 1, "
+                             "e.g. throughput-postgres-c2)")
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite",
                         help="the ingest API's store (postgres: a throwaway schema on "
                              "CHRONO_TEST_POSTGRES_URL or 127.0.0.1:5432/test)")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="the collector's DELIVERY_CONCURRENCY (POSTs in flight)")
     args = parser.parse_args()
+    if args.name is None:
+        args.name = "throughput" + ("-postgres" if args.backend == "postgres" else "") + (
+            f"-c{args.concurrency}" if args.concurrency != 1 else "")
     results = [run_venue(v, args.records, args.timeout, backend=args.backend,
                          concurrency=args.concurrency) for v in args.venues]
     store = "PostgreSQL" if args.backend == "postgres" else "SQLite"
