@@ -126,9 +126,13 @@ class CollectorService:
         # comes (a stuck stream): not healthy. Where tickers follow trades, quiet markets.
         all_stale = (self.adapter.reconnect_when_all_stale and bool(stale)
                      and set(stale) >= set(self.parser.freshness.last))
-        up = connected and fresh and not all_stale
+        # The venue rejected every configured symbol: connected (its heartbeats keep coming)
+        # and collecting nothing until SYMBOLS is fixed and the collector restarted.
+        symbols = self.connection.symbols
+        up = connected and fresh and not all_stale and bool(symbols)
         body: dict[str, object] = {
             "status": "ok" if (up and not stale) else "degraded" if up else
+                      "no_symbols" if not symbols else
                       "stale" if connected and fresh else "down",
             "exchange": self.config.exchange,
             "worker_id": self.config.worker_id,
@@ -138,7 +142,7 @@ class CollectorService:
             "queue_records": len(self.frames),
             "spool_records": spool_stats.records if spool_stats else None,
             "last_flush_age_s": round(now - last_flush, 3) if last_flush else None,
-            "symbols": self.connection.symbols,
+            "symbols": symbols,
             "stale_symbols": stale,
         }
         return Health(up, body)

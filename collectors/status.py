@@ -3,7 +3,8 @@
 Reads supervisord over its unix control socket (XML-RPC, as supervisorctl does) and each
 collector's `/healthz`. Exit 0 when every collector is running, connected and fresh (what
 `/healthz` answers 200 for: "ok", or "degraded" when some symbols are stale, named in the STALE
-column); 1 otherwise ("stale" when every symbol is, "down", unreachable).
+column); 1 otherwise ("stale" when every symbol is, "no_symbols" when the venue rejected every
+configured one, "down", unreachable).
 """
 
 from __future__ import annotations

@@ -248,6 +248,24 @@ def test_health_when_every_symbol_is_stale(tmp_path: Path, exchange: str,
     assert health.body["stale_symbols"] == sorted(symbols)
 
 
+@pytest.mark.parametrize("exchange", ["kraken", "coinbase"])
+def test_health_when_the_venue_rejected_every_symbol(tmp_path: Path, exchange: str) -> None:
+    # Connected, its heartbeats fresh, and nothing left to collect: not healthy (it was "ok",
+    # 200, for as long as the heartbeats came).
+    service = CollectorService(CollectorConfig.from_env(exchange, {
+        "API_BASE_URL": "http://127.0.0.1:3000", "API_KEY": "test-key-0123456789",
+        "CHRONO_STATE_DIR": str(tmp_path), "SYMBOLS": "BTC/USD,ETH/USD"}))
+    service.connection.connected_since = time.monotonic()
+    service.connection.last_frame_monotonic = time.monotonic()
+    assert service.health().ok
+    service.parser._venue_error("Currency pair not supported", ("BTC/USD",))
+    assert (service.health().ok, service.health().body["status"]) == (True, "ok")
+    service.parser._venue_error("Currency pair not supported", ("ETH/USD",))
+    health = service.health()
+    assert (health.ok, health.body["status"], health.body["symbols"]) == (
+        False, "no_symbols", [])
+
+
 def test_the_record_rate_falls_while_the_parser_is_held_up() -> None:
     # The rate was read between the window's own samples, which only the parser loop takes:
     # a parser stuck in a spool write retry showed its last rate for as long as it was stuck.

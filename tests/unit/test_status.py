@@ -148,7 +148,8 @@ def test_a_health_endpoint_that_is_not_http_is_unreachable_not_a_traceback() -> 
 
 
 @pytest.mark.parametrize(("code", "status", "exit_code"), [
-    (200, "ok", 0), (200, "degraded", 0), (503, "stale", 1), (503, "down", 1)])
+    (200, "ok", 0), (200, "degraded", 0), (503, "stale", 1), (503, "no_symbols", 1),
+    (503, "down", 1)])
 def test_status_agrees_with_what_healthz_answers(code: int, status: str, exit_code: int) -> None:
     # /healthz answers 200 while connected and fresh, stale symbols or not ("degraded"): the
     # status command calls the same collector up, and names the stale symbols.
