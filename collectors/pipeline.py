@@ -186,6 +186,9 @@ class Parser:
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=16)
         # Paces subscribes sent again after a venue refused one for a passing reason.
         self._subscribe_backoff = Backoff(base_s=1.0, cap_s=60.0)
+        # When the resubscribe last asked for goes out (monotonic): refusals until then are
+        # the same event (Kraken acks each symbol of one subscribe on its own).
+        self._resubscribe_due = 0.0
         self.records_total = 0
         self.last_message_unix: float | None = None
         self.beat = time.monotonic()  # last loop turn (watchdog progress)
@@ -346,7 +349,15 @@ class Parser:
         if not symbols:
             self._log_venue_error(error)
             return
+        now = time.monotonic()
+        if now < self._resubscribe_due:
+            # Another refusal of the subscribe already being retried: its symbols join that
+            # retry, at its time (one backoff step and one log line per refused subscribe,
+            # not per symbol refused).
+            self._conn.request_resubscribe(symbols, after_s=self._resubscribe_due - now)
+            return
         delay = self._subscribe_backoff.next_delay()
+        self._resubscribe_due = now + delay
         log.warning("subscribe_retry", extra={"symbols": symbols, "error": error,
                                               "retry_in_s": round(delay, 2)})
         self._conn.request_resubscribe(symbols, after_s=delay)

@@ -532,6 +532,7 @@ def test_a_passing_subscribe_failure_is_sent_again_later_and_keeps_the_symbol() 
     assert conn.symbols == ["BTC/USD", "ETH/USD"]  # no verdict on the market
     assert conn._resubscribe == ["ETH/USD"]
     assert before <= conn._resubscribe_at <= time.monotonic() + 1.0  # the first backoff: <= 1 s
+    parser._resubscribe_due = time.monotonic()  # the retry went out, and is refused again
     parser._handle([(refused, 1_795_948_682_000_000_000)])
     assert parser._subscribe_backoff.attempt == 2
     # "already subscribed" (a symbol the retry sent again) is no news: the backoff keeps growing
@@ -543,6 +544,30 @@ def test_a_passing_subscribe_failure_is_sent_again_later_and_keeps_the_symbol() 
                       "result": {"channel": "ticker", "symbol": "ETH/USD"}}).encode()
     parser._handle([(ack, 1_795_948_682_000_000_000)])
     assert parser._subscribe_backoff.attempt == 0
+
+
+def test_one_subscribe_refused_symbol_by_symbol_is_one_retry(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Kraken answers each symbol of a subscribe on its own: five refusals of one subscribe
+    # stepped the backoff five times and logged five retry times, of which only the earliest
+    # was kept.
+    symbols = ["BTC/USD", "ETH/USD", "SOL/USD", "XRP/USD", "DOGE/USD"]
+    metrics = Metrics(CollectorRegistry(), "kraken", "w1")
+    adapter = create("kraken", "w1", decode_frame)
+    conn = Connection(adapter, "ws://127.0.0.1:9", symbols, Handoff(10), metrics,
+                      threading.Event())
+    parser = Parser(adapter, Handoff(10), Handoff(100), conn, metrics, threading.Event())
+    refusals = [json.dumps({"method": "subscribe", "success": False, "symbol": symbol,
+                            "error": "Exceeded msg rate", "req_id": 1}).encode()
+                for symbol in symbols]
+    with caplog.at_level(logging.WARNING, logger="collectors.pipeline"):
+        parser._handle([(refusals[0], 1_795_948_682_000_000_000)])
+        at = conn._resubscribe_at
+        parser._handle([(r, 1_795_948_682_000_000_000) for r in refusals[1:]])
+    assert parser._subscribe_backoff.attempt == 1
+    assert conn._resubscribe == symbols
+    assert conn._resubscribe_at == pytest.approx(at, abs=0.01)  # the logged time holds
+    assert [r.getMessage() for r in caplog.records].count("subscribe_retry") == 1
 
 
 def _rejection(product: str) -> bytes:
