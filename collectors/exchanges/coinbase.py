@@ -21,9 +21,14 @@ Notes that shape this parser:
   perhaps at numbers the old count used): kept, and the count restarts from it. Within a
   connection the last `RECENT_SEQUENCES` kept are remembered too: a repeat of any is a
   duplicate. `LATE_RUN_RESTART` late tickers in a row, each above the one before, restart the
-  count too (two bad values in a row confirm each other, and silenced the product). Only the
-  products the last ack listed keep this state. The dedup mark stored with the records is the
-  newest sequence, pending or last (a replay after a restart repeats it).
+  count too: late below the last (two bad values in a row confirm each other, and silenced the
+  product) or below a pending one within `SEQUENCE_JUMP` (one bad value a little ahead, such as
+  9000 after 101, silenced the product until the real count passed it); both kinds count in
+  the same run. The last of the run is kept and becomes the last and the newest (the pending
+  one, taken for the bad value, is forgotten with the remembered sequences), as after a count
+  that started over. Only the products the last ack listed keep this state. The dedup mark
+  stored with the records is the newest sequence, pending or last (a replay after a restart
+  repeats it).
   A sequence outside 0 .. 2**63-1 is not a sequence (and no SQLite integer): refused.
 """
 
@@ -53,7 +58,9 @@ from collectors.exchanges.base import (
 )
 from collectors.model import Metadata, PriceFeed, canonical_symbol_ok, event_time
 
-_PRODUCT_RE = re.compile(r"^([A-Z0-9]{1,20})-([A-Z0-9]{1,20})$")
+# Used with fullmatch: `$` would also match before a final "\n" ("BTC-USD\n" -> BTC/USD,
+# with dedup state of its own under the raw id).
+_PRODUCT_RE = re.compile(r"([A-Z0-9]{1,20})-([A-Z0-9]{1,20})")
 _INVALID_PRODUCT_RE = re.compile(r"^\s*(\S*)\s+is not a valid product", re.IGNORECASE)
 _SYMBOL_CACHE_MAX = 4096
 #: A pending sequence further than this past the last one may be a bad value: the tickers
@@ -61,10 +68,11 @@ _SYMBOL_CACHE_MAX = 4096
 SEQUENCE_JUMP = 10_000
 #: Sequences remembered per product: a ticker repeating one of them is a duplicate.
 RECENT_SEQUENCES = 32
-#: This many late tickers in a row, each above the one before, mean the last sequence is the
-#: bad one (two bad values in a row confirm each other) or the count started over within the
-#: connection: the last of them is kept and the count restarts from it. A venue's stream is
-#: ordered, so real late tickers come one at a time (a replay), not as a rising run.
+#: This many late tickers in a row, each above the one before, mean the last (or pending)
+#: sequence is the bad one (two bad values in a row confirm each other) or the count started
+#: over within the connection: the last of them is kept and the count restarts from it. A
+#: venue's stream is ordered, so real late tickers come one at a time (a replay), not as a
+#: rising run.
 LATE_RUN_RESTART = 10
 _SEQUENCE_MAX = 2**63 - 1
 #: (metadata key, ticker field) of the optional decimal-string fields, in output order.
@@ -116,7 +124,7 @@ def to_product(symbol: str) -> str:
 
 def from_product(product_id: str) -> str:
     """`BTC-USD` -> `BTC/USD`. Raises ParseError for anything that is not a product id."""
-    m = _PRODUCT_RE.match(product_id)
+    m = _PRODUCT_RE.fullmatch(product_id)
     if m is None:
         raise ParseError(f"not a Coinbase product id: {product_id[:40]!r}")
     return f"{m.group(1)}/{m.group(2)}"
@@ -222,12 +230,16 @@ class CoinbaseAdapter:
         if last is not None and sequence < last:
             return not self._count_restarted(product, sequence)
         pending = self._pending.get(product)
-        return (pending is not None and sequence < pending
-                and pending - (sequence if last is None else last) <= SEQUENCE_JUMP)
+        if (pending is not None and sequence < pending
+                and pending - (sequence if last is None else last) <= SEQUENCE_JUMP):
+            return not self._count_restarted(product, sequence)  # late: below the pending one
+        return False
 
     def _count_restarted(self, product: str, sequence: int) -> bool:
-        """A late ticker: True when it ends a rising run of LATE_RUN_RESTART of them, and the
-        product's count then restarts from it (see LATE_RUN_RESTART)."""
+        """A late ticker (below the last, or below a pending one): True when it ends a rising
+        run of LATE_RUN_RESTART of them, and the product's count then restarts from it (see
+        LATE_RUN_RESTART): it becomes the last; the pending one and the remembered sequences
+        are forgotten; `_remember` then makes it the newest (pending) too."""
         run = self._late_run.get(product)
         count = run[0] + 1 if run is not None and run[1] < sequence else 1
         if count < LATE_RUN_RESTART:

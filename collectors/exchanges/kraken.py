@@ -69,7 +69,8 @@ from collectors.model import Metadata, PriceFeed, event_time
 #: Kraken's legacy (v1 / REST) asset codes and their v2 spelling, which is canonical.
 ASSET_ALIASES: dict[str, str] = {"XBT": "BTC", "XDG": "DOGE"}
 
-_PAIR_RE = re.compile(r"^([A-Z0-9]{1,20})/([A-Z0-9]{1,20})$")
+# Used with fullmatch: `$` would also match before a final "\n" ("BTC/USD\n" -> BTC/USD).
+_PAIR_RE = re.compile(r"([A-Z0-9]{1,20})/([A-Z0-9]{1,20})")
 _SYMBOL_CACHE_MAX = 4096
 #: (metadata key, ticker item field) of the optional numbers >= 0, in output order.
 _META_NUMBERS = (("bid", "bid"), ("bid_size", "bid_qty"), ("ask", "ask"), ("ask_size", "ask_qty"),
@@ -120,7 +121,7 @@ def from_pair(pair: str) -> str:
 
     Raises ParseError for anything that is not an upper-case BASE/QUOTE pair.
     """
-    m = _PAIR_RE.match(pair)
+    m = _PAIR_RE.fullmatch(pair)
     if m is None:
         raise ParseError(f"not a canonical BASE/QUOTE pair: {pair[:40]!r}")
     base, quote = (ASSET_ALIASES.get(part, part) for part in m.groups())
@@ -171,7 +172,7 @@ class KrakenAdapter:
         Unlisted pairs are left to Kraken, which rejects each by name in its subscribe ack.
         """
         for symbol in symbols:
-            m = _PAIR_RE.match(symbol)
+            m = _PAIR_RE.fullmatch(symbol)
             if m is None:
                 raise ConfigError("SYMBOLS", f"{symbol!r} is not a BASE/QUOTE symbol",
                                   "e.g. BTC/USD")

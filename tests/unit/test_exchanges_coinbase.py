@@ -71,6 +71,7 @@ def test_invalid_ticker_does_not_advance_sequence() -> None:
         ({"price": True}, "boolean"),
         ({"price": None}, "missing field 'price'"),
         ({"product_id": "btcusd"}, "not a Coinbase product id"),
+        ({"product_id": "BTC-USD\n"}, "not a Coinbase product id"),
         ({"product_id": 7}, "non-empty string"),
         ({"volume_24h": "-3"}, "must be >= 0"),
     ],
@@ -201,6 +202,36 @@ def test_two_bad_sequences_in_a_row_silence_the_product_for_a_few_tickers_only(
     assert adapter.parse(_ticker(110), RECEIVED_NS).duplicates == 1
 
 
+@pytest.mark.parametrize("decode", [load_json, decode_frame], ids=["generic", "shaped"])
+def test_one_bad_pending_sequence_a_little_ahead_silences_the_product_for_a_few_tickers_only(
+        decode: Decoder) -> None:
+    """9000 after 101 is pending, within SEQUENCE_JUMP of the last: every real ticker after it
+    (102, 103, ...) was dropped as late, until the real count passed 9000."""
+    adapter = CoinbaseAdapter("w", decode)
+    sent = [100, 101, 9000, *range(102, 162)]
+    kept = [seq for seq in sent if adapter.parse(_ticker(seq), RECEIVED_NS).records]
+    # 102..110 (LATE_RUN_RESTART - 1 = 9 of the 60 real ones) are dropped as late below the
+    # pending 9000; 111 ends a rising run of LATE_RUN_RESTART: it is kept and the count
+    # restarts from it (9000 forgotten); 112..161 are kept as the count goes on.
+    assert kept == [100, 101, 9000, *range(102 + LATE_RUN_RESTART - 1, 162)]
+    assert len(sent) - len(kept) == LATE_RUN_RESTART - 1
+    # The count goes on from there: a repeat, a late one, the bad value's replay are dropped.
+    assert [adapter.parse(_ticker(seq), RECEIVED_NS).duplicates
+            for seq in (161, 150, 105)] == [1, 1, 1]
+    [record] = adapter.parse(_ticker(162), RECEIVED_NS).records
+    assert adapter.dedup_mark(record) == ("BTC-USD", 162)
+
+
+def test_late_tickers_below_a_pending_one_that_do_not_rise_never_restart_the_count() -> None:
+    adapter = CoinbaseAdapter("w")
+    for seq in (5_000_000, 5_000_100, 5_000_200):  # last 5_000_100, pending 5_000_200
+        adapter.parse(_ticker(seq), RECEIVED_NS)
+    late = [5_000_150, 5_000_140, 5_000_160, 5_000_130] * LATE_RUN_RESTART
+    assert [adapter.parse(_ticker(seq), RECEIVED_NS).duplicates for seq in late] == [1] * len(late)
+    assert len(adapter.parse(_ticker(5_000_201), RECEIVED_NS).records) == 1
+    assert adapter.parse(_ticker(5_000_200), RECEIVED_NS).duplicates == 1
+
+
 def test_late_tickers_that_do_not_rise_never_restart_the_count() -> None:
     adapter = CoinbaseAdapter("w")
     for seq in (5_000_000, 5_000_100):
@@ -278,6 +309,23 @@ def test_a_count_that_starts_over_at_numbers_the_old_one_used_is_kept() -> None:
     adapter.parse(_ACK, RECEIVED_NS)  # the restarted server's connection
     kept = [len(adapter.parse(_ticker(seq), RECEIVED_NS).records) for seq in range(1, 15)]
     assert kept == [1] * 14
+
+
+@pytest.mark.parametrize("decode", [load_json, decode_frame], ids=["generic", "shaped"])
+def test_a_product_id_ending_in_a_newline_is_a_bad_product_id(decode: Decoder) -> None:
+    """`$` matched before a final newline: "BTC-USD\n" became BTC/USD, with dedup state of its
+    own, so the originals sent again under it were stored twice."""
+    adapter = CoinbaseAdapter("w", decode)
+    for seq in (500, 501):
+        assert len(adapter.parse(_ticker(seq), RECEIVED_NS).records) == 1
+    for seq in (500, 501, 502):
+        with pytest.raises(ParseError, match="not a Coinbase product id"):
+            adapter.parse(_ticker(seq, product_id="BTC-USD\n"), RECEIVED_NS)
+    assert "BTC-USD\n" not in adapter._symbols and "BTC-USD\n" not in adapter._recent
+    assert adapter.parse(_ticker(501), RECEIVED_NS).duplicates == 1
+    for bad in ("BTC-USD\n", "\nBTC-USD", "BTC-USD\r\n"):
+        with pytest.raises(ParseError):
+            from_product(bad)
 
 
 def test_junk_product_ids_do_not_crowd_out_a_subscribed_products_dedup() -> None:

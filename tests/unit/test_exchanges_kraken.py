@@ -11,7 +11,7 @@ import pytest
 from collectors.decoding import FrameDecoder, decode_frame
 from collectors.errors import ConfigError, ParseError
 from collectors.exchanges import create, kraken
-from collectors.exchanges.base import Kind
+from collectors.exchanges.base import Decoder, Kind, load_json
 from collectors.exchanges.kraken import KrakenAdapter, from_pair
 from tests.unit.golden import frame_text, load_cases
 
@@ -76,7 +76,7 @@ def test_legacy_asset_codes_are_refused_with_the_v2_spelling(symbol: str, fix: s
 
 
 def test_non_canonical_symbols_are_refused() -> None:
-    for bad in ("btc/usd", "BTCUSD", "BTC-USD", "BTC/USD/X"):
+    for bad in ("btc/usd", "BTCUSD", "BTC-USD", "BTC/USD/X", "BTC/USD\n"):
         with pytest.raises(ConfigError, match="not a BASE/QUOTE symbol"):
             KrakenAdapter("w").check_symbols([bad])
 
@@ -85,7 +85,7 @@ def test_pair_mapping() -> None:
     assert from_pair("BTC/USD") == "BTC/USD"
     assert from_pair("XBT/USD") == "BTC/USD"
     assert from_pair("XDG/EUR") == "DOGE/EUR"
-    for bad in ("ANETx/USD", "BTCUSD", ""):
+    for bad in ("ANETx/USD", "BTCUSD", "", "BTC/USD\n", "XBT/USD\n", "\nBTC/USD"):
         with pytest.raises(ParseError):
             from_pair(bad)
 
@@ -168,11 +168,29 @@ def test_a_message_whose_items_are_all_invalid_is_a_parse_error() -> None:
         ({"volume": -3}, "must be >= 0"),
         ({"symbol": 5}, "non-empty string"),
         ({"symbol": "btc/usd"}, "not a canonical"),
+        ({"symbol": "BTC/USD\n"}, "not a canonical"),
     ],
 )
 def test_bad_items_name_the_problem(over: dict[str, object], reason: str) -> None:
     with pytest.raises(ParseError, match=reason):
         KrakenAdapter("w").parse(_message(_item(**over)), RECEIVED_NS)
+
+
+@pytest.mark.parametrize("decode", [load_json, decode_frame], ids=["generic", "shaped"])
+def test_a_pair_ending_in_a_newline_is_a_parse_error_and_stores_nothing(decode: Decoder) -> None:
+    """`$` matched before a final newline: "BTC/USD\n" was taken for BTC/USD."""
+    adapter = KrakenAdapter("w", decode)
+    t = "2023-09-25T09:04:31.742599Z"
+    bad = _update(t).replace('"BTC/USD"', '"BTC/USD\\n"')
+    assert json.loads(bad)["data"][0]["symbol"] == "BTC/USD\n"
+    with pytest.raises(ParseError, match="not a canonical BASE/QUOTE pair"):
+        adapter.parse(bad, RECEIVED_NS)
+    assert adapter._symbols == {} and adapter._last == {}
+    # In a message with valid items, it is an invalid item: the others are kept.
+    parsed = adapter.parse(_message(_item(symbol="BTC/USD\n"), _item(symbol="ETH/USD")),
+                           RECEIVED_NS)
+    assert [r.symbol for r in parsed.records] == ["ETH/USD"]
+    assert len(parsed.invalid) == 1 and "not a canonical" in parsed.invalid[0]
 
 
 def test_negative_changes_are_kept_and_bad_metadata_dropped() -> None:
