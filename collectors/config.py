@@ -24,7 +24,7 @@ from collectors.keys import Redactor, check_key, read_key_file
 from collectors.logsetup import LEVELS
 from collectors.model import canonical_symbol_ok
 
-_WORKER_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_WORKER_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: Appended to API_BASE_URL by the collector (contract.md, "Ingest HTTP API").
 INGEST_PATH = "/internal/ingest"
 MAX_SYMBOLS = 1000
@@ -86,7 +86,7 @@ class CollectorConfig:
             batch_size=_int(env, "BATCH_SIZE", 100, 1, 10_000),
             batch_interval_s=_int(env, "BATCH_INTERVAL_MS", 5000, 10, 3_600_000) / 1000.0,
             log_level=_log_level(env),
-            ws_url=_ws_url(env, adapter.default_ws_url),
+            ws_url=_ws_url(env, adapter.default_ws_url, base_only=adapter.ws_url_is_base),
             metrics_host=_host(env, "METRICS_HOST", "127.0.0.1"),
             metrics_port=_int(env, "METRICS_PORT", metrics_port_default, 0, 65535),
             spool_dir=_path(env, "SPOOL_DIR", paths.state_dir(env) / "spool" / exchange),
@@ -201,7 +201,9 @@ def _check_host(name: str, raw: str) -> None:
                           "e.g. http://127.0.0.1:3000 or https://ingest.example.com")
 
 
-def _ws_url(env: Mapping[str, str], default: str) -> str:
+def _ws_url(env: Mapping[str, str], default: str, *, base_only: bool = False) -> str:
+    """`base_only`: the venue's path and query are the adapter's (Binance puts the streams
+    there), so WS_URL is the base address alone."""
     raw = _get(env, "WS_URL")
     if raw is None:
         return default
@@ -209,6 +211,12 @@ def _ws_url(env: Mapping[str, str], default: str) -> str:
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise ConfigError("WS_URL", f"{_shown_url(parts)!r} is not a ws:// or wss:// URL",
                           f"e.g. {default}")
+    if parts.fragment:
+        raise ConfigError("WS_URL", "has a #fragment, which is never sent", f"e.g. {default}")
+    if base_only and (parts.path not in ("", "/") or parts.query):
+        raise ConfigError("WS_URL", f"{_shown_url(parts)!r} has a path or query",
+                          f"the base address alone, e.g. {default}: the collector adds "
+                          "/stream?streams=... for the symbols")
     if parts.username or parts.password:  # it is logged: no secrets in it
         raise ConfigError("WS_URL", "must not contain credentials", "public market data needs none")
     try:
@@ -251,7 +259,7 @@ def _worker_id(env: Mapping[str, str], default: str) -> str:
     raw = _get(env, "WORKER_ID")
     if raw is None:
         return default
-    if not _WORKER_ID_RE.match(raw):
+    if not _WORKER_ID_RE.fullmatch(raw):
         raise ConfigError("WORKER_ID", f"{raw[:80]!r} is not allowed",
                           "1-64 characters of A-Z a-z 0-9 . _ -")
     return raw
@@ -291,7 +299,7 @@ def _host(env: Mapping[str, str], name: str, default: str) -> str:
     raw = _get(env, name)
     if raw is None:
         return default
-    if len(raw) > 253 or not re.match(r"^[A-Za-z0-9.:_-]+$", raw):
+    if len(raw) > 253 or not re.fullmatch(r"[A-Za-z0-9.:_-]+", raw):
         raise ConfigError(name, f"{raw[:80]!r} is not a host name or address",
                           "e.g. 127.0.0.1 or 0.0.0.0 (IPv4)")
     return raw

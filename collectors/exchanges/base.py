@@ -160,6 +160,9 @@ class Adapter(Protocol):
     reconnect_when_all_stale: bool
     #: Replace the connection before the venue cuts it at this age (Binance: 24 h); None: never.
     max_connection_age_s: float | None
+    #: True when `connect_url` builds the path and query itself (Binance: the streams), so
+    #: WS_URL must be the base address alone (config refuses one with a path or query).
+    ws_url_is_base: bool
     #: True when a rejected symbol voids the whole subscribe request (Coinbase), so the others
     #: must be subscribed again; False when the venue rejects symbols one by one (Kraken).
     resubscribe_after_reject: bool

@@ -225,6 +225,7 @@ class BinanceAdapter:
     symbol_stale_after_s = 60.0
     # `24hrTicker` is pushed every second: every stream silent for a minute is a stuck one.
     reconnect_when_all_stale = True
+    ws_url_is_base = True  # the streams go in the path and query
     #: Binance's limit of streams on one connection; the connection layer splits above it.
     max_streams_per_connection = 1024
 

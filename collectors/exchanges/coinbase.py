@@ -146,6 +146,7 @@ class CoinbaseAdapter:
     # Tickers follow trades; a liquid market is never quiet for 2 minutes, a thin one may be.
     symbol_stale_after_s = 120.0
     reconnect_when_all_stale = False  # tickers follow trades: quiet markets are quiet
+    ws_url_is_base = False
 
     def __init__(self, worker_id: str, decode: Decoder = load_json) -> None:
         self._worker_id = worker_id

@@ -150,6 +150,7 @@ class KrakenAdapter:
     # Tickers follow trades: one quiet market (or several) is reported, not reconnected (a
     # new connection's snapshot repeats the last update, so it would not even mend the stale).
     reconnect_when_all_stale = False
+    ws_url_is_base = False
 
     def __init__(self, worker_id: str, decode: Decoder = load_json) -> None:
         self._worker_id = worker_id

@@ -97,6 +97,23 @@ def test_bad_values_name_the_variable(env: dict[str, str], variable: str, fragme
     assert "s3cret-key-0123456789" not in str(info.value)
 
 
+@pytest.mark.parametrize("url", ["wss://stream.binance.com:9443/stream?streams=btcusdt@ticker",
+                                 "wss://stream.binance.com:9443/ws",
+                                 "ws://127.0.0.1:9443/?x=1"])
+def test_a_binance_ws_url_is_the_base_address_alone(url: str) -> None:
+    # The collector puts the streams in the path and query: `/ws` became `/ws/stream?...` and a
+    # full stream URL had its streams twice, a broken URL the venue answered with an error.
+    with pytest.raises(ConfigError) as info:
+        CollectorConfig.from_env("binance", {**BASE, "WS_URL": url})
+    assert info.value.variable == "WS_URL"
+    assert "path or query" in str(info.value) and "/stream?streams=" in str(info.value)
+    for venue, ok in (("binance", "ws://127.0.0.1:9443/"), ("kraken", "ws://127.0.0.1:1/v2"),
+                      ("coinbase", "ws://127.0.0.1:1/feed?x=1")):
+        assert CollectorConfig.from_env(venue, {**BASE, "WS_URL": ok}).ws_url == ok
+    with pytest.raises(ConfigError, match="fragment"):
+        CollectorConfig.from_env("kraken", {**BASE, "WS_URL": "ws://127.0.0.1:1/v2#x"})
+
+
 @pytest.mark.parametrize(("url", "base"), [
     ("http://127.0.0.1:3000/internal/ingest", "http://127.0.0.1:3000"),
     ("http://127.0.0.1:3000/internal/ingest/", "http://127.0.0.1:3000"),
