@@ -71,6 +71,10 @@ HANDOVER_MAX_S = 30.0
 RETRY_AFTER_MAX_S = 3600.0
 #: What a 429 means when the venue has no better explanation of its own.
 RATE_LIMITED_HINT = "the venue rate-limited this IP; waiting as Retry-After says"
+#: A line that a peer can make the loop repeat (an oversized frame, a reconnect request from a
+#: connection being drained) is logged at most once per this many seconds per kind, with
+#: `since_last_log` counting the ones not logged since (their metrics count every one).
+LOG_SAMPLE_INTERVAL_S = 10.0
 #: Socket reads ask for this much at once (frames are cut from the buffer).
 READ_CHUNK_BYTES = 65536
 #: At most this many buffered frames are handed off per loop turn (liveness, pings and
@@ -85,6 +89,28 @@ FRAME_QUEUE_WAIT_S = 1.0
 #: A fragmented message may have at most this many fragments (venues send a message in one
 #: frame; each fragment costs a frame's overhead, so a flood of tiny ones is refused).
 MAX_FRAGMENTS_PER_MESSAGE = 1024
+
+
+class _LogSample:
+    """When to log one kind of line that a peer can make repeat: at most once per
+    `interval_s` (pure: the caller passes the clock; thread-safe)."""
+
+    def __init__(self, interval_s: float = LOG_SAMPLE_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._logged_at: float | None = None
+        self._not_logged = 0
+
+    def admit(self, now: float) -> int | None:
+        """None when the line is not to be logged now; else how many were not logged since
+        the last one was (the line's `since_last_log`)."""
+        with self._lock:
+            if self._logged_at is not None and now - self._logged_at < self.interval_s:
+                self._not_logged += 1
+                return None
+            not_logged, self._not_logged = self._not_logged, 0
+            self._logged_at = now
+            return not_logged
 
 
 class FrameTooLarge(websocket.WebSocketException):
@@ -451,6 +477,11 @@ class Connection:
         self._handover = False  # the last connection was retired (handed over), not closed
         self._session_first = 0  # frames.put_total when the current connection began
         self._retry_after_s: float | None = None  # the last refused handshake's Retry-After
+        # Monotonic time the last connection that was up ended (None before the first): the
+        # reconnect duration runs from it, across failed attempts, to the next connection.
+        self._lost_at: float | None = None
+        self._oversized_log = _LogSample()   # frame_too_large lines
+        self._ignored_log = _LogSample()     # ws_reconnect_request_ignored lines
         #: monotonic time of the loop's last turn: the systemd watchdog is fed only while it moves
         self.beat = time.monotonic()
 
@@ -505,7 +536,11 @@ class Connection:
             else:
                 self._reconnect_reason = reason
                 return
-        log.info("ws_reconnect_request_ignored", extra={"reason": reason, "why": ignored})
+        # A draining connection repeats its notice (every 50 ms, seen): one line per 10 s.
+        not_logged = self._ignored_log.admit(time.monotonic())
+        if not_logged is not None:
+            log.info("ws_reconnect_request_ignored", extra={"reason": reason, "why": ignored,
+                                                            "since_last_log": not_logged})
 
     def abort(self) -> None:
         """Wake a blocked recv, or a connection being opened, at once (used by the stop path)."""
@@ -523,7 +558,6 @@ class Connection:
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
-        lost_at: float | None = None
         delay = 0.0
         while not self._stop.is_set():
             if delay > 0:
@@ -548,10 +582,9 @@ class Connection:
                 self._session_first = self._frames.put_total
             self._data_seen = False
             self._handover = False
-            reason = self._session(url, symbols, lost_at)
+            reason = self._session(url, symbols)
             if reason == "stopped" or self._stop.is_set():
                 break
-            lost_at = time.monotonic()
             self._metrics.reconnect(reason)
             if self._data_seen:
                 self._backoff.reset()
@@ -640,9 +673,10 @@ class Connection:
             raise
         return sock
 
-    def _session(self, url: str, symbols: list[str],
-                 lost_at: float | None) -> ReconnectReason | Literal["stopped"]:
-        """One connection's life; returns the reason it ended."""
+    def _session(self, url: str, symbols: list[str]) -> ReconnectReason | Literal["stopped"]:
+        """One connection's life; returns the reason it ended. A connection that was up sets
+        `_lost_at` when it ends; a failed attempt leaves it as it was, so the reconnect
+        duration covers the whole outage, every failed attempt included."""
         self._metrics.connect_attempts.inc()
         started = time.monotonic()
         try:
@@ -652,15 +686,15 @@ class Connection:
             hint = self.adapter.http_error_hint(status) if isinstance(status, int) else None
             if hint is None and status == 429:
                 hint = RATE_LIMITED_HINT
-            log.error("ws_handshake_rejected", extra={"url": _safe_url(url), "status": status,
-                                                      "hint": hint})
+            extra: dict[str, object] = {"url": _safe_url(url), "status": status, "hint": hint}
             # Binance bans an IP (418, for 2 minutes to 3 days) that does not back off after a
-            # 429; both say how long to wait.
+            # 429; both say how long to wait. Any status may carry one (a 503 too): the loop
+            # waits that long, and this one line per refused handshake says what was asked.
             retry_after = _retry_after(exc)
             if retry_after is not None:
                 self._retry_after_s = retry_after
-                log.warning("ws_handshake_rate_limited", extra={
-                    "status": status, "retry_in_s": round(retry_after, 3)})
+                extra["retry_after_s"] = round(retry_after, 3)
+            log.error("ws_handshake_rejected", extra=extra)
             return "handshake_rejected"
         except (OSError, websocket.WebSocketException) as exc:
             if self._stop.is_set():
@@ -674,8 +708,9 @@ class Connection:
         self.last_frame_monotonic = now
         self.connected_since = now
         self._metrics.connected.set(1)
-        extra: dict[str, object] = {"url": _safe_url(url), "symbols": len(symbols),
-                                    "connect_s": round(now - started, 3)}
+        extra = {"url": _safe_url(url), "symbols": len(symbols),
+                 "connect_s": round(now - started, 3)}
+        lost_at = self._lost_at
         if lost_at is not None:
             extra["reconnect_after_s"] = round(now - lost_at, 3)
             self._metrics.last_reconnect_duration.set(now - lost_at)
@@ -695,6 +730,8 @@ class Connection:
                                                   "connected_s": round(time.monotonic() - now, 3)})
             return reason
         finally:
+            # Lost now (before the socket is closed): the outage runs from here.
+            self._lost_at = time.monotonic()
             self._metrics.connected.set(0)
             self.connected_since = None
             self._ws = None
@@ -805,9 +842,13 @@ class Connection:
             except websocket.WebSocketTimeoutException:
                 continue
             except FrameTooLarge as exc:
-                self.last_frame_monotonic = time.monotonic()
+                self.last_frame_monotonic = now = time.monotonic()
                 self._metrics.oversized_frames.inc()
-                log.warning("frame_too_large", extra={"error": str(exc)})
+                # A venue (or a hostile peer) may send nothing else: one line per 10 s.
+                not_logged = self._oversized_log.admit(now)
+                if not_logged is not None:
+                    log.warning("frame_too_large", extra={"error": str(exc),
+                                                          "since_last_log": not_logged})
                 continue
             except websocket.WebSocketProtocolException as exc:
                 log.warning("ws_protocol_error", extra={"error": _describe(exc)})

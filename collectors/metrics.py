@@ -27,6 +27,7 @@ from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from collectors.exchanges.base import Kind
 from collectors.threadnames import name_native_thread
 
 if TYPE_CHECKING:
@@ -51,6 +52,9 @@ RECONNECT_REASONS: tuple[ReconnectReason, ...] = get_args(ReconnectReason)
 FlushFailureReason = Literal["network", "client_error", "throttled", "server_error", "auth",
                              "rejected", "redirect", "timeout", "other"]
 FLUSH_FAILURE_REASONS: tuple[FlushFailureReason, ...] = get_args(FlushFailureReason)
+#: The `kind` label values of messages_received_total: what the parser classifies a frame as
+#: (`Kind`), plus the WebSocket pings the connection counts itself (its pongs are `Kind.PONG`).
+MESSAGE_KINDS: tuple[str, ...] = (*(k.value for k in Kind), "ping")
 
 
 class Metrics:
@@ -93,8 +97,9 @@ class Metrics:
                                      "first).").labels(exchange)
         self._messages = counter("messages_received_total", "Frames received, by kind.",
                                  ["kind"])
-        self.parse_errors = counter("parse_errors_total",
-                                    "Frames that could not be parsed (skipped).").labels(exchange)
+        self.parse_errors = counter(
+            "parse_errors_total", "Frames, or items within a frame, that could not be parsed "
+            "or were for a symbol not subscribed (skipped).").labels(exchange)
         self.duplicates = counter("duplicates_dropped_total", "Ticker updates dropped as "
                                   "duplicate or late (sequence/event time).").labels(exchange)
         self.frames_dropped = counter("frames_dropped_total", "Frames dropped because the "
@@ -163,6 +168,8 @@ class Metrics:
             self._reconnects.labels(exchange, reason)
         for failure in FLUSH_FAILURE_REASONS:
             self._flush_failures.labels(exchange, failure)
+        for kind in MESSAGE_KINDS:
+            self._messages.labels(exchange, kind)
         for symbol in symbols:
             self._subscription_errors.labels(exchange, symbol)
             self._symbol_rejected.labels(exchange, symbol).set(0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import socket
 import struct
 import threading
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
+import pytest
 from websocket import ABNF
 
 from collectors.backoff import Backoff
@@ -374,3 +376,24 @@ def test_data_seen_with_a_session_counts_only_for_the_current_one() -> None:
         assert h.conn._data_seen
 
 
+
+
+# ---- a flood of oversized frames: every one counted, one log line -----------------------------
+
+def test_a_flood_of_oversized_frames_logs_one_line_and_counts_every_frame(
+        caplog: pytest.LogCaptureFixture) -> None:
+    flood = 300  # a venue sending nothing but frames over the limit (seen: 2,078 lines in 3 s)
+
+    def scenario(peer: Peer) -> None:
+        peer.accept()
+        peer.sock.sendall(server_frame(b"z" * 1001) * flood + server_frame(HEARTBEAT))
+
+    with caplog.at_level(logging.INFO, logger="collectors.connection"), \
+            raw_server(scenario) as server, \
+            running(server.url, max_frame_bytes=1000, **FAST) as h:  # type: ignore[arg-type]
+        assert h.wait_messages(lambda ms: any(m.get("type") == "heartbeat" for m in ms))
+        assert h.value("chrono_collector_oversized_frames_total") == flood
+        assert server.connections == 1
+    [line] = [r for r in caplog.records if r.getMessage() == "frame_too_large"]
+    assert line.since_last_log == 0  # type: ignore[attr-defined]
+    assert "1001 bytes" in line.error  # type: ignore[attr-defined]

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import struct
 import threading
 import time
+from contextlib import suppress
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from websocket import ABNF
 
 from collectors.backoff import Backoff
 from collectors.batching import Handoff
@@ -228,6 +232,11 @@ def test_a_venue_that_asks_every_connection_to_go_meets_a_growing_backoff() -> N
 
 # ---- a handshake refused with Retry-After waits that long -------------------------------------
 
+def _messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The connection loop's log lines, in order."""
+    return [r.getMessage() for r in caplog.records if r.name == "collectors.connection"]
+
+
 @pytest.mark.parametrize(("status", "reason"), [(429, "Too Many Requests"),
                                                  (418, "I'm a teapot")])
 def test_a_handshake_refused_with_retry_after_waits_that_long(
@@ -246,10 +255,11 @@ def test_a_handshake_refused_with_retry_after_waits_that_long(
                     backoff=Backoff(base_s=0.01, cap_s=0.05), recv_timeout_s=0.2):
         assert wait_for(lambda: server.connections >= 2, 5)
     assert attempts[1] - attempts[0] >= 1.0
-    [limited, *_] = [r for r in caplog.records if r.getMessage() == "ws_handshake_rate_limited"]
-    assert (limited.status, limited.retry_in_s) == (status, 1.0)  # type: ignore[attr-defined]
+    # One line per refused handshake, with what the venue asked for (and the loop's own wait).
     [rejected, *_] = [r for r in caplog.records if r.getMessage() == "ws_handshake_rejected"]
+    assert (rejected.status, rejected.retry_after_s) == (status, 1.0)  # type: ignore[attr-defined]
     assert "Retry-After" in rejected.hint  # type: ignore[attr-defined]
+    assert set(_messages(caplog)) <= {"ws_handshake_rejected", "ws_reconnect_wait"}
 
 
 def test_a_429_gets_a_hint_from_any_venue(caplog: pytest.LogCaptureFixture) -> None:
@@ -264,8 +274,10 @@ def test_a_429_gets_a_hint_from_any_venue(caplog: pytest.LogCaptureFixture) -> N
         assert wait_for(lambda: server.connections >= 2, 5)
     [rejected, *_] = [r for r in caplog.records if r.getMessage() == "ws_handshake_rejected"]
     assert rejected.hint == RATE_LIMITED_HINT  # type: ignore[attr-defined]
-    # Without a Retry-After the backoff alone paces the attempts.
-    assert not [r for r in caplog.records if r.getMessage() == "ws_handshake_rate_limited"]
+    assert rejected.status == 429  # type: ignore[attr-defined]
+    # Without a Retry-After the backoff alone paces the attempts, and the line says none.
+    assert not hasattr(rejected, "retry_after_s")
+    assert set(_messages(caplog)) <= {"ws_handshake_rejected", "ws_reconnect_wait"}
 
 
 def test_a_long_retry_after_is_capped_and_stop_interrupts_the_wait(
@@ -288,7 +300,117 @@ def test_a_long_retry_after_is_capped_and_stop_interrupts_the_wait(
         assert time.monotonic() - started < 3
         assert server.connections == 1
         assert h.value("chrono_collector_connect_attempts_total") == 1
-    [limited] = [r for r in caplog.records if r.getMessage() == "ws_handshake_rate_limited"]
-    assert limited.retry_in_s == RETRY_AFTER_MAX_S  # type: ignore[attr-defined]
+    [rejected] = [r for r in caplog.records if r.getMessage() == "ws_handshake_rejected"]
+    assert rejected.status == 418  # type: ignore[attr-defined]
+    assert rejected.retry_after_s == RETRY_AFTER_MAX_S  # type: ignore[attr-defined]
     [waited] = [r for r in caplog.records if r.getMessage() == "ws_reconnect_wait"]
     assert waited.delay_s >= RETRY_AFTER_MAX_S  # type: ignore[attr-defined]
+    # The refused handshake is one line (and the wait the loop's own).
+    assert _messages(caplog) == ["ws_handshake_rejected", "ws_reconnect_wait"]
+
+
+def test_a_503_with_a_past_retry_after_is_one_rejected_line_not_a_rate_limit(
+        caplog: pytest.LogCaptureFixture) -> None:
+    def scenario(peer: Peer) -> None:
+        peer.read_request()
+        peer.sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\n"
+                          b"Retry-After: Wed, 21 Oct 2015 07:28:00 GMT\r\n"
+                          b"Content-Length: 0\r\n\r\n")
+
+    def rejected() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage() == "ws_handshake_rejected"]
+
+    with caplog.at_level(logging.INFO, logger="collectors.connection"), \
+            raw_server(scenario) as server, \
+            running(server.url, backoff=Backoff(base_s=0.01, cap_s=0.05), recv_timeout_s=0.2):
+        assert wait_for(lambda: len(rejected()) >= 2, 5)
+    lines = rejected()
+    assert all((r.status, r.retry_after_s) == (503, 0.0)  # type: ignore[attr-defined]
+               for r in lines)
+    assert all(r.levelno == logging.ERROR for r in lines)
+    # No "rate limited" for what is no rate limit, and one line per refusal.
+    assert set(_messages(caplog)) <= {"ws_handshake_rejected", "ws_reconnect_wait"}
+    assert len(lines) <= server.connections
+
+
+# ---- the reconnect duration covers the whole outage -------------------------------------------
+
+class _Ceiling(random.Random):
+    """Full jitter at its ceiling: every backoff delay is exactly `min(cap, base * 2**n)`."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def test_the_reconnect_duration_covers_the_whole_outage_failed_attempts_included(
+        caplog: pytest.LogCaptureFixture) -> None:
+    refusals = 3
+    delay_s = 0.1
+    server_saw: dict[str, float] = {}  # the outage, timed on the server's side
+    release = threading.Event()
+
+    def refuse(peer: Peer) -> None:
+        if peer.read_request() is not None:
+            peer.sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+
+    def upgrade(peer: Peer) -> bool:
+        answer = peer.read_request()
+        if answer is None:
+            return False
+        if peer.number > 2:
+            server_saw["up"] = time.monotonic()  # the last request: the client is back
+        peer.sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + answer
+                          + b"\r\n\r\n")
+        return True
+
+    def scenario(peer: Peer) -> None:
+        if peer.number == 1 or 2 < peer.number <= 2 + refusals:
+            refuse(peer)  # before the first connection (no outage yet), then during one
+            return
+        if not upgrade(peer) or peer.number > 2:
+            return
+        if not release.wait(10):
+            return
+        peer.sock.sendall(server_frame(struct.pack("!H", 1001) + b"going away",
+                                       ABNF.OPCODE_CLOSE))
+        with suppress(OSError):  # (a reset is the client letting go too)
+            while peer.sock.recv(65536):  # until the client has let the connection go
+                pass
+        server_saw["down"] = time.monotonic()
+
+    def connected_lines() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage() == "ws_connected"]
+
+    gauge = "chrono_collector_last_reconnect_duration_seconds"
+    backoff = Backoff(base_s=delay_s, cap_s=delay_s, rng=_Ceiling())
+    with caplog.at_level(logging.INFO, logger="collectors.connection"), \
+            raw_server(scenario) as server, \
+            running(server.url, backoff=backoff, recv_timeout_s=0.2) as h:
+        assert wait_for(lambda: len(connected_lines()) == 1, 10)
+        # The first connection after start ends no outage, though an attempt failed before it.
+        assert h.value(gauge) == 0
+        assert not hasattr(connected_lines()[0], "reconnect_after_s")
+        release.set()
+        assert wait_for(lambda: len(connected_lines()) == 2, 10)
+        assert server.connections == 3 + refusals
+        measured = h.value(gauge)
+    outage = server_saw["up"] - server_saw["down"]
+    assert outage >= (refusals + 1) * delay_s  # a wait before each attempt
+    assert measured >= outage, (measured, outage)
+    assert connected_lines()[1].reconnect_after_s >= round(outage, 3)  # type: ignore[attr-defined]
+
+
+# ---- requests the loop ignores are logged sampled ---------------------------------------------
+
+def test_repeated_ignored_reconnect_requests_log_one_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A connection being drained repeats `serverShutdown` (every 50 ms, seen): one line."""
+    conn = Connection(BinanceAdapter("w"), "ws://127.0.0.1:9", SYMBOLS, Handoff(10),
+                      Metrics(CollectorRegistry(), "binance", "w"), threading.Event())
+    with caplog.at_level(logging.INFO, logger="collectors.connection"):
+        for _ in range(17):
+            conn.request_reconnect("server_shutdown", retired=True)
+    assert conn._reconnect_reason is None
+    [line] = [r for r in caplog.records if r.getMessage() == "ws_reconnect_request_ignored"]
+    assert (line.reason, line.since_last_log) == ("server_shutdown", 0)  # type: ignore[attr-defined]

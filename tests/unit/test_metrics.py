@@ -18,9 +18,11 @@ import collectors
 from collectors.backoff import Outcome, classify_status
 from collectors.connection import PLANNED_REASONS
 from collectors.delivery import PostResult, _failure_reason
+from collectors.exchanges.base import Kind
 from collectors.metrics import (
     FLUSH_FAILURE_REASONS,
     LAG_BUCKETS_S,
+    MESSAGE_KINDS,
     RECONNECT_REASONS,
     ChunkHistogram,
     Health,
@@ -180,3 +182,39 @@ def test_the_connected_help_does_not_promise_a_subscription() -> None:
     help_line = next(line for line in generate_latest(registry).decode().splitlines()
                      if line.startswith("# HELP chrono_collector_connected "))
     assert "subscribed" not in help_line and "before the subscribe" in help_line
+
+
+def _message_kinds_counted_in(path: Path) -> set[str]:
+    """The string constants passed (directly or through a conditional) to `.message(...)`."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "message":
+            for arg in node.args:
+                found.update(str(c.value) for c in ast.walk(arg)
+                             if isinstance(c, ast.Constant) and isinstance(c.value, str))
+    return found
+
+
+def test_every_message_kind_starts_at_zero() -> None:
+    counted = _message_kinds_counted_in(PACKAGE / "connection.py")
+    assert {"ping", "pong"} <= counted
+    kinds = {k.value for k in Kind} | counted  # the parser counts every Kind
+    assert kinds <= set(MESSAGE_KINDS), kinds - set(MESSAGE_KINDS)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, "coinbase", "w")
+    for kind in MESSAGE_KINDS:
+        assert registry.get_sample_value("chrono_collector_messages_received_total",
+                                         {"exchange": "coinbase", "kind": kind}) == 0, kind
+    metrics.message("ping")
+    assert registry.get_sample_value("chrono_collector_messages_received_total",
+                                     {"exchange": "coinbase", "kind": "ping"}) == 1
+
+
+def test_the_parse_errors_help_says_what_it_counts() -> None:
+    registry = CollectorRegistry()
+    Metrics(registry, "coinbase", "w")
+    help_line = next(line for line in generate_latest(registry).decode().splitlines()
+                     if line.startswith("# HELP chrono_collector_parse_errors_total "))
+    # Whole frames, items inside a parsed frame, and records for symbols not subscribed
+    # (pipeline.Parser._handle counts all three).
+    assert "items within a frame" in help_line and "not subscribed" in help_line
