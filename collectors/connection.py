@@ -70,7 +70,8 @@ HANDOVER_MAX_S = 30.0
 #: little, while a bogus value (a year, a date far ahead) must not stop collection for good.
 RETRY_AFTER_MAX_S = 3600.0
 #: What a 429 means when the venue has no better explanation of its own.
-RATE_LIMITED_HINT = "the venue rate-limited this IP; waiting as Retry-After says"
+RATE_LIMITED_HINT = ("the venue rate-limited this IP; backing off (at least as long as "
+                     "Retry-After says, when it says)")
 #: A line that a peer can make the loop repeat (an oversized frame, a reconnect request from a
 #: connection being drained) is logged at most once per this many seconds per kind, with
 #: `since_last_log` counting the ones not logged since (their metrics count every one).
@@ -766,7 +767,10 @@ class Connection:
                     break
                 try:
                     step = _recv_step(ws)
-                except (websocket.WebSocketTimeoutException, FrameTooLarge):
+                except websocket.WebSocketTimeoutException:
+                    continue
+                except FrameTooLarge:  # counted as the live connection's are
+                    self._metrics.oversized_frames.inc()
                     continue
                 if step is None:
                     continue

@@ -64,7 +64,8 @@ def test_serverShutdown_repeated_on_the_retiring_connection_keeps_its_successor(
             peer.sock.sendall(server_frame(SHUTDOWN))
             if not successor_delivering.wait(10):
                 return
-            peer.sock.sendall(server_frame(SHUTDOWN) * 3)
+            # (an oversized frame among them: counted as on a live connection)
+            peer.sock.sendall(server_frame(b"x" * 5000) + server_frame(SHUTDOWN) * 3)
             repeats_sent.set()
             return
         while not peer.stop.wait(0.05):  # healthy nodes stream at their own pace
@@ -72,7 +73,8 @@ def test_serverShutdown_repeated_on_the_retiring_connection_keeps_its_successor(
 
     adapter = BinanceAdapter("w")
     with raw_server(scenario) as server, running(server.url, adapter, symbols=SYMBOLS,
-                                             backoff=backoff, recv_timeout_s=0.2) as h, \
+                                             backoff=backoff, recv_timeout_s=0.2,
+                                             max_frame_bytes=4096) as h, \
             h.parsing():
         assert wait_for(lambda: h.conn._data_seen, 10)
         data_parsed.set()
@@ -87,6 +89,7 @@ def test_serverShutdown_repeated_on_the_retiring_connection_keeps_its_successor(
         assert h.conn.session == 2
         assert server.connections == 2
         assert h.value("chrono_collector_reconnects_total", reason="server_shutdown") == 1
+        assert h.value("chrono_collector_oversized_frames_total") == 1
         # The healthy connection was handed over at once, without a backoff.
         assert backoff.attempt == 0
 
