@@ -55,6 +55,13 @@ FRAME_QUEUE_MAX_BYTES = 16 * 1024 * 1024  # ...and their bytes (frames may be up
 #: connect + read timeout, 26 s by default; HTTP_READ_TIMEOUT_S may be up to 300 s).
 PROGRESS_WINDOW_S = 25.0
 DRAIN_TIMEOUT_S = 5.0        # supervisord's stopwaitsecs / systemd's TimeoutStopSec exceed this
+#: After the drain window, how long the stop waits on for the threads besides a POST still
+#: connecting (its HTTP_CONNECT_TIMEOUT_S): one deadline for all of them, so that a stop ends
+#: within DRAIN_TIMEOUT_S + 1 + HTTP_CONNECT_TIMEOUT_S + this (14 s by default, under
+#: supervisord's stopwaitsecs=30 and the units' TimeoutStopSec=30) whatever holds a thread
+#: (each thread waited its own 23 s before, one after another: a spool locked by another
+#: process made a stop last 64 s, killed by supervisord's SIGKILL at 30).
+STOP_JOIN_MARGIN_S = 5.0
 SPOOL_OPEN_RETRY_S = 5.0     # opening the spool again while its disk is full
 
 
@@ -109,6 +116,8 @@ class CollectorService:
         self.spool: Spool | None = None
         self.sender: Sender | None = None
         self.metrics_server: MetricsServer | None = None
+        #: the threads still running when run() returned (the caller must not wait for them)
+        self.threads_left: list[str] = []
 
     # ---- health ------------------------------------------------------------------------------
     def health(self) -> Health:
@@ -231,11 +240,12 @@ class CollectorService:
         stop_by = time.monotonic() + DRAIN_TIMEOUT_S + 1
         for poster in posters:
             poster.stop_by(stop_by)
+        # (A POST may still be connecting: the deadline cuts a read, not a connect.)
+        join_by = stop_by + cfg.http_connect_timeout_s + STOP_JOIN_MARGIN_S
         for t in threads:
-            # (A POST may still be connecting: the deadline cuts a read, not a connect.)
-            t.join(timeout=DRAIN_TIMEOUT_S + cfg.http_connect_timeout_s
-                   + cfg.http_read_timeout_s + 5)
+            t.join(timeout=max(0.0, join_by - time.monotonic()))
         alive = [t.name for t in threads if t.is_alive()]
+        self.threads_left = alive
         if self.metrics_server:
             self.metrics_server.stop()
         for poster in posters:

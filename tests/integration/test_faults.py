@@ -295,6 +295,31 @@ def test_stop_signals_flush_and_exit_0(tmp_path: Path, ingest: IngestServer,
     assert_exactly_once(ingest, sent)
 
 
+def test_a_stop_ends_within_supervisords_stop_timeout_whatever_holds_a_thread(
+        tmp_path: Path, ingest: IngestServer, coinbase_sim: Simulator) -> None:
+    # A spool that stops answering (here another process holds it locked: a stand-in for a
+    # stalled disk) while the API hangs: every spool call of the stop waited SQLite's busy
+    # timeout, each thread's join its own 23 s, and the stop took 46-64 s (supervisord's
+    # SIGKILL comes at stopwaitsecs=30); the process then waited for the held thread at exit.
+    ingest.faults.hang(4, times=1000)  # every answer 4 s late
+    with collector_process(tmp_path, coinbase_sim.url, ingest.url, ingest.key,
+                           BATCH_SIZE="2", BATCH_INTERVAL_MS="200") as col:
+        assert ingest.faults.wait_for_requests(1, 20)
+        db = sqlite3.connect(col.spool_dir / "spool.db", timeout=5, isolation_level=None)
+        try:
+            db.execute("BEGIN EXCLUSIVE")
+            started = time.monotonic()
+            col.proc.send_signal(signal.SIGTERM)
+            code = col.proc.wait(timeout=40)
+            took = time.monotonic() - started
+        finally:
+            db.close()
+            ingest.faults.release()
+    assert took < 25, f"the stop took {took:.1f} s"
+    [stopped] = col.events("collector_stopped")
+    assert code == (1 if stopped.get("threads_still_running") else 0)
+
+
 def test_a_batch_too_large_for_the_api_is_split_and_all_stored(
         tmp_path: Path, ingest: IngestServer, coinbase_sim: Simulator) -> None:
     ingest.faults.respond(413, times=2)
