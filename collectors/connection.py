@@ -469,7 +469,8 @@ class Connection:
         self.session = 0
         # frames.put_total when the current session first handed frames on (None: not yet)
         self._session_mark: int | None = None
-        self.last_frame_monotonic = 0.0
+        self.last_frame_monotonic = 0.0  # (also set when a connection comes up: liveness)
+        self._frame_seen_at = 0.0  # monotonic time of the last frame of any kind (0: none yet)
         self.connected_since: float | None = None
         self._frames_dropped_logged = 0.0
         self._max_age_s = adapter.max_connection_age_s
@@ -551,6 +552,12 @@ class Connection:
         ws = self._ws
         if ws is not None:
             ws.abort()
+
+    def last_frame_unix(self) -> float:
+        """Unix time of the last frame of any kind received (0.0 before the first), for the
+        metric read at scrape time."""
+        seen = self._frame_seen_at
+        return 0.0 if not seen else time.time() - (time.monotonic() - seen)
 
     @property
     def symbols(self) -> list[str]:
@@ -846,7 +853,7 @@ class Connection:
             except websocket.WebSocketTimeoutException:
                 continue
             except FrameTooLarge as exc:
-                self.last_frame_monotonic = now = time.monotonic()
+                self.last_frame_monotonic = self._frame_seen_at = now = time.monotonic()
                 self._metrics.oversized_frames.inc()
                 # A venue (or a hostile peer) may send nothing else: one line per 10 s.
                 not_logged = self._oversized_log.admit(now)
@@ -860,7 +867,7 @@ class Connection:
                 with contextlib.suppress(OSError, websocket.WebSocketException):
                     ws.send_close(websocket.STATUS_PROTOCOL_ERROR, b"protocol error")
                 return "protocol_error"
-            self.last_frame_monotonic = time.monotonic()
+            self.last_frame_monotonic = self._frame_seen_at = time.monotonic()
             if step is None:  # a fragment: the message goes on
                 continue
             opcode, frame = step

@@ -218,11 +218,9 @@ class Parser:
                 # (its first frame's place in the queue: the connection tells which frames
                 # came from a connection already replaced)
                 self._handle(chunk, self._frames.taken_total - len(chunk))
-                self._metrics.queue_records.set(len(self._frames))
             now = time.monotonic()
             if now - last_check >= 1.0:
                 last_check = now
-                self._metrics.queue_records.set(len(self._frames))
                 self._periodic(now)
             if ws_done and not chunk and not len(self._frames):
                 return
@@ -288,9 +286,7 @@ class Parser:
         if parse_errors:
             metrics.parse_errors.inc(parse_errors)
         self.records_total += len(out)
-        last_ns = chunk[-1][1]
-        self.last_message_unix = last_ns / 1e9
-        metrics.last_message_ts.set(self.last_message_unix)
+        self.last_message_unix = chunk[-1][1] / 1e9
 
     def _drop_unwanted(self, records: list[PriceFeed],
                        per_symbol: TallyCounter[str]) -> list[PriceFeed]:

@@ -113,6 +113,11 @@ class CollectorService:
                                    due_size=lambda: self.sender.due_size if self.sender else 1)
         self.parser = Parser(self.adapter, self.frames, self._writer, self.connection,
                              self.metrics, self._ws_finished, self.stop_event)
+        # Read when scraped: the parser, which set them per chunk, is the thread a stalled spool
+        # holds, and they froze just then (an empty queue and a silent venue on the dashboard
+        # while frames piled up behind the parser).
+        self.metrics.queue_records.set_function(lambda: len(self.frames))
+        self.metrics.last_message_ts.set_function(self.connection.last_frame_unix)
         self.spool: Spool | None = None
         self.sender: Sender | None = None
         self.metrics_server: MetricsServer | None = None

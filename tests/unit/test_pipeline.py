@@ -148,7 +148,8 @@ def test_a_chunk_updates_records_and_metrics_once_per_symbol() -> None:
     assert sample("messages_received_total", kind="heartbeat") == 1
     assert sample("duplicates_dropped_total") == 1
     assert sample("parse_errors_total") == 1
-    assert sample("last_message_timestamp_seconds") == (t0 + 7_000_000) / 1e9
+    # (the metric of the last frame is the connection's, read when scraped: see below)
+    assert parser.last_message_unix == (t0 + 7_000_000) / 1e9
     # Lags of 2, 2 and 1 ms.
     assert sample("lag_seconds_count") == 3
     assert sample("lag_seconds_bucket", le="0.001") == 1
@@ -264,6 +265,25 @@ def test_health_when_the_venue_rejected_every_symbol(tmp_path: Path, exchange: s
     health = service.health()
     assert (health.ok, health.body["status"], health.body["symbols"]) == (
         False, "no_symbols", [])
+
+
+def test_the_queue_and_last_frame_gauges_are_read_when_scraped(tmp_path: Path) -> None:
+    # The parser set them per chunk: a parser held by a stalled spool froze them at an empty
+    # queue and an ageing last frame while frames kept arriving and piling up.
+    registry = CollectorRegistry()
+    service = CollectorService(CollectorConfig.from_env("coinbase", {
+        "API_BASE_URL": "http://127.0.0.1:3000", "API_KEY": "test-key-0123456789",
+        "CHRONO_STATE_DIR": str(tmp_path)}), registry=registry)
+    labels = {"exchange": "coinbase"}
+    assert registry.get_sample_value("chrono_collector_queue_records", labels) == 0
+    assert registry.get_sample_value("chrono_collector_last_message_timestamp_seconds",
+                                     labels) == 0
+    for i in range(7):  # the ws thread hands frames on; no parser runs
+        assert service.frames.put((b"{}", i))
+    service.connection._frame_seen_at = time.monotonic() - 2.0
+    assert registry.get_sample_value("chrono_collector_queue_records", labels) == 7
+    last = registry.get_sample_value("chrono_collector_last_message_timestamp_seconds", labels)
+    assert last is not None and abs(last - (time.time() - 2.0)) < 0.5
 
 
 def test_the_record_rate_falls_while_the_parser_is_held_up() -> None:
