@@ -211,6 +211,10 @@ def _ws_url(env: Mapping[str, str], default: str, *, base_only: bool = False) ->
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise ConfigError("WS_URL", f"{_shown_url(parts)!r} is not a ws:// or wss:// URL",
                           f"e.g. {default}")
+    if any(ch.isspace() or not ch.isprintable() for ch in raw):
+        # (a venue answers the request line it makes with 400, for ever)
+        raise ConfigError("WS_URL", "contains whitespace or control characters",
+                          f"percent-encode them, e.g. %20; e.g. {default}")
     if parts.fragment:
         raise ConfigError("WS_URL", "has a #fragment, which is never sent", f"e.g. {default}")
     if base_only and (parts.path not in ("", "/") or parts.query):

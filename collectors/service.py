@@ -18,9 +18,11 @@ drain timeout; whatever is left waits on disk for the next start. Exit 0.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -190,8 +192,13 @@ class CollectorService:
                                                     cfg.metrics_host, cfg.metrics_port)
         except OSError as exc:
             self.spool.close()
-            raise ConfigError("METRICS_PORT", f"cannot listen on {cfg.metrics_host}:"
-                              f"{cfg.metrics_port} ({exc.strerror or exc})",
+            where = (f"cannot listen on {cfg.metrics_host}:{cfg.metrics_port} "
+                     f"({exc.strerror or exc})")
+            if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+                # (the host is no address of this machine, or not one the server can use)
+                raise ConfigError("METRICS_HOST", where,
+                                  "an IPv4 address of this machine, e.g. 127.0.0.1") from None
+            raise ConfigError("METRICS_PORT", where,
                               "a free port, or 0 to turn metrics off") from None
 
         # One Poster (keep-alive session, deadline watchdog) per delivery worker.

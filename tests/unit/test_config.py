@@ -75,6 +75,8 @@ def test_key_from_file(tmp_path: Path) -> None:
         ({"BATCH_INTERVAL_MS": "-5"}, "BATCH_INTERVAL_MS", "out of range"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL", "not a level"),
         ({"WS_URL": "http://x"}, "WS_URL", "not a ws:// or wss:// URL"),
+        ({"WS_URL": "ws://127.0.0.1:1/a b"}, "WS_URL", "whitespace"),
+        ({"WS_URL": "ws://127.0.0.1:1/a\x00"}, "WS_URL", "control characters"),
         ({"METRICS_PORT": "70000"}, "METRICS_PORT", "out of range"),
         ({"METRICS_HOST": "bad host"}, "METRICS_HOST", "not a host"),
         ({"SYMBOLS": "BTCUSD"}, "SYMBOLS", "not a BASE/QUOTE symbol"),

@@ -5,8 +5,10 @@ directory)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -742,3 +744,29 @@ def test_is_disk_full_reads_the_cause() -> None:
             raise SpoolError("x") from cause
         except SpoolError as exc:
             assert is_disk_full(exc) is expected, cause
+
+
+def test_a_metrics_address_that_cannot_be_used_names_the_variable_to_fix(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A host the server cannot bind (an IPv6 one, a name that does not resolve, an address of
+    # another machine) was reported as METRICS_PORT, with "a free port" for a hint.
+    def service(port: int) -> CollectorService:
+        return CollectorService(CollectorConfig.from_env("coinbase", {
+            "API_BASE_URL": "http://127.0.0.1:9", "API_KEY": "test-key-0123456789",
+            "WS_URL": "ws://127.0.0.1:9", "METRICS_PORT": str(port),
+            "CHRONO_STATE_DIR": str(tmp_path)}))
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        with pytest.raises(ConfigError) as info:
+            service(taken.getsockname()[1]).run(install_signals=False)
+        assert info.value.variable == "METRICS_PORT" and "a free port" in str(info.value)
+    from collectors import service as service_module
+
+    for failure in (socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+                    OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")):
+        def refuse(*_args: object, failure: OSError = failure, **_kw: object) -> None:
+            raise failure
+        monkeypatch.setattr(service_module, "MetricsServer", refuse)
+        with pytest.raises(ConfigError) as info:
+            service(9101).run(install_signals=False)
+        assert info.value.variable == "METRICS_HOST", failure
