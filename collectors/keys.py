@@ -7,7 +7,11 @@ sender's error details (delivery). Pure functions and one immutable class; nothi
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import select
+import stat
+import time
 from collections.abc import Iterable, Mapping
 
 from collectors.errors import ConfigError
@@ -15,6 +19,9 @@ from collectors.errors import ConfigError
 #: A key file is read up to this many bytes (a key is far shorter; /dev/zero must not fill
 #: memory).
 MAX_KEY_FILE_BYTES = 64 * 1024
+#: How long a key file that is a pipe (process substitution, a FIFO a secrets agent writes)
+#: may take to be written and closed: a FIFO nobody writes held the start for ever, silent.
+KEY_PIPE_WAIT_S = 10.0
 #: Longest key accepted (a header line's worth).
 MAX_KEY_CHARS = 4096
 #: Keys shorter than this are accepted (the API decides which keys it takes) but warned about:
@@ -69,8 +76,11 @@ def read_key_file(variable: str, path: str) -> str:
     empty file (the format of the key is `check_key`'s business).
     """
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_KEY_FILE_BYTES + 1)
+        data = _read_up_to(path, MAX_KEY_FILE_BYTES + 1)
+    except TimeoutError:
+        raise ConfigError(variable, f"{path} is a pipe nothing was written to (and closed) "
+                          f"within {KEY_PIPE_WAIT_S:g} s", "a readable file holding the key, "
+                          "or a pipe its writer fills and closes") from None
     except FileNotFoundError:
         raise ConfigError(variable, f"{path} does not exist",
                           "a readable file holding the key") from None
@@ -90,6 +100,40 @@ def read_key_file(variable: str, path: str) -> str:
     return text
 
 
+def _read_up_to(path: str, limit: int) -> bytes:
+    """At most `limit` bytes of the file at `path`. A pipe or FIFO is opened without waiting
+    for a writer and read until its writer closes it, for at most KEY_PIPE_WAIT_S (raises
+    TimeoutError); OSError as `open` raises it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            os.set_blocking(fd, True)  # a file, a device: read as any file is
+            return fh.read(limit) or b""
+        deadline = time.monotonic() + KEY_PIPE_WAIT_S
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        data = b""
+        while len(data) < limit:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise TimeoutError
+            try:
+                chunk = os.read(fd, limit - len(data))
+            except BlockingIOError:
+                continue
+            if not chunk:  # its writer closed it
+                break
+            data += chunk
+        return data
+
+
+def _is_pipe(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def keys_in_env(env: Mapping[str, str]) -> list[str]:
     """Every key the environment names (API_KEY, API_KEYS, API_KEY_FILE's content), for
     redacting a message said before or without the configuration's own keys. Never raises:
@@ -97,7 +141,7 @@ def keys_in_env(env: Mapping[str, str]) -> list[str]:
     keys = [env.get("API_KEY", "").strip()]
     keys += [part.strip() for part in env.get("API_KEYS", "").split(",")]
     path = env.get("API_KEY_FILE", "").strip()
-    if path:
+    if path and not _is_pipe(path):  # (a pipe was read once, by the configuration)
         with contextlib.suppress(ConfigError):
             keys.append(read_key_file("API_KEY_FILE", path))
     return [key for key in keys if key]

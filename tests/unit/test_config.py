@@ -6,10 +6,12 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from collectors import keys
 from collectors.config import CollectorConfig
 from collectors.errors import ConfigError
 from collectors.keys import key_warnings
@@ -266,6 +268,31 @@ def test_a_key_file_is_read_up_to_64_kib(tmp_path: Path) -> None:
         env = {"API_BASE_URL": "http://127.0.0.1:3000", "API_KEY_FILE": path}
         with pytest.raises(ConfigError, match=r"API_KEY_FILE: .* is larger than 65536 bytes"):
             CollectorConfig.from_env("coinbase", env)
+
+
+def test_a_key_file_that_is_a_pipe_is_read_until_its_writer_closes_it_within_a_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A FIFO nobody writes to held the start for ever, with nothing said.
+    monkeypatch.setattr(keys, "KEY_PIPE_WAIT_S", 0.3)
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    env = {"API_BASE_URL": "http://127.0.0.1:3000", "API_KEY_FILE": str(fifo)}
+    with pytest.raises(ConfigError, match=r"API_KEY_FILE: .* is a pipe nothing was written"):
+        CollectorConfig.from_env("coinbase", env)
+    key = "s3cret-key-0123456789-pipe"
+
+    def write() -> None:  # a secrets agent: opens, writes in two parts, closes
+        with open(fifo, "wb", buffering=0) as out:
+            out.write(key[:8].encode())
+            out.write(key[8:].encode() + b"\n")
+
+    monkeypatch.setattr(keys, "KEY_PIPE_WAIT_S", 10.0)
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert CollectorConfig.from_env("coinbase", env).api_key == key
+    finally:
+        writer.join(10)
 
 
 @pytest.mark.parametrize("raw", ["1_0", "+5", "\u0663", "0x10", "1e2", "10 0"])
