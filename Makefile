@@ -123,14 +123,49 @@ setup: $(STAMP) $(VAR)/secrets/api_key | $(VAR)/run $(VAR)/log
 run: $(STAMP) $(VAR)/secrets/api_key | $(VAR)/run $(VAR)/log
 	$(call start_supervisord,false,,,,)
 
-demo: $(STAMP) $(VAR)/secrets/api_key | $(VAR)/run $(VAR)/log
-	$(call start_supervisord,true,ws://127.0.0.1:9201,ws://127.0.0.1:9202,ws://127.0.0.1:9203,ws://127.0.0.1:9204/v2)
+# The demo's simulator addresses have one source: supervisord.conf's [program:simulator]
+# command (`simulate coinbase binance binanceus kraken --port 9201`: the first venue listens on
+# that port, the next ones on +1, +2, ..., on --host, 127.0.0.1 by default). `make demo` points
+# each collector's WS_URL at its venue there, so a port changed in supervisord.conf moves the
+# collectors too. SIM_ADDRS reads "coinbase=127.0.0.1:9201 binance=127.0.0.1:9202 ...".
+SIM_ADDRS = $(shell awk '/^\[/ { sim = ($$0 ~ /^\[program:simulator\]/) } \
+	sim && /^command *=/ { s = 0; p = ""; h = "127.0.0.1"; \
+	  for (i = 1; i <= NF; i++) { if ($$i == "simulate") s = i; \
+	    else if ($$i == "--port") p = $$(i + 1); else if ($$i ~ /^--port=/) p = substr($$i, 8); \
+	    else if ($$i == "--host") h = $$(i + 1); else if ($$i ~ /^--host=/) h = substr($$i, 8) } \
+	  if (s && p != "") for (i = s + 1; i <= NF && $$i !~ /^-/; i++) \
+	    printf "%s=%s:%d ", $$i, h, p + i - s - 1 }' $(SUPERVISORD_CONF))
+sim_url = ws://$(patsubst $(1)=%,%,$(filter $(1)=%,$(SIM_ADDRS)))
 
+demo: $(STAMP) $(VAR)/secrets/api_key | $(VAR)/run $(VAR)/log
+	$(call start_supervisord,true,$(call sim_url,coinbase),$(call sim_url,binance),$(call sim_url,binanceus),$(call sim_url,kraken)/v2)
+
+# How long `make stop` waits for supervisord. It stops its programs one after another, each for
+# up to its stopwaitsecs (supervisord's default: 10) before SIGKILL, so the worst case is their
+# sum, read from supervisord.conf: 4 collectors x 30 + ingest 15 + simulator 5 = 140 s, plus a
+# margin: 150 s, as systemd's chrono-supervisord unit allows (TimeoutStopSec=150).
+STOP_WAIT_S = $(shell awk '/^\[/ { t += w; w = 0; p = ($$0 ~ /^\[program:/); if (p) w = 10 } \
+	p && /^stopwaitsecs *=/ { sub(/^[^=]*= */, ""); w = $$0 + 0 } \
+	END { print t + w + 10 }' $(SUPERVISORD_CONF))
+SUPERVISORD_LOG := $(VAR)/log/supervisord.log
+
+# Every 10 s, a line naming the programs supervisord still waits for (its own "waiting for ...
+# to die" log line, from this shutdown on), so nobody is left staring at a silent terminal.
 stop:
 	@if $(supervisord_alive); then \
+		from=$$(stat -c %s $(SUPERVISORD_LOG) 2>/dev/null || echo 0); \
 		$(SUPERVISORCTL) shutdown; \
-		for i in $$(seq 1 150); do $(supervisord_alive) || break; sleep 0.2; done; \
-		! $(supervisord_alive) || { echo "supervisord is still stopping (see $(VAR)/log/supervisord.log)"; exit 1; }; \
+		began=$$SECONDS; next=10; \
+		while $(supervisord_alive) && [ $$((SECONDS - began)) -lt $(STOP_WAIT_S) ]; do \
+			if [ $$((SECONDS - began)) -ge $$next ]; then \
+				waiting=$$(tail -c +$$((from + 1)) $(SUPERVISORD_LOG) 2>/dev/null | \
+					sed -n 's/.*waiting for \(.*\) to die.*/\1/p' | tail -n 1); \
+				echo "still stopping: $${waiting:-see $(SUPERVISORD_LOG)} ($$((SECONDS - began)) s;" \
+					"programs stop one at a time, up to $(STOP_WAIT_S) s in all)"; \
+				next=$$((next + 10)); fi; \
+			sleep 0.2; done; \
+		! $(supervisord_alive) || { echo "supervisord is still stopping (see $(SUPERVISORD_LOG)):" \
+			"$(STOP_WAIT_S) s is more than its programs' stopwaitsecs add up to"; exit 1; }; \
 	else \
 		[ ! -e $(PIDFILE) ] || { echo "supervisord is not running: pid $$(cat $(PIDFILE)) of" \
 			"$(PIDFILE) is gone (killed?); stale pid file removed"; \

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import io
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -171,6 +173,12 @@ class Metrics:
         for kind in MESSAGE_KINDS:
             self._messages.labels(exchange, kind)
         for symbol in symbols:
+            # records_total and symbol_stale_events_total at 0 (the first record, the first
+            # stale spell after a restart count in increase()/rate()); the last-record time
+            # reads 0 until known, the staleness 0 until the symbol goes stale.
+            self.symbol_children(symbol)
+            self._stale_events.labels(exchange, symbol)
+            self._symbol_stale.labels(exchange, symbol).set(0)
             self._subscription_errors.labels(exchange, symbol)
             self._symbol_rejected.labels(exchange, symbol).set(0)
         for thread in threads:
@@ -274,24 +282,100 @@ class Health:
     body: dict[str, object]
 
 
+#: How long a connection to the metrics port may stay silent (no request yet, or a client that
+#: stopped reading) before it is closed. A scrape or a health check takes milliseconds; without
+#: a timeout every idle connection held a server thread for ever (100 of them took the collector
+#: from 8 to 108 threads, and under the unit's TasksMax=64 /metrics and /healthz stopped
+#: answering).
+METRICS_CONNECTION_TIMEOUT_S = 10.0
+#: At most this many connections are served at once, each by its own thread (Prometheus and a
+#: health check use one or two); a connection beyond it is closed at once, unanswered, so the
+#: port can never take more than this many of the process's threads (systemd's TasksMax=64).
+METRICS_MAX_CONNECTIONS = 8
+
+
 class _QuietHandler(WSGIRequestHandler):
+    server: _ThreadingWSGIServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.connection_timeout_s)  # each read and write
+
     def log_message(self, format: str, *args: object) -> None:
         """Scrapes every few seconds would flood the log; errors surface as metrics."""
 
+    def get_stderr(self) -> _LogStream:
+        """Where wsgiref prints a traceback (an app error, a write timing out): one JSON log
+        line instead of bare lines on stderr."""
+        return _LogStream()
+
+
+class _LogStream(io.StringIO):
+    def flush(self) -> None:
+        text = self.getvalue().strip()
+        if text:
+            log.error("metrics_http_error", extra={"detail": text[-4000:]})
+        self.seek(0)
+        self.truncate()
+
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    """wsgiref's server: a thread per connection, at most `limit()`'s many at once, each
+    connection closed after `connection_timeout_s` of silence."""
+
     daemon_threads = True  # a hung scraper must not keep the process alive at exit
+    # socketserver's 5: a burst of connections beyond it waits a second for the SYN's retry;
+    # accepting a connection over the cap and closing it costs nothing.
+    request_queue_size = 64
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.connection_timeout_s = METRICS_CONNECTION_TIMEOUT_S
+        self._slots = threading.BoundedSemaphore(METRICS_MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def limit(self, connection_timeout_s: float, max_connections: int) -> None:
+        """Set this server's limits (before it serves)."""
+        self.connection_timeout_s = connection_timeout_s
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request: socket.socket,  # type: ignore[override]
+                        client_address: tuple[str, int]) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # over the cap: closed unanswered, no thread
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # "can't start new thread" (a task limit reached): no traceback
+            self._slots.release()
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request: socket.socket,  # type: ignore[override]
+                               client_address: tuple[str, int]) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that timed out or went away is no error of ours (socketserver would print
+        a traceback to stderr, a non-JSON line in the log); anything else is logged."""
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        log.exception("metrics_http_error")
 
 
 class MetricsServer:
     """`/metrics` (Prometheus text format) and `/healthz` (JSON, 200 or 503) on one port."""
 
     def __init__(self, registry: CollectorRegistry, health: Callable[[], Health],
-                 host: str, port: int) -> None:
+                 host: str, port: int, *,
+                 connection_timeout_s: float = METRICS_CONNECTION_TIMEOUT_S,
+                 max_connections: int = METRICS_MAX_CONNECTIONS) -> None:
         self._metrics_app = make_wsgi_app(registry)
         self._health = health
         self._server = make_server(host, port, self._app, server_class=_ThreadingWSGIServer,
                                    handler_class=_QuietHandler)
+        self._server.limit(connection_timeout_s, max_connections)
         self.port = self._server.server_port
         # serve_forever wakes every poll_interval only to look for a shutdown request; an idle
         # collector should not wake up more often than it must, and stop() nudges it instead.

@@ -234,3 +234,54 @@ def test_setup_makes_what_supervisord_by_hand_needs(checkout: Checkout) -> None:
     readme = (ROOT / "README.md").read_text()
     by_hand = readme.split("To run supervisord by hand", 1)[1][:400]
     assert "make setup" in by_hand
+
+
+STUBBORN = """
+[program:{name}]
+command=/bin/sh -c 'trap "" TERM; exec sleep 600'
+startsecs=1
+stopwaitsecs={wait}
+stdout_logfile=%(here)s/var/log/{name}.log
+redirect_stderr=true
+"""
+
+
+def test_stop_waits_as_long_as_supervisord_may_take_and_says_so(checkout: Checkout) -> None:
+    # supervisord stops its programs one after another, each up to its stopwaitsecs: with a
+    # hung ingest API a shutdown took ~43 s, and `make stop` gave up after 30 s ("still
+    # stopping", exit 2) while the shutdown went on as it should. Here two programs ignore
+    # SIGTERM for 17 s each (killed at their stopwaitsecs): 34 s.
+    write_conf(checkout.here, STUBBORN.format(name="slow1", wait=17)
+               + STUBBORN.format(name="slow2", wait=17))
+    started = checkout.make("demo")
+    assert started.returncode == 0, started.stdout + started.stderr
+    supervisord = checkout.supervisord_pid()
+    began = time.monotonic()
+    stop = checkout.make("stop")
+    took = time.monotonic() - began
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert took > 30 and exited_within(supervisord, 0), (took, stop.stdout)
+    progress = [line for line in stop.stdout.splitlines() if line.startswith("still stopping")]
+    # one line every 10 s, naming what supervisord still waits for
+    assert len(progress) == 3, stop.stdout
+    assert "slow1" in progress[0] or "slow2" in progress[0], progress
+    assert "up to 44 s" in progress[0], progress  # 17 + 17, plus a margin of 10 s
+    assert "supervisord is still stopping" not in stop.stdout
+
+
+def test_demo_reads_the_simulator_ports_from_supervisord_conf(checkout: Checkout) -> None:
+    # The ports were written twice (Makefile and supervisord.conf); changing only the
+    # simulator's --port left the collectors connecting to the old one.
+    conf = (ROOT / "supervisord.conf").read_text()
+    assert "simulate coinbase binance binanceus kraken --port 9201\n" in conf
+    (checkout.here / "supervisord.conf").write_text(conf.replace("--port 9201", "--port 9301"))
+    dry = checkout.make("-n", "demo")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert ("CHRONO_COINBASE_WS_URL=ws://127.0.0.1:9301 CHRONO_BINANCE_WS_URL=ws://127.0.0.1:9302"
+            " CHRONO_BINANCEUS_WS_URL=ws://127.0.0.1:9303"
+            " CHRONO_KRAKEN_WS_URL=ws://127.0.0.1:9304/v2 ") in dry.stdout, dry.stdout
+    # the shipped one: the addresses the simulator listens on
+    (checkout.here / "supervisord.conf").write_text(conf)
+    dry = checkout.make("-n", "demo")
+    assert "CHRONO_COINBASE_WS_URL=ws://127.0.0.1:9201 " in dry.stdout, dry.stdout
+    assert "CHRONO_KRAKEN_WS_URL=ws://127.0.0.1:9204/v2 " in dry.stdout, dry.stdout

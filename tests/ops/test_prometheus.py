@@ -51,13 +51,16 @@ def test_rule_unit_tests_cover_every_alert() -> None:
     assert alerts <= firing and alerts <= quiet, (alerts - firing, alerts - quiet)
     assert {"CollectorDown", "CollectorDisconnected", "CollectorReconnecting", "SymbolNoData",
             "SymbolRejected", "FlushFailing", "SpoolGrowing", "SpoolNearFull", "SpoolErrors",
-            "RestartsLooping", "RecordsDropped", "DeadLettered", "ThreadCrashed"} <= alerts
+            "RestartsLooping", "RecordsDropped", "DeadLettered", "ThreadCrashed",
+            "CollectorRestarted"} <= alerts
 
 
 @pytest.mark.slow
 def test_check_metrics_on_a_real_scrape(collector: CollectorProcess) -> None:
     text = collector.metrics_text()
     assert "chrono_collector_lag_seconds_bucket" in text
+    # what CollectorRestarted and RestartsLooping count (the service's ProcessCollector)
+    assert re.search(r"^process_start_time_seconds \d", text, re.M), text[:2000]
     res = promtool("check", "metrics", stdin=text)
     assert res.returncode == 0 and res.stdout + res.stderr == "", res.stdout + res.stderr
 

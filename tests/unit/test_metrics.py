@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import json
+import select
 import socket
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -23,6 +25,8 @@ from collectors.metrics import (
     FLUSH_FAILURE_REASONS,
     LAG_BUCKETS_S,
     MESSAGE_KINDS,
+    METRICS_CONNECTION_TIMEOUT_S,
+    METRICS_MAX_CONNECTIONS,
     RECONNECT_REASONS,
     ChunkHistogram,
     Health,
@@ -30,6 +34,7 @@ from collectors.metrics import (
     MetricsServer,
 )
 from collectors.service import thread_names
+from tests.support.waiting import wait_until
 
 
 def _lines(registry: CollectorRegistry) -> list[str]:
@@ -83,6 +88,93 @@ def test_metrics_server_serves_and_stops_without_waiting_for_its_poll() -> None:
     assert time.monotonic() - started < 0.9
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+
+
+
+def _wait_closed(socks: list[socket.socket], closed: set[int], count: int,
+                 timeout_s: float) -> None:
+    """Wait (poll, no sleep) until the server has closed `count` of `socks` (EOF or reset),
+    adding their indices to `closed`."""
+    poller = select.poll()
+    fds = {sock.fileno(): i for i, sock in enumerate(socks) if i not in closed}
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout_s
+    while len(closed) < count and time.monotonic() < deadline:
+        for fd, _event in poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            i = fds[fd]
+            try:
+                data = socks[i].recv(1)
+            except ConnectionResetError:
+                data = b""
+            assert data == b"", data  # nothing is ever answered to a silent client
+            closed.add(i)
+            poller.unregister(fd)
+
+
+def test_idle_connections_are_capped_and_closed_after_the_timeout(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    # 100 idle connections held 100 server threads for ever: under the unit's TasksMax=64,
+    # /metrics and /healthz stopped answering ("can't start new thread" tracebacks).
+    registry = CollectorRegistry()
+    Metrics(registry, "coinbase", "w-1")
+    cap, timeout_s, count = 4, 3.0, 40
+    server = MetricsServer(registry, lambda: Health(True, {"status": "ok"}), "127.0.0.1", 0,
+                           connection_timeout_s=timeout_s, max_connections=cap)
+    server.start()
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            for _ in range(count)]
+    closed: set[int] = set()
+    try:
+        # beyond the cap: closed at once, unanswered, no thread started
+        started = time.monotonic()
+        _wait_closed(idle, closed, count - cap, timeout_s)
+        assert len(closed) == count - cap
+        assert threading.active_count() <= before + cap
+        # the ones served are closed after the timeout
+        _wait_closed(idle, closed, count, timeout_s + 5)
+        assert len(closed) == count
+        assert time.monotonic() - started >= timeout_s * 0.9
+        # /metrics answers again, and the threads are gone
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics",
+                                    timeout=5) as resp:
+            assert b"chrono_collector_connected" in resp.read()
+        assert wait_until(lambda: threading.active_count() <= before, 5)
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_metrics_still_answer_while_idle_connections_are_under_the_cap() -> None:
+    registry = CollectorRegistry()
+    Metrics(registry, "coinbase", "w-1")
+    server = MetricsServer(registry, lambda: Health(True, {"status": "ok"}), "127.0.0.1", 0,
+                           connection_timeout_s=30, max_connections=4)
+    server.start()
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            for _ in range(3)]
+    try:
+        for path in ("/metrics", "/healthz", "/metrics"):  # one connection each, closed after
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}",
+                                        timeout=5) as resp:
+                assert resp.status == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
+
+
+def test_the_shipped_limits_fit_the_units_task_limit() -> None:
+    unit = (Path(collectors.__file__).parents[1] / "systemd" / "chrono-collector@.service")
+    [tasks_max] = [int(line.split("=")[1]) for line in unit.read_text().splitlines()
+                   if line.startswith("TasksMax=")]
+    # the service's own threads (ws, parse, up to 16 delivery workers, spool, metrics...)
+    # plus every metrics connection stay under TasksMax
+    assert tasks_max > METRICS_MAX_CONNECTIONS + 16 + 10
+    assert 1 <= METRICS_CONNECTION_TIMEOUT_S <= 15  # a scrape takes milliseconds
 
 
 # --- counters that start at 0 (increase() and rate() see their first event) --------------------
@@ -163,6 +255,13 @@ def test_configured_symbols_and_threads_start_at_zero_and_nothing_else() -> None
         assert registry.get_sample_value("chrono_collector_subscription_errors_total",
                                          labels) == 0
         assert registry.get_sample_value("chrono_collector_symbol_rejected", labels) == 0
+        # records and stale spells too: the first of each after a restart shows in increase()
+        assert registry.get_sample_value("chrono_collector_records_total", labels) == 0
+        assert registry.get_sample_value("chrono_collector_symbol_stale_events_total",
+                                         labels) == 0
+        assert registry.get_sample_value("chrono_collector_symbol_stale", labels) == 0
+        assert registry.get_sample_value("chrono_collector_last_record_timestamp_seconds",
+                                         labels) == 0  # reads 0 until known
     for thread in ("ws-kraken", "parse-kraken", "delivery", "delivery-2"):
         assert registry.get_sample_value("chrono_collector_thread_errors_total",
                                          {"exchange": "kraken", "thread": thread}) == 0, thread
@@ -171,6 +270,12 @@ def test_configured_symbols_and_threads_start_at_zero_and_nothing_else() -> None
     labels = {"exchange": "kraken", "symbol": "ETH/USD"}
     assert registry.get_sample_value("chrono_collector_subscription_errors_total", labels) == 1
     assert registry.get_sample_value("chrono_collector_symbol_rejected", labels) == 1
+    records, _last = metrics.symbol_children("BTC/USD")  # the child created at 0
+    records.inc(3)
+    metrics.set_stale("BTC/USD", True)
+    labels = {"exchange": "kraken", "symbol": "BTC/USD"}
+    assert registry.get_sample_value("chrono_collector_records_total", labels) == 3
+    assert registry.get_sample_value("chrono_collector_symbol_stale_events_total", labels) == 1
     # bounded: no series for a symbol that was not configured
     text = generate_latest(registry).decode()
     assert "SOL/USD" not in text
