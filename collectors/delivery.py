@@ -506,6 +506,8 @@ class SpoolWriter:
             if dropped:
                 self._metrics.spool_dropped.inc(dropped)
                 self._log_dropped(dropped)
+            elif self._dropped_unlogged:
+                self._log_dropped(0)  # the drops since the last line, once its interval is up
             if waited <= 0 or spool.waiting_records >= self._due_size():
                 self._wake.set()
             return 0
@@ -518,10 +520,24 @@ class SpoolWriter:
         last = self._drop_logged_at
         if last is not None and now - last < self.FULL_LOG_INTERVAL_S:
             return
+        self._say_dropped(now)
+
+    def flush_log(self) -> None:
+        """Say the drops not said yet (the stop path: the writer writes no more)."""
+        if self._dropped_unlogged:
+            self._say_dropped(self._clock())
+
+    def _say_dropped(self, now: float) -> None:
+        last = self._drop_logged_at
         since_s = None if last is None else round(now - last, 1)
         self._drop_logged_at = now
         count, self._dropped_unlogged = self._dropped_unlogged, 0
-        log.error("spool_full_dropped_oldest", extra={"dropped": count, "over_s": since_s})
+        spool = self._spool
+        reason = spool.last_drop_reason if spool is not None else None
+        log.error("spool_full_dropped_oldest", extra={
+            "dropped": count, "over_s": since_s, "reason": reason,
+            "hint": "the disk holding the spool is nearly full: free space on it"
+            if reason == "disk_reserve" else "the spool reached SPOOL_MAX_BYTES"})
 
 
 # msgspec's encoder is 6x faster than json.dumps here (1.1 vs 7.2 us a record) and writes the

@@ -162,7 +162,8 @@ class Metrics:
         self.spool_errors = counter("spool_errors_total", "Failed spool operations (e.g. "
                                     "disk full); retried.").labels(exchange)
         self.spool_corrupt_lost = counter("spool_corrupt_lost_records_total", "Records lost "
-                                          "to a corrupt spool file.").labels(exchange)
+                                          "to a corrupt spool file (damage that hides how "
+                                          "many counts 1: a lower bound).").labels(exchange)
         self.thread_errors = counter("thread_errors_total", "Unexpected exceptions caught at "
                                      "a thread's top loop.", ["thread"])
         self._per_symbol: dict[str, tuple[Counter, Gauge]] = {}

@@ -190,6 +190,7 @@ class Parser:
         # the same event (Kraken acks each symbol of one subscribe on its own).
         self._resubscribe_due = 0.0
         self.records_total = 0
+        self._unspooled = 0  # records the spool refused while stopping (logged at the end)
         self.last_message_unix: float | None = None
         self.beat = time.monotonic()  # last loop turn (watchdog progress)
         # The freshness clock when a reconnect was last asked for because every symbol was
@@ -223,6 +224,10 @@ class Parser:
                 last_check = now
                 self._periodic(now)
             if ws_done and not chunk and not len(self._frames):
+                if self._unspooled:
+                    log.error("records_dropped_unspooled", extra={
+                        "dropped": self._unspooled,
+                        "reason": "stopping while the spool refuses writes"})
                 return
 
     def _handle(self, chunk: list[Frame], first_index: int | None = None) -> None:
@@ -276,8 +281,7 @@ class Parser:
             not_taken = self._records.put_many_waiting(out, self._stop)
             if not_taken:  # stopping while the spool refuses writes (e.g. disk full)
                 metrics.queue_dropped.inc(not_taken)
-                log.error("records_dropped_unspooled", extra={
-                    "dropped": not_taken, "reason": "stopping while the spool refuses writes"})
+                self._unspooled += not_taken  # said once, when the loop ends
             self._record_metrics(out, per_symbol)
         for kind, n in kinds.items():
             self._kind_counters[kind].inc(n)

@@ -258,6 +258,8 @@ class CollectorService:
             t.join(timeout=max(0.0, join_by - time.monotonic()))
         alive = [t.name for t in threads if t.is_alive()]
         self.threads_left = alive
+        if self._parser_finished.is_set():
+            self._writer.flush_log()
         if self.metrics_server:
             self.metrics_server.stop()
         for poster in posters:

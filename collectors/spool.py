@@ -176,6 +176,13 @@ DEAD_LETTER_NAME = "dead-letter.jsonl"
 DEAD_LETTER_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # about 600k records of 400 bytes: hours of API outage
 DEFAULT_CHUNK_RECORDS = 1000
+#: The spool leaves this much of its file system free (a quarter of a smaller one): an append
+#: that would eat into it drops the oldest waiting records first, as past `max_bytes`. A spool
+#: that filled its disk could never empty itself: deleting a delivered batch and checkpointing
+#: the WAL both need room to write, so every acknowledgement failed with SQLITE_FULL and
+#: delivery stopped for good, the API healthy, until someone freed space by hand.
+DISK_RESERVE_BYTES = 32 * 1024 * 1024
+_DISK_CHECK_S = 1.0  # free space is read (statvfs) at most this often while appends go on
 
 # A table of rows of records (`chunks`, `front`): a row holds the `n` records of one append.
 _ROWS_TABLE = """(
@@ -499,9 +506,11 @@ class Spool:
         clock_ns: Callable[[], int] = time.time_ns,
         dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES,
         thread_init: Callable[[], object] | None = None,
+        disk_space: Callable[[Path], tuple[int, int] | None] | None = None,
     ) -> None:
         """`thread_init` runs first on the spool-fsync thread (the service names the OS thread
-        with it)."""
+        with it). `disk_space(directory)` says (free bytes, size) of the directory's file
+        system, None when unknown (default: statvfs)."""
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         if not fsync_interval_s >= 0:  # also rejects NaN
@@ -555,6 +564,16 @@ class Spool:
         self._recent_ok = False
         self._dropped_total = 0
         self._corrupt_lost_total = 0
+        # The file system's free space as last read, bytes written since (an estimate: twice
+        # the records', WAL then database), when it was read, and the reserve it keeps.
+        self._disk_space = disk_space or _disk_space
+        self._disk_free: int | None = None
+        self._disk_written = 0
+        self._disk_read_at = -_DISK_CHECK_S
+        self._disk_reserve = DISK_RESERVE_BYTES
+        self._disk_held: int | None = None  # the limit while the disk is short (_disk_limit)
+        #: why the last append dropped records: "max_bytes" or "disk_reserve" (None: none yet)
+        self.last_drop_reason: str | None = None
         self._page_bytes: int | None = None  # the open database's page size, read once
         self._vacuum_look_at = 0.0  # monotonic time of the next look at the free list
         self._commit_gen = 0  # bumped after each commit; the fsync thread compares it
@@ -627,7 +646,10 @@ class Spool:
             with self._txn(conn, f"append of {len(records)} records"):
                 # Claimed bytes count against the bound but cannot be freed (see the docstring).
                 excess = self._bytes + total - self._max_bytes
-                if excess > 0:
+                short = self._bytes + total - self._disk_limit(total)
+                if excess > 0 or short > 0:
+                    self.last_drop_reason = "max_bytes" if excess >= short else "disk_reserve"
+                    excess = max(excess, short)
                     dropping = True
                     freed_records, freed_bytes = self._drop_oldest_waiting(conn, excess)
                     excess -= freed_bytes
@@ -677,6 +699,38 @@ class Spool:
             if self._recent_bytes > _RECENT_MAX_BYTES:
                 self._forget_recent()
         return dropped, batch  # the caller counts and logs drops (one place, one metric)
+
+    def _disk_limit(self, adding: int) -> int:
+        """The most record bytes the spool may hold after writing `adding` more, for its file
+        system to keep its reserve (DISK_RESERVE_BYTES); `max_bytes` when there is room, or
+        when the space is unknown. The caller holds _write_lock.
+
+        Once writing would eat into the reserve, the spool holds no more than it did then (at
+        least a quarter of the reserve): new records take the place of the oldest waiting
+        ones, whose pages SQLite reuses, so the files stop growing (freed pages stay in the
+        file: dropping more would not give the disk back anything). The limit is lifted when
+        twice the reserve is free again."""
+        now = time.monotonic()
+        free = self._disk_free
+        if now - self._disk_read_at >= _DISK_CHECK_S or (
+                free is not None and free - self._disk_written < 2 * self._disk_reserve):
+            # (read again on every write once near the reserve: others write to the disk too)
+            self._disk_read_at, self._disk_written = now, 0
+            space = self._disk_space(self._dir)
+            free = self._disk_free = None if space is None else space[0]
+            if space is not None:
+                self._disk_reserve = min(DISK_RESERVE_BYTES, space[1] // 4)
+        if free is None:
+            self._disk_held = None
+            return self._max_bytes
+        self._disk_written += 2 * adding  # the WAL's copy, then the database's
+        left = free - self._disk_written
+        if left < self._disk_reserve:
+            if self._disk_held is None:
+                self._disk_held = max(self._bytes, self._disk_reserve // 4)
+        elif left >= 2 * self._disk_reserve:
+            self._disk_held = None
+        return self._max_bytes if self._disk_held is None else self._disk_held
 
     def _all_claimed_in(self, conn: sqlite3.Connection, exclude: Collection[str]) -> bool:
         """Whether every claimed batch's key is in `exclude` (the caller holds the write
@@ -1415,7 +1469,10 @@ class Spool:
                 aside_wal.unlink()
 
         lost = found.lost
-        self._corrupt_lost_total += lost
+        # Damage that hides how much it took (an unreadable header, a file cut short) counts
+        # at least one record: the metric is then a lower bound, but it moves, and the
+        # RecordsDropped alert fires (it read 0 for 1,250 records lost with the header).
+        self._corrupt_lost_total += max(lost, 1) if found.unknown else lost
         log.error(
             "spool_corrupt",
             extra={
@@ -2518,7 +2575,10 @@ class Spool:
         """Note a commit of about `frames` WAL frames. The caller holds _write_lock."""
         self._wal_frames += frames
         self._committed.set()
-        if self._wal_frames >= _CHECKPOINT_MIN_FRAMES and self._checkpoint_conn is not None:
+        # (on a small file system, sooner: the WAL must fit in a quarter of the reserve, which
+        # is all the room a spool held at its size has to write in; see _disk_limit)
+        threshold = min(_CHECKPOINT_MIN_FRAMES, self._disk_reserve // (4 * PAGE_SIZE))
+        if self._wal_frames >= threshold and self._checkpoint_conn is not None:
             self._checkpoint_wanted.set()
 
     def _sync_loop(self) -> None:
@@ -2625,6 +2685,15 @@ def _int_or_none(row: object) -> int | None:
     if isinstance(row, tuple) and row and isinstance(row[0], int):
         return row[0]
     return None
+
+
+def _disk_space(directory: Path) -> tuple[int, int] | None:
+    """(bytes free to us, size) of the file system holding `directory`; None when unknown."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
 def is_disk_full(exc: BaseException) -> bool:

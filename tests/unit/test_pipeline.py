@@ -432,10 +432,18 @@ def test_stopping_while_the_spool_refuses_counts_the_records_it_could_not_keep(
         stop.set()
         parser._handle(_chunk(1_795_948_682_000_000_000))
         assert spool.attempts == 1  # one try once stopping, no retry loop
+        parser._handle([(_ticker("BTC-USD", 13 + i, "102", "2026-11-29T10:38:03.000000Z"),
+                         1_795_948_683_000_000_000) for i in range(3)])  # the backlog's next
         assert registry.get_sample_value("chrono_collector_queue_dropped_records_total",
-                                         {"exchange": "coinbase"}) == 3
-        assert [r.getMessage() for r in caplog.records].count("records_dropped_unspooled") == 1
+                                         {"exchange": "coinbase"}) == 6
         assert not wake.is_set()
+        # One line for the stop, when the parser's loop ends (a line per chunk was nine in
+        # 0.2 s), with every record the spool could not keep.
+        assert "records_dropped_unspooled" not in caplog.text
+        parser._ws_finished.set()
+        parser.run()
+        [line] = [r for r in caplog.records if r.getMessage() == "records_dropped_unspooled"]
+        assert line.dropped == 6  # type: ignore[attr-defined]
 
 
 def test_the_writer_needs_a_spool() -> None:
