@@ -293,6 +293,10 @@ METRICS_CONNECTION_TIMEOUT_S = 10.0
 #: health check use one or two); a connection beyond it is closed at once, unanswered, so the
 #: port can never take more than this many of the process's threads (systemd's TasksMax=64).
 METRICS_MAX_CONNECTIONS = 8
+#: How long a connection over the cap waits for a slot before it is closed unanswered (a
+#: slot comes back just after its client has the answer; a flood of idle connections costs
+#: the accepting thread this much each, nothing else).
+SLOT_WAIT_S = 0.05
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -341,7 +345,9 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 
     def process_request(self, request: socket.socket,  # type: ignore[override]
                         client_address: tuple[str, int]) -> None:
-        if not self._slots.acquire(blocking=False):
+        # (A finished connection's thread gives its slot back just after its client has the
+        # answer: a scraper's next connection, at once, waits for it rather than be refused.)
+        if not self._slots.acquire(timeout=SLOT_WAIT_S):
             self.shutdown_request(request)  # over the cap: closed unanswered, no thread
             return
         try:
