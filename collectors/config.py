@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
+import requests
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
@@ -195,7 +196,15 @@ def _check_host(name: str, raw: str) -> None:
         host = parse_url(raw).host or ""
     except LocationParseError:  # e.g. a space in the host
         host = ""
-    if not host or any(ch.isspace() for ch in host) or "" in host.split("."):
+    bad = not host or any(ch.isspace() for ch in host) or "" in host.split(".")
+    if not bad:
+        # What requests itself refuses when it prepares the POST (`*.example.com`, a label
+        # IDNA cannot encode): it was a traceback at start.
+        try:
+            requests.models.PreparedRequest().prepare_url(raw, None)
+        except requests.exceptions.RequestException:
+            bad = True
+    if bad:
         # (credentials were refused before: the URL may be echoed)
         raise ConfigError(name, f"the host of {raw[:80]!r} is not a host name or address",
                           "e.g. http://127.0.0.1:3000 or https://ingest.example.com")
@@ -215,9 +224,9 @@ def _ws_url(env: Mapping[str, str], default: str, *, base_only: bool = False) ->
         # (a venue answers the request line it makes with 400, for ever)
         raise ConfigError("WS_URL", "contains whitespace or control characters",
                           f"percent-encode them, e.g. %20; e.g. {default}")
-    if parts.fragment:
+    if "#" in raw:
         raise ConfigError("WS_URL", "has a #fragment, which is never sent", f"e.g. {default}")
-    if base_only and (parts.path not in ("", "/") or parts.query):
+    if base_only and (parts.path not in ("", "/") or "?" in raw):
         raise ConfigError("WS_URL", f"{_shown_url(parts)!r} has a path or query",
                           f"the base address alone, e.g. {default}: the collector adds "
                           "/stream?streams=... for the symbols")

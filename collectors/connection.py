@@ -74,7 +74,8 @@ RATE_LIMITED_HINT = ("the venue rate-limited this IP; backing off (at least as l
                      "Retry-After says, when it says)")
 #: A line that a peer can make the loop repeat (an oversized frame, a reconnect request from a
 #: connection being drained) is logged at most once per this many seconds per kind, with
-#: `since_last_log` counting the ones not logged since (their metrics count every one).
+#: `since_last_log` counting the ones not logged since (oversized frames are each counted in
+#: their metric; a drained connection's notices in messages_received_total).
 LOG_SAMPLE_INTERVAL_S = 10.0
 #: Socket reads ask for this much at once (frames are cut from the buffer).
 READ_CHUNK_BYTES = 65536
@@ -738,8 +739,11 @@ class Connection:
                                                   "connected_s": round(time.monotonic() - now, 3)})
             return reason
         finally:
-            # Lost now (before the socket is closed): the outage runs from here.
-            self._lost_at = time.monotonic()
+            # Lost now (before the socket is closed): the outage runs from here, unless this
+            # connection delivered nothing (a node that takes the upgrade and closes, again and
+            # again, is the same outage).
+            if self._data_seen or self._lost_at is None:
+                self._lost_at = time.monotonic()
             self._metrics.connected.set(0)
             self.connected_since = None
             self._ws = None

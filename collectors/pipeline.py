@@ -190,7 +190,10 @@ class Parser:
         # the same event (Kraken acks each symbol of one subscribe on its own).
         self._resubscribe_due = 0.0
         self.records_total = 0
-        self._unspooled = 0  # records the spool refused while stopping (logged at the end)
+        # Records the spool refused while stopping: the first chunk's said at once, the rest
+        # added up here and said when the loop ends.
+        self._unspooled_said = False
+        self._unspooled = 0
         self.last_message_unix: float | None = None
         self.beat = time.monotonic()  # last loop turn (watchdog progress)
         # The freshness clock when a reconnect was last asked for because every symbol was
@@ -226,7 +229,7 @@ class Parser:
             if ws_done and not chunk and not len(self._frames):
                 if self._unspooled:
                     log.error("records_dropped_unspooled", extra={
-                        "dropped": self._unspooled,
+                        "dropped": self._unspooled, "after_the_first": True,
                         "reason": "stopping while the spool refuses writes"})
                 return
 
@@ -281,7 +284,15 @@ class Parser:
             not_taken = self._records.put_many_waiting(out, self._stop)
             if not_taken:  # stopping while the spool refuses writes (e.g. disk full)
                 metrics.queue_dropped.inc(not_taken)
-                self._unspooled += not_taken  # said once, when the loop ends
+                if not self._unspooled_said:
+                    # Said at once (the stop may not wait for this thread: a spool that hangs
+                    # holds it); later chunks' in one more line when the loop ends.
+                    self._unspooled_said = True
+                    log.error("records_dropped_unspooled", extra={
+                        "dropped": not_taken,
+                        "reason": "stopping while the spool refuses writes"})
+                else:
+                    self._unspooled += not_taken
             self._record_metrics(out, per_symbol)
         for kind, n in kinds.items():
             self._kind_counters[kind].inc(n)

@@ -727,10 +727,24 @@ class Spool:
         left = free - self._disk_written
         if left < self._disk_reserve:
             if self._disk_held is None:
-                self._disk_held = max(self._bytes, self._disk_reserve // 4)
+                # (and what the file's free pages hold: a drained backlog leaves them, and
+                # records written there take no more disk)
+                self._disk_held = max(self._bytes + self._free_page_bytes(),
+                                      self._disk_reserve // 4)
         elif left >= 2 * self._disk_reserve:
             self._disk_held = None
         return self._max_bytes if self._disk_held is None else self._disk_held
+
+    def _free_page_bytes(self) -> int:
+        """Bytes of the database's free pages (0 when they cannot be read)."""
+        conn = self._append_conn
+        if conn is None:
+            return 0
+        try:
+            free = _int_or_none(conn.execute("PRAGMA freelist_count").fetchone()) or 0
+        except sqlite3.Error:
+            return 0
+        return free * (self._page_bytes or PAGE_SIZE)
 
     def _all_claimed_in(self, conn: sqlite3.Connection, exclude: Collection[str]) -> bool:
         """Whether every claimed batch's key is in `exclude` (the caller holds the write
@@ -1119,10 +1133,11 @@ class Spool:
 
     def _open_main(self) -> str | None:
         """Open spool.db into self._conn; return why it is damaged instead, or None."""
+        created = False  # spool.db did not exist: this open makes it
         try:
             empty = self._db_path.stat().st_size == 0
         except FileNotFoundError:
-            empty = False
+            empty, created = False, True
         except OSError as exc:
             raise SpoolError(
                 f"spool database {self._db_path}: cannot stat: {exc.strerror}"
@@ -1162,6 +1177,8 @@ class Spool:
                 conn.close()
             if _is_corruption(exc):
                 return str(exc)
+            if created:
+                self._remove_empty_db()
             raise SpoolError(f"spool database {self._db_path}: cannot open: {exc}") from exc
         except BaseException:
             if conn is not None:
@@ -1169,6 +1186,16 @@ class Spool:
             raise
         self._conn = conn
         return None
+
+    def _remove_empty_db(self) -> None:
+        """The first open failed (a full disk) after SQLite created spool.db: an empty file it
+        leaves would read as a damaged spool at the next try (and count a lost record)."""
+        with contextlib.suppress(OSError):
+            if self._db_path.stat().st_size == 0:
+                self._db_path.unlink()
+                for path in (self._wal_path, self._shm_path):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
@@ -2693,6 +2720,8 @@ def _disk_space(directory: Path) -> tuple[int, int] | None:
         st = os.statvfs(directory)
     except OSError:
         return None
+    if st.f_blocks <= 0 or st.f_frsize <= 0:
+        return None  # ramfs, some FUSE file systems: no size said, none to go by
     return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 

@@ -345,7 +345,7 @@ class BinanceAdapter:
         # https://developers.binance.com/docs/binance-spot-api-docs/rest-api/limits
         if status == 429:
             return ("the venue rate-limited this IP (too many connections or requests); "
-                    "waiting as Retry-After says")
+                    "backing off, at least as long as Retry-After says")
         if status == 418:
             return ("the venue banned this IP for not backing off after a 429; waiting as "
                     "Retry-After says (check for other clients on this IP)")

@@ -78,6 +78,8 @@ def test_key_from_file(tmp_path: Path) -> None:
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL", "not a level"),
         ({"WS_URL": "http://x"}, "WS_URL", "not a ws:// or wss:// URL"),
         ({"WS_URL": "ws://127.0.0.1:1/a b"}, "WS_URL", "whitespace"),
+        ({"WS_URL": "ws://127.0.0.1:1/a#"}, "WS_URL", "fragment"),
+        ({"API_BASE_URL": "http://*.example.com"}, "API_BASE_URL", "not a host name"),
         ({"WS_URL": "ws://127.0.0.1:1/a\x00"}, "WS_URL", "control characters"),
         ({"METRICS_PORT": "70000"}, "METRICS_PORT", "out of range"),
         ({"METRICS_HOST": "bad host"}, "METRICS_HOST", "not a host"),
@@ -103,7 +105,8 @@ def test_bad_values_name_the_variable(env: dict[str, str], variable: str, fragme
 
 @pytest.mark.parametrize("url", ["wss://stream.binance.com:9443/stream?streams=btcusdt@ticker",
                                  "wss://stream.binance.com:9443/ws",
-                                 "ws://127.0.0.1:9443/?x=1"])
+                                 "ws://127.0.0.1:9443/?x=1", "ws://127.0.0.1:9443?",
+                                 "ws://127.0.0.1:9443/?"])
 def test_a_binance_ws_url_is_the_base_address_alone(url: str) -> None:
     # The collector puts the streams in the path and query: `/ws` became `/ws/stream?...` and a
     # full stream URL had its streams twice, a broken URL the venue answered with an error.

@@ -345,14 +345,22 @@ class _Ceiling(random.Random):
         return b
 
 
+@pytest.mark.parametrize("failing", ["refused", "closed at once"])
 def test_the_reconnect_duration_covers_the_whole_outage_failed_attempts_included(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, failing: str) -> None:
+    # "closed at once": a node that takes the upgrade and closes before any data (1011 during
+    # maintenance) restarted the outage's clock on every attempt.
     refusals = 3
     delay_s = 0.1
     server_saw: dict[str, float] = {}  # the outage, timed on the server's side
     release = threading.Event()
 
     def refuse(peer: Peer) -> None:
+        if failing == "closed at once" and peer.number > 1:
+            if upgrade(peer):
+                peer.sock.sendall(server_frame(struct.pack("!H", 1011) + b"maintenance",
+                                               ABNF.OPCODE_CLOSE))
+            return
         if peer.read_request() is not None:
             peer.sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
 
@@ -361,7 +369,7 @@ def test_the_reconnect_duration_covers_the_whole_outage_failed_attempts_included
         if answer is None:
             return False
         if peer.number > 2:
-            server_saw["up"] = time.monotonic()  # the last request: the client is back
+            server_saw["up"] = time.monotonic()  # (the last one's: the client is back)
         peer.sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                           b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + answer
                           + b"\r\n\r\n")
@@ -395,13 +403,14 @@ def test_the_reconnect_duration_covers_the_whole_outage_failed_attempts_included
         assert h.value(gauge) == 0
         assert not hasattr(connected_lines()[0], "reconnect_after_s")
         release.set()
-        assert wait_for(lambda: len(connected_lines()) == 2, 10)
-        assert server.connections == 3 + refusals
+        upgrades = 2 + (refusals if failing == "closed at once" else 0)
+        assert wait_for(lambda: len(connected_lines()) == upgrades, 10)
+        assert wait_for(lambda: server.connections == 3 + refusals, 10)
         measured = h.value(gauge)
     outage = server_saw["up"] - server_saw["down"]
     assert outage >= (refusals + 1) * delay_s  # a wait before each attempt
     assert measured >= outage, (measured, outage)
-    assert connected_lines()[1].reconnect_after_s >= round(outage, 3)  # type: ignore[attr-defined]
+    assert connected_lines()[-1].reconnect_after_s >= round(outage, 3)  # type: ignore[attr-defined]
 
 
 # ---- requests the loop ignores are logged sampled ---------------------------------------------
