@@ -293,10 +293,10 @@ METRICS_CONNECTION_TIMEOUT_S = 10.0
 #: health check use one or two); a connection beyond it is closed at once, unanswered, so the
 #: port can never take more than this many of the process's threads (systemd's TasksMax=64).
 METRICS_MAX_CONNECTIONS = 8
-#: How long a connection over the cap waits for a slot before it is closed unanswered (a
-#: slot comes back just after its client has the answer; a flood of idle connections costs
-#: the accepting thread this much each, nothing else).
-SLOT_WAIT_S = 0.05
+#: How long a connection over the cap waits for a slot (once the oldest connection was cut to
+#: free one) before it is closed unanswered: a slot comes back just after its client has the
+#: answer, or its connection was cut; a flood costs the accepting thread this much each.
+SLOT_WAIT_S = 0.2
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -336,6 +336,12 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.connection_timeout_s = METRICS_CONNECTION_TIMEOUT_S
         self._slots = threading.BoundedSemaphore(METRICS_MAX_CONNECTIONS)
+        # The connections being served, oldest first: when every slot is taken, the oldest is
+        # cut to make room. A scrape takes milliseconds, so the oldest is a client that holds
+        # its connection (idle, or trickling a byte now and then within the timeout): eight
+        # such clients refused every scrape, until cutting them.
+        self._serving: dict[socket.socket, None] = {}
+        self._serving_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
     def limit(self, connection_timeout_s: float, max_connections: int) -> None:
@@ -347,20 +353,37 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
                         client_address: tuple[str, int]) -> None:
         # (A finished connection's thread gives its slot back just after its client has the
         # answer: a scraper's next connection, at once, waits for it rather than be refused.)
-        if not self._slots.acquire(timeout=SLOT_WAIT_S):
-            self.shutdown_request(request)  # over the cap: closed unanswered, no thread
-            return
+        if not self._slots.acquire(blocking=False):
+            self._cut_oldest()
+            if not self._slots.acquire(timeout=SLOT_WAIT_S):
+                self.shutdown_request(request)  # still over the cap: closed unanswered
+                return
+        with self._serving_lock:
+            self._serving[request] = None
         try:
             super().process_request(request, client_address)
         except RuntimeError:  # "can't start new thread" (a task limit reached): no traceback
+            self._forget(request)
             self._slots.release()
             self.shutdown_request(request)
+
+    def _cut_oldest(self) -> None:
+        with self._serving_lock:
+            oldest = next(iter(self._serving), None)
+        if oldest is not None:
+            with contextlib.suppress(OSError):  # its thread's read fails: it ends, freeing a slot
+                oldest.shutdown(socket.SHUT_RDWR)
+
+    def _forget(self, request: socket.socket) -> None:
+        with self._serving_lock:
+            self._serving.pop(request, None)
 
     def process_request_thread(self, request: socket.socket,  # type: ignore[override]
                                client_address: tuple[str, int]) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self._forget(request)
             self._slots.release()
 
     def handle_error(self, request: object, client_address: object) -> None:
