@@ -133,8 +133,9 @@ SIM_ADDRS = $(shell awk '/^\[/ { sim = ($$0 ~ /^\[program:simulator\]/) } \
 	  for (i = 1; i <= NF; i++) { if ($$i == "simulate") s = i; \
 	    else if ($$i == "--port") p = $$(i + 1); else if ($$i ~ /^--port=/) p = substr($$i, 8); \
 	    else if ($$i == "--host") h = $$(i + 1); else if ($$i ~ /^--host=/) h = substr($$i, 8) } \
-	  if (s && p != "") for (i = s + 1; i <= NF && $$i !~ /^-/; i++) \
-	    printf "%s=%s:%d ", $$i, h, p + i - s - 1 }' $(SUPERVISORD_CONF))
+	  n = 0; if (s && p != "") for (i = s + 1; i <= NF; i++) { \
+	    if ($$i ~ /^-/) { if ($$i !~ /=/) i++; continue } \
+	    printf "%s=%s:%d ", $$i, h, p + n; n++ } }' $(SUPERVISORD_CONF))
 sim_url = ws://$(patsubst $(1)=%,%,$(filter $(1)=%,$(SIM_ADDRS)))
 
 demo: $(STAMP) $(VAR)/secrets/api_key | $(VAR)/run $(VAR)/log

@@ -280,6 +280,14 @@ def test_demo_reads_the_simulator_ports_from_supervisord_conf(checkout: Checkout
     assert ("CHRONO_COINBASE_WS_URL=ws://127.0.0.1:9301 CHRONO_BINANCE_WS_URL=ws://127.0.0.1:9302"
             " CHRONO_BINANCEUS_WS_URL=ws://127.0.0.1:9303"
             " CHRONO_KRAKEN_WS_URL=ws://127.0.0.1:9304/v2 ") in dry.stdout, dry.stdout
+    # options before the venues (argparse takes them anywhere): the venues were not found
+    (checkout.here / "supervisord.conf").write_text(conf.replace(
+        "simulate coinbase binance binanceus kraken --port 9201",
+        "simulate --port=9401 --seed 3 coinbase binance binanceus kraken"))
+    dry = checkout.make("-n", "demo")
+    assert ("CHRONO_COINBASE_WS_URL=ws://127.0.0.1:9401 CHRONO_BINANCE_WS_URL=ws://127.0.0.1:9402"
+            " CHRONO_BINANCEUS_WS_URL=ws://127.0.0.1:9403"
+            " CHRONO_KRAKEN_WS_URL=ws://127.0.0.1:9404/v2 ") in dry.stdout, dry.stdout
     # the shipped one: the addresses the simulator listens on
     (checkout.here / "supervisord.conf").write_text(conf)
     dry = checkout.make("-n", "demo")
