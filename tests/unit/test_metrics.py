@@ -148,47 +148,39 @@ def test_idle_connections_are_capped_and_closed_after_the_timeout(
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_metrics_still_answer_while_idle_connections_are_under_the_cap() -> None:
+def _scrapes_answered_beside(clients: int, first_bytes: bytes) -> None:
+    """With `clients` connections held open (each having sent `first_bytes`) to a server
+    capped at 4, /metrics and /healthz still answer."""
     registry = CollectorRegistry()
     Metrics(registry, "coinbase", "w-1")
     server = MetricsServer(registry, lambda: Health(True, {"status": "ok"}), "127.0.0.1", 0,
                            connection_timeout_s=30, max_connections=4)
     server.start()
-    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
-            for _ in range(3)]
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            for _ in range(clients)]
     try:
+        for sock in held:
+            if first_bytes:
+                sock.sendall(first_bytes)
         for path in ("/metrics", "/healthz", "/metrics"):  # one connection each, closed after
             with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}",
                                         timeout=5) as resp:
                 assert resp.status == 200
     finally:
-        for sock in idle:
+        for sock in held:
             sock.close()
         server.stop()
+
+
+def test_metrics_still_answer_while_idle_connections_are_under_the_cap() -> None:
+    _scrapes_answered_beside(3, b"")
 
 
 def test_clients_that_hold_every_slot_do_not_shut_the_scrapes_out() -> None:
     # The timeout is per read: clients trickling a byte now and then held all the slots for
     # ever, and every scrape was refused (CollectorDown, `status` exiting 1). The oldest
     # connection is cut to make room.
-    registry = CollectorRegistry()
-    Metrics(registry, "coinbase", "w-1")
-    server = MetricsServer(registry, lambda: Health(True, {"status": "ok"}), "127.0.0.1", 0,
-                           connection_timeout_s=30, max_connections=4)
-    server.start()
-    holders = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
-               for _ in range(4)]
-    try:
-        for sock in holders:
-            sock.sendall(b"G")  # a request line that never ends
-        for path in ("/metrics", "/healthz", "/metrics"):
-            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}",
-                                        timeout=5) as resp:
-                assert resp.status == 200
-    finally:
-        for sock in holders:
-            sock.close()
-        server.stop()
+    _scrapes_answered_beside(4, b"G")  # (a request line that never ends)
 
 
 def test_the_shipped_limits_fit_the_units_task_limit() -> None:
