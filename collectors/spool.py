@@ -705,8 +705,9 @@ class Spool:
         system to keep its reserve (DISK_RESERVE_BYTES); `max_bytes` when there is room, or
         when the space is unknown. The caller holds _write_lock.
 
-        Once writing would eat into the reserve, the spool holds no more than it did then (at
-        least a quarter of the reserve): new records take the place of the oldest waiting
+        Once writing would eat into the reserve, the spool holds no more than it did then, plus
+        what its file's free pages hold (at least a quarter of the reserve): new records take
+        the place of the oldest waiting
         ones, whose pages SQLite reuses, so the files stop growing (freed pages stay in the
         file: dropping more would not give the disk back anything). The limit is lifted when
         twice the reserve is free again."""
