@@ -351,8 +351,8 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 
     def process_request(self, request: socket.socket,  # type: ignore[override]
                         client_address: tuple[str, int]) -> None:
-        # (A finished connection's thread gives its slot back just after its client has the
-        # answer: a scraper's next connection, at once, waits for it rather than be refused.)
+        # Every slot taken: the oldest connection is cut, and this one waits (briefly) for the
+        # slot its thread gives back, as for one whose client has just had its answer.
         if not self._slots.acquire(blocking=False):
             self._cut_oldest()
             if not self._slots.acquire(timeout=SLOT_WAIT_S):
