@@ -39,6 +39,7 @@ from websocket._url import get_proxy_info, parse_url
 from collectors.backoff import Backoff, parse_retry_after
 from collectors.batching import Handoff
 from collectors.exchanges.base import Adapter
+from collectors.logsetup import LogSampler
 from collectors.metrics import Metrics, ReconnectReason
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,6 @@ RETRY_AFTER_MAX_S = 3600.0
 #: What a 429 means when the venue has no better explanation of its own.
 RATE_LIMITED_HINT = ("the venue rate-limited this IP; backing off (at least as long as "
                      "Retry-After says, when it says)")
-#: A line that a peer can make the loop repeat (an oversized frame, a reconnect request from a
-#: connection being drained) is logged at most once per this many seconds per kind, with
-#: `since_last_log` counting the ones not logged since (oversized frames are each counted in
-#: their metric; a drained connection's notices in messages_received_total).
-LOG_SAMPLE_INTERVAL_S = 10.0
 #: Socket reads ask for this much at once (frames are cut from the buffer).
 READ_CHUNK_BYTES = 65536
 #: At most this many buffered frames are handed off per loop turn (liveness, pings and
@@ -91,28 +87,6 @@ FRAME_QUEUE_WAIT_S = 1.0
 #: A fragmented message may have at most this many fragments (venues send a message in one
 #: frame; each fragment costs a frame's overhead, so a flood of tiny ones is refused).
 MAX_FRAGMENTS_PER_MESSAGE = 1024
-
-
-class _LogSample:
-    """When to log one kind of line that a peer can make repeat: at most once per
-    `interval_s` (pure: the caller passes the clock; thread-safe)."""
-
-    def __init__(self, interval_s: float = LOG_SAMPLE_INTERVAL_S) -> None:
-        self.interval_s = interval_s
-        self._lock = threading.Lock()
-        self._logged_at: float | None = None
-        self._not_logged = 0
-
-    def admit(self, now: float) -> int | None:
-        """None when the line is not to be logged now; else how many were not logged since
-        the last one was (the line's `since_last_log`)."""
-        with self._lock:
-            if self._logged_at is not None and now - self._logged_at < self.interval_s:
-                self._not_logged += 1
-                return None
-            not_logged, self._not_logged = self._not_logged, 0
-            self._logged_at = now
-            return not_logged
 
 
 class FrameTooLarge(websocket.WebSocketException):
@@ -483,8 +457,11 @@ class Connection:
         # Monotonic time the last connection that was up ended (None before the first): the
         # reconnect duration runs from it, across failed attempts, to the next connection.
         self._lost_at: float | None = None
-        self._oversized_log = _LogSample()   # frame_too_large lines
-        self._ignored_log = _LogSample()     # ws_reconnect_request_ignored lines
+        # Lines a peer can make the loop repeat (frame_too_large, ws_reconnect_request_ignored):
+        # each at most once per LOG_SAMPLE_INTERVAL_S, with `since_last_log` counting the ones
+        # not logged since (oversized frames are each counted in their metric; a drained
+        # connection's notices in messages_received_total).
+        self._log_sample = LogSampler()
         #: monotonic time of the loop's last turn: the systemd watchdog is fed only while it moves
         self.beat = time.monotonic()
 
@@ -540,7 +517,7 @@ class Connection:
                 self._reconnect_reason = reason
                 return
         # A draining connection repeats its notice (every 50 ms, seen): one line per 10 s.
-        not_logged = self._ignored_log.admit(time.monotonic())
+        not_logged = self._log_sample.admit("ws_reconnect_request_ignored", time.monotonic())
         if not_logged is not None:
             log.info("ws_reconnect_request_ignored", extra={"reason": reason, "why": ignored,
                                                             "since_last_log": not_logged})
@@ -860,7 +837,7 @@ class Connection:
                 self.last_frame_monotonic = self._frame_seen_at = now = time.monotonic()
                 self._metrics.oversized_frames.inc()
                 # A venue (or a hostile peer) may send nothing else: one line per 10 s.
-                not_logged = self._oversized_log.admit(now)
+                not_logged = self._log_sample.admit("frame_too_large", now)
                 if not_logged is not None:
                     log.warning("frame_too_large", extra={"error": str(exc),
                                                           "since_last_log": not_logged})

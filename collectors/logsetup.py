@@ -9,6 +9,7 @@ written, percent-encoded, JSON- or repr-escaped, and any long enough piece of it
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import time
@@ -163,3 +164,48 @@ def setup_logging(level: str = "info", *, static: Mapping[str, str] | None = Non
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     logging.getLogger("websocket").setLevel(logging.CRITICAL)
 
+
+#: How often one kind of a repeated error line is logged, at most, and how many kinds per
+#: interval (LogSampler): a flood of one defect does not hide another, and a peer that makes a
+#: line repeat (endless different texts, oversized frames) cannot flood the log.
+LOG_SAMPLE_INTERVAL_S = 10.0
+LOG_SAMPLE_KINDS = 20
+# What makes two messages differ only in detail: quoted values and numbers.
+_REASON_DETAIL = re.compile(r"'[^']*'|\"[^\"]*\"|[0-9]+")
+
+
+class LogSampler:
+    """Decides which of a stream of error messages to log: each kind of message (its quoted
+    values and numbers masked) at most once per `interval_s`, and at most `max_kinds` kinds per
+    interval, so a flood of one defect does not hide another and a hostile peer sending endless
+    different texts cannot flood the log (the caller passes the clock; thread-safe)."""
+
+    def __init__(self, interval_s: float = LOG_SAMPLE_INTERVAL_S,
+                 max_kinds: int = LOG_SAMPLE_KINDS) -> None:
+        self.interval_s = interval_s
+        self.max_kinds = max_kinds
+        self._lock = threading.Lock()  # (a connection's requests come from other threads)
+        # kind -> (time it was last logged, messages of that kind not logged since)
+        self._logged: dict[str, tuple[float, int]] = {}
+
+    def admit(self, message: str, now: float) -> int | None:
+        """None when `message` is not to be logged now; else how many of its kind were not
+        logged since one last was (the `since_last_log` of the log line)."""
+        kind = _REASON_DETAIL.sub("_", message[:200])
+        with self._lock:
+            return self._admit(kind, now)
+
+    def _admit(self, kind: str, now: float) -> int | None:
+        logged = self._logged
+        last = logged.get(kind)
+        if last is not None and now - last[0] < self.interval_s:
+            logged[kind] = (last[0], last[1] + 1)
+            return None
+        if last is None and len(logged) >= self.max_kinds:
+            stale = now - 2 * self.interval_s
+            for key in [k for k, (at, _n) in logged.items() if at <= stale]:
+                del logged[key]
+            if len(logged) >= self.max_kinds:
+                return None
+        logged[kind] = (now, 0)
+        return 0 if last is None else last[1]

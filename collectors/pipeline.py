@@ -11,7 +11,6 @@ chunk, so per-message cost stays low at high rates.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import Counter as TallyCounter
@@ -24,6 +23,7 @@ from collectors.batching import Handoff
 from collectors.connection import Connection, Frame, RetiredFrame
 from collectors.errors import ParseError
 from collectors.exchanges.base import Adapter, Kind
+from collectors.logsetup import LOG_SAMPLE_INTERVAL_S, LOG_SAMPLE_KINDS, LogSampler
 from collectors.metrics import Metrics
 from collectors.model import PriceFeed
 
@@ -32,13 +32,11 @@ log = logging.getLogger(__name__)
 #: A subscribed symbol that has never produced data after this long is reported by name (Binance
 #: silently sends nothing for an unknown stream).
 FIRST_DATA_TIMEOUT_S = 30.0
-PARSE_ERROR_LOG_INTERVAL_S = 10.0
+PARSE_ERROR_LOG_INTERVAL_S = LOG_SAMPLE_INTERVAL_S
 #: Distinct parse-error reasons logged per interval (each at most once); past this they are
 #: only counted, so hostile input cannot flood the log. Venue error messages are held to the
 #: same limits.
-PARSE_ERROR_LOG_REASONS = 20
-# What makes two parse errors' reasons differ only in detail: quoted values and numbers.
-_REASON_DETAIL = re.compile(r"'[^']*'|\"[^\"]*\"|[0-9]+")
+PARSE_ERROR_LOG_REASONS = LOG_SAMPLE_KINDS
 PARSE_CHUNK_MAX = 2000
 #: How long the parser sleeps with no frames: a frame wakes it at once, and so does the end of
 #: the connection thread (the service closes the frame queue), so this only paces the per-second
@@ -126,38 +124,6 @@ class Freshness:
         self.stale.update(quiet)
         self.stale.update(never)
         return quiet, never
-
-
-class LogSampler:
-    """Decides which of a stream of error messages to log: each kind of message (its quoted
-    values and numbers masked) at most once per `interval_s`, and at most `max_kinds` kinds per
-    interval, so a flood of one defect does not hide another and a hostile peer sending endless
-    different texts cannot flood the log (pure: the caller passes the clock)."""
-
-    def __init__(self, interval_s: float = PARSE_ERROR_LOG_INTERVAL_S,
-                 max_kinds: int = PARSE_ERROR_LOG_REASONS) -> None:
-        self.interval_s = interval_s
-        self.max_kinds = max_kinds
-        # kind -> (time it was last logged, messages of that kind not logged since)
-        self._logged: dict[str, tuple[float, int]] = {}
-
-    def admit(self, message: str, now: float) -> int | None:
-        """None when `message` is not to be logged now; else how many of its kind were not
-        logged since one last was (the `since_last_log` of the log line)."""
-        kind = _REASON_DETAIL.sub("_", message[:200])
-        logged = self._logged
-        last = logged.get(kind)
-        if last is not None and now - last[0] < self.interval_s:
-            logged[kind] = (last[0], last[1] + 1)
-            return None
-        if last is None and len(logged) >= self.max_kinds:
-            stale = now - 2 * self.interval_s
-            for key in [k for k, (at, _n) in logged.items() if at <= stale]:
-                del logged[key]
-            if len(logged) >= self.max_kinds:
-                return None
-        logged[kind] = (now, 0)
-        return 0 if last is None else last[1]
 
 
 class Parser:

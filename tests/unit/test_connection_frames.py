@@ -15,9 +15,9 @@ from collectors.connection import (
     FrameTooLarge,
     _BoundedContinuation,
     _BoundedFrameBuffer,
-    _LogSample,
     _recv_step,
 )
+from collectors.logsetup import LogSampler
 from tests.unit.test_frame_buffer import ScriptedSocket, fragment, server_frame
 
 
@@ -170,10 +170,11 @@ def test_assembling_many_fragments_is_linear() -> None:
 
 
 def test_a_sampled_line_is_logged_once_per_interval_with_the_count_not_logged() -> None:
-    sample = _LogSample(interval_s=10.0)
-    assert sample.admit(100.0) == 0  # the first is logged
-    assert [sample.admit(100.0 + t) for t in (0.1, 1.0, 9.9)] == [None, None, None]
-    assert sample.admit(110.0) == 3  # the next one says how many were not logged
-    assert sample.admit(115.0) is None
-    assert sample.admit(200.0) == 1
-    assert sample.admit(300.0) == 0
+    sample = LogSampler(interval_s=10.0)
+    line = "frame_too_large"
+    assert sample.admit(line, 100.0) == 0  # the first is logged
+    assert [sample.admit(line, 100.0 + t) for t in (0.1, 1.0, 9.9)] == [None, None, None]
+    assert sample.admit(line, 110.0) == 3  # the next one says how many were not logged
+    assert sample.admit(line, 115.0) is None
+    assert sample.admit(line, 200.0) == 1
+    assert sample.admit(line, 300.0) == 0
