@@ -49,7 +49,8 @@ class Peer:
 
     def accept(self) -> None:
         answer = self.read_request()
-        assert answer is not None
+        if answer is None:  # the client went away first (a test ending while it reconnects):
+            raise ConnectionAbortedError("the client closed before its upgrade request")
         self.sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                           b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + answer + b"\r\n\r\n")
         self._reader = threading.Thread(target=self._read, daemon=True, name="peer-reader")
