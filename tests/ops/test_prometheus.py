@@ -52,7 +52,7 @@ def test_rule_unit_tests_cover_every_alert() -> None:
     assert {"CollectorDown", "CollectorDisconnected", "CollectorReconnecting", "SymbolNoData",
             "SymbolRejected", "FlushFailing", "SpoolGrowing", "SpoolNearFull", "SpoolErrors",
             "RestartsLooping", "RecordsDropped", "DeadLettered", "ThreadCrashed",
-            "CollectorRestarted"} <= alerts
+            "CollectorRestarted", "CollectorNoSymbols"} <= alerts
 
 
 @pytest.mark.slow
