@@ -155,7 +155,7 @@ class Handoff(Generic[T]):
         while rest:
             with self._cond:
                 room_waited = False
-                while len(self._items) >= self.max_items:
+                while not self._has_room_for(rest[0]):  # (count and cost)
                     if room_waited and stop.is_set():
                         return len(rest)
                     self._not_full.wait(1.0)

@@ -131,8 +131,10 @@ class _BoundedFrameBuffer(frame_buffer):
         self._discarding_length = 0  # > 0: the oversized frame being drained (0: a skipped one)
         self._buf = bytearray()
         self._pos = 0  # start of the unread bytes in _buf
-        # Drain continuation frames up to the one with FIN: the rest of a message refused.
+        # Drain continuation frames up to the one with FIN: the rest of a message refused
+        # (`skip_rest`), since `skipping_since` (monotonic; None when not skipping).
         self.skip_fragments = False
+        self.skipping_since: float | None = None
         self._skip_to_fin = False  # the frame being drained is the last of that message
 
     def recv_frame(self) -> Any:
@@ -162,10 +164,16 @@ class _BoundedFrameBuffer(frame_buffer):
                     # A fragment of a message (its first, or a middle one): the whole message
                     # goes, and the library's assembly of it is reset.
                     if opcode == ABNF.OPCODE_CONT or not fin:
-                        self.skip_fragments = not fin
+                        self.skip_rest(not fin)
                         self._skip_to_fin = False
                         self.on_message_refused()
                 self.clear()
+                # Fragments of a refused message that never end (each small, so no read of
+                # one takes long) would otherwise keep this call for good: the loop turns,
+                # and its liveness check sees them as the silence they are (none reaches it).
+                if skipped and self._out_of_time():
+                    raise websocket.WebSocketTimeoutException(
+                        "fragments of a refused message still arriving")
         return super().recv_frame()
 
     def _check_header(self) -> None:
@@ -195,6 +203,12 @@ class _BoundedFrameBuffer(frame_buffer):
 
     def on_message_refused(self) -> None:
         """Set by `_BoundedContinuation`: forget the message being assembled."""
+
+    def skip_rest(self, skip: bool) -> None:
+        """Drain (True) or stop draining (False) the continuation frames of a refused
+        message."""
+        self.skip_fragments = skip
+        self.skipping_since = time.monotonic() if skip else None
 
     def pop_data_frames(self, limit: int) -> list[bytes]:
         """Payloads of the complete data frames already in the buffer, cut without a socket
@@ -274,7 +288,8 @@ class _BoundedFrameBuffer(frame_buffer):
             if self._discard > 0 and self._out_of_time():
                 raise websocket.WebSocketTimeoutException("frame not drained within budget")
         if self._skip_to_fin:
-            self.skip_fragments = self._skip_to_fin = False
+            self._skip_to_fin = False
+            self.skip_rest(False)
         size = self._discarding_length
         if size:
             self._discarding_length = 0
@@ -313,7 +328,7 @@ class _BoundedContinuation(continuous_frame):
             what = (f"{self.max_bytes}-byte" if held + len(frame.data) > self.max_bytes
                     else f"{self.max_fragments}-fragment")
             self.forget()
-            self._buffer.skip_fragments = not frame.fin
+            self._buffer.skip_rest(not frame.fin)
             raise FrameTooLarge(f"fragmented message exceeds the {what} limit")
         self._fragments += 1
         if self.cont_data is None:  # validate() let only TEXT or BINARY start a message
@@ -340,8 +355,10 @@ def _recv_step(ws: websocket.WebSocket) -> tuple[int, Any] | None:
     is answered here), None for a fragment that does not end its message, so the receive loop
     turns once per frame, not once per message (`recv_data_frame` loops over the fragments).
 
-    Raises what the frame reader raises (`WebSocketTimeoutException` included) and
-    `WebSocketProtocolException` for a fragment out of order."""
+    Raises what the frame reader raises (`WebSocketTimeoutException` included: a quiet
+    socket), `WebSocketProtocolException` for a fragment out of order, and
+    `WebSocketConnectionClosedException` when the answer to a ping or close cannot be sent in
+    time."""
     frame = ws.frame_buffer.recv_frame()
     opcode = int(frame.opcode)
     if opcode in (ABNF.OPCODE_TEXT, ABNF.OPCODE_BINARY, ABNF.OPCODE_CONT):
@@ -351,10 +368,17 @@ def _recv_step(ws: websocket.WebSocket) -> tuple[int, Any] | None:
         if not frame.fin:
             return None
         return cont.extract(frame)
-    if opcode == ABNF.OPCODE_CLOSE:
-        ws.send_close()
-    elif opcode == ABNF.OPCODE_PING:  # at most 125 bytes: the frame reader checked
-        ws.pong(frame.data)
+    try:
+        if opcode == ABNF.OPCODE_CLOSE:
+            ws.send_close()
+        elif opcode == ABNF.OPCODE_PING:  # at most 125 bytes: the frame reader checked
+            ws.pong(frame.data)
+    except websocket.WebSocketTimeoutException as exc:
+        # Not a quiet socket: the peer stopped reading, and part of the frame may be written,
+        # so anything sent after it would be garbage to the peer.
+        raise websocket.WebSocketConnectionClosedException(
+            f"answer to a {'close' if opcode == ABNF.OPCODE_CLOSE else 'ping'} not sent "
+            "within the timeout (the peer is not reading)") from exc
     return opcode, frame
 
 
@@ -813,8 +837,12 @@ class Connection:
                 log.warning("ws_liveness_timeout", extra={"silent_s": round(silent_for, 3),
                                                           "limit_s": liveness})
                 return "liveness_timeout"
-            # Fragments are frames, but a message that never ends delivers nothing.
+            # Fragments are frames, but a message that never ends delivers nothing: one
+            # being assembled, or the rest of one refused (the peer may answer our pings
+            # between its fragments, so frames alone do not prove the stream alive).
             begun = bounded.started if bounded is not None else None
+            if begun is None and buffer is not None:
+                begun = buffer.skipping_since
             if begun is not None and now - begun > liveness:
                 log.warning("ws_liveness_timeout", extra={
                     "message_unfinished_s": round(now - begun, 3), "limit_s": liveness})
@@ -888,9 +916,16 @@ def _tcp_connect(host: str, port: int, handshake: _Handshake, timeout_s: float) 
     The connect is started non-blocking and `killed` is read after it has started: a kill from
     then on shuts a connecting socket down, which wakes the wait for it at once, and one from
     before is seen here. (Name resolution cannot be interrupted: it keeps its own timeouts.)
+
+    `timeout_s` is shared by the addresses: each gets an equal part of what is left, so one
+    that never answers (a broken IPv6 route, listed first) leaves time for the next before the
+    handshake's own timer, which has the same `timeout_s` in all, ends the attempt.
     """
     error: OSError | None = None
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+    addresses = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    deadline = time.monotonic() + timeout_s
+    for index, (family, kind, proto, _, address) in enumerate(addresses):
+        share = max(0.0, deadline - time.monotonic()) / (len(addresses) - index)
         sock = socket.socket(family, kind, proto)
         try:
             handshake.watch(sock)
@@ -901,8 +936,8 @@ def _tcp_connect(host: str, port: int, handshake: _Handshake, timeout_s: float) 
             if code in (errno.EINPROGRESS, errno.EAGAIN):
                 poller = select.poll()
                 poller.register(sock, select.POLLOUT)
-                if not poller.poll(timeout_s * 1000):
-                    raise TimeoutError(errno.ETIMEDOUT, "connect timed out")
+                if not poller.poll(share * 1000):
+                    raise TimeoutError(errno.ETIMEDOUT, f"connect to {address[0]} timed out")
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if handshake.killed:
                 raise OSError(errno.ECANCELED, "connect interrupted")
@@ -922,12 +957,14 @@ def _tcp_connect(host: str, port: int, handshake: _Handshake, timeout_s: float) 
 
 
 def _close_quietly(ws: websocket.WebSocket, graceful: bool) -> None:
+    """Close `ws` (with the closing handshake when `graceful`), and always its socket:
+    websocket-client's `close` returns at once, socket open, once a Close was sent (our answer
+    to the venue's Close, or ours after a protocol error)."""
     try:
         if graceful:
-            ws.close(timeout=0.5)
-        else:
-            ws.shutdown()
-    except (OSError, websocket.WebSocketException):
+            with contextlib.suppress(OSError, websocket.WebSocketException):
+                ws.close(timeout=0.5)
+    finally:
         ws.shutdown()
 
 

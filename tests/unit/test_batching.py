@@ -88,6 +88,23 @@ def test_put_many_waiting_gives_up_only_when_stopping() -> None:
     assert q.get_all(0) == [1, 2]
 
 
+def test_put_many_waiting_waits_for_room_by_cost_too() -> None:
+    # Full by cost with room by count: the wait looked at the count only, so it spun (a core
+    # busy) and never saw `stop`.
+    q: Handoff[bytes] = Handoff(1000, max_cost=100, cost_of=len)
+    stop = threading.Event()
+    stop.set()
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(
+        q.put_many_waiting([b"a" * 80, b"b" * 80, b"c" * 10], stop)), daemon=True)
+    started = time.process_time()
+    t.start()
+    t.join(5)
+    assert not t.is_alive() and result == [2]  # the one wait for room ran out: stopping
+    assert time.process_time() - started < 0.5  # waited, not spun
+    assert q.get_all(0) == [b"a" * 80]
+
+
 def test_put_many_within_waits_for_room_by_cost_and_keeps_order() -> None:
     q: Handoff[bytes] = Handoff(1000, max_cost=100, cost_of=len)
     frames = [bytes([i]) * 30 for i in range(10)]  # 300 bytes: three times the bound

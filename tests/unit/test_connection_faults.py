@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from typing import Any
 
 import pytest
 from websocket import ABNF
@@ -20,6 +21,7 @@ from websocket import ABNF
 from collectors.backoff import Backoff
 from collectors.batching import Handoff
 from collectors.connection import Frame
+from collectors.exchanges.binance import BinanceAdapter
 from tests.unit.test_connection import running
 from tests.unit.test_frame_buffer import server_frame
 
@@ -192,6 +194,71 @@ def test_a_message_fragmented_without_end_is_a_dead_connection() -> None:
         assert server.connections >= 1
 
 
+def test_a_refused_message_whose_fragments_never_end_is_a_dead_connection() -> None:
+    # Its first fragment is over the size limit, then small continuation frames keep coming
+    # with pongs between them: the drain of the refused message's rest kept one read call for
+    # good (no stop, no liveness), and the pongs alone looked like a live stream.
+    def scenario(peer: Peer) -> None:
+        peer.accept()
+        peer.sock.sendall(server_frame(HEARTBEAT))
+        peer.sock.sendall(bytes(ABNF(0, 0, 0, 0, ABNF.OPCODE_TEXT, 0, b"x" * 5000).format()))
+        cont = bytes(ABNF(0, 0, 0, 0, ABNF.OPCODE_CONT, 0, b"abc").format())
+        pong = server_frame(b"", ABNF.OPCODE_PONG)
+        while not peer.stop.wait(0.02):
+            peer.sock.sendall(cont + pong)
+
+    with raw_server(scenario) as server, running(server.url, liveness_timeout_s=1.0,
+                                                 max_frame_bytes=1000,
+                                                 **FAST) as h:  # type: ignore[arg-type]
+        assert wait_for(lambda: h.value("chrono_collector_reconnects_total",
+                                        reason="liveness_timeout") >= 1, 6)
+        assert wait_for(lambda: server.connections >= 2, 5)
+        assert h.value("chrono_collector_oversized_frames_total") >= 1
+        assert time.monotonic() - h.conn.beat < 1.0
+
+
+def test_the_retiring_socket_is_closed_once_the_venue_closes_it() -> None:
+    # A handover (Binance's serverShutdown) where the venue closes the old connection first:
+    # our answer to its Close marked the connection closed, so websocket-client's close()
+    # returned at once and left the socket open (the venue saw no end of stream) until the
+    # garbage collector happened to free it.
+    from tests.unit.test_connection_reconnects import SHUTDOWN, ticker
+    eof = threading.Event()
+    successor = threading.Event()
+    answer_close: list[tuple[int, bytes]] = []
+
+    def scenario(peer: Peer) -> None:
+        if peer.number > 1:  # the successor
+            peer.accept()
+            successor.set()
+            while not peer.stop.wait(0.05):
+                peer.sock.sendall(server_frame(ticker()))
+            return
+        answer = peer.read_request()
+        assert answer is not None
+        peer.sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + answer
+                          + b"\r\n\r\n")
+        peer.sock.sendall(server_frame(ticker()) + server_frame(SHUTDOWN))
+        if not successor.wait(5):
+            return
+        peer.sock.sendall(server_frame((1001).to_bytes(2, "big"), ABNF.OPCODE_CLOSE))
+        peer.sock.settimeout(5)
+        with suppress(OSError):
+            while chunk := peer.sock.recv(4096):
+                peer.received += chunk
+            eof.set()
+        answer_close.extend(peer.client_frames())
+
+    with raw_server(scenario) as server, running(
+            server.url, BinanceAdapter("w"), symbols=["BTC/USDT"],
+            **FAST) as h, h.parsing():  # type: ignore[arg-type]
+        assert successor.wait(5)
+        assert eof.wait(3), "the retiring connection's socket stayed open"
+        assert answer_close and answer_close[-1][0] == ABNF.OPCODE_CLOSE  # answered, closed
+        assert h.value("chrono_collector_reconnects_total", reason="server_shutdown") == 1
+
+
 def test_a_length_with_its_top_bit_set_closes_with_1002_and_reconnects() -> None:
     def scenario(peer: Peer) -> None:
         peer.accept()
@@ -299,6 +366,34 @@ def test_a_tcp_connect_the_peer_never_answers_times_out() -> None:
                                             **FAST) as h:  # type: ignore[arg-type]
         assert wait_for(lambda: h.value("chrono_collector_reconnects_total",
                                         reason="connect_failed") >= 2, 5)
+
+
+def test_an_address_that_never_answers_leaves_time_for_the_next(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A venue's name resolves to two addresses, the first unreachable (a broken IPv6 route is
+    # listed first): each address was given the whole connect timeout, which is also the
+    # handshake's as a whole, so the next address was never tried and no attempt connected.
+    # (Name resolution is the one part faked: both addresses are 127.0.0.1, on two ports.)
+    def scenario(peer: Peer) -> None:
+        peer.accept()
+        peer.sock.sendall(server_frame(HEARTBEAT))
+
+    real_getaddrinfo = socket.getaddrinfo
+    with unanswered_port() as hole, raw_server(scenario) as server:
+        live = int(server.url.rsplit(":", 1)[1])
+
+        def two_addresses(host: str, port: int, *args: Any, **kw: Any) -> Any:
+            if host != "venue.test":
+                return real_getaddrinfo(host, port, *args, **kw)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", hole)),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", live))]
+
+        monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+        with running(f"ws://venue.test:{live}", connect_timeout_s=2.0,
+                     **FAST) as h:  # type: ignore[arg-type]
+            assert wait_for(lambda: h.value("chrono_collector_connected") == 1, 5)
+            assert h.value("chrono_collector_reconnects_total", reason="connect_failed") == 0
+            assert server.connections == 1
 
 
 # ---- 3: a stuck parser costs frames, not the connection --------------------------------------

@@ -178,3 +178,54 @@ def test_a_sampled_line_is_logged_once_per_interval_with_the_count_not_logged() 
     assert sample.admit(line, 115.0) is None
     assert sample.admit(line, 200.0) == 1
     assert sample.admit(line, 300.0) == 0
+
+
+def test_a_refused_message_whose_fragments_never_end_gives_the_loop_its_turns() -> None:
+    # The first fragment is over the limit, then small continuation frames keep coming, all in
+    # one read's worth of bytes (never a socket timeout, each frame quick to read): draining
+    # them kept one call for good, with the loop's stop, pings and liveness check waiting.
+    tail = b"".join(fragment(b"abc", first=False, fin=False) for _ in range(5000))
+    ws = scripted_ws([fragment(b"x" * 2000, first=True, fin=False) + tail], limit=1000)
+    buffer = ws.frame_buffer
+    assert isinstance(buffer, _BoundedFrameBuffer)
+    buffer.budget_s = 0.0
+    with pytest.raises(FrameTooLarge):
+        _recv_step(ws)
+    assert buffer.skipping_since is not None  # what the loop's liveness check looks at
+    turns = 0
+    with pytest.raises(websocket.WebSocketConnectionClosedException):  # the script's end
+        while True:
+            try:
+                _recv_step(ws)
+            except websocket.WebSocketTimeoutException:
+                turns += 1
+    assert turns >= 4000  # about a turn per fragment with a budget of 0 s
+
+
+def test_the_skip_ends_with_the_refused_message() -> None:
+    wire = (fragment(b"x" * 2000, first=True, fin=False) + fragment(b"a", first=False, fin=False)
+            + fragment(b"b", first=False, fin=True) + server_frame(b"next"))
+    ws = scripted_ws([wire], limit=1000)
+    buffer = ws.frame_buffer
+    assert isinstance(buffer, _BoundedFrameBuffer)
+    with pytest.raises(FrameTooLarge):
+        _recv_step(ws)
+    step = _recv_step(ws)
+    assert step is not None and bytes(step[1].data) == b"next"
+    assert buffer.skipping_since is None and not buffer.skip_fragments
+
+
+@pytest.mark.parametrize("opcode", [ABNF.OPCODE_PING, ABNF.OPCODE_CLOSE])
+def test_an_answer_that_cannot_be_sent_in_time_ends_the_connection(opcode: int) -> None:
+    # A send that timed out may have written part of the pong (the peer stopped reading): it
+    # read as a quiet socket, and the loop went on writing after the partial frame.
+    ws = scripted_ws([server_frame(b"\x03\xe8" if opcode == ABNF.OPCODE_CLOSE else b"hi",
+                                   opcode)])
+    ws.connected = True
+
+    def send_timed_out(*args: object, **kw: object) -> None:
+        raise websocket.WebSocketTimeoutException("timed out")
+
+    ws.send = send_timed_out  # type: ignore[method-assign]
+    with pytest.raises(websocket.WebSocketConnectionClosedException, match="not sent"):
+        _recv_step(ws)
