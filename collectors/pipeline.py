@@ -149,6 +149,7 @@ class Parser:
         self._kind_counters = {k: metrics.messages_counter(k.value) for k in Kind}
         self._parse_log = LogSampler()   # parse_failed lines
         self._venue_log = LogSampler()   # venue_error lines (a venue's own texts)
+        self._status_log = LogSampler()  # venue_status lines (each new status at once)
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=16)
         # Paces subscribes sent again after a venue refused one for a passing reason.
         self._subscribe_backoff = Backoff(base_s=1.0, cap_s=60.0)
@@ -233,7 +234,7 @@ class Parser:
                 # must meet a growing backoff)
                 self._subscribe_backoff.reset()
             elif kind is Kind.STATUS and parsed.error:
-                log.warning("venue_status", extra={"status": parsed.error})
+                self._log_venue_status(parsed.error)
             if parsed.reconnect:  # (not for a connection being handed over already)
                 self._conn.request_reconnect(
                     "server_shutdown", retired=type(frame) is RetiredFrame,
@@ -389,6 +390,14 @@ class Parser:
                                            "sample": payload[:200].decode("utf-8", "replace"),
                                            "frame_bytes": len(payload),
                                            "since_last_log": not_logged})
+
+    def _log_venue_status(self, status: str) -> None:
+        """A venue's system status other than online (Kraken's `maintenance`, `cancel_only`,
+        ...), sampled like its errors: a new status is said at once, a repeated one (a venue,
+        or a hostile peer, may repeat it every frame) once per interval."""
+        not_logged = self._status_log.admit(status, time.monotonic())
+        if not_logged is not None:
+            log.warning("venue_status", extra={"status": status, "since_last_log": not_logged})
 
     def _log_venue_error(self, error: str | None) -> None:
         """An error message from the venue, sampled like parse errors: the venue writes the

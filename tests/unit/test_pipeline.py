@@ -664,6 +664,34 @@ def test_venue_error_messages_are_logged_like_parse_errors(
     assert [getattr(r, "since_last_log", None) for r in lines] == [0] * len(lines)
 
 
+def test_a_repeated_venue_status_is_logged_once_per_interval_and_a_new_one_at_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A venue (or a hostile peer) repeating its status every frame wrote a line each: 5,000
+    # frames gave 6,082 lines in 5 s.
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, "kraken", "w1")
+    adapter = create("kraken", "w1", decode_frame)
+    conn = Connection(adapter, "ws://127.0.0.1:9", ["BTC/USD"], Handoff(10), metrics,
+                      threading.Event())
+    parser = Parser(adapter, Handoff(10), Handoff(100), conn, metrics, threading.Event())
+
+    def status(system: str) -> Frame:
+        # The shape of Kraken's docs (websocket-v2/status; tests/fixtures/kraken).
+        return (json.dumps({"channel": "status", "type": "update", "data": [{
+            "api_version": "v2", "connection_id": 13834774380200032777, "system": system,
+            "version": "2.0.0"}]}).encode(), time.time_ns())
+
+    with caplog.at_level(logging.WARNING, logger="collectors.pipeline"):
+        parser._handle([status("maintenance")] * 500)
+        parser._handle([status("cancel_only")] * 500)
+    lines = [(getattr(r, "status", None), getattr(r, "since_last_log", None))
+             for r in caplog.records if r.getMessage() == "venue_status"]
+    assert lines == [("kraken system status: maintenance", 0),
+                     ("kraken system status: cancel_only", 0)]
+    assert registry.get_sample_value("chrono_collector_messages_received_total",
+                                     {"exchange": "kraken", "kind": "status"}) == 1000
+
+
 def test_a_venue_error_kind_logged_again_says_how_many_were_not() -> None:
     sampler = LogSampler(interval_s=10.0, max_kinds=2)
     assert sampler.admit("error 1", 0.0) == 0
