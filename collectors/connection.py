@@ -65,6 +65,11 @@ DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 PLANNED_REASONS: frozenset[ReconnectReason] = frozenset({"server_shutdown", "max_age"})
 HANDOVER_OVERLAP_S = 2.0
 HANDOVER_MAX_S = 30.0
+#: A connection is healthy once it has delivered data and lived this long: only then is the
+#: backoff reset and a planned replacement made at once. A node that sends a ticker and then
+#: asks every connection to go (or closes it) would otherwise be reconnected to about twice a
+#: second, for good (Binance allows 300 connections per 5 minutes per IP, then bans it).
+HEALTHY_AFTER_S = 10.0
 #: A handshake refused with a `Retry-After` (Binance's 429 "too many requests" and 418 "IP
 #: banned" carry one) is not tried again before it has passed, but never waits longer than
 #: this: Binance's bans run from 2 minutes to 3 days, and one refused attempt an hour costs
@@ -442,7 +447,8 @@ class Connection:
                  backoff: Backoff | None = None, recv_timeout_s: float = 0.5,
                  connect_timeout_s: float = 5.0, liveness_timeout_s: float | None = None,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                 frame_queue_wait_s: float = FRAME_QUEUE_WAIT_S) -> None:
+                 frame_queue_wait_s: float = FRAME_QUEUE_WAIT_S,
+                 healthy_after_s: float = HEALTHY_AFTER_S) -> None:
         self.adapter = adapter
         self.base_url = base_url
         self._symbols = list(symbols)
@@ -457,6 +463,7 @@ class Connection:
         self.liveness_timeout_s = liveness_timeout_s or adapter.liveness_timeout_s
         self._max_frame_bytes = max_frame_bytes
         self._frame_queue_wait_s = frame_queue_wait_s
+        self._healthy_after_s = healthy_after_s
         self._lock = threading.Lock()  # guards the request fields below (set by other threads)
         self._resubscribe: list[str] | None = None
         self._resubscribe_at = 0.0  # monotonic time to send `_resubscribe` at
@@ -475,7 +482,10 @@ class Connection:
         self._max_age_s = adapter.max_connection_age_s
         self._first_frame_at: float | None = None   # first text frame of the current connection
         self._retiring: list[threading.Thread] = []
+        # The connection being retired, with the event that ends its reading.
+        self._retiring_now: tuple[threading.Event, websocket.WebSocket] | None = None
         self._handover = False  # the last connection was retired (handed over), not closed
+        self._lived_s = 0.0  # how long the last connection was up (0: it never came up)
         self._session_first = 0  # frames.put_total when the current connection began
         self._retry_after_s: float | None = None  # the last refused handshake's Retry-After
         # Monotonic time the last connection that was up ended (None before the first): the
@@ -592,21 +602,24 @@ class Connection:
                 self._session_first = self._frames.put_total
             self._data_seen = False
             self._handover = False
+            self._lived_s = 0.0
             reason = self._session(url, symbols)
             if reason == "stopped" or self._stop.is_set():
                 break
             self._metrics.reconnect(reason)
-            if self._data_seen:
+            healthy = self._data_seen and self._lived_s >= self._healthy_after_s
+            if healthy:
                 self._backoff.reset()
-            if self._handover:
+            if self._handover and healthy:
                 # A healthy connection handed over: its successor comes at once, the old one is
                 # still being read.
                 delay = 0.0
             else:
-                # Planned or not, a connection that delivered no data backs off: a venue that
-                # asks every new connection to go (a node being drained that its load balancer
-                # keeps choosing) would otherwise be reconnected to in a tight loop, and
-                # Binance allows 300 connections per 5 minutes per IP.
+                # Planned or not, a connection that delivered no data, or only briefly, backs
+                # off (one handed over is still read meanwhile): a venue that asks every new
+                # connection to go (a node being drained that its load balancer keeps choosing)
+                # would otherwise be reconnected to in a tight loop, and Binance allows 300
+                # connections per 5 minutes per IP.
                 delay = self._backoff.next_delay()
                 retry_after, self._retry_after_s = self._retry_after_s, None
                 if retry_after is not None:
@@ -745,6 +758,7 @@ class Connection:
             # again, is the same outage).
             if self._data_seen or self._lost_at is None:
                 self._lost_at = time.monotonic()
+            self._lived_s = time.monotonic() - now
             self._metrics.connected.set(0)
             self.connected_since = None
             self._ws = None
@@ -759,18 +773,30 @@ class Connection:
 
     def _retire(self, ws: websocket.WebSocket) -> None:
         """Keep reading a connection being replaced, on its own thread, until its successor
-        has delivered for a while: make-before-break, so the switch loses no update."""
+        has delivered for a while: make-before-break, so the switch loses no update. One at a
+        time: one still being read when the next is retired (its successor was replaced in turn
+        before it delivered for long) is closed now, so a venue that keeps asking connections to
+        go cannot pile them up."""
+        if self._retiring_now is not None:
+            earlier_done, earlier = self._retiring_now
+            earlier_done.set()
+            sock = earlier.sock
+            if sock is not None:  # wake its read now: it sends its Close and goes
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RD)
+        done = threading.Event()
+        self._retiring_now = (done, ws)
         self._retiring = [t for t in self._retiring if t.is_alive()]
-        thread = threading.Thread(target=self._drain_old, args=(ws,), daemon=True,
+        thread = threading.Thread(target=self._drain_old, args=(ws, done), daemon=True,
                                   name=f"ws-{self.adapter.name}-retiring")
         self._retiring.append(thread)
         thread.start()
 
-    def _drain_old(self, ws: websocket.WebSocket) -> None:
+    def _drain_old(self, ws: websocket.WebSocket, done: threading.Event) -> None:
         started = time.monotonic()
         forwarded = 0
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not done.is_set():
                 now = time.monotonic()
                 successor = self._first_frame_at
                 if now - started > HANDOVER_MAX_S or (

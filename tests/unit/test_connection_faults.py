@@ -58,6 +58,11 @@ class Peer:
         self._reader = threading.Thread(target=self._read, daemon=True, name="peer-reader")
         self._reader.start()
 
+    @property
+    def reading(self) -> bool:
+        """Whether the client still holds its end (the reader has not seen the end yet)."""
+        return self._reader is not None and self._reader.is_alive()
+
     def _read(self) -> None:
         with suppress(OSError):
             while chunk := self.sock.recv(65536):

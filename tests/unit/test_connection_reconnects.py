@@ -72,9 +72,11 @@ def test_serverShutdown_repeated_on_the_retiring_connection_keeps_its_successor(
             peer.sock.sendall(server_frame(ticker()))
 
     adapter = BinanceAdapter("w")
+    # (healthy_after_s=0: a connection that delivered counts as healthy at once here, as one
+    # that lived for minutes would)
     with raw_server(scenario) as server, running(server.url, adapter, symbols=SYMBOLS,
                                              backoff=backoff, recv_timeout_s=0.2,
-                                             max_frame_bytes=4096) as h, \
+                                             max_frame_bytes=4096, healthy_after_s=0.0) as h, \
             h.parsing():
         assert wait_for(lambda: h.conn._data_seen, 10)
         data_parsed.set()
@@ -120,7 +122,8 @@ def test_serverShutdown_on_the_successor_during_the_handover_is_acted_on() -> No
 
     with raw_server(scenario) as server, running(server.url, BinanceAdapter("w"),
                                                  symbols=SYMBOLS, backoff=backoff,
-                                                 recv_timeout_s=0.2) as h, h.parsing():
+                                                 recv_timeout_s=0.2,
+                                                 healthy_after_s=0.0) as h, h.parsing():
         assert wait_for(lambda: h.conn._data_seen, 10)
         data_parsed.set()
         assert wait_for(lambda: server.connections == 3, 10), server.connections
@@ -210,6 +213,34 @@ def test_a_reconnect_request_from_an_earlier_connection_is_ignored() -> None:
         assert h.conn._reconnect_reason is None
         h.conn.request_reconnect("server_shutdown", frame_index=first)
         assert wait_for(lambda: server.connections == 2, 5)
+
+
+def test_a_node_that_asks_every_connection_to_go_after_a_ticker_meets_a_backoff() -> None:
+    """Each new connection delivers a ticker, then `serverShutdown`: counted as a healthy
+    handover, each was replaced at once and the backoff reset, about twice a second for good
+    (Binance bans an IP past 300 connections in 5 minutes), with every old connection kept
+    open and read for up to 30 s (79 connections and 55 threads in 40 s in a review)."""
+    backoff = Backoff(base_s=0.05, cap_s=0.2)
+    open_connections: list[int] = []
+
+    def scenario(peer: Peer) -> None:
+        peer.accept()
+        peer.sock.sendall(server_frame(ticker()) + server_frame(SHUTDOWN))
+        while not peer.stop.wait(0.05):  # the old node keeps sending while it is read
+            peer.sock.sendall(server_frame(ticker()))
+
+    with raw_server(scenario) as server, running(server.url, BinanceAdapter("w"),
+                                                 symbols=SYMBOLS, backoff=backoff,
+                                                 recv_timeout_s=0.2,
+                                                 healthy_after_s=5.0) as h, h.parsing():
+        def backed_off() -> bool:
+            open_connections.append(sum(p.reading for p in server.peers))
+            return backoff.attempt >= 4
+        assert wait_for(backed_off, 10), backoff.attempt
+        assert h.value("chrono_collector_reconnects_total", reason="server_shutdown") >= 4
+        # The live one and one being retired (and one closing) at most: the client closed
+        # each earlier one (the peer's reader saw the end).
+        assert server.connections >= 4 and max(open_connections) <= 3, open_connections
 
 
 # ---- a planned reconnect backs off unless the connection delivered data -----------------------
