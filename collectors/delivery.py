@@ -36,6 +36,7 @@ from collectors import __version__
 from collectors.backoff import Backoff, Outcome, classify_status, parse_retry_after
 from collectors.errors import SpoolError
 from collectors.keys import Redactor
+from collectors.logsetup import LogSampler
 from collectors.metrics import FlushFailureReason, Metrics
 from collectors.model import Metadata, PriceFeed
 from collectors.spool import Batch, Spool
@@ -320,8 +321,20 @@ class Poster:
         finally:
             self._deadline.disarm()
         outcome = classify_status(resp.status_code)
+        out_of_step = outcome is Outcome.STORED and not _answers_key(body, batch.key)
+        if outcome is not Outcome.STORED or out_of_step:
+            # An API that failed may still write to this connection (a late answer to this
+            # request, a proxy's stray one): reused, it would be read as the next request's
+            # answer, and a late 2xx would acknowledge a batch never stored. The next POST
+            # takes a new connection (failures are rare; successes keep theirs).
+            self._session.close()
         if self._deadline.fired and outcome is not Outcome.STORED:
             return self._cut_short()  # not a whole answer
+        if out_of_step:
+            return PostResult(Outcome.RETRY, resp.status_code, None,
+                              "a 2xx answer naming another batch's Idempotency-Key (an answer "
+                              "out of step with its request): not counted as stored",
+                              reason="network")
         detail = ""
         if outcome is not Outcome.STORED:
             # Redacted before it is cut: a key straddling the cut would escape the log filter.
@@ -404,6 +417,20 @@ def _timed_out(exc: BaseException) -> bool:
             return True
         todo += [x for x in (e.__cause__, e.__context__, *e.args) if isinstance(x, BaseException)]
     return False
+
+
+def _answers_key(body: bytes, key: str) -> bool:
+    """False when a 2xx body names an `idempotency_key` (the reference API echoes it) other
+    than `key`: the answer belongs to another request. True when it names this one, or none
+    (the contract does not require the echo)."""
+    if b'"idempotency_key"' not in body:
+        return True
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return True
+    named = doc.get("idempotency_key") if isinstance(doc, dict) else None
+    return not isinstance(named, str) or named == key
 
 
 def _bounded_body(resp: requests.Response) -> bytes:
@@ -623,6 +650,9 @@ class Sender:
         # Capped (DELIVERY_RETRY_MAX_S, 30 s): after an outage the backlog starts draining soon.
         self._backoff = backoff or Backoff(base_s=0.5, cap_s=retry_max_s)
         self._resume_at = 0.0  # monotonic time before which no worker POSTs (after a failure)
+        # records_rejected, batch_rejected and delivery_recovered lines: the first at once,
+        # then one per SPOOL_ERROR_LOG_INTERVAL_S with the count not logged since.
+        self._reject_log = LogSampler(interval_s=self.SPOOL_ERROR_LOG_INTERVAL_S)
         self._probe = threading.Lock()  # held by the one POST allowed while the API is failing
         self._in_flight: set[str] = set()  # keys of the batches the workers hold
         # Batches the parser claimed in its own commit for a worker waiting for one (`append`);
@@ -1024,7 +1054,10 @@ class Sender:
                 self._backoff.reset()
             self._acks[worker].append(self._bookkeeper.submit(self._acknowledge, batch.key, n))
             if recovered_after:
-                log.info("delivery_recovered", extra={"after_attempts": recovered_after})
+                not_logged = self._reject_log.admit("delivery_recovered", time.monotonic())
+                if not_logged is not None:  # (an API failing every other POST: sampled)
+                    log.info("delivery_recovered", extra={"after_attempts": recovered_after,
+                                                          "since_last_log": not_logged})
             log.debug("batch_delivered", extra={"idempotency_key": batch.key, "records": n,
                                                 "status": result.status})
             return
@@ -1048,8 +1081,10 @@ class Sender:
         with self._lock:
             delay = self._backoff.next_delay()
             if result.retry_after_s is not None:
-                # The server said when: do as it says (a floor keeps a "0" from spinning us).
-                delay = max(result.retry_after_s, RETRY_AFTER_FLOOR_S)
+                # The server said when: not before then, nor before the backoff's own time (a
+                # "0", or a date already past on a clock behind ours, retried four times a
+                # second for as long as the outage lasted).
+                delay = max(delay, result.retry_after_s, RETRY_AFTER_FLOOR_S)
             if result.outcome is Outcome.AUTH:
                 delay = max(delay, AUTH_RETRY_S)
             self._resume_at = max(self._resume_at, time.monotonic() + delay)
@@ -1059,8 +1094,8 @@ class Sender:
                 "hint": "the ingest API refused the key; check API_KEY/API_KEY_FILE. Records "
                         "stay in the spool until it is fixed."})
         else:
-            # An API answering `Retry-After: 0` (obeyed, with a 0.25 s floor) failed four
-            # times a second for as long as it lasted, a warning each: one line per
+            # An API failing fast (a `Retry-After: 0` once retried four times a second) must
+            # not write a warning per failure: one line per
             # SPOOL_ERROR_LOG_INTERVAL_S (10 s), with the retries since; every one is counted.
             now = time.monotonic()
             with self._lock:
@@ -1096,9 +1131,14 @@ class Sender:
         if bad is not None and len(bad) < n:
             dead, released = self._spool.split(batch.key, bad, status, result.detail)
             self._metrics.dead_letter_records.inc(dead)
-            log.error("records_rejected", extra={
-                "idempotency_key": batch.key, "rejected": dead, "resent": released,
-                "status": status, "detail": result.detail[:500]})
+            # An API refusing part of every batch must not write a line per batch: each is
+            # counted and in the dead-letter file with its reason.
+            not_logged = self._reject_log.admit("records_rejected", time.monotonic())
+            if not_logged is not None:
+                log.error("records_rejected", extra={
+                    "idempotency_key": batch.key, "rejected": dead, "resent": released,
+                    "status": status, "detail": result.detail[:500],
+                    "since_last_log": not_logged})
             return
         self._spool.dead_letter(batch.key, status, result.detail)
         self._metrics.dead_letter_records.inc(n)
@@ -1107,8 +1147,11 @@ class Sender:
             # not a limit on the batch size, which must not stay bisected below them.
             with self._lock:
                 self._too_large = None
-        log.error("batch_rejected", extra={"idempotency_key": batch.key, "records": n,
-                                           "status": status, "detail": result.detail[:500]})
+        not_logged = self._reject_log.admit("batch_rejected", time.monotonic())
+        if not_logged is not None:
+            log.error("batch_rejected", extra={"idempotency_key": batch.key, "records": n,
+                                               "status": status, "detail": result.detail[:500],
+                                               "since_last_log": not_logged})
 
     def _spool_gauges(self) -> tuple[float, float, float]:
         """(records, payload bytes, the oldest record's Unix time or 0) for the spool gauges,

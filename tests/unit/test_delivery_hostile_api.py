@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from collectors.backoff import Outcome
+from collectors.backoff import Backoff, Outcome
 from collectors.delivery import Poster, Sender, encode
 from collectors.metrics import Metrics
 from collectors.model import PriceFeed
@@ -39,6 +41,7 @@ def records(n: int) -> list[bytes]:
 class Worker:
     spool: Spool
     metrics: Metrics
+    sender: Sender
     errors: list[BaseException] = field(default_factory=list)
 
     def settled(self) -> bool:
@@ -52,8 +55,8 @@ class Worker:
 
 
 @contextmanager
-def worker(tmp_path: Path, server: RawServer, *, n: int = 10,
-           read_timeout_s: float = 5.0) -> Iterator[Worker]:
+def worker(tmp_path: Path, server: RawServer, *, n: int = 10, read_timeout_s: float = 5.0,
+           backoff: Backoff | None = None) -> Iterator[Worker]:
     """One delivery worker sending `n` spooled records as one batch; stopped on exit."""
     spool = Spool(tmp_path / "spool")
     spool.append(records(n))
@@ -62,8 +65,8 @@ def worker(tmp_path: Path, server: RawServer, *, n: int = 10,
     metrics = Metrics(CollectorRegistry(), "coinbase", "w")
     sender = Sender(spool, [poster], metrics, batch_size=n, batch_interval_s=0.01, stop=stop,
                     writer_finished=writer_done, wake=wake, drain_timeout_s=2.0,
-                    retry_max_s=0.5)
-    w = Worker(spool, metrics)
+                    retry_max_s=0.5, backoff=backoff)
+    w = Worker(spool, metrics, sender)
 
     def run() -> None:
         try:
@@ -98,6 +101,49 @@ def test_an_unreadable_retry_after_date_does_not_end_the_worker(tmp_path: Path) 
         assert wait_until(w.settled)
         assert w.errors == []
         assert server.requests == 2  # the 503, then the retry (its wait our own backoff)
+
+
+class _Ceiling(random.Random):
+    """Full jitter at its top: the backoff's delay is its ceiling, every time."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def test_a_retry_after_of_0_waits_the_backoff_not_a_quarter_second(tmp_path: Path) -> None:
+    # `Retry-After: 0` (or a date already past, on a clock behind ours) replaced the backoff:
+    # retried four times a second for as long as the outage lasted.
+    def answer(sock: socket.socket, _n: int) -> None:
+        sock.sendall(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\n"
+                     b"Content-Length: 0\r\n\r\n")
+
+    backoff = Backoff(base_s=2.0, cap_s=2.0, rng=_Ceiling())
+    with raw_server(answer) as server, worker(tmp_path, server, backoff=backoff) as w:
+        assert wait_until(lambda: w.sender._resume_at > 0)
+        assert w.sender._resume_at - time.monotonic() > 1.0  # the backoff's 2 s, not 0.25 s
+        assert server.requests == 1
+
+
+def test_an_api_refusing_part_of_every_batch_is_one_line_per_interval(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # 422 naming the first record of every batch: each split re-sends the rest, refused again,
+    # a `records_rejected` line each (66 ERROR lines in 3 s in a review's run).
+    body = json.dumps({"status": 422, "errors": [{"index": 0, "detail": "bad price"}]}).encode()
+
+    def answer(sock: socket.socket, _n: int) -> None:
+        sock.sendall(b"HTTP/1.1 422 Unprocessable Content\r\n"
+                     b"Content-Type: application/problem+json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    with caplog.at_level(logging.ERROR, logger="collectors.delivery"), \
+            raw_server(answer) as server, worker(tmp_path, server) as w:
+        assert wait_until(w.settled)
+        assert w.sample("dead_letter_records_total") == 10  # every one, counted
+    lines = [r for r in caplog.records if r.getMessage() in ("records_rejected",
+                                                             "batch_rejected")]
+    assert server.requests == 10
+    assert [(r.getMessage(), getattr(r, "since_last_log", None)) for r in lines] == [
+        ("records_rejected", 0), ("batch_rejected", 0)]  # (the last one's batch was whole)
 
 
 def test_a_deeply_nested_rejection_dead_letters_the_batch(tmp_path: Path) -> None:
