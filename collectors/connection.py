@@ -468,6 +468,7 @@ class Connection:
         self._resubscribe: list[str] | None = None
         self._resubscribe_at = 0.0  # monotonic time to send `_resubscribe` at
         self._reconnect_reason: ReconnectReason | None = None
+        self._subscribe_sent: tuple[int, tuple[str, ...]] | None = None  # `subscribe_sent`
         self._ws: websocket.WebSocket | None = None
         self._handshake: _Handshake | None = None  # the opening under way, for `abort`
         self._data_seen = False
@@ -525,6 +526,21 @@ class Connection:
                 at = min(at, self._resubscribe_at)
             self._resubscribe = list(symbols)
             self._resubscribe_at = at
+
+    def subscribe_sent(self) -> tuple[int, tuple[str, ...]] | None:
+        """(wall-clock ns, symbols) of the last subscribe request sent, for the parser's check
+        that the venue answers it; None before the first (and on venues that take none)."""
+        with self._lock:
+            return self._subscribe_sent
+
+    def _subscribe(self, ws: websocket.WebSocket, symbols: Sequence[str]) -> None:
+        messages = self.adapter.subscribe_messages(symbols)
+        sent_ns = time.time_ns()  # (before: an answer is never received before it)
+        for message in messages:
+            ws.send(message)
+        if messages:
+            with self._lock:
+                self._subscribe_sent = (sent_ns, tuple(symbols))
 
     def replace_symbols(self, symbols: Sequence[str], *, resubscribe: bool) -> None:
         """Use `symbols` from now on (after the venue rejected some); send a new subscribe
@@ -741,8 +757,7 @@ class Connection:
         self._first_frame_at = None
         reason: ReconnectReason | Literal["stopped"] = "error"
         try:
-            for message in self.adapter.subscribe_messages(symbols):
-                ws.send(message)
+            self._subscribe(ws, symbols)
             reason = self._receive(ws)
             return reason
         except (OSError, websocket.WebSocketException) as exc:
@@ -852,8 +867,7 @@ class Connection:
                     log.info("ws_reconnect_requested", extra={"reason": reason})
                     return reason
                 if resub is not None:
-                    for message in self.adapter.subscribe_messages(resub):
-                        ws.send(message)
+                    self._subscribe(ws, resub)
             if self._max_age_s is not None and self.connected_since is not None and (
                     now - self.connected_since > self._max_age_s):
                 log.info("ws_max_age", extra={"age_s": round(now - self.connected_since)})

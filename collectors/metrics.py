@@ -48,7 +48,7 @@ LAG_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 #: Why a connection was replaced (`connection.py`; the planned ones are its PLANNED_REASONS).
 ReconnectReason = Literal["connect_failed", "handshake_rejected", "error", "liveness_timeout",
                           "closed_by_server", "server_shutdown", "max_age", "protocol_error",
-                          "all_symbols_stale"]
+                          "all_symbols_stale", "subscribe_unanswered"]
 RECONNECT_REASONS: tuple[ReconnectReason, ...] = get_args(ReconnectReason)
 #: Why a batch POST failed (`delivery._failure_reason`).
 FlushFailureReason = Literal["network", "client_error", "throttled", "server_error", "auth",

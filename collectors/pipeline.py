@@ -38,6 +38,12 @@ PARSE_ERROR_LOG_INTERVAL_S = LOG_SAMPLE_INTERVAL_S
 #: same limits.
 PARSE_ERROR_LOG_REASONS = LOG_SAMPLE_KINDS
 PARSE_CHUNK_MAX = 2000
+#: A subscribe request the venue has not answered (an ack, a refusal, or data for the symbol)
+#: this long after it was sent is sent again, after the subscribe backoff (Kraken advises a
+#: deadline timer of about 5 s); SUBSCRIBE_UNANSWERED_RECONNECT unanswered in a row replace
+#: the connection.
+SUBSCRIBE_ANSWER_DEADLINE_S = 10.0
+SUBSCRIBE_UNANSWERED_RECONNECT = 3
 #: How long the parser sleeps with no frames: a frame wakes it at once, and so does the end of
 #: the connection thread (the service closes the frame queue), so this only paces the per-second
 #: freshness check of a silent feed.
@@ -156,6 +162,12 @@ class Parser:
         # When the resubscribe last asked for goes out (monotonic): refusals until then are
         # the same event (Kraken acks each symbol of one subscribe on its own).
         self._resubscribe_due = 0.0
+        # Wall-clock ns of the frame that last answered each symbol's subscribe (an ack, a
+        # refusal, a record); the subscribe request last checked for answers; unanswered ones
+        # in a row.
+        self._answered_ns: dict[str, int] = {}
+        self._subscribe_checked: tuple[int, tuple[str, ...]] | None = None
+        self._unanswered = 0
         self.records_total = 0
         # Records the spool refused while stopping: the first chunk's said at once, the rest
         # added up here and said when the loop ends.
@@ -225,6 +237,9 @@ class Parser:
                 parse_errors += len(parsed.invalid)
                 for reason in parsed.invalid:
                     self._log_parse_error(ParseError(reason), payload)
+            if parsed.subscribed or parsed.rejected or parsed.retry_subscribe:
+                self._answered(received_ns, parsed.subscribed, parsed.rejected,
+                               parsed.retry_subscribe or ())
             if parsed.retry_subscribe is not None:
                 self._retry_subscribe(parsed.error, parsed.retry_subscribe)
             elif kind is Kind.ERROR or parsed.rejected:
@@ -290,6 +305,7 @@ class Parser:
         per symbol and once per chunk, not once per record."""
         metrics, now = self._metrics, time.monotonic()
         last_received = {rec.symbol: rec.received_ns for rec in records}
+        self._answered_ns.update(last_received)  # data answers a subscribe too
         metrics.lag.observe_many([max(0.0, (rec.received_ns - rec.exchange_ns) / 1e9)
                                   for rec in records if rec.exchange_ns])
         for symbol, n in per_symbol.items():
@@ -340,8 +356,52 @@ class Parser:
                                               "retry_in_s": round(delay, 2)})
         self._conn.request_resubscribe(symbols, after_s=delay)
 
+    def _answered(self, received_ns: int, *named: tuple[str, ...]) -> None:
+        wanted = self._wanted  # (a venue naming other symbols must not grow the dict)
+        for symbols in named:
+            for symbol in symbols:
+                if symbol in wanted:
+                    self._answered_ns[symbol] = received_ns
+
+    def _check_subscribe_answered(self) -> None:
+        """Send again a subscribe the venue has not answered for SUBSCRIBE_ANSWER_DEADLINE_S
+        (for its symbols still unanswered), and replace the connection after
+        SUBSCRIBE_UNANSWERED_RECONNECT such requests in a row: heartbeats keep a connection
+        alive whose subscribe was lost, and it would deliver nothing for good. Judged once
+        every frame received by then has been parsed (a backlog is not an unanswered request)."""
+        sent = self._conn.subscribe_sent()
+        if sent is None or sent == self._subscribe_checked:
+            return
+        sent_ns, symbols = sent
+        deadline_ns = sent_ns + int(SUBSCRIBE_ANSWER_DEADLINE_S * 1e9)
+        now_ns = time.time_ns()
+        if now_ns < deadline_ns:
+            return
+        last = self.last_message_unix
+        if len(self._frames) and (last is None or last * 1e9 < deadline_ns):
+            return  # frames received before the deadline still wait to be parsed
+        waited_s = (now_ns - sent_ns) / 1e9
+        self._subscribe_checked = sent
+        active = set(self._conn.symbols)
+        answered = self._answered_ns
+        missing = [s for s in symbols if s in active and answered.get(s, 0) < sent_ns]
+        if not missing:
+            self._unanswered = 0
+            return
+        self._unanswered += 1
+        if self._unanswered >= SUBSCRIBE_UNANSWERED_RECONNECT:
+            self._unanswered = 0
+            log.warning("subscribe_unanswered", extra={
+                "symbols": missing[:20], "waited_s": round(waited_s, 1),
+                "action": "reconnecting"})
+            self._conn.request_reconnect("subscribe_unanswered")
+            return
+        self._retry_subscribe(f"no answer to the subscribe within {waited_s:.0f} s",
+                              tuple(missing))
+
     def _periodic(self, now: float) -> None:
         self._rate_window.append((now, self.records_total))
+        self._check_subscribe_answered()
         # No connection: staleness is the connection's problem, not the symbols' (nothing is
         # reported, and the freshness clock stops).
         quiet, never = self.freshness.check(now, self._conn.connected_since)

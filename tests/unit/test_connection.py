@@ -17,6 +17,7 @@ from collectors.errors import ParseError
 from collectors.exchanges.binance import BinanceAdapter
 from collectors.exchanges.coinbase import CoinbaseAdapter
 from collectors.metrics import Metrics
+from collectors.pipeline import Parser
 from collectors.simulator import Simulator
 from tests.support.waiting import wait_until
 
@@ -109,6 +110,26 @@ def running(url: str, adapter: CoinbaseAdapter | BinanceAdapter | None = None,
         conn.abort()
         thread.join(5)
         assert not thread.is_alive(), "the loop did not stop"
+
+
+@contextmanager
+def with_parser(conn: Connection, parser: Parser, frames: Handoff[Frame],
+                stop: threading.Event, ws_done: threading.Event) -> Iterator[None]:
+    """`conn` and the real `parser` on threads of their own, as the service runs them; stopped
+    in the service's order on exit."""
+    threads = [threading.Thread(target=conn.run, daemon=True),
+               threading.Thread(target=parser.run, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        conn.abort()
+        ws_done.set()
+        frames.close()
+        for t in threads:
+            t.join(5)
 
 
 def test_subscribes_and_hands_frames_on_with_receive_times() -> None:

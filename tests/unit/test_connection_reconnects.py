@@ -26,7 +26,7 @@ from collectors.exchanges.binance import BinanceAdapter
 from collectors.exchanges.coinbase import CoinbaseAdapter
 from collectors.metrics import Metrics, ReconnectReason
 from collectors.pipeline import Parser
-from tests.unit.test_connection import running
+from tests.unit.test_connection import running, with_parser
 from tests.unit.test_connection_faults import Peer, raw_server, wait_for
 from tests.unit.test_frame_buffer import server_frame
 
@@ -176,11 +176,7 @@ def test_a_notice_repeated_before_the_switch_keeps_the_successor() -> None:
 
         conn.request_reconnect = counted  # type: ignore[method-assign]
         parser = Parser(adapter, frames, _SlowSink(), conn, metrics, ws_done, stop)
-        threads = [threading.Thread(target=conn.run, daemon=True),
-                   threading.Thread(target=parser.run, daemon=True)]
-        for t in threads:
-            t.start()
-        try:
+        with with_parser(conn, parser, frames, stop, ws_done):
             assert wait_for(lambda: conn._data_seen, 10)
             data_parsed.set()
             # Both notices parsed, and what they asked for done: the one switch (a request
@@ -190,13 +186,6 @@ def test_a_notice_repeated_before_the_switch_keeps_the_successor() -> None:
             assert registry.get_sample_value("chrono_collector_reconnects_total",
                                              {"exchange": "binance",
                                               "reason": "server_shutdown"}) == 1
-        finally:
-            stop.set()
-            conn.abort()
-            ws_done.set()
-            frames.close()
-            for t in threads:
-                t.join(5)
 
 
 def test_a_reconnect_request_from_an_earlier_connection_is_ignored() -> None:
