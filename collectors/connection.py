@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import select
@@ -699,7 +700,7 @@ class Connection:
         from the environment applies (websocket-client then connects through it as before,
         and only the upgrade itself is bounded as a whole)."""
         hostname, port, _, is_secure = parse_url(url)
-        if get_proxy_info(hostname, is_secure)[0]:
+        if _proxy_for(url) is not None:
             return None
         sock = _tcp_connect(hostname, port, handshake, self._connect_timeout_s)
         try:
@@ -738,8 +739,11 @@ class Connection:
         except (OSError, websocket.WebSocketException) as exc:
             if self._stop.is_set():
                 return "stopped"  # (the stop path shut the opening connection down)
-            log.warning("ws_connect_failed", extra={"url": _safe_url(url),
-                                                    "error": _describe(exc)})
+            extra = {"url": _safe_url(url), "error": _describe(exc)}
+            proxy = _proxy_for(url)
+            if proxy is not None:  # (from http_proxy/https_proxy: it may be what failed)
+                extra["proxy"] = proxy
+            log.warning("ws_connect_failed", extra=extra)
             return "connect_failed"
 
         self._ws = ws
@@ -1019,6 +1023,21 @@ def _retry_after(exc: websocket.WebSocketBadStatusException) -> float | None:
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text[:200]}"
+
+
+def _proxy_for(url: str) -> str | None:
+    """`host:port` of the proxy the environment (`https_proxy`, `http_proxy`, `no_proxy`) sets
+    for `url`, or None. Never for a loopback host: websocket-client would send the simulator's
+    127.0.0.1 through a proxy too (it has no loopback exemption), where every HTTP client
+    people know skips one."""
+    hostname, _, _, is_secure = parse_url(url)
+    if hostname == "localhost" or hostname.endswith(".localhost"):
+        return None
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(hostname.strip("[]")).is_loopback:
+            return None
+    host, port, _ = get_proxy_info(hostname, is_secure)
+    return None if not host else f"{host}:{port}"
 
 
 def _safe_url(url: str) -> str:

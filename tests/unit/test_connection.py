@@ -8,11 +8,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from collectors.backoff import Backoff
 from collectors.batching import Handoff
-from collectors.connection import Connection, Frame, RetiredFrame
+from collectors.connection import Connection, Frame, RetiredFrame, _proxy_for
 from collectors.errors import ParseError
 from collectors.exchanges.binance import BinanceAdapter
 from collectors.exchanges.coinbase import CoinbaseAdapter
@@ -140,6 +141,21 @@ def test_subscribes_and_hands_frames_on_with_receive_times() -> None:
         assert {"subscriptions", "ticker"} <= kinds
         assert all(0 < ns <= before for _, ns in h.got)
         assert h.value("chrono_collector_connected") == 1
+
+
+def test_a_proxy_from_the_environment_is_not_used_for_a_loopback_venue(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # websocket-client has no loopback exemption: with http_proxy exported, the demo's
+    # collectors connected to the (dead) proxy instead of the simulator on 127.0.0.1.
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:1")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with Simulator("coinbase", rate_hz=20) as sim, running(sim.url) as h:
+        assert h.wait_frames(3)
+        assert h.value("chrono_collector_connected") == 1
+    assert _proxy_for("wss://ws-feed.exchange.coinbase.com") == "127.0.0.1:1"
+    assert _proxy_for("ws://localhost:9201") is None and _proxy_for("ws://[::1]:9201") is None
 
 
 def test_oversized_frame_is_discarded_and_the_connection_kept() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -164,6 +165,19 @@ def test_status_agrees_with_what_healthz_answers(code: int, status: str, exit_co
     assert status in result.stdout
     if status in ("degraded", "stale"):
         assert "ETH/USD" in result.stdout
+
+
+def test_an_exported_http_proxy_is_not_used_for_the_local_health_checks() -> None:
+    # urllib sends even 127.0.0.1 through http_proxy: every collector read "unreachable".
+    with healthz({"status": "ok", "connected": True}) as httpd:
+        result = subprocess.run(
+            [sys.executable, "-m", "collectors", "status", "--no-supervisor",
+             "--endpoint", f"kraken=http://127.0.0.1:{httpd.server_port}"],
+            capture_output=True, text=True, timeout=30, check=False,
+            env={**os.environ, "http_proxy": "http://127.0.0.1:1",
+                 "HTTP_PROXY": "http://127.0.0.1:1", "no_proxy": "", "NO_PROXY": ""})
+    assert result.returncode == 0, result
+    assert "ok" in result.stdout
 
 
 def test_each_programs_metrics_port_is_read_from_its_environment_line(tmp_path: Path) -> None:
