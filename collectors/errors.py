@@ -67,4 +67,9 @@ class SpoolError(ChronoError):
 
 
 class StorageError(ChronoError):
-    """The ingest API's storage backend failed."""
+    """The ingest API's storage backend failed. `transient`: it may work again by itself (the
+    database server down or starting, a full disk), so a start waits for it rather than exit."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient

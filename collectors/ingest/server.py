@@ -34,6 +34,7 @@ from waitress.server import BaseWSGIServer, create_server
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
 from waitress.utilities import BadRequest, RequestEntityTooLarge
 
+from collectors.backoff import Backoff
 from collectors.errors import ConfigError, StorageError
 from collectors.ingest.app import IngestApp, problem
 from collectors.ingest.cli import configure_parser
@@ -57,6 +58,9 @@ log = logging.getLogger(__name__)
 
 PROG = "chrono-collector ingest"
 STOP_TIMEOUT_S = 10.0  # in-flight requests get this long to finish (well inside stopwaitsecs)
+#: A database that is down at start is tried again after a backoff from 1 s up to this.
+STORAGE_RETRY_BASE_S = 1.0
+STORAGE_RETRY_MAX_S = 30.0
 
 @dataclass
 class RunningServer:
@@ -378,18 +382,37 @@ def serve(env: Mapping[str, str], *, stop: threading.Event | None = None) -> int
     stop = threading.Event() if stop is None else stop
     restore = _install_signal_handlers(stop)
     try:
-        try:
-            running = start_server(config)
-        except StorageError as exc:
-            log.error("storage_open_failed", extra={"error": str(exc),
-                                                    "database": config.database_url_redacted})
-            return 1
-        except (ValueError, OSError) as exc:
-            # Where to listen is configuration: one line naming the variable, exit 2 (as the
-            # collector does for METRICS_PORT), not a traceback.
-            error = _listen_error(config, exc)
-            print(f"{PROG}: {Redactor(config.api_keys)(str(error))}", file=sys.stderr)
-            return 2
+        backoff = Backoff(base_s=STORAGE_RETRY_BASE_S, cap_s=STORAGE_RETRY_MAX_S)
+        while True:
+            try:
+                running = start_server(config)
+                break
+            except StorageError as exc:
+                if not exc.transient:
+                    # A database this program cannot use as configured (a refused password,
+                    # an unwritable path, a newer schema): one line, exit 2, as for any
+                    # setting; supervisord and systemd then stop restarting it.
+                    error = ConfigError("DATABASE_URL", f"{config.database_url_redacted}: {exc}",
+                                        "a database this program can open and write")
+                    print(f"{PROG}: {Redactor(config.secrets())(str(error))}", file=sys.stderr)
+                    return 2
+                # The database is down or starting (or the disk full): wait for it, as the
+                # collectors wait for their disk, rather than exit into a restart loop that
+                # supervisord gives up on (FATAL) within seconds. The collectors keep their
+                # batches in their spools meanwhile.
+                delay = max(STORAGE_RETRY_BASE_S, backoff.next_delay())
+                log.warning("storage_unavailable", extra={
+                    "error": str(exc), "database": config.database_url_redacted,
+                    "retry_in_s": round(delay, 1)})
+                if stop.wait(delay):
+                    log.info("ingest_stopped", extra={"exit_code": 0})
+                    return 0
+            except (ValueError, OSError) as exc:
+                # Where to listen is configuration: one line naming the variable, exit 2 (as
+                # the collector does for METRICS_PORT), not a traceback.
+                error = _listen_error(config, exc)
+                print(f"{PROG}: {Redactor(config.api_keys)(str(error))}", file=sys.stderr)
+                return 2
         log.info("ingest_started", extra={
             "url": running.url, "database": config.database_url_redacted,
             "threads": config.threads, "max_body_bytes": config.max_body_bytes,

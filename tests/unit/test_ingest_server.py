@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -266,14 +266,116 @@ def test_process_config_error_exits_2(tmp_path: Path, extra: dict[str, str],
     assert variable in lines[0]
 
 
-def test_process_storage_failure_exits_1(tmp_path: Path) -> None:
+def test_a_database_path_that_cannot_be_used_is_a_configuration_error(tmp_path: Path) -> None:
+    # It exited 1 with a JSON log line: supervisord restarted it into the same failure, and
+    # the line did not name the setting to fix (the collector's SPOOL_DIR says so, exit 2).
     blocker = tmp_path / "file"
     blocker.write_text("x")
     result = subprocess.run([sys.executable, "-m", "collectors.ingest"], cwd=REPO,
                             env=_env(tmp_path, DATABASE_URL=f"sqlite:///{blocker}/x/i.db"),
                             capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 1
-    assert '"storage_open_failed"' in result.stdout
+    assert result.returncode == 2
+    assert result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("chrono-collector ingest: DATABASE_URL: ") and "cannot create" in line
+
+
+def test_a_database_down_at_start_is_waited_for_not_exited_on(tmp_path: Path) -> None:
+    # It exited 1 at once, and supervisord gave up on it (FATAL) within seconds: nothing was
+    # stored until someone restarted it by hand. PostgreSQL is "down" behind a relay on
+    # 127.0.0.1 that hangs up on every connection until it is let through to the real server.
+    from tests.support.postgres import postgres_schema
+
+    up = threading.Event()
+    with postgres_schema() as url, _relay_to_postgres(url, up) as relayed:
+        env = _env(tmp_path, DATABASE_URL=relayed)
+        seen: list[str] = []
+        with ingest_process(env) as (proc, lines):
+            waiting = _wait_for_event(lines, "storage_unavailable", seen)
+            assert waiting["retry_in_s"] and proc.poll() is None
+            up.set()
+            started = _wait_for_event(lines, "ingest_started", seen)
+            with requests.Session() as http:
+                ok = http.post(str(started["url"]) + "/internal/ingest",
+                               data=batch_body([make_feed()]),
+                               headers={"Authorization": f"Bearer {TEST_API_KEY}",
+                                        "Content-Type": "application/json",
+                                        "Idempotency-Key": "after-the-wait"}, timeout=10)
+            assert ok.status_code == 201
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+
+
+def test_a_database_that_does_not_exist_is_a_configuration_error(tmp_path: Path) -> None:
+    # (not waited for: no restart of the server brings a database into being)
+    from tests.support.postgres import postgres_schema
+
+    with postgres_schema() as url:  # the server is up (else skipped, or failed under CI)
+        missing = url.split("?", 1)[0].rsplit("/", 1)[0] + "/chrono_no_such_database"
+        result = subprocess.run([sys.executable, "-m", "collectors.ingest"], cwd=REPO,
+                                env=_env(tmp_path, DATABASE_URL=missing),
+                                capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result
+    [line] = result.stderr.strip().splitlines()
+    assert "DATABASE_URL" in line and "chrono_no_such_database" in line
+
+
+@contextmanager
+def _relay_to_postgres(url: str, up: threading.Event) -> Iterator[str]:
+    """`url` through a relay on 127.0.0.1: hangs up on each connection until `up` is set, then
+    pipes each one to the real server."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    target = (parts.hostname or "127.0.0.1", parts.port or 5432)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    opened: list[socket.socket] = []
+    threads: list[threading.Thread] = []
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def serve() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            if not up.is_set():
+                client.close()  # "server closed the connection unexpectedly"
+                continue
+            server = socket.create_connection(target)
+            opened.extend((client, server))
+            for a, b in ((client, server), (server, client)):
+                threads.append(threading.Thread(target=pipe, args=(a, b), daemon=True))
+                threads[-1].start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        netloc = parts.netloc.rsplit("@", 1)
+        host = f"127.0.0.1:{port}"
+        yield urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2
+                                        else host))
+    finally:
+        listener.close()
+        thread.join(5)
+        for s in opened:
+            with suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        for t in threads:
+            t.join(5)
+        for s in opened:
+            s.close()
 
 
 def test_process_migrate(tmp_path: Path) -> None:

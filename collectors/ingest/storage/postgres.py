@@ -101,10 +101,35 @@ _LATEST_COLUMNS: LiteralString = (
 def migrate_postgres(database_url: str) -> list[int]:
     """Bring the schema up to date; return the versions applied now. Raises StorageError."""
     try:
-        with psycopg.connect(database_url, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        conn = psycopg.connect(database_url, connect_timeout=CONNECT_TIMEOUT_S)
+    except psycopg.Error as exc:
+        raise StorageError(f"postgresql: cannot connect: {_brief(exc)}",
+                           transient=_transient(exc)) from exc
+    try:
+        with conn:
             return _migrate(conn)
     except psycopg.Error as exc:
-        raise StorageError(f"postgresql: migration failed: {_brief(exc)}") from exc
+        raise StorageError(f"postgresql: migration failed: {_brief(exc)}",
+                           transient=_transient(exc)) from exc
+
+
+#: What the server (or libpq) says at connect time when only a person can help: a refused
+#: password or role, an unknown database, no access rule, a malformed URL. libpq reports a
+#: connect-time FATAL as text, without its SQLSTATE.
+_NEEDS_A_PERSON = ("does not exist", "authentication failed", "no pg_hba.conf entry",
+                   "permission denied", "invalid ")
+
+
+def _transient(exc: psycopg.Error) -> bool:
+    """Whether the server may take us later as we are: down, unreachable or starting (no
+    answer, or SQLSTATE class 08 connection exception, 53 insufficient resources such as too
+    many connections, 57 operator intervention such as "starting up"); not a refused password
+    (28), an unknown database (3D), a missing privilege (42) or a malformed URL."""
+    state = exc.sqlstate
+    if state is not None:
+        return state[:2] in ("08", "53", "57")
+    text = str(exc).lower()
+    return not any(words in text for words in _NEEDS_A_PERSON)
 
 
 def _migrate(conn: psycopg.Connection[Any]) -> list[int]:
@@ -170,9 +195,10 @@ class PostgresStorage:
         )
         try:
             pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 2)
-        except psycopg.Error as exc:
+        except psycopg.Error as exc:  # (the migration's own connection just worked)
             pool.close()
-            raise StorageError(f"postgresql: cannot connect: {_brief(exc)}") from exc
+            raise StorageError(f"postgresql: cannot connect: {_brief(exc)}",
+                               transient=True) from exc
         return cls(pool)
 
     @contextmanager

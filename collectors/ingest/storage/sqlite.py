@@ -13,6 +13,7 @@ digit kept (PostgreSQL keeps microseconds), with `timestamp_ns` to order by.
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import threading
@@ -111,15 +112,24 @@ def migrate_sqlite(path: Path) -> list[int]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StorageError(f"sqlite: cannot create {path.parent}: {exc.strerror}") from exc
+        raise StorageError(f"sqlite: cannot create {path.parent}: {exc.strerror}",
+                           transient=exc.errno in (errno.ENOSPC, errno.EDQUOT)) from exc
     try:
         conn = _connect(path, readonly=False)
     except sqlite3.Error as exc:
-        raise StorageError(f"sqlite: cannot open {path}: {exc}") from exc
+        raise StorageError(f"sqlite: cannot open {path}: {exc}",
+                           transient=_transient(exc)) from exc
     try:
         return _migrate(conn)
     finally:
         conn.close()
+
+
+def _transient(exc: sqlite3.Error) -> bool:
+    """A full disk, or the file locked by another process for longer than the busy timeout:
+    what passes by itself (a read-only file or folder, a file that is no database, do not)."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # (the primary result code)
+    return code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _migrate(conn: sqlite3.Connection) -> list[int]:
@@ -151,7 +161,7 @@ def _migrate(conn: sqlite3.Connection) -> list[int]:
                     conn.execute("ROLLBACK")
                 raise
     except sqlite3.Error as exc:
-        raise StorageError(f"sqlite: migration failed: {exc}") from exc
+        raise StorageError(f"sqlite: migration failed: {exc}", transient=_transient(exc)) from exc
     return applied
 
 
@@ -183,7 +193,8 @@ class SQLiteStorage:
         try:
             writer = _connect(path, readonly=False)
         except sqlite3.Error as exc:
-            raise StorageError(f"sqlite: cannot open {path}: {exc}") from exc
+            raise StorageError(f"sqlite: cannot open {path}: {exc}",
+                               transient=_transient(exc)) from exc
         return cls(path, writer, clock_ns=clock_ns)
 
     def store_batch(self, idempotency_key: str, body_sha256: str,
