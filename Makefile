@@ -177,13 +177,18 @@ stop:
 		echo "not running"; \
 	fi
 
-status: $(STAMP)
+# The read-only targets need a virtualenv, not a fresh install: after a `git pull` they must not
+# pip-install into the .venv the running programs use (`make venv` or `make run` does that).
+$(BIN)/chrono-collector:
+	$(MAKE) venv
+
+status: | $(BIN)/chrono-collector
 	$(BIN)/chrono-collector status -c $(SUPERVISORD_CONF)
 
 logs:
 	tail -n 20 -F $(VAR)/log/*.log
 
-check-db: $(STAMP)
+check-db: | $(BIN)/chrono-collector
 	$(BIN)/python -m collectors.checkdb
 
 # The collector benchmarks of docs/benchmarks.md (about 8 minutes; results in bench/results/).

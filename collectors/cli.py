@@ -15,6 +15,7 @@ from collectors.errors import ConfigError
 
 PROG = "chrono-collector"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,7 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {Redactor(keys_in_env(os.environ))(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return EXIT_OK
+        # Ctrl-C in a command without a stop handler of its own (`status --wait`): it did
+        # not finish, so it must not read as success (deploy/install.sh ends with that
+        # check). The long-running commands stop cleanly on SIGINT and exit 0 themselves.
+        return EXIT_INTERRUPTED
     parser.error(f"unknown command {args.command!r}")
     return EXIT_USAGE
 

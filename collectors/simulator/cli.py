@@ -88,9 +88,13 @@ def main(args: argparse.Namespace) -> int:
             try:
                 sim.start()
             except OSError as exc:
-                print(f"chrono-collector simulate: cannot listen for {exchange}: {exc}",
+                # Where to listen is configuration: exit 2, as `run` for METRICS_PORT and
+                # `ingest` for INGEST_PORT.
+                where = f"{host}:{args.port + index}" if args.port else host
+                print(f"chrono-collector simulate: --port: cannot listen for {exchange} on "
+                      f"{where} ({exc.strerror or exc}; a free port, or 0 for any)",
                       file=sys.stderr)
-                return 1
+                return 2
             sims.append(sim)
             print(json.dumps({"event": "simulator_listening", "exchange": exchange,
                               "url": sim.url, "port": sim.port}), flush=True)

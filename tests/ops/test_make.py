@@ -293,3 +293,18 @@ def test_demo_reads_the_simulator_ports_from_supervisord_conf(checkout: Checkout
     dry = checkout.make("-n", "demo")
     assert "CHRONO_COINBASE_WS_URL=ws://127.0.0.1:9201 " in dry.stdout, dry.stdout
     assert "CHRONO_KRAKEN_WS_URL=ws://127.0.0.1:9204/v2 " in dry.stdout, dry.stdout
+
+
+def test_the_read_only_targets_never_reinstall_into_the_live_venv() -> None:
+    # `make status` and `make check-db` depended on the install stamp: after a `git pull` (or
+    # any newer setup.cfg/pyproject.toml) they pip-installed into the .venv the running
+    # collectors use. Asked as if pyproject.toml had just changed (`-W`), dry run.
+    def plan(target: str) -> str:
+        res = subprocess.run(["make", "-n", "-W", "pyproject.toml", target], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    for target in ("status", "check-db"):
+        assert "pip install" not in plan(target), target
+    assert "pip install" in plan("test")  # (what the -W stands for: a changed pyproject)

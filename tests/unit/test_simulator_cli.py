@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,19 @@ def test_sigint_also_exits_0_and_unknown_exchange_exits_2() -> None:
     _, err = bad.communicate(timeout=30)
     assert bad.returncode == 2
     assert "known: binance, binanceus, coinbase, kraken" in err
+
+
+def test_a_port_in_use_is_a_configuration_error() -> None:
+    # (it exited 1, where `run` and `ingest` exit 2 for a port they cannot listen on)
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        proc = start("coinbase", "--port", str(taken.getsockname()[1]))
+        _, err = proc.communicate(timeout=30)
+    finally:
+        taken.close()
+    assert proc.returncode == 2
+    [line] = err.strip().splitlines()
+    assert "--port" in line and "coinbase" in line
 
 
 def test_loopbench_reports_three_rates(capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -178,6 +179,37 @@ def test_an_exported_http_proxy_is_not_used_for_the_local_health_checks() -> Non
                  "HTTP_PROXY": "http://127.0.0.1:1", "no_proxy": "", "NO_PROXY": ""})
     assert result.returncode == 0, result
     assert "ok" in result.stdout
+
+
+def test_an_interrupted_wait_is_not_success() -> None:
+    # Ctrl-C during `status --wait` exited 0 with no output: deploy/install.sh, which ends with
+    # that check, would have reported the install good.
+    listener = socket.create_server(("127.0.0.1", 0))
+    asked = threading.Event()
+    held: list[socket.socket] = []
+
+    def accept() -> None:  # takes the health request and never answers it
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            held.append(conn)
+            asked.set()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        with subprocess.Popen(
+                [sys.executable, "-m", "collectors", "status", "--no-supervisor", "--endpoint",
+                 f"kraken=http://127.0.0.1:{listener.getsockname()[1]}", "--wait", "60",
+                 "--timeout", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True) as proc:
+            assert asked.wait(30)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130
+        assert "Traceback" not in err
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
 
 
 def test_each_programs_metrics_port_is_read_from_its_environment_line(tmp_path: Path) -> None:
