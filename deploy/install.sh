@@ -97,6 +97,29 @@ else
   "$SYSTEMCTL" enable chrono-supervisord.service
   "$SYSTEMCTL" restart chrono-supervisord.service
 fi
+# A switch leaves the other layout's spools where they are, and this layout reads its own:
+# records that were waiting there (an ingest API unreachable at the switch) are not sent. Say
+# where, once per spool found.
+if [ "$LAYOUT" = systemd ]; then
+  for ex in "${EXCHANGES[@]}"; do
+    old="$ROOT/var/lib/chrono/spool/$ex"
+    if [ -e "$old/spool.db" ]; then
+      echo "warning: $old is the supervisord layout's spool for $ex: records still waiting" \
+        "there are not sent by chrono-collector@$ex. Deliver them first (CHRONO_LAYOUT=supervisord" \
+        "until chrono_collector_spool_records{exchange=\"$ex\"} reads 0), then remove it." >&2
+    fi
+  done
+else
+  for ex in coinbase binance binanceus kraken; do
+    for old in "$ROOT/var/lib/chrono/$ex/spool/$ex" "$ROOT/var/lib/private/chrono/$ex/spool/$ex"; do
+      if [ -e "$old/spool.db" ]; then
+        echo "warning: $old is the systemd layout's spool for $ex: records still waiting" \
+          "there are not sent by chrono-supervisord. Deliver them first (CHRONO_LAYOUT=systemd" \
+          "until chrono_collector_spool_records{exchange=\"$ex\"} reads 0), then remove it." >&2
+      fi
+    done
+  done
+fi
 [ -z "$ROOT" ] || { echo "installed below $ROOT (status skipped)"; exit 0; }
 if [ "$LAYOUT" = supervisord ]; then
   exec "$PREFIX/venv/bin/chrono-collector" status -c "$ETC/supervisord.conf" --wait 30

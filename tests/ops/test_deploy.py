@@ -130,6 +130,21 @@ def test_supervisord_layout_points_at_the_given_api_and_keeps_an_edited_config(
     assert calls[-2:] == ["getent passwd chrono", f"chown chrono:chrono {api_key}"], calls
 
 
+def test_a_layout_switch_names_the_other_layouts_spool_left_behind(tmp_path: Path) -> None:
+    # The two layouts keep their spools in different places: records waiting in the old one
+    # when the layout was switched sat there unsent, with no word about them.
+    root = tmp_path / "root"
+    key = tmp_path / "key"
+    key.write_text("k\n")
+    old = root / "var" / "lib" / "chrono" / "spool" / "kraken"
+    old.mkdir(parents=True)
+    (old / "spool.db").write_bytes(b"")
+    result = _install(root, key, "http://127.0.0.1:3000")  # the systemd layout
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(old) in warnings[0] and "kraken" in warnings[0]
+
+
 def test_install_refuses_an_unknown_layout(tmp_path: Path) -> None:
     key = tmp_path / "key"
     key.write_text("k\n")
