@@ -200,10 +200,10 @@ class CoinbaseAdapter:
         if kind == "heartbeat":
             return Parsed(Kind.HEARTBEAT)
         if kind == "subscriptions":
-            subscribed = _subscribed_tickers(msg)
+            subscribed, invalid = _subscribed_tickers(msg)
             self._seen_since_ack.clear()
             self._acked = frozenset(map(to_product, subscribed))
-            return Parsed(Kind.SUBSCRIBED, subscribed=subscribed)
+            return Parsed(Kind.SUBSCRIBED, subscribed=subscribed, invalid=invalid)
         if kind == "error":
             return _error(msg)
         if not isinstance(kind, str):
@@ -360,18 +360,26 @@ class CoinbaseAdapter:
                                           self._worker_id, meta, exchange_ns, received_ns),))
 
 
-def _subscribed_tickers(msg: dict[str, object]) -> tuple[str, ...]:
-    """Canonical symbols the ack lists on the ticker channel."""
+def _subscribed_tickers(msg: dict[str, object]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Canonical symbols the ack lists on the ticker channel, and a reason for each product id
+    in it that is none (skipped: one bad entry must not void the ack for the others)."""
     channels = msg.get("channels")
     if not isinstance(channels, list):
         raise ParseError("subscriptions message without a 'channels' list")
     out: list[str] = []
+    invalid: list[str] = []
     for channel in channels:
         if isinstance(channel, dict) and channel.get("name") == "ticker":
             products = channel.get("product_ids")
             if isinstance(products, list):
-                out.extend(from_product(p) for p in products if isinstance(p, str))
-    return tuple(out)
+                for product in products:
+                    try:
+                        if not isinstance(product, str):
+                            raise ParseError("subscriptions: a product id that is no string")
+                        out.append(from_product(product))
+                    except ParseError as exc:
+                        invalid.append(str(exc))
+    return tuple(out), tuple(invalid)
 
 
 def _error(msg: dict[str, object]) -> Parsed:
