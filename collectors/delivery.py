@@ -1080,11 +1080,13 @@ class Sender:
             return
         with self._lock:
             delay = self._backoff.next_delay()
-            if result.retry_after_s is not None:
-                # The server said when: not before then, nor before the backoff's own time (a
-                # "0", or a date already past on a clock behind ours, retried four times a
-                # second for as long as the outage lasted).
-                delay = max(delay, result.retry_after_s, RETRY_AFTER_FLOOR_S)
+            retry_after = result.retry_after_s
+            if retry_after is not None:
+                # The server said when: then, as it asks. A "0", or a date already past (a
+                # clock behind ours), says nothing: the backoff's own time, or such an API was
+                # retried four times a second for as long as the outage lasted.
+                delay = (retry_after if retry_after >= RETRY_AFTER_FLOOR_S
+                         else max(delay, RETRY_AFTER_FLOOR_S))
             if result.outcome is Outcome.AUTH:
                 delay = max(delay, AUTH_RETRY_S)
             self._resume_at = max(self._resume_at, time.monotonic() + delay)
