@@ -334,7 +334,7 @@ class Poster:
             return PostResult(Outcome.RETRY, resp.status_code, None,
                               "a 2xx answer naming another batch's Idempotency-Key (an answer "
                               "out of step with its request): not counted as stored",
-                              reason="network")
+                              reason="other")
         detail = ""
         if outcome is not Outcome.STORED:
             # Redacted before it is cut: a key straddling the cut would escape the log filter.
@@ -430,7 +430,13 @@ def _answers_key(body: bytes, key: str) -> bool:
     except (ValueError, RecursionError):
         return True
     named = doc.get("idempotency_key") if isinstance(doc, dict) else None
-    return not isinstance(named, str) or named == key
+    # (compared as the same UUID however spelled: an API that keeps keys in a uuid column
+    # echoes them with dashes)
+    return not isinstance(named, str) or _key_form(named) == _key_form(key)
+
+
+def _key_form(key: str) -> str:
+    return key.replace("-", "").lower()
 
 
 def _bounded_body(resp: requests.Response) -> bytes:
@@ -650,9 +656,10 @@ class Sender:
         # Capped (DELIVERY_RETRY_MAX_S, 30 s): after an outage the backlog starts draining soon.
         self._backoff = backoff or Backoff(base_s=0.5, cap_s=retry_max_s)
         self._resume_at = 0.0  # monotonic time before which no worker POSTs (after a failure)
-        # records_rejected, batch_rejected and delivery_recovered lines: the first at once,
-        # then one per SPOOL_ERROR_LOG_INTERVAL_S with the count not logged since.
+        # records_rejected and batch_rejected lines: the first at once, then one per
+        # SPOOL_ERROR_LOG_INTERVAL_S with the count not logged since.
         self._reject_log = LogSampler(interval_s=self.SPOOL_ERROR_LOG_INTERVAL_S)
+        self._retry_said = False  # a batch_retry line was logged since the last recovery
         self._probe = threading.Lock()  # held by the one POST allowed while the API is failing
         self._in_flight: set[str] = set()  # keys of the batches the workers hold
         # Batches the parser claimed in its own commit for a worker waiting for one (`append`);
@@ -1052,12 +1059,14 @@ class Sender:
                 self._size_cap = self._grown_cap(n)
                 recovered_after = self._backoff.attempt
                 self._backoff.reset()
+                # Said when a batch_retry line was (an API failing every other POST wrote
+                # one of each per POST): each said failure is followed by its recovery.
+                say_recovered = recovered_after > 0 and self._retry_said
+                if say_recovered:
+                    self._retry_said = False
             self._acks[worker].append(self._bookkeeper.submit(self._acknowledge, batch.key, n))
-            if recovered_after:
-                not_logged = self._reject_log.admit("delivery_recovered", time.monotonic())
-                if not_logged is not None:  # (an API failing every other POST: sampled)
-                    log.info("delivery_recovered", extra={"after_attempts": recovered_after,
-                                                          "since_last_log": not_logged})
+            if recovered_after and say_recovered:
+                log.info("delivery_recovered", extra={"after_attempts": recovered_after})
             log.debug("batch_delivered", extra={"idempotency_key": batch.key, "records": n,
                                                 "status": result.status})
             return
@@ -1091,6 +1100,8 @@ class Sender:
                 delay = max(delay, AUTH_RETRY_S)
             self._resume_at = max(self._resume_at, time.monotonic() + delay)
         if result.outcome is Outcome.AUTH:
+            with self._lock:
+                self._retry_said = True  # (its recovery is said too)
             log.error("ingest_auth_failed", extra={
                 "status": result.status, "retry_in_s": round(delay, 1),
                 "hint": "the ingest API refused the key; check API_KEY/API_KEY_FILE. Records "
@@ -1107,6 +1118,7 @@ class Sender:
                     self._retries_unlogged = retries
                     return
                 self._retry_logged_at, self._retries_unlogged = now, 0
+                self._retry_said = True
             log.warning("batch_retry", extra={"idempotency_key": batch.key, "records": n,
                                               "status": result.status, "reason": reason,
                                               "detail": result.detail[:200] or None,

@@ -111,11 +111,13 @@ if [ "$LAYOUT" = systemd ]; then
   done
 else
   for ex in coinbase binance binanceus kraken; do
+    # (with DynamicUser=yes the first is systemd's link to the second: one spool, said once)
     for old in "$ROOT/var/lib/chrono/$ex/spool/$ex" "$ROOT/var/lib/private/chrono/$ex/spool/$ex"; do
       if [ -e "$old/spool.db" ]; then
         echo "warning: $old is the systemd layout's spool for $ex: records still waiting" \
           "there are not sent by chrono-supervisord. Deliver them first (CHRONO_LAYOUT=systemd" \
           "until chrono_collector_spool_records{exchange=\"$ex\"} reads 0), then remove it." >&2
+        break
       fi
     done
   done

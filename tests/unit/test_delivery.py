@@ -427,7 +427,9 @@ def test_a_failed_answer_does_not_leave_its_connection_for_the_next_post() -> No
 
 
 @pytest.mark.parametrize(("echoed", "outcome"), [
-    (b"another-batch", Outcome.RETRY), (None, Outcome.STORED), (b"KEY", Outcome.STORED)])
+    (b"another-batch", Outcome.RETRY), (None, Outcome.STORED), (b"KEY", Outcome.STORED),
+    # the same UUID as a uuid column spells it (dashes, another case): the same key
+    (b"0123ABCD-0123-4567-89AB-0123456789AB", Outcome.STORED)])
 def test_a_2xx_naming_another_batch_is_not_counted_as_stored(echoed: bytes | None,
                                                             outcome: Outcome) -> None:
     body = b'{"stored":1}' if echoed is None else (
@@ -436,8 +438,14 @@ def test_a_2xx_naming_another_batch_is_not_counted_as_stored(echoed: bytes | Non
     def answer(sock: socket.socket, _n: int) -> None:
         sock.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 
+    batch = Batch.of("0123abcd0123456789ab0123456789ab", [b'{"a":1}']) if b"0123" in (
+        echoed or b"") else BATCH
     with raw_server(answer) as server:
-        results = _post_times(server.url, 2)
+        poster = Poster(server.url, "secret-key", connect_timeout_s=2, read_timeout_s=5)
+        try:
+            results = [poster.post(batch) for _ in range(2)]
+        finally:
+            poster.close()
     assert [r.outcome for r in results] == [outcome] * 2
     # Out of step: its connection is not used again.
     assert server.connections == (2 if outcome is Outcome.RETRY else 1)

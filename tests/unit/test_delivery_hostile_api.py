@@ -56,16 +56,16 @@ class Worker:
 
 @contextmanager
 def worker(tmp_path: Path, server: RawServer, *, n: int = 10, read_timeout_s: float = 5.0,
-           backoff: Backoff | None = None) -> Iterator[Worker]:
+           backoff: Backoff | None = None, batch_size: int | None = None) -> Iterator[Worker]:
     """One delivery worker sending `n` spooled records as one batch; stopped on exit."""
     spool = Spool(tmp_path / "spool")
     spool.append(records(n))
     stop, writer_done, wake = threading.Event(), threading.Event(), threading.Event()
     poster = Poster(server.url, KEY, connect_timeout_s=2, read_timeout_s=read_timeout_s)
     metrics = Metrics(CollectorRegistry(), "coinbase", "w")
-    sender = Sender(spool, [poster], metrics, batch_size=n, batch_interval_s=0.01, stop=stop,
-                    writer_finished=writer_done, wake=wake, drain_timeout_s=2.0,
-                    retry_max_s=0.5, backoff=backoff)
+    sender = Sender(spool, [poster], metrics, batch_size=batch_size or n,
+                    batch_interval_s=0.01, stop=stop, writer_finished=writer_done, wake=wake,
+                    drain_timeout_s=2.0, retry_max_s=0.5, backoff=backoff)
     w = Worker(spool, metrics, sender)
 
     def run() -> None:
@@ -149,6 +149,26 @@ def test_an_api_refusing_part_of_every_batch_is_one_line_per_interval(
     assert server.requests == 10
     assert [(r.getMessage(), getattr(r, "since_last_log", None)) for r in lines] == [
         ("records_rejected", 0), ("batch_rejected", 0)]  # (the last one's batch was whole)
+
+
+def test_a_said_failure_is_followed_by_its_recovery_and_only_a_said_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The recovery line was sampled on a clock of its own, apart from the retry line's: a
+    # healthy collector's last line could be a batch_retry warning. Two failures and their
+    # recoveries within the sampling interval: the first pair said, the second neither.
+    answers = iter([503, 201, 503, 201])
+
+    def answer(sock: socket.socket, _n: int) -> None:
+        status = next(answers, 201)
+        sock.sendall(b"HTTP/1.1 %d X\r\nContent-Length: 2\r\n\r\n{}" % status)
+
+    with caplog.at_level(logging.INFO, logger="collectors.delivery"), \
+            raw_server(answer) as server, worker(tmp_path, server, n=4, batch_size=2) as w:
+        assert wait_until(w.settled)
+        assert server.requests == 4
+    said = [r.getMessage() for r in caplog.records
+            if r.getMessage() in ("batch_retry", "delivery_recovered")]
+    assert said == ["batch_retry", "delivery_recovered"]
 
 
 def test_a_deeply_nested_rejection_dead_letters_the_batch(tmp_path: Path) -> None:

@@ -320,6 +320,33 @@ def test_a_database_that_does_not_exist_is_a_configuration_error(tmp_path: Path)
     assert "DATABASE_URL" in line and "chrono_no_such_database" in line
 
 
+def test_which_postgresql_failures_at_start_are_waited_for() -> None:
+    # libpq reports connect-time failures as text without a SQLSTATE: only those that may
+    # pass by themselves are waited for; a refused role or SSL the server lacks need a person
+    # (they looped on storage_unavailable for ever).
+    import psycopg
+
+    from collectors.ingest.storage.postgres import _transient
+    from tests.support.postgres import postgres_schema
+
+    def verdict(url: str) -> bool:
+        try:
+            psycopg.connect(url, connect_timeout=3).close()
+        except psycopg.Error as exc:
+            return _transient(exc)
+        raise AssertionError(f"{url} connected")
+
+    with postgres_schema() as url:  # the server is up (else skipped, or failed under CI)
+        base = url.split("?", 1)[0]
+        server = base.split("@", 1)[1].split("/", 1)[0]
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            closed = probe.getsockname()[1]
+        assert verdict(f"postgresql://postgres@127.0.0.1:{closed}/test") is True
+        assert verdict(f"postgresql://chrono_no_such_role@{server}/test") is False
+        assert verdict(base + "?sslmode=require") is False
+
+
 @contextmanager
 def _relay_to_postgres(url: str, up: threading.Event) -> Iterator[str]:
     """`url` through a relay on 127.0.0.1: hangs up on each connection until `up` is set, then

@@ -113,23 +113,30 @@ def migrate_postgres(database_url: str) -> list[int]:
                            transient=_transient(exc)) from exc
 
 
-#: What the server (or libpq) says at connect time when only a person can help: a refused
-#: password or role, an unknown database, no access rule, a malformed URL. libpq reports a
-#: connect-time FATAL as text, without its SQLSTATE.
-_NEEDS_A_PERSON = ("does not exist", "authentication failed", "no pg_hba.conf entry",
-                   "permission denied", "invalid ")
+#: What libpq says at connect time when the server is down, unreachable, starting or full:
+#: it reports a connect-time failure as text, without its SQLSTATE. Anything else (a refused
+#: password or role, no access rule, an unknown database, SSL required, a malformed URL) needs
+#: a person.
+_MAY_PASS = ("connection refused", "timeout expired", "timed out",
+             "server closed the connection unexpectedly", "connection reset",
+             "could not connect to server", "no such file or directory", "is starting up",
+             "is shutting down", "in recovery mode", "not yet accepting connections",
+             "too many clients", "remaining connection slots are reserved",
+             "could not translate host name", "network is unreachable", "no route to host",
+             "terminating connection due to administrator command", "eof detected")
 
 
 def _transient(exc: psycopg.Error) -> bool:
-    """Whether the server may take us later as we are: down, unreachable or starting (no
-    answer, or SQLSTATE class 08 connection exception, 53 insufficient resources such as too
-    many connections, 57 operator intervention such as "starting up"); not a refused password
-    (28), an unknown database (3D), a missing privilege (42) or a malformed URL."""
+    """Whether the server may take us later as we are: down, unreachable, starting or full
+    (SQLSTATE class 08 connection exception, 53 insufficient resources, 57 operator
+    intervention; or libpq's words for those when it gives no SQLSTATE). Not a refused
+    password or role (28), an unknown database (3D), a missing privilege (42), SSL the server
+    does not offer, a malformed URL."""
     state = exc.sqlstate
     if state is not None:
         return state[:2] in ("08", "53", "57")
     text = str(exc).lower()
-    return not any(words in text for words in _NEEDS_A_PERSON)
+    return any(words in text for words in _MAY_PASS)
 
 
 def _migrate(conn: psycopg.Connection[Any]) -> list[int]:

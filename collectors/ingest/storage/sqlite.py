@@ -126,10 +126,13 @@ def migrate_sqlite(path: Path) -> list[int]:
 
 
 def _transient(exc: sqlite3.Error) -> bool:
-    """A full disk, or the file locked by another process for longer than the busy timeout:
-    what passes by itself (a read-only file or folder, a file that is no database, do not)."""
+    """A full disk (SQLITE_FULL; an I/O error, such as growing the shared-memory file of an
+    existing WAL database on a full disk), or the file locked by another process for longer
+    than the busy timeout: what may pass by itself (a read-only file or folder, a file that is
+    no database, do not)."""
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # (the primary result code)
-    return code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_BUSY,
+                    sqlite3.SQLITE_LOCKED)
 
 
 def _migrate(conn: sqlite3.Connection) -> list[int]:
