@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import websocket
 from websocket import ABNF
@@ -71,6 +71,8 @@ HANDOVER_MAX_S = 30.0
 #: asks every connection to go (or closes it) would otherwise be reconnected to about twice a
 #: second, for good (Binance allows 300 connections per 5 minutes per IP, then bans it).
 HEALTHY_AFTER_S = 10.0
+#: Each address of a venue's name gets at least this much of the connect timeout (`_tcp_connect`).
+CONNECT_SHARE_MIN_S = 2.0
 #: A handshake refused with a `Retry-After` (Binance's 429 "too many requests" and 418 "IP
 #: banned" carry one) is not tried again before it has passed, but never waits longer than
 #: this: Binance's bans run from 2 minutes to 3 days, and one refused attempt an hour costs
@@ -98,6 +100,16 @@ MAX_FRAGMENTS_PER_MESSAGE = 1024
 class FrameTooLarge(websocket.WebSocketException):
     """A frame (or a fragmented message) above the size or fragment limit; it was read and
     discarded, the stream is in sync."""
+
+
+class SubscribeSent(NamedTuple):
+    """A subscribe request sent: `frame`, the frame queue's `put_total` then (the venue's
+    answer is in a frame at or after it); `at`, monotonic time; `wall_ns`, wall-clock time
+    (comparable with frames' receive times)."""
+
+    frame: int
+    at: float
+    wall_ns: int
 
 
 class _BoundedFrameBuffer(frame_buffer):
@@ -469,7 +481,7 @@ class Connection:
         self._resubscribe: list[str] | None = None
         self._resubscribe_at = 0.0  # monotonic time to send `_resubscribe` at
         self._reconnect_reason: ReconnectReason | None = None
-        self._subscribe_sent: tuple[int, tuple[str, ...]] | None = None  # `subscribe_sent`
+        self._subscribes: dict[str, SubscribeSent] = {}  # `subscribe_sent`, this connection's
         self._ws: websocket.WebSocket | None = None
         self._handshake: _Handshake | None = None  # the opening under way, for `abort`
         self._data_seen = False
@@ -516,11 +528,16 @@ class Connection:
         if mark is not None and self._frames.taken_total > mark:
             self._data_seen = True
 
-    def request_resubscribe(self, symbols: Sequence[str], *, after_s: float = 0.0) -> None:
+    def request_resubscribe(self, symbols: Sequence[str], *, after_s: float = 0.0,
+                            session: int | None = None) -> None:
         """Send a subscribe request for `symbols` on this connection, `after_s` from now (a
-        request already waiting is merged into: the symbols of both, the earlier time)."""
+        request already waiting is merged into: the symbols of both, the earlier time). With
+        `session`, only while that connection is the current one (a new one subscribes to
+        everything anyway)."""
         at = time.monotonic() + after_s
         with self._lock:
+            if session is not None and session != self.session:
+                return
             if self._resubscribe is not None:
                 symbols = [*self._resubscribe, *(s for s in symbols
                                                  if s not in self._resubscribe)]
@@ -528,20 +545,23 @@ class Connection:
             self._resubscribe = list(symbols)
             self._resubscribe_at = at
 
-    def subscribe_sent(self) -> tuple[int, tuple[str, ...]] | None:
-        """(wall-clock ns, symbols) of the last subscribe request sent, for the parser's check
-        that the venue answers it; None before the first (and on venues that take none)."""
+    def subscribe_sent(self) -> tuple[int, dict[str, SubscribeSent]]:
+        """(session, the latest subscribe request each symbol was in on that connection), for
+        the parser's check that the venue answers them; empty before the first request of a
+        connection, and on venues that take none (Binance: the streams are in the URL)."""
         with self._lock:
-            return self._subscribe_sent
+            return self.session, dict(self._subscribes)
 
     def _subscribe(self, ws: websocket.WebSocket, symbols: Sequence[str]) -> None:
         messages = self.adapter.subscribe_messages(symbols)
-        sent_ns = time.time_ns()  # (before: an answer is never received before it)
+        # (taken before: an answer is in a frame queued after it)
+        sent = SubscribeSent(self._frames.put_total, time.monotonic(), time.time_ns())
         for message in messages:
             ws.send(message)
         if messages:
             with self._lock:
-                self._subscribe_sent = (sent_ns, tuple(symbols))
+                for symbol in symbols:
+                    self._subscribes[symbol] = sent
 
     def replace_symbols(self, symbols: Sequence[str], *, resubscribe: bool) -> None:
         """Use `symbols` from now on (after the venue rejected some); send a new subscribe
@@ -553,16 +573,17 @@ class Connection:
                 self._resubscribe_at = 0.0
 
     def request_reconnect(self, reason: ReconnectReason, *, retired: bool = False,
-                          frame_index: int | None = None) -> None:
+                          frame_index: int | None = None, session: int | None = None) -> None:
         """Replace the current connection (the loop acts at its next turn), unless the frame
         asking for it came from an earlier connection: a venue repeats `serverShutdown` on the
         connection it is draining, and each repeat replaced the healthy successor. The caller
         says so with `retired` (the frame is a `RetiredFrame`: read from a connection being
         handed over) or `frame_index` (its place in the frame queue, `taken_total` counting:
         one queued before the current connection began is an earlier one's, read before the
-        switch)."""
+        switch), or `session` (the connection it was meant for)."""
         with self._lock:
-            if retired or (frame_index is not None and frame_index < self._session_first):
+            if retired or (frame_index is not None and frame_index < self._session_first) or (
+                    session is not None and session != self.session):
                 ignored = "from an earlier connection"
             else:
                 self._reconnect_reason = reason
@@ -617,6 +638,7 @@ class Connection:
                 self.session += 1
                 # Every frame queued before this one is an earlier connection's.
                 self._session_first = self._frames.put_total
+                self._subscribes = {}
             self._data_seen = False
             self._handover = False
             self._lived_s = 0.0
@@ -961,15 +983,18 @@ def _tcp_connect(host: str, port: int, handshake: _Handshake, timeout_s: float) 
     then on shuts a connecting socket down, which wakes the wait for it at once, and one from
     before is seen here. (Name resolution cannot be interrupted: it keeps its own timeouts.)
 
-    `timeout_s` is shared by the addresses: each gets an equal part of what is left, so one
-    that never answers (a broken IPv6 route, listed first) leaves time for the next before the
-    handshake's own timer, which has the same `timeout_s` in all, ends the attempt.
+    `timeout_s` is shared by the addresses: each gets an equal part of what is left (but at
+    least CONNECT_SHARE_MIN_S of it, so that a slow but reachable venue behind many addresses
+    can still answer: Linux resends a lost SYN after 1 s), so one that never answers (a broken
+    IPv6 route, listed first) leaves time for the next before the handshake's own timer, which
+    has the same `timeout_s` in all, ends the attempt.
     """
     error: OSError | None = None
     addresses = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     deadline = time.monotonic() + timeout_s
     for index, (family, kind, proto, _, address) in enumerate(addresses):
-        share = max(0.0, deadline - time.monotonic()) / (len(addresses) - index)
+        left = max(0.0, deadline - time.monotonic())
+        share = max(left / (len(addresses) - index), min(left, CONNECT_SHARE_MIN_S))
         sock = socket.socket(family, kind, proto)
         try:
             handshake.watch(sock)

@@ -162,11 +162,13 @@ class Parser:
         # When the resubscribe last asked for goes out (monotonic): refusals until then are
         # the same event (Kraken acks each symbol of one subscribe on its own).
         self._resubscribe_due = 0.0
-        # Wall-clock ns of the frame that last answered each symbol's subscribe (an ack, a
-        # refusal, a record); the subscribe request last checked for answers; unanswered ones
-        # in a row.
-        self._answered_ns: dict[str, int] = {}
-        self._subscribe_checked: tuple[int, tuple[str, ...]] | None = None
+        # The frame (its place in the queue, `taken_total` counting) that last answered each
+        # symbol's subscribe: an ack, a refusal, a record. Per symbol, the subscribe already
+        # judged (its `SubscribeSent.frame`); the connection judged (`Connection.session`);
+        # checks in a row that found one unanswered.
+        self._answered_at: dict[str, int] = {}
+        self._judged: dict[str, int] = {}
+        self._judged_session = -1
         self._unanswered = 0
         self.records_total = 0
         # Records the spool refused while stopping: the first chunk's said at once, the rest
@@ -214,6 +216,8 @@ class Parser:
 
     def _handle(self, chunk: list[Frame], first_index: int | None = None) -> None:
         adapter, metrics = self._adapter, self._metrics
+        if first_index is None:  # (as `run` gives it)
+            first_index = self._frames.taken_total - len(chunk)
         parse = adapter.parse
         kinds: dict[Kind, int] = {}
         out: list[PriceFeed] = []
@@ -238,7 +242,7 @@ class Parser:
                 for reason in parsed.invalid:
                     self._log_parse_error(ParseError(reason), payload)
             if parsed.subscribed or parsed.rejected or parsed.retry_subscribe:
-                self._answered(received_ns, parsed.subscribed, parsed.rejected,
+                self._answered(first_index + i, parsed.subscribed, parsed.rejected,
                                parsed.retry_subscribe or ())
             if parsed.retry_subscribe is not None:
                 self._retry_subscribe(parsed.error, parsed.retry_subscribe)
@@ -253,7 +257,7 @@ class Parser:
             if parsed.reconnect:  # (not for a connection being handed over already)
                 self._conn.request_reconnect(
                     "server_shutdown", retired=type(frame) is RetiredFrame,
-                    frame_index=None if first_index is None else first_index + i)
+                    frame_index=first_index + i)
         per_symbol = TallyCounter(rec.symbol for rec in out)
         if not per_symbol.keys() <= self._wanted:
             parsed_records = len(out)
@@ -261,6 +265,10 @@ class Parser:
             parse_errors += parsed_records - len(out)
         if out:
             self._conn.data_seen()
+            last_index = first_index + len(chunk) - 1
+            answered = self._answered_at
+            for symbol in per_symbol:  # data answers a subscribe too
+                answered[symbol] = last_index
             # Backpressure: wait for the spool rather than drop. Frames queue up in front of us
             # meanwhile (bounded in bytes; the ws thread pauses reading when they fill it).
             not_taken = self._records.put_many_waiting(out, self._stop)
@@ -305,7 +313,6 @@ class Parser:
         per symbol and once per chunk, not once per record."""
         metrics, now = self._metrics, time.monotonic()
         last_received = {rec.symbol: rec.received_ns for rec in records}
-        self._answered_ns.update(last_received)  # data answers a subscribe too
         metrics.lag.observe_many([max(0.0, (rec.received_ns - rec.exchange_ns) / 1e9)
                                   for rec in records if rec.exchange_ns])
         for symbol, n in per_symbol.items():
@@ -334,10 +341,12 @@ class Parser:
         self._conn.replace_symbols(remaining,
                                    resubscribe=self._adapter.resubscribe_after_reject)
 
-    def _retry_subscribe(self, error: str | None, named: tuple[str, ...]) -> None:
-        """The venue refused a subscribe for a passing reason: send it again after a backoff
-        (the named symbols, or every symbol when it named none; resending one already
-        subscribed is harmless)."""
+    def _retry_subscribe(self, error: str | None, named: tuple[str, ...],
+                         session: int | None = None) -> None:
+        """The venue refused a subscribe for a passing reason (or never answered it): send it
+        again after a backoff (the named symbols, or every symbol when it named none;
+        resending one already subscribed is harmless), on connection `session` only when
+        given."""
         active = self._conn.symbols
         symbols = [s for s in named if s in active] if named else active
         if not symbols:
@@ -348,45 +357,59 @@ class Parser:
             # Another refusal of the subscribe already being retried: its symbols join that
             # retry, at its time (one backoff step and one log line per refused subscribe,
             # not per symbol refused).
-            self._conn.request_resubscribe(symbols, after_s=self._resubscribe_due - now)
+            self._conn.request_resubscribe(symbols, after_s=self._resubscribe_due - now,
+                                           session=session)
             return
         delay = self._subscribe_backoff.next_delay()
         self._resubscribe_due = now + delay
         log.warning("subscribe_retry", extra={"symbols": symbols, "error": error,
                                               "retry_in_s": round(delay, 2)})
-        self._conn.request_resubscribe(symbols, after_s=delay)
+        self._conn.request_resubscribe(symbols, after_s=delay, session=session)
 
-    def _answered(self, received_ns: int, *named: tuple[str, ...]) -> None:
+    def _answered(self, index: int, *named: tuple[str, ...]) -> None:
         wanted = self._wanted  # (a venue naming other symbols must not grow the dict)
         for symbols in named:
             for symbol in symbols:
                 if symbol in wanted:
-                    self._answered_ns[symbol] = received_ns
+                    self._answered_at[symbol] = index
 
     def _check_subscribe_answered(self) -> None:
-        """Send again a subscribe the venue has not answered for SUBSCRIBE_ANSWER_DEADLINE_S
-        (for its symbols still unanswered), and replace the connection after
-        SUBSCRIBE_UNANSWERED_RECONNECT such requests in a row: heartbeats keep a connection
-        alive whose subscribe was lost, and it would deliver nothing for good. Judged once
-        every frame received by then has been parsed (a backlog is not an unanswered request)."""
-        sent = self._conn.subscribe_sent()
-        if sent is None or sent == self._subscribe_checked:
+        """Send again, for each symbol, a subscribe the venue has not answered (no ack, no
+        refusal, no data) within SUBSCRIBE_ANSWER_DEADLINE_S, and replace the connection after
+        SUBSCRIBE_UNANSWERED_RECONNECT checks in a row found one: heartbeats keep a connection
+        alive whose subscribe was lost, and it would deliver nothing for good. Each symbol's
+        latest subscribe on the current connection is judged once, while that connection is
+        up, and only when every frame received before its deadline has been parsed (a backlog
+        is not an unanswered request); what it asks for is for that connection only."""
+        conn = self._conn
+        if conn.connected_since is None:
             return
-        sent_ns, symbols = sent
-        deadline_ns = sent_ns + int(SUBSCRIBE_ANSWER_DEADLINE_S * 1e9)
-        now_ns = time.time_ns()
-        if now_ns < deadline_ns:
+        session, sent = conn.subscribe_sent()
+        if session != self._judged_session:
+            self._judged_session, self._judged, self._unanswered = session, {}, 0
+        if not sent:
             return
-        last = self.last_message_unix
-        if len(self._frames) and (last is None or last * 1e9 < deadline_ns):
-            return  # frames received before the deadline still wait to be parsed
-        waited_s = (now_ns - sent_ns) / 1e9
-        self._subscribe_checked = sent
-        active = set(self._conn.symbols)
-        answered = self._answered_ns
-        missing = [s for s in symbols if s in active and answered.get(s, 0) < sent_ns]
+        now = time.monotonic()
+        deadline_s = SUBSCRIBE_ANSWER_DEADLINE_S
+        backlog = len(self._frames) > 0
+        last_ns = (self.last_message_unix or 0.0) * 1e9
+        judged, answered = self._judged, self._answered_at
+        active = set(conn.symbols)
+        missing: list[str] = []
+        judged_now = 0
+        waited_s = 0.0
+        for symbol, sub in sent.items():
+            if (now - sub.at < deadline_s or judged.get(symbol) == sub.frame
+                    or (backlog and last_ns < sub.wall_ns + deadline_s * 1e9)):
+                continue
+            judged[symbol] = sub.frame
+            judged_now += 1
+            if symbol in active and answered.get(symbol, -1) < sub.frame:
+                missing.append(symbol)
+                waited_s = max(waited_s, now - sub.at)
         if not missing:
-            self._unanswered = 0
+            if judged_now:
+                self._unanswered = 0
             return
         self._unanswered += 1
         if self._unanswered >= SUBSCRIBE_UNANSWERED_RECONNECT:
@@ -394,10 +417,10 @@ class Parser:
             log.warning("subscribe_unanswered", extra={
                 "symbols": missing[:20], "waited_s": round(waited_s, 1),
                 "action": "reconnecting"})
-            self._conn.request_reconnect("subscribe_unanswered")
+            conn.request_reconnect("subscribe_unanswered", session=session)
             return
         self._retry_subscribe(f"no answer to the subscribe within {waited_s:.0f} s",
-                              tuple(missing))
+                              tuple(missing), session=session)
 
     def _periodic(self, now: float) -> None:
         self._rate_window.append((now, self.records_total))

@@ -171,8 +171,8 @@ class _UpConnection:
     def request_reconnect(self, reason: str, **_which_frame: object) -> None:
         self.reconnects.append(reason)
 
-    def subscribe_sent(self) -> None:
-        return None  # (the venues here take no subscribe request, or none was sent)
+    def subscribe_sent(self) -> tuple[int, dict[str, object]]:
+        return 1, {}  # (the venues here take no subscribe request, or none was sent)
 
 
 def _binance_parser(symbols: list[str]) -> Parser:

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from collectors import pipeline
 from collectors.backoff import Backoff
 from collectors.batching import Handoff
-from collectors.connection import Connection, Frame
+from collectors.connection import Connection, Frame, SubscribeSent
 from collectors.decoding import decode_frame
 from collectors.exchanges import create
 from collectors.metrics import Metrics
@@ -41,23 +41,32 @@ def ack(symbol: str) -> bytes:
 
 
 class _SentConnection:
-    """What the parser asks of a connection, with the subscribe it last sent set by the test."""
+    """What the parser asks of a connection, with the subscribes it sent set by the test."""
 
     def __init__(self) -> None:
         self.symbols = list(SYMBOLS)
         self.connected_since: float | None = 0.0
-        self.sent: tuple[int, tuple[str, ...]] | None = None
-        self.resubscribes: list[list[str]] = []
-        self.reconnects: list[str] = []
+        self.session = 1
+        self.sent: dict[str, SubscribeSent] = {}
+        self.resubscribes: list[tuple[list[str], int | None]] = []
+        self.reconnects: list[tuple[str, int | None]] = []
 
-    def subscribe_sent(self) -> tuple[int, tuple[str, ...]] | None:
-        return self.sent
+    def subscribe_sent(self) -> tuple[int, dict[str, SubscribeSent]]:
+        return self.session, dict(self.sent)
 
-    def request_resubscribe(self, symbols: list[str], *, after_s: float = 0.0) -> None:
-        self.resubscribes.append(list(symbols))
+    def send(self, frame: int, *symbols: str) -> None:
+        """A subscribe for `symbols`, sent a deadline ago, when the queue had taken `frame`."""
+        ago = pipeline.SUBSCRIBE_ANSWER_DEADLINE_S + 0.5
+        sub = SubscribeSent(frame, time.monotonic() - ago, time.time_ns() - int(ago * 1e9))
+        self.sent.update(dict.fromkeys(symbols, sub))
 
-    def request_reconnect(self, reason: str, **_which_frame: object) -> None:
-        self.reconnects.append(reason)
+    def request_resubscribe(self, symbols: list[str], *, after_s: float = 0.0,
+                            session: int | None = None) -> None:
+        self.resubscribes.append((list(symbols), session))
+
+    def request_reconnect(self, reason: str, *, session: int | None = None,
+                          **_which_frame: object) -> None:
+        self.reconnects.append((reason, session))
 
     def data_seen(self) -> None:
         pass
@@ -74,52 +83,79 @@ def _kraken_parser() -> tuple[Parser, _SentConnection]:
     return parser, conn
 
 
+def _frames(*payloads: bytes) -> list[Frame]:
+    return [(p, time.time_ns()) for p in payloads]
+
+
 def test_symbols_without_an_answer_are_subscribed_again_then_the_connection_replaced(
         caplog: pytest.LogCaptureFixture) -> None:
     parser, conn = _kraken_parser()
-    past = time.time_ns() - int(pipeline.SUBSCRIBE_ANSWER_DEADLINE_S * 1e9) - 1
-    conn.sent = (past, tuple(SYMBOLS))
-    parser._handle([(ack("BTC/USD"), past + 1000), (HEARTBEAT, past + 2000)])
+    conn.send(100, *SYMBOLS)
+    parser._handle(_frames(ack("BTC/USD"), HEARTBEAT), first_index=100)
     with caplog.at_level(logging.WARNING, logger="collectors.pipeline"):
         parser._periodic(time.monotonic())
-        assert conn.resubscribes == [["ETH/USD"]]  # BTC/USD was acknowledged
+        assert conn.resubscribes == [(["ETH/USD"], 1)]  # BTC/USD was acknowledged
         retry = [r for r in caplog.records if r.getMessage() == "subscribe_retry"]
         assert [getattr(r, "symbols", None) for r in retry] == [["ETH/USD"]]
         assert "no answer to the subscribe" in str(getattr(retry[0], "error", ""))
         parser._periodic(time.monotonic())
-        assert conn.resubscribes == [["ETH/USD"]]  # one verdict per subscribe sent
-        for attempt in (1, 2):
-            conn.sent = (past + attempt, ("ETH/USD",))  # the subscribe sent again, unanswered
+        assert len(conn.resubscribes) == 1  # one verdict per subscribe sent
+        for frame in (200, 300):
+            conn.send(frame, "ETH/USD")  # the subscribe sent again, unanswered
             parser._resubscribe_due = 0.0  # (its backoff's time has come)
             parser._periodic(time.monotonic())
-        assert conn.resubscribes == [["ETH/USD"], ["ETH/USD"]]
-        assert conn.reconnects == ["subscribe_unanswered"]
+        assert conn.resubscribes == [(["ETH/USD"], 1)] * 2
+        assert conn.reconnects == [("subscribe_unanswered", 1)]  # for that connection only
         assert [getattr(r, "symbols", None) for r in caplog.records
                 if r.getMessage() == "subscribe_unanswered"] == [["ETH/USD"]]
 
 
 def test_an_acknowledgement_a_refusal_or_data_answer_a_subscribe() -> None:
     parser, conn = _kraken_parser()
-    past = time.time_ns() - int(pipeline.SUBSCRIBE_ANSWER_DEADLINE_S * 1e9) - 1
-    conn.sent = (past, tuple(SYMBOLS))
+    conn.send(100, *SYMBOLS)
     ticker = json.dumps({"channel": "ticker", "type": "update", "data": [{
         "symbol": "ETH/USD", "bid": 3000.1, "bid_qty": 1.5, "ask": 3000.2, "ask_qty": 2.0,
         "last": 3000.15, "volume": 1234.5, "vwap": 2990.0, "low": 2900.0, "high": 3100.0,
         "change": 10.0, "change_pct": 0.33}]}).encode()
-    parser._handle([(ack("BTC/USD"), past + 1000), (ticker, past + 2000)])
+    parser._handle(_frames(ack("BTC/USD"), ticker), first_index=100)
     parser._periodic(time.monotonic())
     assert conn.resubscribes == [] and conn.reconnects == []
-    # An answer from before the subscribe was sent answers an earlier one, not this one.
-    conn.sent = (past + 5000, tuple(SYMBOLS))
+    # Answers in frames queued before a subscribe answer an earlier one, not this one.
+    conn.send(500, *SYMBOLS)
     parser._periodic(time.monotonic())
-    assert conn.resubscribes == [list(SYMBOLS)]
+    assert conn.resubscribes == [(list(SYMBOLS), 1)]
+
+
+def test_a_symbol_of_an_earlier_subscribe_is_judged_though_a_later_one_left_it_out() -> None:
+    # A refusal of one symbol for a passing reason resubscribes that one alone a second later:
+    # only the latest request was judged, and a symbol of the first whose answer was lost
+    # stayed unsubscribed for good.
+    parser, conn = _kraken_parser()
+    conn.send(100, *SYMBOLS)
+    conn.send(105, "BTC/USD")  # (BTC/USD's retry after a rate limit)
+    parser._handle(_frames(ack("BTC/USD")), first_index=106)
+    parser._periodic(time.monotonic())
+    assert conn.resubscribes == [(["ETH/USD"], 1)]
+
+
+def test_a_new_connection_starts_the_count_again_and_a_lost_one_is_not_judged() -> None:
+    parser, conn = _kraken_parser()
+    parser._unanswered = pipeline.SUBSCRIBE_UNANSWERED_RECONNECT - 1  # (a previous one's)
+    parser._judged_session = conn.session
+    conn.session = 2
+    conn.send(100, *SYMBOLS)
+    conn.connected_since = None  # lost: its subscribe is not judged while down
+    parser._periodic(time.monotonic())
+    assert conn.resubscribes == [] and conn.reconnects == []
+    conn.connected_since = 0.0
+    parser._periodic(time.monotonic())
+    assert conn.reconnects == [] and conn.resubscribes == [(list(SYMBOLS), 2)]
 
 
 def test_a_backlog_of_frames_is_parsed_before_a_subscribe_is_judged() -> None:
     parser, conn = _kraken_parser()
-    past = time.time_ns() - int(pipeline.SUBSCRIBE_ANSWER_DEADLINE_S * 1e9) - 1
-    conn.sent = (past, tuple(SYMBOLS))
-    assert parser._frames.put((ack("ETH/USD"), past + 1000))  # not parsed yet
+    conn.send(0, *SYMBOLS)
+    assert parser._frames.put((ack("ETH/USD"), time.time_ns()))  # not parsed yet
     parser._periodic(time.monotonic())
     assert conn.resubscribes == []
 
