@@ -104,12 +104,10 @@ class FrameTooLarge(websocket.WebSocketException):
 
 class SubscribeSent(NamedTuple):
     """A subscribe request sent: `frame`, the frame queue's `put_total` then (the venue's
-    answer is in a frame at or after it); `at`, monotonic time; `wall_ns`, wall-clock time
-    (comparable with frames' receive times)."""
+    answer is in a frame at or after it); `at`, monotonic time."""
 
     frame: int
     at: float
-    wall_ns: int
 
 
 class _BoundedFrameBuffer(frame_buffer):
@@ -555,7 +553,7 @@ class Connection:
     def _subscribe(self, ws: websocket.WebSocket, symbols: Sequence[str]) -> None:
         messages = self.adapter.subscribe_messages(symbols)
         # (taken before: an answer is in a frame queued after it)
-        sent = SubscribeSent(self._frames.put_total, time.monotonic(), time.time_ns())
+        sent = SubscribeSent(self._frames.put_total, time.monotonic())
         for message in messages:
             ws.send(message)
         if messages:
@@ -625,8 +623,6 @@ class Connection:
                     break
             with self._lock:
                 symbols = list(self._symbols)
-                self._resubscribe = None
-                self._reconnect_reason = None
             if not symbols:
                 log.error("no_symbols_left", extra={"hint": "every configured symbol was "
                                                     "rejected by the venue; fix SYMBOLS"})
@@ -635,7 +631,11 @@ class Connection:
             url = self.adapter.connect_url(self.base_url, symbols)
             self._session_mark = None
             with self._lock:
+                # One step, so that a request meant for the connection before (a verdict on
+                # its subscribe, from the parser) is either dropped here or refused as its.
                 self.session += 1
+                self._resubscribe = None
+                self._reconnect_reason = None
                 # Every frame queued before this one is an earlier connection's.
                 self._session_first = self._frames.put_total
                 self._subscribes = {}

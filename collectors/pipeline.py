@@ -168,6 +168,9 @@ class Parser:
         # checks in a row that found one unanswered.
         self._answered_at: dict[str, int] = {}
         self._judged: dict[str, int] = {}
+        # Per symbol, (its subscribe's frame, the queue's put_total when its deadline was
+        # first seen passed): judged once the parser has taken that many frames.
+        self._deadline_marks: dict[str, tuple[int, int]] = {}
         self._judged_session = -1
         self._unanswered = 0
         self.records_total = 0
@@ -215,10 +218,13 @@ class Parser:
                 return
 
     def _handle(self, chunk: list[Frame], first_index: int | None = None) -> None:
+        """Parse `chunk`, whose first frame is the queue's `first_index`-th (`taken_total`
+        counting; None: unknown, for a chunk not taken from the queue, and then no frame
+        answers a subscribe or is told apart from an earlier connection's)."""
         adapter, metrics = self._adapter, self._metrics
-        if first_index is None:  # (as `run` gives it)
-            first_index = self._frames.taken_total - len(chunk)
         parse = adapter.parse
+        wanted = self._wanted
+        answered = self._answered_at
         kinds: dict[Kind, int] = {}
         out: list[PriceFeed] = []
         duplicates = 0
@@ -235,15 +241,25 @@ class Parser:
             kinds[kind] = kinds.get(kind, 0) + 1
             if parsed.records:
                 out.extend(parsed.records)
+                if first_index is not None and type(frame) is not RetiredFrame:
+                    # Data answers a subscribe too: at the frame it came in (an earlier
+                    # connection's, or the one being handed over, answers none of this one).
+                    index = first_index + i
+                    for rec in parsed.records:
+                        if rec.symbol in wanted:
+                            answered[rec.symbol] = index
             if parsed.duplicates:
                 duplicates += parsed.duplicates
             if parsed.invalid:  # items skipped inside an otherwise good message
                 parse_errors += len(parsed.invalid)
                 for reason in parsed.invalid:
                     self._log_parse_error(ParseError(reason), payload)
-            if parsed.subscribed or parsed.rejected or parsed.retry_subscribe:
+            retry = parsed.retry_subscribe
+            if first_index is not None and (parsed.subscribed or parsed.rejected
+                                            or retry is not None):
+                # (a refusal naming no symbol answers them all: it is retried for them all)
                 self._answered(first_index + i, parsed.subscribed, parsed.rejected,
-                               parsed.retry_subscribe or ())
+                               (retry or tuple(wanted)) if retry is not None else ())
             if parsed.retry_subscribe is not None:
                 self._retry_subscribe(parsed.error, parsed.retry_subscribe)
             elif kind is Kind.ERROR or parsed.rejected:
@@ -257,7 +273,7 @@ class Parser:
             if parsed.reconnect:  # (not for a connection being handed over already)
                 self._conn.request_reconnect(
                     "server_shutdown", retired=type(frame) is RetiredFrame,
-                    frame_index=first_index + i)
+                    frame_index=None if first_index is None else first_index + i)
         per_symbol = TallyCounter(rec.symbol for rec in out)
         if not per_symbol.keys() <= self._wanted:
             parsed_records = len(out)
@@ -265,10 +281,6 @@ class Parser:
             parse_errors += parsed_records - len(out)
         if out:
             self._conn.data_seen()
-            last_index = first_index + len(chunk) - 1
-            answered = self._answered_at
-            for symbol in per_symbol:  # data answers a subscribe too
-                answered[symbol] = last_index
             # Backpressure: wait for the spool rather than drop. Frames queue up in front of us
             # meanwhile (bounded in bytes; the ws thread pauses reading when they fill it).
             not_taken = self._records.put_many_waiting(out, self._stop)
@@ -379,28 +391,34 @@ class Parser:
         SUBSCRIBE_UNANSWERED_RECONNECT checks in a row found one: heartbeats keep a connection
         alive whose subscribe was lost, and it would deliver nothing for good. Each symbol's
         latest subscribe on the current connection is judged once, while that connection is
-        up, and only when every frame received before its deadline has been parsed (a backlog
-        is not an unanswered request); what it asks for is for that connection only."""
+        up, and only when every frame queued by its deadline has been parsed; what it asks
+        for is for that connection only."""
         conn = self._conn
         if conn.connected_since is None:
             return
         session, sent = conn.subscribe_sent()
         if session != self._judged_session:
             self._judged_session, self._judged, self._unanswered = session, {}, 0
+            self._deadline_marks = {}
         if not sent:
             return
         now = time.monotonic()
         deadline_s = SUBSCRIBE_ANSWER_DEADLINE_S
-        backlog = len(self._frames) > 0
-        last_ns = (self.last_message_unix or 0.0) * 1e9
-        judged, answered = self._judged, self._answered_at
+        judged, answered, marks = self._judged, self._answered_at, self._deadline_marks
+        taken = self._frames.taken_total
         active = set(conn.symbols)
         missing: list[str] = []
         judged_now = 0
         waited_s = 0.0
         for symbol, sub in sent.items():
-            if (now - sub.at < deadline_s or judged.get(symbol) == sub.frame
-                    or (backlog and last_ns < sub.wall_ns + deadline_s * 1e9)):
+            if now - sub.at < deadline_s or judged.get(symbol) == sub.frame:
+                continue
+            # Its deadline has passed: judged once every frame queued by now is parsed (a
+            # backlog is not an unanswered request).
+            mark = marks.get(symbol)
+            if mark is None or mark[0] != sub.frame:
+                mark = marks[symbol] = (sub.frame, self._frames.put_total)
+            if taken < mark[1]:
                 continue
             judged[symbol] = sub.frame
             judged_now += 1

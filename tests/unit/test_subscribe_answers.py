@@ -57,7 +57,7 @@ class _SentConnection:
     def send(self, frame: int, *symbols: str) -> None:
         """A subscribe for `symbols`, sent a deadline ago, when the queue had taken `frame`."""
         ago = pipeline.SUBSCRIBE_ANSWER_DEADLINE_S + 0.5
-        sub = SubscribeSent(frame, time.monotonic() - ago, time.time_ns() - int(ago * 1e9))
+        sub = SubscribeSent(frame, time.monotonic() - ago)
         self.sent.update(dict.fromkeys(symbols, sub))
 
     def request_resubscribe(self, symbols: list[str], *, after_s: float = 0.0,
@@ -113,11 +113,7 @@ def test_symbols_without_an_answer_are_subscribed_again_then_the_connection_repl
 def test_an_acknowledgement_a_refusal_or_data_answer_a_subscribe() -> None:
     parser, conn = _kraken_parser()
     conn.send(100, *SYMBOLS)
-    ticker = json.dumps({"channel": "ticker", "type": "update", "data": [{
-        "symbol": "ETH/USD", "bid": 3000.1, "bid_qty": 1.5, "ask": 3000.2, "ask_qty": 2.0,
-        "last": 3000.15, "volume": 1234.5, "vwap": 2990.0, "low": 2900.0, "high": 3100.0,
-        "change": 10.0, "change_pct": 0.33}]}).encode()
-    parser._handle(_frames(ack("BTC/USD"), ticker), first_index=100)
+    parser._handle(_frames(ack("BTC/USD"), ticker("ETH/USD")), first_index=100)
     parser._periodic(time.monotonic())
     assert conn.resubscribes == [] and conn.reconnects == []
     # Answers in frames queued before a subscribe answer an earlier one, not this one.
@@ -136,6 +132,40 @@ def test_a_symbol_of_an_earlier_subscribe_is_judged_though_a_later_one_left_it_o
     parser._handle(_frames(ack("BTC/USD")), first_index=106)
     parser._periodic(time.monotonic())
     assert conn.resubscribes == [(["ETH/USD"], 1)]
+
+
+def ticker(symbol: str) -> bytes:
+    # Kraken v2's ticker update shape (its docs; tests/fixtures/kraken).
+    return json.dumps({"channel": "ticker", "type": "update", "data": [{
+        "symbol": symbol, "bid": 3000.1, "bid_qty": 1.5, "ask": 3000.2, "ask_qty": 2.0,
+        "last": 3000.15, "volume": 1234.5, "vwap": 2990.0, "low": 2900.0, "high": 3100.0,
+        "change": 10.0, "change_pct": 0.33}]}).encode()
+
+
+def test_a_refusal_naming_no_symbol_answers_every_one() -> None:
+    # Kraken refusing a whole request for a passing reason (a rate limit) names no symbol: it
+    # is retried for all of them, and was then also taken for "no answer" (three times: the
+    # connection replaced, into the rate limit).
+    parser, conn = _kraken_parser()
+    conn.send(100, *SYMBOLS)
+    refusal = json.dumps({"method": "subscribe", "success": False,
+                          "error": "Exceeded msg rate", "req_id": 1,
+                          "time_in": "2024-05-15T11:20:43.013486Z",
+                          "time_out": "2024-05-15T11:20:43.013545Z"}).encode()
+    parser._handle(_frames(refusal), first_index=101)
+    assert conn.resubscribes == [(list(SYMBOLS), None)]  # the refusal's own retry
+    parser._periodic(time.monotonic())
+    assert conn.resubscribes == [(list(SYMBOLS), None)] and parser._unanswered == 0
+
+
+def test_data_from_before_a_subscribe_does_not_answer_it() -> None:
+    # One chunk holds frames from before the subscribe and after it: the chunk's data was
+    # counted at its last frame, so a ticker from before answered a subscribe since lost.
+    parser, conn = _kraken_parser()
+    conn.send(105, "BTC/USD")
+    parser._handle(_frames(ticker("BTC/USD"), *[HEARTBEAT] * 9), first_index=100)
+    parser._periodic(time.monotonic())
+    assert conn.resubscribes == [(["BTC/USD"], 1)]
 
 
 def test_a_new_connection_starts_the_count_again_and_a_lost_one_is_not_judged() -> None:
