@@ -66,6 +66,10 @@ define supervisord_alive
 { pid=$$(cat $(PIDFILE) 2>/dev/null) && [ -n "$$pid" ] && \
   tr '\0' ' ' 2>/dev/null < /proc/$$pid/cmdline | grep -q supervisord; }
 endef
+# The supervisord `make stop` shut down ($$spid) until it has exited (a zombie has no cmdline).
+define stopping_supervisord_alive
+{ tr '\0' ' ' 2>/dev/null < /proc/$$spid/cmdline | grep -q supervisord; }
+endef
 
 # This checkout's programs still running ("  PID COMMAND" lines): after a supervisord was
 # killed, they hold their ports and spool locks. ($$bin keeps this shell from matching itself.)
@@ -152,12 +156,14 @@ SUPERVISORD_LOG := $(VAR)/log/supervisord.log
 
 # Every 10 s, a line naming the programs supervisord still waits for (its own "waiting for ...
 # to die" log line, from this shutdown on), so nobody is left staring at a silent terminal.
+# (Waited for by its pid, not its pid file: supervisord removes that before it has exited.)
 stop:
 	@if $(supervisord_alive); then \
+		spid=$$(cat $(PIDFILE)); \
 		from=$$(stat -c %s $(SUPERVISORD_LOG) 2>/dev/null || echo 0); \
 		$(SUPERVISORCTL) shutdown; \
 		began=$$SECONDS; next=10; \
-		while $(supervisord_alive) && [ $$((SECONDS - began)) -lt $(STOP_WAIT_S) ]; do \
+		while $(stopping_supervisord_alive) && [ $$((SECONDS - began)) -lt $(STOP_WAIT_S) ]; do \
 			if [ $$((SECONDS - began)) -ge $$next ]; then \
 				waiting=$$(tail -c +$$((from + 1)) $(SUPERVISORD_LOG) 2>/dev/null | \
 					sed -n 's/.*waiting for \(.*\) to die.*/\1/p' | tail -n 1); \
@@ -165,7 +171,7 @@ stop:
 					"programs stop one at a time, up to $(STOP_WAIT_S) s in all)"; \
 				next=$$((next + 10)); fi; \
 			sleep 0.2; done; \
-		! $(supervisord_alive) || { echo "supervisord is still stopping (see $(SUPERVISORD_LOG)):" \
+		! $(stopping_supervisord_alive) || { echo "supervisord is still stopping (see $(SUPERVISORD_LOG)):" \
 			"$(STOP_WAIT_S) s is more than its programs' stopwaitsecs add up to"; exit 1; }; \
 	else \
 		[ ! -e $(PIDFILE) ] || { echo "supervisord is not running: pid $$(cat $(PIDFILE)) of" \
