@@ -260,8 +260,8 @@ class Parser:
                 # (a refusal naming no symbol answers them all: it is retried for them all)
                 self._answered(first_index + i, parsed.subscribed, parsed.rejected,
                                (retry or tuple(wanted)) if retry is not None else ())
-            if parsed.retry_subscribe is not None:
-                self._retry_subscribe(parsed.error, parsed.retry_subscribe)
+            if retry is not None:
+                self._retry_subscribe(parsed.error, retry)
             elif kind is Kind.ERROR or parsed.rejected:
                 self._venue_error(parsed.error, parsed.rejected)
             elif kind is Kind.SUBSCRIBED and not parsed.error:
