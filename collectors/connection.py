@@ -494,8 +494,8 @@ class Connection:
         self._max_age_s = adapter.max_connection_age_s
         self._first_frame_at: float | None = None   # first text frame of the current connection
         self._retiring: list[threading.Thread] = []
-        # The connection being retired, with the event that ends its reading.
-        self._retiring_now: tuple[threading.Event, websocket.WebSocket] | None = None
+        # Ends the reading of the connection being retired (None: none is).
+        self._retiring_done: threading.Event | None = None
         self._handover = False  # the last connection was retired (handed over), not closed
         self._lived_s = 0.0  # how long the last connection was up (0: it never came up)
         self._session_first = 0  # frames.put_total when the current connection began
@@ -622,7 +622,18 @@ class Connection:
                 if self._wait(delay):
                     break
             with self._lock:
+                # One step: the symbols the new connection subscribes to, and the end of the
+                # requests meant for the one before (a verdict on its subscribe is dropped
+                # here or refused as its; a refusal's new symbol list is either read here or
+                # comes with its own request after).
                 symbols = list(self._symbols)
+                if symbols:
+                    self.session += 1
+                    self._resubscribe = None
+                    self._reconnect_reason = None
+                    # Every frame queued before this one is an earlier connection's.
+                    self._session_first = self._frames.put_total
+                    self._subscribes = {}
             if not symbols:
                 log.error("no_symbols_left", extra={"hint": "every configured symbol was "
                                                     "rejected by the venue; fix SYMBOLS"})
@@ -630,15 +641,6 @@ class Connection:
                 continue
             url = self.adapter.connect_url(self.base_url, symbols)
             self._session_mark = None
-            with self._lock:
-                # One step, so that a request meant for the connection before (a verdict on
-                # its subscribe, from the parser) is either dropped here or refused as its.
-                self.session += 1
-                self._resubscribe = None
-                self._reconnect_reason = None
-                # Every frame queued before this one is an earlier connection's.
-                self._session_first = self._frames.put_total
-                self._subscribes = {}
             self._data_seen = False
             self._handover = False
             self._lived_s = 0.0
@@ -816,17 +818,15 @@ class Connection:
         """Keep reading a connection being replaced, on its own thread, until its successor
         has delivered for a while: make-before-break, so the switch loses no update. One at a
         time: one still being read when the next is retired (its successor was replaced in turn
-        before it delivered for long) is closed now, so a venue that keeps asking connections to
+        before it delivered for long) is ended now, so a venue that keeps asking connections to
         go cannot pile them up."""
-        if self._retiring_now is not None:
-            earlier_done, earlier = self._retiring_now
-            earlier_done.set()
-            sock = earlier.sock
-            if sock is not None:  # wake its read now: it sends its Close and goes
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RD)
         done = threading.Event()
-        self._retiring_now = (done, ws)
+        with self._lock:
+            if self._retiring_done is not None:
+                # (it leaves at its next turn, within the receive timeout, with a Close: a
+                # shutdown of its socket's read side from here would drop TLS under it)
+                self._retiring_done.set()
+            self._retiring_done = done
         self._retiring = [t for t in self._retiring if t.is_alive()]
         thread = threading.Thread(target=self._drain_old, args=(ws, done), daemon=True,
                                   name=f"ws-{self.adapter.name}-retiring")
@@ -864,7 +864,13 @@ class Connection:
         except (OSError, websocket.WebSocketException):
             pass  # the venue closed it: exactly what we were waiting for
         finally:
-            _close_quietly(ws, graceful=True)
+            with self._lock:
+                if self._retiring_done is done:
+                    self._retiring_done = None
+            if done.is_set():  # ended by the next handover: its Close, without waiting for
+                with contextlib.suppress(OSError, websocket.WebSocketException):  # the reply
+                    ws.send_close()
+            _close_quietly(ws, graceful=not done.is_set())
             log.info("ws_handover_done", extra={"old_frames_after_switch": forwarded,
                                                 "overlap_s": round(time.monotonic() - started,
                                                                    3)})

@@ -1065,7 +1065,7 @@ class Sender:
                 if say_recovered:
                     self._retry_said = False
             self._acks[worker].append(self._bookkeeper.submit(self._acknowledge, batch.key, n))
-            if recovered_after and say_recovered:
+            if say_recovered:
                 log.info("delivery_recovered", extra={"after_attempts": recovered_after})
             log.debug("batch_delivered", extra={"idempotency_key": batch.key, "records": n,
                                                 "status": result.status})

@@ -162,17 +162,17 @@ class Parser:
         # When the resubscribe last asked for goes out (monotonic): refusals until then are
         # the same event (Kraken acks each symbol of one subscribe on its own).
         self._resubscribe_due = 0.0
-        # The frame (its place in the queue, `taken_total` counting) that last answered each
-        # symbol's subscribe: an ack, a refusal, a record. Per symbol, the subscribe already
-        # judged (its `SubscribeSent.frame`); the connection judged (`Connection.session`);
-        # checks in a row that found one unanswered.
+        # Whether the venue answers each subscribe (`_check_subscribe_answered`). Per symbol,
+        # the frame (its place in the queue, `taken_total` counting) that last answered it: an
+        # ack, a refusal, a record.
         self._answered_at: dict[str, int] = {}
+        # Per symbol, the subscribe already judged (its `SubscribeSent.frame`).
         self._judged: dict[str, int] = {}
         # Per symbol, (its subscribe's frame, the queue's put_total when its deadline was
         # first seen passed): judged once the parser has taken that many frames.
         self._deadline_marks: dict[str, tuple[int, int]] = {}
-        self._judged_session = -1
-        self._unanswered = 0
+        self._judged_session = -1  # the connection judged (`Connection.session`)
+        self._unanswered = 0  # checks in a row that found a symbol unanswered
         self.records_total = 0
         # Records the spool refused while stopping: the first chunk's said at once, the rest
         # added up here and said when the loop ends.
@@ -258,7 +258,7 @@ class Parser:
             if first_index is not None and (parsed.subscribed or parsed.rejected
                                             or retry is not None):
                 # (a refusal naming no symbol answers them all: it is retried for them all)
-                self._answered(first_index + i, parsed.subscribed, parsed.rejected,
+                self._mark_answered(first_index + i, parsed.subscribed, parsed.rejected,
                                (retry or tuple(wanted)) if retry is not None else ())
             if retry is not None:
                 self._retry_subscribe(parsed.error, retry)
@@ -378,7 +378,7 @@ class Parser:
                                               "retry_in_s": round(delay, 2)})
         self._conn.request_resubscribe(symbols, after_s=delay, session=session)
 
-    def _answered(self, index: int, *named: tuple[str, ...]) -> None:
+    def _mark_answered(self, index: int, *named: tuple[str, ...]) -> None:
         wanted = self._wanted  # (a venue naming other symbols must not grow the dict)
         for symbols in named:
             for symbol in symbols:

@@ -267,14 +267,12 @@ def supervisor_processes(config: Path, timeout: float) -> dict[str, tuple[str, i
     return out
 
 
-#: Health checks go straight to the collectors' metrics ports on this machine: an exported
-#: `http_proxy` (urllib uses it even for 127.0.0.1) showed every collector "unreachable".
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
 def fetch_health(base_url: str, timeout: float) -> dict[str, object] | None:
+    # Straight to the collector's metrics port on this machine: an exported `http_proxy`
+    # (urllib uses it even for 127.0.0.1) showed every collector "unreachable".
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with _DIRECT.open(base_url + "/healthz", timeout=timeout) as resp:
+        with direct.open(base_url + "/healthz", timeout=timeout) as resp:
             data = json.loads(resp.read(65536))
     except urllib.error.HTTPError as exc:  # 503 still carries the JSON body
         try:

@@ -411,7 +411,7 @@ def serve(env: Mapping[str, str], *, stop: threading.Event | None = None) -> int
                 # Where to listen is configuration: one line naming the variable, exit 2 (as
                 # the collector does for METRICS_PORT), not a traceback.
                 error = _listen_error(config, exc)
-                print(f"{PROG}: {Redactor(config.api_keys)(str(error))}", file=sys.stderr)
+                print(f"{PROG}: {Redactor(config.secrets())(str(error))}", file=sys.stderr)
                 return 2
         log.info("ingest_started", extra={
             "url": running.url, "database": config.database_url_redacted,

@@ -2,8 +2,8 @@
 
 Prints one JSON line per venue on startup,
 `{"event":"simulator_listening","exchange":"coinbase","url":"ws://127.0.0.1:PORT","port":PORT}`,
-then serves until SIGTERM or SIGINT and exits 0. Exit 2: unknown exchange or a bad argument
-(a non-loopback host included); exit 1: a port could not be bound.
+then serves until SIGTERM or SIGINT and exits 0. Exit 2: unknown exchange, a bad argument (a
+non-loopback host included), or a port that cannot be listened on (in use: `--port`).
 """
 
 from __future__ import annotations
