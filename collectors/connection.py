@@ -867,8 +867,9 @@ class Connection:
             with self._lock:
                 if self._retiring_done is done:
                     self._retiring_done = None
-            if done.is_set():  # ended by the next handover: its Close, without waiting for
-                with contextlib.suppress(OSError, websocket.WebSocketException):  # the reply
+            if done.is_set() and ws.connected:  # ended by the next handover: its Close
+                # (none when the venue's own was answered already), no wait for the reply
+                with contextlib.suppress(OSError, websocket.WebSocketException):
                     ws.send_close()
             _close_quietly(ws, graceful=not done.is_set())
             log.info("ws_handover_done", extra={"old_frames_after_switch": forwarded,
